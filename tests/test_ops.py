@@ -1,0 +1,378 @@
+"""The ZeroS op: the three forms agree, hand over state, respect padding, stay stable, and scale."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from zeros_lm.ops import ZeroSState, zeros_attention
+
+FORMS = ("reference", "chunked", "recurrent")
+STATEFUL = ("chunked", "recurrent")
+
+
+def make_inputs(B=2, T=37, H=3, d=8, *, first_layer=False, dtype=torch.float64, seed=0, logit_scale=2.0,
+                logit_mean=0.0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)  # noqa: E731
+    q = F.normalize(rand(B, T, H, d), dim=-1)
+    k = F.normalize(rand(B, T, H, d), dim=-1)
+    v = rand(B, T, H, d)
+    s = logit_mean + logit_scale * rand(B, T, H)
+    g1 = torch.sigmoid(rand(B, T, H))
+    gh = torch.sigmoid(rand(B, T, H))
+    g0 = torch.tanh(rand(B, T, H)) if first_layer else None
+    tensors = [q, k, v, s, g1, gh, g0]
+    if requires_grad:
+        for x in tensors:
+            if x is not None:
+                x.requires_grad_(True)
+    return tensors
+
+
+def rel_err(x, ref):
+    return ((x - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def run(inputs, mode, **kw):
+    return zeros_attention(*inputs, mode=mode, **kw)
+
+
+# ------------------------------------------------------------------------------- agreement
+
+
+@pytest.mark.parametrize("T", [1, 37, 150])
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("first_layer", [False, True])
+@pytest.mark.parametrize("B,H", [(1, 1), (2, 3)])
+def test_forms_agree_float64(T, chunk_size, first_layer, B, H):
+    inputs = make_inputs(B, T, H, first_layer=first_layer, seed=T + chunk_size)
+    ref, ref_state = run(inputs, "reference", output_final_state=True)
+    for mode in STATEFUL:
+        out, state = run(inputs, mode, chunk_size=chunk_size, output_final_state=True)
+        assert out.dtype == torch.float64
+        assert (out - ref).abs().max() <= 1e-9 * max(ref.abs().max().item(), 1.0), mode
+        for name in ("kv", "E", "m", "sbar", "n"):
+            a, b = getattr(state, name), getattr(ref_state, name)
+            assert (a - b).abs().max() <= 1e-9 * max(b.abs().max().item(), 1.0), (mode, name)
+
+
+def test_float32_matches_float64():
+    inputs64 = make_inputs(2, 200, 4, 16, first_layer=True, seed=1)
+    ref, _ = run(inputs64, "reference")
+    inputs32 = [x.float() if x is not None else None for x in inputs64]
+    for mode in FORMS:
+        out, _ = run(inputs32, mode, chunk_size=32)
+        assert out.dtype == torch.float32
+        assert rel_err(out.double(), ref) <= 1e-4, mode
+
+
+def test_low_precision_inputs_accumulate_in_float32():
+    inputs = [x.bfloat16() if x is not None else None for x in make_inputs(1, 50, 2, 8, seed=2)]
+    out, state = run(inputs, "chunked", chunk_size=16, output_final_state=True)
+    assert out.dtype == torch.bfloat16
+    assert state.kv.dtype == torch.float32
+    ref, _ = run([x.double() for x in inputs[:6]] + [None], "reference")
+    assert rel_err(out.double(), ref) <= 2e-2
+
+
+# ------------------------------------------------------------------------------- state hand-over
+
+
+@pytest.mark.parametrize("first", FORMS)
+@pytest.mark.parametrize("second", STATEFUL)
+@pytest.mark.parametrize("split", [1, 20, 64])
+def test_state_hand_over(first, second, split):
+    inputs = make_inputs(2, 90, 2, first_layer=True, seed=split)
+    whole, whole_state = run(inputs, "chunked", chunk_size=16, output_final_state=True)
+    head = [x[:, :split] if x is not None else None for x in inputs]
+    tail = [x[:, split:] if x is not None else None for x in inputs]
+    o1, state = run(head, first, chunk_size=16, output_final_state=True)
+    o2, end_state = run(tail, second, chunk_size=16, initial_state=state, output_final_state=True)
+    torch.testing.assert_close(torch.cat([o1, o2], dim=1), whole, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(end_state.kv, whole_state.kv, rtol=1e-10, atol=1e-10)
+
+
+def test_prefill_chunk_by_chunk_then_decode():
+    inputs = make_inputs(1, 100, 2, seed=3)
+    whole, _ = run(inputs, "reference")
+    state, outs = None, []
+    for lo, hi in [(0, 30), (30, 61), (61, 95)]:
+        o, state = run([x[:, lo:hi] if x is not None else None for x in inputs], "chunked", chunk_size=8,
+                       initial_state=state, output_final_state=True)
+        outs.append(o)
+    for t in range(95, 100):
+        o, state = run([x[:, t:t + 1] if x is not None else None for x in inputs], "recurrent",
+                       initial_state=state, output_final_state=True)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, dim=1), whole, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_refuses_initial_state():
+    inputs = make_inputs(1, 8, 1)
+    _, state = run(inputs, "chunked", output_final_state=True)
+    with pytest.raises(ValueError, match="reference.*initial_state"):
+        run(inputs, "reference", initial_state=state)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="fast"), "unknown mode"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(valid=torch.ones(3, 8, dtype=torch.bool)), "valid must be"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        zeros_attention(*make_inputs(1, 8, 1), **kwargs)
+
+
+def test_bad_shapes():
+    q, k, v, s, g1, gh, _ = make_inputs(1, 8, 2)
+    with pytest.raises(ValueError, match="s must be"):
+        zeros_attention(q, k, v, s[..., :1], g1, gh)
+    with pytest.raises(ValueError, match="q and k"):
+        zeros_attention(q, k[:, :4], v, s, g1, gh)
+    _, state = zeros_attention(q, k, v, s, g1, gh, output_final_state=True)
+    with pytest.raises(ValueError, match="initial_state"):
+        zeros_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1], s[..., :1], g1[..., :1], gh[..., :1],
+                        initial_state=state)
+
+
+# ------------------------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize("mode", FORMS)
+def test_left_padding(mode):
+    B, T, H, pad = 2, 40, 2, 7
+    inputs = make_inputs(B, T, H, first_layer=True, seed=4)
+    alone, _ = run([x[1:, pad:] for x in inputs], mode, chunk_size=16)
+    garbage = 1e4 if mode == "reference" else float("nan")  # chunked/recurrent never read padding at all
+    padded = []
+    for x in inputs:
+        x = x.clone()
+        x[1, :pad] = garbage
+        padded.append(x)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :pad] = False
+    out, _ = run(padded, mode, chunk_size=16, valid=valid)
+    assert torch.equal(out[1, :pad], torch.zeros_like(out[1, :pad]))
+    torch.testing.assert_close(out[1:, pad:], alone, rtol=1e-10, atol=1e-10)
+    full, _ = run(inputs, mode, chunk_size=16)
+    torch.testing.assert_close(out[0], full[0], rtol=1e-10, atol=1e-10)
+
+
+def test_padding_inside_a_stream_does_not_enter_the_state():
+    inputs = make_inputs(1, 30, 2, seed=5)
+    valid = torch.ones(1, 30, dtype=torch.bool)
+    valid[0, 10:14] = False
+    for mode in STATEFUL:
+        out, state = run(inputs, mode, chunk_size=8, valid=valid, output_final_state=True)
+        keep = valid[0]
+        alone, alone_state = run([x[:, keep] for x in inputs[:6]] + [None], mode, chunk_size=8,
+                                 output_final_state=True)
+        torch.testing.assert_close(out[:, keep], alone, rtol=1e-10, atol=1e-10)
+        assert state.n[0, 0].item() == 26
+        torch.testing.assert_close(state.kv, alone_state.kv, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------- gradients
+
+
+def grads(inputs, mode, **kw):
+    out, _ = run(inputs, mode, **kw)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return torch.autograd.grad((out * weight).sum(), [x for x in inputs if x is not None])
+
+
+@pytest.mark.parametrize("first_layer", [False, True])
+@pytest.mark.parametrize("mode", STATEFUL)
+def test_gradients_match_reference(first_layer, mode):
+    inputs = make_inputs(2, 45, 2, first_layer=first_layer, seed=6, requires_grad=True)
+    valid = torch.ones(2, 45, dtype=torch.bool)
+    valid[1, :5] = False
+    expected = grads(inputs, "reference", valid=valid)
+    got = grads(inputs, mode, chunk_size=16, valid=valid)
+    names = ["q", "k", "v", "s", "g1", "gh", "g0"]
+    for name, a, b in zip(names, got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"d{name}")
+
+
+def test_gradients_through_initial_state():
+    inputs = make_inputs(1, 50, 2, first_layer=True, seed=7, requires_grad=True)
+    expected = grads(inputs, "reference")
+    head = [x[:, :23] for x in inputs]
+    tail = [x[:, 23:] for x in inputs]
+    o1, state = run(head, "chunked", chunk_size=8, output_final_state=True)
+    o2, _ = run(tail, "chunked", chunk_size=8, initial_state=state)
+    out = torch.cat([o1, o2], dim=1)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    got = torch.autograd.grad((out * weight).sum(), inputs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------- stability
+
+
+@pytest.mark.parametrize("mode", STATEFUL)
+def test_late_spike_leaves_earlier_outputs_unchanged(mode):
+    inputs = make_inputs(1, 100, 2, seed=8)
+    before, _ = run(inputs, mode, chunk_size=32)
+    spiked = list(inputs)
+    spiked[3] = inputs[3].clone()
+    spiked[3][:, 80] += 120.0
+    after, _ = run(spiked, mode, chunk_size=32)
+    assert torch.equal(after[:, :80], before[:, :80])
+    assert torch.isfinite(after).all()
+    ref, _ = run(spiked, "reference")
+    torch.testing.assert_close(after, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", FORMS)
+def test_extreme_logits_stay_finite(mode):
+    inputs = make_inputs(2, 70, 2, first_layer=True, dtype=torch.float32, seed=9, requires_grad=True)
+    with torch.no_grad():
+        inputs[3].uniform_(-300.0, 300.0)
+    out, _ = run(inputs, mode, chunk_size=16)
+    assert torch.isfinite(out).all()
+    for g in torch.autograd.grad(out.square().sum(), inputs):
+        assert torch.isfinite(g).all()
+
+
+def test_long_float32_stream_stays_close_to_float64():
+    """100k tokens, logits of large mean: float32 chunked (and recurrent after a chunked prefix) vs float64."""
+    T, prefix, tail = 100_000, 99_500, 200
+    inputs64 = make_inputs(1, T, 2, 16, seed=10, logit_mean=20.0, logit_scale=1.0)
+    inputs32 = [x.float() if x is not None else None for x in inputs64]
+    ref, _ = run(inputs64, "chunked", chunk_size=256)
+    out, _ = run(inputs32, "chunked", chunk_size=256)
+    assert rel_err(out[:, -tail:].double(), ref[:, -tail:]) <= 1e-3
+
+    head32 = [x[:, :prefix] for x in inputs32[:6]] + [None]
+    tail32 = [x[:, prefix:] for x in inputs32[:6]] + [None]
+    _, state = run(head32, "chunked", chunk_size=256, output_final_state=True)
+    out, _ = run(tail32, "recurrent", initial_state=state)
+    assert rel_err(out[:, -tail:].double(), ref[:, -tail:]) <= 1e-3
+
+
+# ------------------------------------------------------------------------------- zero-sum and contrast
+
+
+@pytest.mark.parametrize("mode", FORMS)
+def test_weights_sum_to_zero(mode):
+    """With every q.k = 1 and v = 1, o_t = sum_i r_{t,i}: 0 off the first layer, g0_t on it."""
+    B, T, H, d = 2, 40, 2, 4
+    _, _, _, s, g1, gh, g0 = make_inputs(B, T, H, d, first_layer=True, seed=11)
+    unit = torch.zeros(B, T, H, d, dtype=torch.float64)
+    unit[..., 0] = 1.0
+    ones = torch.ones(B, T, H, d, dtype=torch.float64)
+    out, _ = zeros_attention(unit, unit, ones, s, g1, gh, mode=mode, chunk_size=16)
+    assert out.abs().max() <= 1e-12
+    out, _ = zeros_attention(unit, unit, ones, s, g1, gh, g0, mode=mode, chunk_size=16)
+    torch.testing.assert_close(out, g0.unsqueeze(-1).expand_as(out), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", FORMS)
+def test_first_output_is_zero_off_the_first_layer(mode):
+    out, _ = run(make_inputs(3, 20, 2, seed=12), mode)
+    assert out[:, 0].abs().max() <= 1e-15
+    out, _ = run(make_inputs(3, 20, 2, first_layer=True, seed=12), mode)
+    assert out[:, 0].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", FORMS)
+def test_one_call_outputs_a_contrast(mode):
+    """o_2 = v_1 - v_2 for two tokens: weights (+1, -1), which no convex combination can give.
+
+    With q.k = 1 and logit gap D = s_1 - s_2, r_{2,1} = -r_{2,2} = g1 D/4 + gh (sigmoid(D) - 1/2 - D/4).
+    Pick the gates and solve for D so that this is exactly 1.
+    """
+    g1, gh = 0.9, 0.5
+    weight = lambda D: g1 * D / 4 + gh * (1 / (1 + math.exp(-D)) - 0.5 - D / 4)  # noqa: E731
+    lo, hi = 0.0, 50.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if weight(mid) < 1.0 else (lo, mid)
+    gap = (lo + hi) / 2
+    d = 4
+    q = torch.zeros(1, 2, 1, d, dtype=torch.float64)
+    q[..., 0] = 1.0
+    v = torch.eye(d, dtype=torch.float64)[:2].reshape(1, 2, 1, d)         # v1 = e1, v2 = e2
+    s = torch.tensor([[[gap], [0.0]]], dtype=torch.float64)
+    gates = lambda x: torch.full((1, 2, 1), x, dtype=torch.float64)  # noqa: E731
+    out, _ = zeros_attention(q, q, v, s, gates(g1), gates(gh), mode=mode)
+    torch.testing.assert_close(out[0, 1, 0], v[0, 0, 0] - v[0, 1, 0], rtol=0, atol=1e-12)
+    # Coordinates (1, -1) on (v1, v2): a convex combination has both in [0, 1].
+    assert out[0, 1, 0, 1] < 0
+
+
+# ------------------------------------------------------------------------------- memory, state container
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor that any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out
+
+
+def saved_bytes(T, chunk_size=32, H=2, d=32):
+    """Bytes saved for backward by one chunked call, and the largest tensor made (forward and backward)."""
+    inputs = make_inputs(1, T, H, d, dtype=torch.float32, seed=13, requires_grad=True)
+    total = 0
+
+    def pack(x):
+        nonlocal total
+        total += x.numel() * x.element_size()
+        return x
+
+    with LargestTensor() as mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out, _ = zeros_attention(*inputs, chunk_size=chunk_size)
+        out.sum().backward()
+    return total, mode.largest
+
+
+def test_chunked_memory_is_linear_and_never_per_token_d_by_d():
+    T, H, d = 1024, 2, 32
+    small, largest_small = saved_bytes(T)
+    large, largest_large = saved_bytes(4 * T)
+    # The naive prefix-sum form holds a (d, d) matrix per token and head: T * H * d * d numbers.
+    assert largest_large < (4 * T) * H * d * d / 8
+    # Linear in T: four times the tokens, about four times the saved bytes (not sixteen).
+    assert 3.5 <= large / small <= 4.5
+
+
+def test_state_size_is_independent_of_length():
+    sizes = []
+    for T in (10, 1000):
+        _, state = run(make_inputs(1, T, 2, 8, dtype=torch.float32), "chunked", output_final_state=True)
+        sizes.append(state.nbytes)
+    assert sizes[0] == sizes[1] == (3 * 8 * 8 + 4) * 2 * 4
+
+
+def test_state_container_moves_indexes_and_reorders():
+    inputs = make_inputs(3, 12, 2, seed=14)
+    _, state = run(inputs, "chunked", output_final_state=True)
+    order = torch.tensor([2, 0, 0])
+    picked = state.index_select(order)
+    torch.testing.assert_close(picked.kv, state.kv[order])
+    assert state[1].kv.shape[0] == 1
+    repeated = state.repeat_interleave(2)
+    assert repeated.batch_size == 6 and torch.equal(repeated.m[4], state.m[2])
+    assert state.to(torch.float32).kv.dtype == torch.float32
+    with pytest.raises(ValueError, match="float32 or float64"):
+        state.to(torch.bfloat16)
+    # A reordered state continues exactly as the reordered rows would have.
+    nxt = make_inputs(3, 5, 2, seed=15)
+    out, _ = run(nxt, "recurrent", initial_state=state)
+    out_picked, _ = run([x[order] for x in nxt[:6]] + [None], "recurrent", initial_state=picked)
+    torch.testing.assert_close(out_picked, out[order])
