@@ -162,12 +162,13 @@ def _augment(x: torch.Tensor, c0, c1, c2) -> torch.Tensor:
     return torch.cat([c0.unsqueeze(-1) * x, c1.unsqueeze(-1) * x, c2.unsqueeze(-1) * x], dim=-1)
 
 
-def _move_reference(kv, E, m_old, m_new, sbar_old, sbar_new):
-    """Re-express the state (kv (..., 3, d_k, d_v), E (...)) from (m_old, sbar_old) to (m_new, sbar_new)."""
-    decay = torch.exp(m_old - m_new)  # <= 1: the maximum only grows
+def _move_reference(kv, E, decay, shift):
+    """Re-express the state (kv (..., 3, d_k, d_v), E (...)) at a new reference point (m', sbar').
+
+    decay = exp(m - m') <= 1 (the maximum only grows) and shift = sbar - sbar', both (...).
+    """
     F_, G_, H_ = kv.unbind(-3)
-    shift = (sbar_old - sbar_new)[..., None, None]
-    kv = torch.stack([decay[..., None, None] * F_, G_ + shift * H_, H_], dim=-3)
+    kv = torch.stack([decay[..., None, None] * F_, G_ + shift[..., None, None] * H_, H_], dim=-3)
     return kv, decay * E
 
 
@@ -335,13 +336,17 @@ def _chunked(q, k, v, s, gh, b, c, valid, n, m, sbar, state, chunk_size):
     added_E = e_key.sum(-1)
 
     # Scan over chunks: the state at each chunk's start. Linear, O(N d^2).
+    # (Per-chunk slices are taken once with unbind: indexing inside the loop would make autograd
+    # materialise a full-size gradient per slice.)
+    steps = zip((m_start - m_end).exp().unbind(-1), (sbar_start - sbar_end).unbind(-1),
+                added_kv.unbind(2), added_E.unbind(-1))
     kv, E = state.kv, state.E
     kv_starts, E_starts = [], []
-    for j in range(N):
+    for decay, shift, kv_j, E_j in steps:
         kv_starts.append(kv)
         E_starts.append(E)
-        kv, E = _move_reference(kv, E, m_start[..., j], m_end[..., j], sbar_start[..., j], sbar_end[..., j])
-        kv, E = kv + added_kv[:, :, j], E + added_E[..., j]
+        kv, E = _move_reference(kv, E, decay, shift)
+        kv, E = kv + kv_j, E + E_j
     final = ZeroSState(kv=kv, E=E, m=m_end[..., -1], sbar=sbar_end[..., -1], n=n[..., -1, -1])
     kv_starts = torch.stack(kv_starts, dim=2)                                     # (B, H, N, 3, d_k, d_v)
     E_starts = torch.stack(E_starts, dim=-1)                                      # (B, H, N)
@@ -375,7 +380,7 @@ def _recurrent(q, k, v, s, gh, b, c, valid, n, m, sbar, state, chunk_size):
     w = valid.to(q.dtype)
     outputs = []
     for t in range(q.shape[2]):
-        kv, E = _move_reference(kv, E, m_prev, m[..., t], sbar_prev, sbar[..., t])
+        kv, E = _move_reference(kv, E, torch.exp(m_prev - m[..., t]), sbar_prev - sbar[..., t])
         e_t = w[..., t] * torch.exp((s[..., t] - m[..., t]).clamp(max=0.0))
         key_aug = _augment(k[..., t, :], e_t, w[..., t] * (s[..., t] - sbar[..., t]), w[..., t])
         kv = kv + (key_aug.unsqueeze(-1) * v[..., t, None, :]).reshape(kv.shape)

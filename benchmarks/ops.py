@@ -1,0 +1,207 @@
+"""Throughput and peak memory of the ZeroS op against softmax attention and the naive prefix-sum form.
+
+    python benchmarks/ops.py                 # full table (CPU: a few minutes)
+    python benchmarks/ops.py --quick         # smaller lengths
+    python benchmarks/ops.py --compile       # also torch.compile'd chunked ZeroS (GPU)
+
+B=1, H=8, d=64, float32 (bfloat16 with --dtype bf16). Each cell runs in a fresh subprocess, so the
+peak-memory column is that run's own, taken on its first call: on CUDA torch.cuda.max_memory_allocated,
+on CPU the growth of the process's peak resident set over its state just before. Prints Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from zeros_lm.ops import zeros_attention  # noqa: E402
+
+BATCH, HEADS, HEAD_DIM = 1, 8, 64
+NAIVE_MAX_T = 4096  # the naive form holds a (d, d) matrix per token: beyond this it does not fit usefully
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_inputs(T, device, dtype, requires_grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    q = F.normalize(rand(BATCH, T, HEADS, HEAD_DIM), dim=-1)
+    k = F.normalize(rand(BATCH, T, HEADS, HEAD_DIM), dim=-1)
+    v = rand(BATCH, T, HEADS, HEAD_DIM)
+    s = rand(BATCH, T, HEADS)
+    g1, gh = torch.sigmoid(rand(BATCH, T, HEADS)), torch.sigmoid(rand(BATCH, T, HEADS))
+    return [x.requires_grad_(requires_grad) for x in (q, k, v, s, g1, gh)]
+
+
+def naive_prefix_sum(q, k, v, s, g1, gh):
+    """ZeroS through a (d, d) prefix sum per token: O(T d^2) memory. Only for comparison."""
+    acc = torch.float32
+    q, k, v = (x.to(acc).transpose(1, 2) for x in (q, k, v))             # (B, H, T, d)
+    s, g1, gh = (x.to(acc).transpose(1, 2) for x in (s, g1, gh))         # (B, H, T)
+    t = torch.arange(1, s.shape[-1] + 1, device=s.device, dtype=acc)
+    e = torch.exp(s - s.detach().amax(-1, keepdim=True))                  # one global max: the naive way
+    outer = k.unsqueeze(-1) * v.unsqueeze(-2)                             # (B, H, T, d, d)
+    Fs = (e[..., None, None] * outer).cumsum(2)
+    Gs = (s[..., None, None] * outer).cumsum(2)
+    Hs = outer.cumsum(2)
+    E, P = e.cumsum(-1), s.cumsum(-1)
+    alpha, beta = gh / E, (g1 - gh) / t
+    gamma = -(beta * P + gh) / t
+    state = alpha[..., None, None] * Fs + beta[..., None, None] * Gs + gamma[..., None, None] * Hs
+    return (q.unsqueeze(-2) @ state).squeeze(-2).transpose(1, 2)
+
+
+def sdpa(q, k, v, *_):
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+def measure(method, T, backward, device, dtype, chunk_size, repeats, compile_op):
+    """Runs in a subprocess: returns tokens/s and peak bytes for one cell."""
+    torch.manual_seed(0)
+    inputs = make_inputs(T, device, dtype, backward)
+    if method == "zeros":
+        op = lambda *x: zeros_attention(*x, chunk_size=chunk_size)[0]  # noqa: E731
+        if compile_op:
+            op = torch.compile(op, dynamic=False)
+    else:
+        op = {"sdpa": sdpa, "naive": naive_prefix_sum}[method]
+
+    def step():
+        with torch.set_grad_enabled(backward):
+            out = op(*inputs)
+            if backward:
+                out.float().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # Peak memory of the first call (on CPU the resident-set peak only grows, so it is read before
+    # any warm-up), then timing after it.
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"tok_s": BATCH * T / statistics.median(times), "peak": max(peak, 0)}
+
+
+def recurrent_step_latency(device, dtype, repeats=200):
+    """Median seconds for one decode step (T=1) from a state, no grad."""
+    prompt = make_inputs(64, device, dtype, False)
+    _, state = zeros_attention(*prompt, output_final_state=True)
+    token = make_inputs(1, device, dtype, False)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 10):
+            start = time.perf_counter()
+            _, state = zeros_attention(*token, mode="recurrent", initial_state=state, output_final_state=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[10:]), state.nbytes
+
+
+def run_cell(args, method, T, backward, compile_op=False):
+    cmd = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(
+        {"method": method, "T": T, "backward": backward, "compile": compile_op})] + args.passthrough
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"error": "OOM" if "memory" in err.lower() else err[:60]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt(cell, key):
+    if cell is None:
+        return "-"
+    if "error" in cell:
+        return cell["error"]
+    if key == "tok_s":
+        return f"{cell['tok_s']:,.0f}"
+    return f"{cell['peak'] / 2**20:,.0f} MiB"
+
+
+def machine_line(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="lengths 512 and 2048 only")
+    parser.add_argument("--lengths", type=str, default=None, help="comma-separated sequence lengths")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile'd chunked ZeroS column")
+    parser.add_argument("--cell", type=str, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    args.passthrough = ["--device", args.device, "--dtype", args.dtype, "--chunk-size", str(args.chunk_size),
+                        "--repeats", str(args.repeats)]
+
+    if args.cell:
+        cell = json.loads(args.cell)
+        print(json.dumps(measure(cell["method"], cell["T"], cell["backward"], device, dtype,
+                                 args.chunk_size, args.repeats, cell["compile"])))
+        return
+
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (
+        [512, 2048] if args.quick else [512, 2048, 8192, 16384])
+    methods = ["zeros"] + (["zeros_compiled"] if args.compile else []) + ["sdpa", "naive"]
+    print(f"# ZeroS op benchmark: B={BATCH}, H={HEADS}, d={HEAD_DIM}, {args.dtype}, chunk {args.chunk_size}")
+    print(f"# {machine_line(device)}\n")
+    for backward in (True, False):
+        results = {}
+        for T in lengths:
+            for method in methods:
+                if method == "naive" and T > NAIVE_MAX_T:
+                    results[method, T] = None
+                    continue
+                results[method, T] = run_cell(args, method.replace("_compiled", ""), T, backward,
+                                              compile_op=method.endswith("_compiled"))
+                print(f"  measured {method} T={T}", file=sys.stderr, flush=True)
+        title = "forward + backward" if backward else "forward only"
+        header = ["T"] + [f"{m} tok/s" for m in methods] + ["zeros / sdpa"] + [f"{m} peak" for m in methods]
+        print(f"## {title}\n")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for T in lengths:
+            z, sd = results["zeros", T], results["sdpa", T]
+            ratio = f"{z['tok_s'] / sd['tok_s']:.2f}x" if z and sd and "error" not in z and "error" not in sd else "-"
+            row = [str(T)] + [fmt(results[m, T], "tok_s") for m in methods] + [ratio]
+            row += [fmt(results[m, T], "peak") for m in methods]
+            print("| " + " | ".join(row) + " |")
+        print()
+    latency, state_bytes = recurrent_step_latency(device, dtype)
+    print(f"Recurrent single-token step (B=1, H=8, d=64): {latency * 1e6:,.0f} us, state {state_bytes:,} bytes "
+          "whatever the context length.")
+
+
+if __name__ == "__main__":
+    main()
