@@ -335,35 +335,45 @@ def _chunked(q, k, v, s, gh, b, c, valid, n, m, sbar, state, chunk_size):
     added_kv = (key_aug.transpose(-1, -2) @ v).reshape(B, H, N, 3, d_k, d_v)
     added_E = e_key.sum(-1)
 
-    # Scan over chunks: the state at each chunk's start. Linear, O(N d^2).
+    # Scan over chunks: the state at each chunk's start, O(N d^2). H needs only a cumulative sum.
+    # Moving G's centre from a chunk's start mean to its end mean adds shift * H, so G too is one
+    # cumulative sum, of small centred terms. F decays by exp(m_start - m_end) per chunk, which only
+    # a running product does stably (a global maximum would underflow): one fused op per chunk.
+    decay, shift = torch.exp(m_start - m_end), sbar_start - sbar_end            # (B, H, N)
+    F0, G0, H0 = (x.unsqueeze(2) for x in state.kv.unbind(2))                    # (B, H, 1, d_k, d_v)
+    added_F, added_G, added_H = added_kv.unbind(3)                               # (B, H, N, d_k, d_v)
+    H_after = H0 + added_H.cumsum(2)
+    H_starts = torch.cat([H0, H_after[:, :, :-1]], dim=2)
+    G_after = G0 + (added_G + shift[..., None, None] * H_starts).cumsum(2)
+    G_starts = torch.cat([G0, G_after[:, :, :-1]], dim=2)
     # (Per-chunk slices are taken once with unbind: indexing inside the loop would make autograd
     # materialise a full-size gradient per slice.)
-    steps = zip((m_start - m_end).exp().unbind(-1), (sbar_start - sbar_end).unbind(-1),
-                added_kv.unbind(2), added_E.unbind(-1))
-    kv, E = state.kv, state.E
-    kv_starts, E_starts = [], []
-    for decay, shift, kv_j, E_j in steps:
-        kv_starts.append(kv)
+    F_, E = F0.squeeze(2), state.E
+    F_starts, E_starts = [], []
+    for decay_j, F_j, E_j in zip(decay.unbind(-1), added_F.unbind(2), added_E.unbind(-1)):
+        F_starts.append(F_)
         E_starts.append(E)
-        kv, E = _move_reference(kv, E, decay, shift)
-        kv, E = kv + kv_j, E + E_j
-    final = ZeroSState(kv=kv, E=E, m=m_end[..., -1], sbar=sbar_end[..., -1], n=n[..., -1, -1])
-    kv_starts = torch.stack(kv_starts, dim=2)                                     # (B, H, N, 3, d_k, d_v)
+        F_ = torch.addcmul(F_j, decay_j[..., None, None], F_)
+        E = torch.addcmul(E_j, decay_j, E)
+    kv_starts = torch.stack([torch.stack(F_starts, dim=2), G_starts, H_starts], dim=3)  # (B, H, N, 3, d_k, d_v)
     E_starts = torch.stack(E_starts, dim=-1)                                      # (B, H, N)
+    final = ZeroSState(kv=torch.stack([F_, G_after[:, :, -1], H_after[:, :, -1]], dim=2), E=E,
+                       m=m_end[..., -1], sbar=sbar_end[..., -1], n=n[..., -1, -1])
 
     # Inside each chunk: explicit (C, C) weights r_{t,i} (q_t . k_i), causal and real keys only.
-    # exp(s_i - m_t) <= 1 for i <= t; the clamp keeps the masked upper triangle finite.
+    # exp(s_i - m_t) <= 1 for i <= t; the masked upper triangle is exp(-inf) = 0.
     start_decay = torch.exp(m_start.unsqueeze(-1) - m)                           # (B, H, N, C)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     keep = causal & valid.unsqueeze(-2)                                           # (B, H, N, C, C)
-    p_num = torch.exp((s.unsqueeze(-2) - m.unsqueeze(-1)).clamp(max=0.0)) * keep
+    p_num = torch.exp((s.unsqueeze(-2) - m.unsqueeze(-1)).masked_fill(~keep, float("-inf")))
     E_t = start_decay * E_starts.unsqueeze(-1) + p_num.sum(-1)
     a = gh / torch.where(valid, E_t, torch.ones((), dtype=E_t.dtype, device=E_t.device))
     # Centre the key logits on the chunk's start mean: (s_i - sbar_t) = (s_i - sbar_s) + (sbar_s - sbar_t).
     h_coef = b * (sbar_start.unsqueeze(-1) - sbar) + c
     s_centred = s - sbar_start.unsqueeze(-1)
-    weights = a.unsqueeze(-1) * p_num + (b.unsqueeze(-1) * s_centred.unsqueeze(-2) + h_coef.unsqueeze(-1)) * keep
-    o = (weights * (q @ k.transpose(-1, -2))) @ v
+    weights = torch.addcmul(h_coef.unsqueeze(-1), b.unsqueeze(-1), s_centred.unsqueeze(-2))
+    weights = torch.addcmul(weights, a.unsqueeze(-1), p_num)
+    o = (weights * (q @ k.transpose(-1, -2)).masked_fill(~keep, 0.0)) @ v
     # Everything before the chunk, through the state at its start.
     o = o + _readout(q, kv_starts, a * start_decay, b, h_coef)
     return o.reshape(B, H, N * C, d_v)[:, :, :T], final
