@@ -124,6 +124,13 @@ def recurrent_step_latency(device, dtype, repeats=200):
 
 
 def run_cell(args, method, T, backward, compile_op=False):
+    if args.device.startswith("cuda"):  # CUDA peak memory can be reset in-process
+        try:
+            return measure(method, T, backward, torch.device(args.device), DTYPES[args.dtype], args.chunk_size,
+                           args.repeats, compile_op)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return {"error": "OOM"}
     cmd = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(
         {"method": method, "T": T, "backward": backward, "compile": compile_op})] + args.passthrough
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -131,6 +138,25 @@ def run_cell(args, method, T, backward, compile_op=False):
         err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         return {"error": "OOM" if "memory" in err.lower() else err[:60]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def agreement(device):
+    """Max relative error of chunked and recurrent against the reference on this device."""
+    lines = []
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        g = torch.Generator(device="cpu").manual_seed(1)
+        T = 300
+        x = [torch.randn(2, T, 4, 32, generator=g) for _ in range(3)] + [torch.randn(2, T, 4, generator=g) for _ in range(4)]
+        q, k = F.normalize(x[0], dim=-1), F.normalize(x[1], dim=-1)
+        args = [t.to(device=device, dtype=dtype) for t in (q, k, x[2], 3 * x[3], torch.sigmoid(x[4]),
+                                                            torch.sigmoid(x[5]), torch.tanh(x[6]))]
+        ref, _ = zeros_attention(*[a.double() for a in args], mode="reference")
+        errs = []
+        for mode in ("chunked", "recurrent"):
+            out, _ = zeros_attention(*args, mode=mode, chunk_size=64)
+            errs.append(f"{mode} {((out.double() - ref).abs().max() / ref.abs().max()).item():.1e}")
+        lines.append(f"{str(dtype).replace('torch.', '')}: " + ", ".join(errs))
+    return "Agreement with the float64 reference (max relative error): " + "; ".join(lines)
 
 
 def fmt(cell, key):
@@ -198,6 +224,7 @@ def main():
             row += [fmt(results[m, T], "peak") for m in methods]
             print("| " + " | ".join(row) + " |")
         print()
+    print(agreement(device) + "\n")
     latency, state_bytes = recurrent_step_latency(device, dtype)
     print(f"Recurrent single-token step (B=1, H=8, d=64): {latency * 1e6:,.0f} us, state {state_bytes:,} bytes "
           "whatever the context length.")
