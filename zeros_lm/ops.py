@@ -47,6 +47,9 @@ MODES = ("chunked", "recurrent", "reference")
 # Running maximum before any real token has been seen. Finite (so exp(m_old - m_new) is never
 # exp(-inf + inf)), and far below any logit, so the first real token replaces it.
 _NO_MAX = -1e30
+# E~_t = sum_{j<=t} exp(s_j - m_t) >= 1 for a real token (the maximum's own term is exp(0) = 1). Flooring
+# it there changes nothing for real tokens and keeps padding before the first real token finite.
+_E_FLOOR = 1.0
 
 
 @dataclass
@@ -231,36 +234,29 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
     _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size)
     B, T, H, d_k = q.shape
     acc = _accumulation_dtype(q.dtype)
-    if valid is None:
-        valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
-    valid = valid.to(device=q.device, dtype=torch.bool)
-
     if mode == "reference":
         if initial_state is not None:
             raise ValueError("zeros_attention: mode='reference' does not take initial_state; "
                              "use mode='chunked' or 'recurrent' to continue a sequence")
+        valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid.to(q.device, torch.bool)
         o = _reference(q, k, v, s, g1, gh, g0, valid, acc)
         state = _reference_final_state(k, v, s, valid, acc) if output_final_state else None
         return o.to(q.dtype), state
 
     state = initial_state if initial_state is not None else ZeroSState.empty(B, H, d_k, v.shape[-1], dtype=acc, device=q.device)
     state = state.to(device=q.device, dtype=acc)
-
-    # Heads first: (B, H, T, ...). Padded tokens get zero keys, values and logits: they add nothing.
-    valid_h = valid.unsqueeze(1).expand(B, H, T)
-    qh, kh, vh = (_to_heads_first(x, acc) for x in (q, k, v))
     zero = torch.zeros((), dtype=acc, device=q.device)
-    kh, vh = (torch.where(valid_h.unsqueeze(-1), x, zero) for x in (kh, vh))
-    s_h = torch.where(valid_h, _to_heads_first(s, acc), zero)
-    g1_h, gh_h = _to_heads_first(g1, acc), _to_heads_first(gh, acc)
-    g0_h = _to_heads_first(g0, acc) if g0 is not None else None
-
-    n, m, sbar = _running_stats(s_h, valid_h, state)
-    b, c = _coefficients(g1_h, gh_h, g0_h, n)
-    form = _chunked if mode == "chunked" else _recurrent
-    o, state = form(qh, kh, vh, s_h, gh_h, b, c, valid_h, n, m, sbar, state, chunk_size)
-    o = torch.where(valid_h.unsqueeze(-1), o, zero)
-    return o.transpose(1, 2).to(q.dtype), (state if output_final_state else None)
+    if valid is not None:  # padding gets zero keys, values and logits: it adds nothing, whatever it held
+        valid = valid.to(device=q.device, dtype=torch.bool)
+        k, v = (torch.where(valid[:, :, None, None], x.to(acc), zero) for x in (k, v))
+        s = torch.where(valid[:, :, None], s.to(acc), zero)
+    if mode == "chunked":
+        o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size)
+    else:
+        o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state)
+    if valid is not None:
+        o = torch.where(valid[:, :, None, None], o, zero)
+    return o.to(q.dtype), (state if output_final_state else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,9 +304,15 @@ def _reference_final_state(k, v, s, valid, acc):
 # Chunked: (C, C) blocks inside a chunk, the state across chunks
 # ----------------------------------------------------------------------------------------------
 
-def _chunked(q, k, v, s, gh, b, c, valid, n, m, sbar, state, chunk_size):
-    """All inputs heads-first: q, k (B, H, T, d_k), v (B, H, T, d_v), per-token scalars (B, H, T)."""
-    B, H, T, d_k = q.shape
+def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size):
+    """Inputs as for ``zeros_attention`` (valid may be None). Returns o (B, T, H, d_v) and the final state."""
+    B, T, H, d_k = q.shape
+    acc = state.kv.dtype
+    valid = torch.ones(B, H, T, dtype=torch.bool, device=q.device) if valid is None else valid.unsqueeze(1).expand(B, H, T)
+    q, k, v, s, g1, gh = (_to_heads_first(x, acc) for x in (q, k, v, s, g1, gh))  # (B, H, T, ...)
+    g0 = _to_heads_first(g0, acc) if g0 is not None else None
+    n, m, sbar = _running_stats(s, valid, state)
+    b, c = _coefficients(g1, gh, g0, n)
     d_v = v.shape[-1]
     C = min(chunk_size, T)
     N = -(-T // C)
@@ -367,7 +369,7 @@ def _chunked(q, k, v, s, gh, b, c, valid, n, m, sbar, state, chunk_size):
     keep = causal & valid.unsqueeze(-2)                                           # (B, H, N, C, C)
     p_num = torch.exp((s.unsqueeze(-2) - m.unsqueeze(-1)).masked_fill(~keep, float("-inf")))
     E_t = start_decay * E_starts.unsqueeze(-1) + p_num.sum(-1)
-    a = gh / torch.where(valid, E_t, torch.ones((), dtype=E_t.dtype, device=E_t.device))
+    a = gh / E_t.clamp(min=_E_FLOOR)
     # Centre the key logits on the chunk's start mean: (s_i - sbar_t) = (s_i - sbar_s) + (sbar_s - sbar_t).
     h_coef = b * (sbar_start.unsqueeze(-1) - sbar) + c
     s_centred = s - sbar_start.unsqueeze(-1)
@@ -376,28 +378,46 @@ def _chunked(q, k, v, s, gh, b, c, valid, n, m, sbar, state, chunk_size):
     o = (weights * (q @ k.transpose(-1, -2)).masked_fill(~keep, 0.0)) @ v
     # Everything before the chunk, through the state at its start.
     o = o + _readout(q, kv_starts, a * start_decay, b, h_coef)
-    return o.reshape(B, H, N * C, d_v)[:, :, :T], final
+    return o.reshape(B, H, N * C, d_v)[:, :, :T].transpose(1, 2), final
 
 
 # ----------------------------------------------------------------------------------------------
 # Recurrent: one token at a time (generation)
 # ----------------------------------------------------------------------------------------------
 
-def _recurrent(q, k, v, s, gh, b, c, valid, n, m, sbar, state, chunk_size):
-    """Token-by-token update of the state, then a readout; heads-first inputs as in ``_chunked``."""
-    del chunk_size
-    kv, E, m_prev, sbar_prev = state.kv, state.E, state.m, state.sbar
-    w = valid.to(q.dtype)
+def _recurrent(q, k, v, s, g1, gh, g0, valid, state):
+    """Token by token through the state; inputs as for ``zeros_attention``. Returns o (B, T, H, d_v)."""
     outputs = []
-    for t in range(q.shape[2]):
-        kv, E = _move_reference(kv, E, torch.exp(m_prev - m[..., t]), sbar_prev - sbar[..., t])
-        e_t = w[..., t] * torch.exp((s[..., t] - m[..., t]).clamp(max=0.0))
-        key_aug = _augment(k[..., t, :], e_t, w[..., t] * (s[..., t] - sbar[..., t]), w[..., t])
-        kv = kv + (key_aug.unsqueeze(-1) * v[..., t, None, :]).reshape(kv.shape)
-        E = E + e_t
-        a = gh[..., t] / torch.where(valid[..., t], E, torch.ones_like(E))
-        outputs.append(_readout(q[..., t, None, :], kv, a.unsqueeze(-1), b[..., t, None], c[..., t, None]))
-        m_prev, sbar_prev = m[..., t], sbar[..., t]
-    o = torch.cat(outputs, dim=-2)
-    final = ZeroSState(kv=kv, E=E, m=m_prev, sbar=sbar_prev, n=n[..., -1])
-    return o, final
+    for t in range(q.shape[1]):
+        w = None if valid is None else valid[:, t, None].to(state.kv.dtype)   # (B, 1)
+        o_t, state = _step(state, q[:, t], k[:, t], v[:, t], s[:, t], g1[:, t], gh[:, t],
+                           None if g0 is None else g0[:, t], w)
+        outputs.append(o_t)
+    return torch.stack(outputs, dim=1), state
+
+
+def _step(state, q, k, v, s, g1, gh, g0, w):
+    """One token: q, k (B, H, d_k), v (B, H, d_v), s and gates (B, H); w (B, 1) is 1 for a real
+    token and 0 for padding, or None when every row is real. Returns o (B, H, d_v) and the new state."""
+    acc = state.kv.dtype
+    q, k, v, s, g1, gh = (x.to(acc) for x in (q, k, v, s, g1, gh))
+    g0 = g0.to(acc) if g0 is not None else None
+    if w is None:
+        n = state.n + 1.0
+        m = torch.maximum(state.m, s.detach())
+        sbar = state.sbar + (s - state.sbar) / n
+    else:
+        n = state.n + w
+        m = torch.where(w > 0, torch.maximum(state.m, s.detach()), state.m)
+        sbar = state.sbar + w * (s - state.sbar) / n.clamp(min=1.0)
+    kv, E = _move_reference(state.kv, state.E, torch.exp(state.m - m), state.sbar - sbar)
+    e = torch.exp((s - m).clamp(max=0.0))
+    key_coef = torch.stack([e, s - sbar, torch.ones_like(s)], dim=-1)               # (B, H, 3)
+    if w is not None:
+        key_coef = key_coef * w.unsqueeze(-1)
+    kv = kv.addcmul(key_coef[..., None, None], (k.unsqueeze(-1) * v.unsqueeze(-2)).unsqueeze(-3))
+    E = E + key_coef[..., 0]
+    b, c = _coefficients(g1, gh, g0, n)
+    a = gh / E.clamp(min=_E_FLOOR)
+    o = _readout(q.unsqueeze(-2), kv, a.unsqueeze(-1), b.unsqueeze(-1), c.unsqueeze(-1)).squeeze(-2)
+    return o, ZeroSState(kv=kv, E=E, m=m, sbar=sbar, n=n)
