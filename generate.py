@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""Stream text from a saved ZeroS model (or one of its softmax / linear baselines).
+
+    python generate.py MODEL_DIR --prompt "def main():" --max-new-tokens 200
+    python generate.py MODEL_DIR --prompt-file prompt.txt --greedy
+    echo "some prompt" | python generate.py MODEL_DIR --seed 0
+    python generate.py MODEL_DIR --interactive --stats
+
+MODEL_DIR is a directory written by ``save_pretrained`` holding the weights and a tokenizer.
+Generated text goes to stdout as it is produced (a transformers TextStreamer); statistics and
+errors go to stderr. Errors are one line starting with ``error:`` and a non-zero exit status.
+
+--interactive reads one turn per line from stdin (after --prompt / --prompt-file, if given, as the
+first turn). Each line, plus a newline, is appended to the conversation and the model continues it.
+The model's recurrent state (its cache) is kept between turns, so a turn costs only its new tokens,
+however long the conversation has grown. Type /quit or send EOF to leave.
+
+Statistics (prompt length, tokens/s, cache size in bytes) are printed at the end; with --stats
+also after every turn in interactive mode, with prefill and decode rates.
+"""
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise CLIError(message)
+
+
+def parse_args(argv):
+    p = _Parser(description="Stream text from a ZeroS model directory.")
+    p.add_argument("model_dir", help="directory written by save_pretrained (weights + tokenizer)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per turn (default 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0: off (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1] (default 0.95)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (ignores the sampling options)")
+    p.add_argument("--interactive", action="store_true", help="read turns from stdin, keeping the state")
+    p.add_argument("--stats", action="store_true", help="print statistics after every generation")
+    p.add_argument(
+        "--prefill-chunk-size",
+        type=int,
+        default=2048,
+        help="feed long prompts this many tokens at a time (bounds the memory of the prefill; default 2048)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)",
+    )
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    if args.max_new_tokens <= 0:
+        raise CLIError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if args.prefill_chunk_size <= 0:
+        raise CLIError(f"--prefill-chunk-size must be a positive integer, got {args.prefill_chunk_size}")
+    if not args.greedy:
+        if not args.temperature > 0:
+            raise CLIError(
+                f"--temperature must be > 0 (use --greedy for deterministic decoding), got {args.temperature}"
+            )
+        if args.top_k < 0:
+            raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
+        if not 0 < args.top_p <= 1:
+            raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.repetition_penalty > 0:
+        raise CLIError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+
+
+def check_model_dir(path: Path) -> None:
+    """Cheap checks before torch is imported: the directory exists and holds a ZeroS config."""
+    if not path.exists():
+        raise CLIError(f"model directory '{path}' does not exist")
+    if not path.is_dir():
+        raise CLIError(f"'{path}' is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CLIError(f"'{path}' is not a model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot read '{config_file}': {one_line(e)}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "zeros":
+        raise CLIError(f"'{path}' holds a model of model_type '{model_type}', not a ZeroS model ('zeros')")
+
+
+def read_prompt(args) -> str | None:
+    """The prompt of --prompt / --prompt-file, or stdin (one-shot mode only); None if there is none."""
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CLIError(f"cannot read the prompt file: {one_line(e)}") from None
+    if args.interactive:
+        return None
+    if sys.stdin.isatty():
+        print("(reading the prompt from stdin; end it with Ctrl-D)", file=sys.stderr)
+    return sys.stdin.read()
+
+
+def one_line(e) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Session:
+    """A loaded model + tokenizer and one conversation state (the cache and the pending token)."""
+
+    def __init__(self, args):
+        import torch
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        from zeros_lm import ZeroSCache, ZeroSForCausalLM
+
+        self.torch = torch
+        self.args = args
+        path = Path(args.model_dir)
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise CLIError(f"bad --device: {one_line(e)}") from None
+        dtype = args.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001 - any failure is reported in one line
+            raise CLIError(f"could not load the tokenizer from '{path}': {one_line(e)}") from None
+        try:
+            self.model = ZeroSForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
+        except Exception as e:  # noqa: BLE001
+            raise CLIError(f"could not load the model from '{path}': {one_line(e)}") from None
+        self.cache = ZeroSCache(self.model.config)
+        self.pending = torch.empty(1, 0, dtype=torch.long, device=self.device)  # generated, not yet in the state
+        if args.seed is not None:
+            transformers.set_seed(args.seed)
+        self.gen_kwargs = dict(
+            max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, prefill_chunk_size=args.prefill_chunk_size
+        )
+        if not args.greedy:
+            self.gen_kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.repetition_penalty != 1.0:
+            self.gen_kwargs["repetition_penalty"] = args.repetition_penalty
+        pad = self.tokenizer.pad_token_id
+        self.gen_kwargs["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
+        self.totals = {"prompt": 0, "generated": 0, "seconds": 0.0}
+
+    def generate(self, text: str, first: bool) -> dict:
+        """Feed text (after the pending token), stream the continuation, keep the state; return stats."""
+        torch = self.torch
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=first).input_ids.to(self.device)
+        ids = torch.cat([self.pending, ids], dim=1)
+        past = self.cache.get_seq_length()
+        streamer = _timed_streamer_class()(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(
+                ids,
+                attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),
+                cache=self.cache,
+                streamer=streamer,
+                **self.gen_kwargs,
+            )
+        seconds = time.perf_counter() - start
+        self.pending = out[:, -1:]
+        n_new = out.shape[1] - ids.shape[1]
+        first_token = (streamer.token_times[0] - start) if streamer.token_times else seconds
+        decode_time = seconds - first_token
+        stats = {
+            "prompt": ids.shape[1],
+            "generated": n_new,
+            "seconds": seconds,
+            "tokens_per_s": n_new / seconds if seconds > 0 else float("inf"),
+            "first_token_s": first_token,
+            "decode_tokens_per_s": (n_new - 1) / decode_time if n_new > 1 and decode_time > 0 else float("nan"),
+            "context": self.cache.get_seq_length(),
+            "cache_bytes": self.cache.nbytes,
+        }
+        for key in self.totals:
+            self.totals[key] += stats[key]
+        return stats
+
+
+@functools.cache
+def _timed_streamer_class():
+    from transformers import TextStreamer
+
+    class TimedStreamer(TextStreamer):
+        """A TextStreamer that also records when each generated token arrives."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.token_times = []
+            self._prompt_seen = False
+
+        def put(self, value):
+            if self._prompt_seen:  # the first call carries the prompt
+                self.token_times.append(time.perf_counter())
+            self._prompt_seen = True
+            super().put(value)
+
+    return TimedStreamer
+
+
+def format_stats(s: dict, detailed: bool) -> str:
+    line = (
+        f"[stats] prompt: {s['prompt']} tokens | generated: {s['generated']} tokens in {s['seconds']:.2f} s, "
+        f"{s['tokens_per_s']:.1f} tokens/s"
+    )
+    if detailed:
+        line += f" (first token {s['first_token_s'] * 1e3:.0f} ms, decode {s['decode_tokens_per_s']:.1f} tokens/s)"
+    return line + f" | context: {s['context']} tokens | cache: {s['cache_bytes']:,} bytes"
+
+
+def run(args) -> None:
+    check_args(args)
+    check_model_dir(Path(args.model_dir))
+    prompt = read_prompt(args)
+    if prompt is not None and not prompt.strip():
+        raise CLIError("empty prompt: give some text with --prompt, --prompt-file or on stdin")
+    session = Session(args)
+
+    if not args.interactive:
+        stats = session.generate(prompt, first=True)
+        print(format_stats(stats, detailed=args.stats), file=sys.stderr)
+        return
+
+    first = True
+    if prompt is not None:
+        stats = session.generate(prompt + "\n", first=True)
+        first = False
+        if args.stats:
+            print(format_stats(stats, detailed=True), file=sys.stderr)
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/quit", "/exit"):
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        stats = session.generate(line + "\n", first=first)
+        first = False
+        if args.stats:
+            print(format_stats(stats, detailed=True), file=sys.stderr)
+    if not args.stats and session.totals["generated"]:
+        t = session.totals
+        print(
+            f"[stats] total prompt: {t['prompt']} tokens | generated: {t['generated']} tokens in "
+            f"{t['seconds']:.2f} s, {t['generated'] / t['seconds']:.1f} tokens/s | "
+            f"context: {session.cache.get_seq_length()} tokens | cache: {session.cache.nbytes:,} bytes",
+            file=sys.stderr,
+        )
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Configuration of ZeroS language models (and of the softmax / linear-attention baselines).
+
+This file is copied next to the weights by ``save_pretrained`` (it is imported relatively by
+``modeling_zeros.py``), so it must import nothing from the ``zeros_lm`` package.
+"""
+
+from transformers import PreTrainedConfig
+
+ATTENTION_TYPES = ("zeros", "softmax", "linear")
+LOGIT_TYPES = ("deviation", "norm")
+
+
+class ZeroSConfig(PreTrainedConfig):
+    r"""Configuration of a :class:`ZeroSForCausalLM`.
+
+    One config class for three models that differ only in their token mixer, so that they can be
+    trained and compared with the same code:
+
+    - ``attention_type="zeros"``: ZeroS zero-sum linear attention (constant-size recurrent state);
+    - ``attention_type="softmax"``: causal softmax attention with a KV cache (the strong baseline);
+    - ``attention_type="linear"``: plain causal linear attention with elu+1 features (weak baseline).
+
+    Args:
+        vocab_size: size of the vocabulary.
+        hidden_size: width of the residual stream.
+        num_hidden_layers: number of blocks.
+        num_attention_heads: heads per attention layer; must divide ``hidden_size`` and give an even
+            head dimension (RoPE rotates pairs of channels).
+        intermediate_size: width of the SwiGLU MLP; ``None`` picks 8/3 * hidden_size rounded up to a
+            multiple of 64 (1024 for hidden_size 384).
+        rope_theta: RoPE base.
+        chunk_size: chunk length of the chunked (training / prefill) forms.
+        attention_type: ``"zeros"``, ``"softmax"`` or ``"linear"``.
+        first_layer_zero_order: ZeroS only: add the tanh-gated zero-order term g0/t on layer 0.
+        logit_type: ZeroS only: the scalar "radial" logit s_t. ``"deviation"`` (default):
+            s_t = -(u_t . ubar_t)/sqrt(d) with ubar_t a running mean of u with a learned prior (mu, tau);
+            ``"norm"``: s_t = |u_t|^2 / d.
+        use_gates: ZeroS only. ``False`` is the "without gates" ablation: no gate projection, and every
+            gate is the constant 1 (g1 = gh = 1, so r_{t,i} = p_{t,i} - 1/t, the softmax weight minus its
+            uniform part; g0 = 1 where the zero-order term is on, i.e. plain softmax weights there).
+            The per-head LayerNorm makes the output invariant to a common scale of the gates, so 1 and
+            any other constant give the same model up to its epsilon.
+        zero_order_all_layers: ZeroS only, ablation: the g0 term on every layer, not only layer 0.
+        use_output_norm: ZeroS only. ``False`` is the ablation without the per-head LayerNorm.
+        rms_norm_eps: epsilon of the RMSNorms.
+        initializer_range: std of the normal init; the output projections of attention and MLP use
+            ``initializer_range / sqrt(2 * num_hidden_layers)``.
+        use_cache: whether ``forward`` returns a :class:`ZeroSCache` by default (in eval mode).
+        tie_word_embeddings: tie the LM head to the input embedding.
+    """
+
+    model_type = "zeros"
+    keys_to_ignore_at_inference = ["cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 8192,
+        hidden_size: int = 384,
+        num_hidden_layers: int = 6,
+        num_attention_heads: int = 6,
+        intermediate_size: int | None = None,
+        rope_theta: float = 10000.0,
+        chunk_size: int = 64,
+        attention_type: str = "zeros",
+        first_layer_zero_order: bool = True,
+        logit_type: str = "deviation",
+        use_gates: bool = True,
+        zero_order_all_layers: bool = False,
+        use_output_norm: bool = True,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        if intermediate_size is None and isinstance(hidden_size, int) and hidden_size > 0:
+            intermediate_size = 64 * ((8 * hidden_size // 3 + 63) // 64)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.rope_theta = rope_theta
+        self.chunk_size = chunk_size
+        self.attention_type = attention_type
+        self.first_layer_zero_order = first_layer_zero_order
+        self.logit_type = logit_type
+        self.use_gates = use_gates
+        self.zero_order_all_layers = zero_order_all_layers
+        self.use_output_norm = use_output_norm
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self._check()
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def _check(self) -> None:
+        """Raise a ValueError naming the first bad field."""
+
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ZeroSConfig.{name} must be a positive integer, got {value!r}")
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "chunk_size",
+        ):
+            positive_int(name)
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"ZeroSConfig: num_attention_heads ({self.num_attention_heads}) must divide "
+                f"hidden_size ({self.hidden_size})"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(
+                f"ZeroSConfig: the head dimension hidden_size / num_attention_heads = {self.head_dim} "
+                "must be even (RoPE rotates pairs of channels)"
+            )
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(
+                f"ZeroSConfig.attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}"
+            )
+        if self.logit_type not in LOGIT_TYPES:
+            raise ValueError(f"ZeroSConfig.logit_type must be one of {LOGIT_TYPES}, got {self.logit_type!r}")
+        for name in ("first_layer_zero_order", "use_gates", "zero_order_all_layers", "use_output_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ZeroSConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ZeroSConfig.{name} must be a positive number, got {value!r}")
+
+
+__all__ = ["ZeroSConfig"]

@@ -1,0 +1,659 @@
+"""ZeroS language model with Hugging Face interfaces (one file, in the style of modeling_mamba.py).
+
+Contents: ZeroSCache (the recurrent-state / KV cache), RMSNorm, RoPE, the three token mixers
+(ZeroSAttention, SoftmaxAttention, LinearAttention), the SwiGLU MLP, the block, ZeroSModel and
+ZeroSForCausalLM (PreTrainedModel + GenerationMixin).
+
+``save_pretrained`` copies this file into the model directory for ``trust_remote_code=True``
+loading, together with the files it imports relatively (as flat siblings). It must therefore import
+nothing from the ``zeros_lm`` package except ``.configuration_zeros`` and ``.ops``.
+
+Shapes: B batch, T new tokens, S tokens already in the cache, H heads, d head dimension.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+try:  # transformers' init functions skip weights that were loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # pragma: no cover - older transformers
+    from torch.nn import init
+
+from .configuration_zeros import ZeroSConfig
+from .ops import ZeroSState, zeros_attention
+
+logger = logging.get_logger(__name__)
+
+OUTPUT_NORM_EPS = 1e-5  # per-head LayerNorm of the ZeroS output
+LINEAR_ATTENTION_EPS = 1e-6  # denominator floor of the linear-attention baseline
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the numerically sensitive parts: float32, or float64 for a float64 model."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _batch_op(x, tensor_fn, state_fn):
+    """Apply a batch-dimension operation to one element of a layer state (tensor, ZeroSState or None)."""
+    if x is None:
+        return None
+    return state_fn(x) if isinstance(x, ZeroSState) else tensor_fn(x)
+
+
+def _nbytes(x) -> int:
+    if x is None:
+        return 0
+    if isinstance(x, ZeroSState):
+        return int(x.nbytes)
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    return sum(_nbytes(y) for y in x)
+
+
+class ZeroSCache(Cache):
+    """Generation cache of a :class:`ZeroSForCausalLM`.
+
+    Per layer it holds, for ``attention_type``
+
+    - ``"zeros"``: the core ``ZeroSState`` of :func:`zeros_attention` and the running sum of u (float32,
+      (B, H, d)) of the deviation logit;
+    - ``"linear"``: the running sums S = sum phi(k) v^T (B, H, d, d) and z = sum phi(k) (B, H, d), float32;
+    - ``"softmax"``: the keys and values (B, H, S, d) — the usual KV cache, for the baseline.
+
+    and, shared by all layers, the number of real (non-padding) tokens consumed in each row, which
+    gives the RoPE positions and the counts t of the running means. For ZeroS and linear attention
+    the size does not depend on the context length (see :attr:`nbytes`).
+
+    A recurrent state cannot be rolled back, so :meth:`crop` raises.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: ZeroSConfig):
+        super().__init__(layers=[])
+        self.attention_type = config.attention_type
+        self.num_layers = config.num_hidden_layers
+        self.layer_states: list = [None] * self.num_layers
+        self.num_tokens: torch.Tensor | None = None  # (B,) long: real tokens consumed per row
+        self.key_valid: torch.Tensor | None = None  # (B, S) bool: softmax only, which cached keys are real
+        self.seen_tokens = 0  # columns consumed, padding included (= the KV length for softmax)
+
+    def __repr__(self):
+        return (
+            f"ZeroSCache(attention_type={self.attention_type!r}, layers={self.num_layers}, "
+            f"seen_tokens={self.seen_tokens}, nbytes={self.nbytes})"
+        )
+
+    # -- used by the model ------------------------------------------------------------------------
+    def layer_state(self, layer_idx: int):
+        return self.layer_states[layer_idx]
+
+    def update_layer_state(self, layer_idx: int, state) -> None:
+        self.layer_states[layer_idx] = state
+
+    def advance(self, valid: torch.Tensor | None, batch_size: int, num_new: int, device) -> None:
+        """Record that ``num_new`` columns (``valid`` marks the real ones) went through every layer."""
+        if valid is None:
+            added = torch.full((batch_size,), num_new, dtype=torch.long, device=device)
+        else:
+            added = valid.sum(dim=1, dtype=torch.long)
+        self.num_tokens = added if self.num_tokens is None else self.num_tokens + added
+        if self.attention_type == "softmax":
+            new = valid if valid is not None else torch.ones(batch_size, num_new, dtype=torch.bool, device=device)
+            self.key_valid = new if self.key_valid is None else torch.cat([self.key_valid, new], dim=1)
+        self.seen_tokens += num_new
+
+    # -- transformers Cache API -------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """Number of token columns consumed so far (padding included)."""
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # generate() slices the prompt by get_seq_length() only for non-linear (KV) caches
+        return [self.attention_type != "softmax"] * self.num_layers
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.num_tokens is None else int(self.num_tokens.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Size of everything the cache holds, in bytes."""
+        return sum(_nbytes(s) for s in self.layer_states) + _nbytes(self.num_tokens) + _nbytes(self.key_valid)
+
+    def get_nbytes(self) -> int:
+        return self.nbytes
+
+    def _apply_batch(self, tensor_fn, state_fn) -> None:
+        def op(x):
+            return _batch_op(x, tensor_fn, state_fn)
+
+        self.layer_states = [None if s is None else tuple(op(x) for x in s) for s in self.layer_states]
+        self.num_tokens = op(self.num_tokens)
+        self.key_valid = op(self.key_valid)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (in that order)."""
+        self._apply_batch(lambda x: x.index_select(0, indices.to(x.device)), lambda s: s.index_select(indices))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the rows for beam search."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_batch(lambda x: x.repeat_interleave(repeats, dim=0), lambda s: s.repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        self.layer_states = [None] * self.num_layers
+        self.num_tokens = None
+        self.key_valid = None
+        self.seen_tokens = 0
+
+    def crop(self, max_length: int) -> None:
+        raise ValueError(
+            "ZeroSCache cannot be cropped: a recurrent state cannot be rolled back to an earlier token. "
+            "Recompute the prefix instead (features that need crop, e.g. assisted generation, are unsupported)."
+        )
+
+    def activate_past_recording(self):
+        raise ValueError("ZeroSCache cannot record past states (a recurrent state cannot be rolled back).")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+class ZeroSRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(_acc(x.dtype))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin of shape (B, T, 1, d/2) for integer positions (B, T)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair (x_j, x_{j+d/2}) of x (B, T, ..., d) by its angle: a true rotation.
+
+    cos, sin: (B, T, 1, d/2) from rope_cos_sin, broadcast over the other dimensions of x.
+    """
+    while cos.dim() < x.dim():
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    xf = x.to(_acc(x.dtype))
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class ZeroSMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate and up share one matrix."""
+
+    def __init__(self, config: ZeroSConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj._is_residual_output = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class ZeroSAttention(nn.Module):
+    """ZeroS zero-sum linear attention (ZEROS.md section 2).
+
+    q, k, v, u projections (one fused matrix); a gate projection with two gates per head (g1, gh),
+    three on layers that carry the zero-order term (g0); RoPE on q and k at the positions of the real
+    tokens, then L2 normalisation; the radial logit s; the core op; a per-head LayerNorm without
+    affine parameters; the output projection.
+    """
+
+    def __init__(self, config: ZeroSConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.has_zero_order = config.zero_order_all_layers or (config.first_layer_zero_order and layer_idx == 0)
+        self.num_gates = 3 if self.has_zero_order else 2
+        self.qkvu_proj = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=False)
+        if config.use_gates:
+            self.gate_proj = nn.Linear(config.hidden_size, self.num_heads * self.num_gates, bias=True)
+        if config.logit_type == "deviation":
+            self.mu = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
+            self.log_tau = nn.Parameter(torch.zeros(self.num_heads))
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj._is_residual_output = True
+
+    def _logits(self, u, valid, counts, usum):
+        """Radial logits s (B, T, H) in float32 and the new running sum of u (deviation logit)."""
+        uf = u.to(_acc(u.dtype))
+        d = self.head_dim
+        if self.config.logit_type == "norm":
+            return uf.pow(2).sum(-1) / d, None
+        um = uf if valid is None else uf * valid[:, :, None, None]
+        csum = um.cumsum(dim=1)  # sum_{j<=t} u_j over this call's tokens
+        if usum is not None:
+            csum = csum + usum[:, None]
+        tau = self.log_tau.to(uf.dtype).exp()  # (H,)
+        ubar = (tau[:, None] * self.mu.to(uf.dtype) + csum) / (tau[:, None] + counts[:, :, None, None].to(uf.dtype))
+        s = -(uf * ubar).sum(-1) / math.sqrt(d)
+        return s, csum[:, -1]
+
+    def forward(self, x, *, cos, sin, counts, valid, cache=None, **kwargs):
+        B, T, _ = x.shape
+        H, d = self.num_heads, self.head_dim
+        acc = _acc(x.dtype)
+        qkvu = self.qkvu_proj(x).view(B, T, 4, H, d)
+        # q and k together: RoPE, then L2 normalisation
+        q, k = F.normalize(apply_rope(qkvu[:, :, :2], cos, sin).to(acc), dim=-1).to(x.dtype).unbind(dim=2)
+        v, u = qkvu[:, :, 2], qkvu[:, :, 3]
+
+        state = cache.layer_state(self.layer_idx) if cache is not None else None
+        core_state, usum = state if state is not None else (None, None)
+        s, usum = self._logits(u, valid, counts, usum)
+
+        if self.config.use_gates:
+            gl = self.gate_proj(x).view(B, T, H, self.num_gates).to(acc)
+            g1, gh = torch.sigmoid(gl[..., :2]).unbind(dim=-1)
+            g0 = torch.tanh(gl[..., 2]) if self.has_zero_order else None
+        else:  # ablation: every gate is the constant 1
+            g1 = gh = torch.ones(B, T, H, dtype=acc, device=x.device)
+            g0 = g1 if self.has_zero_order else None
+
+        o, core_state = zeros_attention(
+            q,
+            k,
+            v,
+            s,
+            g1,
+            gh,
+            g0,
+            mode="recurrent" if (T == 1 and cache is not None) else "chunked",
+            chunk_size=self.config.chunk_size,
+            valid=valid,
+            initial_state=core_state,
+            output_final_state=cache is not None,
+        )
+        if cache is not None:
+            cache.update_layer_state(self.layer_idx, (core_state, usum))
+        if self.config.use_output_norm:
+            o = F.layer_norm(o.to(acc), (d,), eps=OUTPUT_NORM_EPS)
+        return self.o_proj(o.to(x.dtype).reshape(B, T, H * d))
+
+
+class SoftmaxAttention(nn.Module):
+    """Causal softmax attention (SDPA) with RoPE and a KV cache: the baseline."""
+
+    def __init__(self, config: ZeroSConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj._is_residual_output = True
+
+    def forward(self, x, *, cos, sin, valid, attn_mask=None, cache=None, **kwargs):
+        B, T, _ = x.shape
+        H, d = self.num_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(B, T, 3, H, d)
+        q, k = apply_rope(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(dim=2)  # (B, H, T, d) each
+        v = qkv[:, :, 2].transpose(1, 2)
+        if cache is not None:
+            past = cache.layer_state(self.layer_idx)
+            if past is not None:
+                k = torch.cat([past[0], k], dim=2)
+                v = torch.cat([past[1], v], dim=2)
+            cache.update_layer_state(self.layer_idx, (k, v))
+        S = k.shape[2] - T
+        if attn_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=(T > 1 and S == 0))
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        o = o.transpose(1, 2)
+        if valid is not None:
+            o = o * valid[:, :, None, None].to(o.dtype)
+        return self.o_proj(o.reshape(B, T, H * d))
+
+
+def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int):
+    """Causal normalised linear attention on feature-mapped q, k (B, H, T, d) and v (B, H, T, dv).
+
+    Inside a chunk of C tokens the C x C block is formed explicitly; across chunks the running sums
+    S (d x dv) and z (d) are carried (prefix sums over chunks). Returns o, S_T, z_T.
+    """
+    B, H, T, d = q.shape
+    dv = v.shape[-1]
+    C = max(1, min(chunk_size, T))
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # zero keys add nothing to the sums
+    q, k, v = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)).tril()  # (B, H, N, C, C), includes the diagonal
+    kv = k.transpose(-1, -2) @ v  # per-chunk sums (B, H, N, d, dv)
+    ks = k.sum(dim=-2)  # (B, H, N, d)
+    S_before = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2).cumsum(dim=2) + S0[:, :, None]
+    z_before = torch.cat([torch.zeros_like(ks[:, :, :1]), ks[:, :, :-1]], dim=2).cumsum(dim=2) + z0[:, :, None]
+    num = scores @ v + q @ S_before
+    den = scores.sum(-1) + (q * z_before[:, :, :, None, :]).sum(-1)
+    o = num / den.clamp_min(LINEAR_ATTENTION_EPS)[..., None]
+    o = o.reshape(B, H, N * C, dv)[:, :, :T]
+    return o, S_before[:, :, -1] + kv[:, :, -1], z_before[:, :, -1] + ks[:, :, -1]
+
+
+class LinearAttention(nn.Module):
+    """Plain causal linear attention (Katharopoulos et al.): phi = elu + 1, normalised. Weak baseline."""
+
+    def __init__(self, config: ZeroSConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj._is_residual_output = True
+
+    def forward(self, x, *, valid, cache=None, **kwargs):
+        B, T, _ = x.shape
+        H, d = self.num_heads, self.head_dim
+        acc = _acc(x.dtype)
+        q, k, v = self.qkv_proj(x).view(B, T, 3, H, d).to(acc).permute(2, 0, 3, 1, 4).unbind(dim=0)  # (B, H, T, d)
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+        if valid is not None:
+            k = k * valid[:, None, :, None]
+            v = v * valid[:, None, :, None]
+        state = cache.layer_state(self.layer_idx) if cache is not None else None
+        if state is None:
+            S0 = q.new_zeros(B, H, d, d)
+            z0 = q.new_zeros(B, H, d)
+        else:
+            S0, z0 = state
+        o, S1, z1 = linear_attention_chunked(q, k, v, S0, z0, self.config.chunk_size)
+        if cache is not None:
+            cache.update_layer_state(self.layer_idx, (S1, z1))
+        o = o.transpose(1, 2)
+        if valid is not None:
+            o = o * valid[:, :, None, None]
+        return self.o_proj(o.to(x.dtype).reshape(B, T, H * d))
+
+
+ATTENTION_CLASSES = {"zeros": ZeroSAttention, "softmax": SoftmaxAttention, "linear": LinearAttention}
+
+
+class ZeroSBlock(GradientCheckpointingLayer):
+    """RMSNorm -> attention -> residual; RMSNorm -> SwiGLU -> residual."""
+
+    def __init__(self, config: ZeroSConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = ATTENTION_CLASSES[config.attention_type](config, layer_idx)
+        self.mlp_norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = ZeroSMLP(config)
+
+    def forward(self, hidden_states, cache=None, **ctx):
+        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), cache=cache, **ctx)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+class ZeroSPreTrainedModel(PreTrainedModel):
+    config_class = ZeroSConfig
+    config: ZeroSConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ZeroSBlock"]
+    _is_stateful = True  # no assisted generation: the state cannot be rolled back
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own ZeroSCache
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "_is_residual_output", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, ZeroSRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, ZeroSAttention) and hasattr(module, "mu"):
+            init.zeros_(module.mu)
+            init.zeros_(module.log_tau)  # tau = 1: the prior counts as one token
+
+
+def _diag(T: int, S: int, device) -> torch.Tensor:
+    """(T, S+T) boolean mask that is True where query i meets its own key S+i."""
+    mask = torch.zeros(T, S + T, dtype=torch.bool, device=device)
+    idx = torch.arange(T, device=device)
+    mask[idx, S + idx] = True
+    return mask[None]
+
+
+class ZeroSModel(ZeroSPreTrainedModel):
+    """Embedding, blocks and the final RMSNorm; returns the last hidden state and the cache."""
+
+    def __init__(self, config: ZeroSConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([ZeroSBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _softmax_mask(self, valid, cache, B, T, device):
+        """Boolean SDPA mask (B, 1, T, S+T), or None where plain causal attention is exact."""
+        key_valid = cache.key_valid if cache is not None else None
+        S = 0 if key_valid is None else key_valid.shape[1]
+        past_all_valid = key_valid is None or bool(key_valid.all())
+        if valid is None and past_all_valid and (S == 0 or T == 1):
+            return None  # is_causal (S == 0) or attend to everything (one new token)
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=device)
+        keys = valid if key_valid is None else torch.cat([key_valid.to(device), valid], dim=1)
+        causal = torch.ones(T, S + T, dtype=torch.bool, device=device).tril(diagonal=S)
+        mask = causal[None] & keys[:, None, :]
+        # A padding query would otherwise see no key at all (SDPA gives NaN); let it see itself.
+        mask |= _diag(T, S, device)
+        return mask[:, None]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: ZeroSCache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: ZeroSCache | None = None,
+        **kwargs,
+    ):
+        r"""
+        input_ids (B, T): the new tokens (only those not yet in ``cache``).
+        attention_mask (B, T) or (B, S+T): 1 for real tokens, 0 for padding; only its last T columns are
+            read (generate passes the whole history). Padding may sit anywhere (left padding is usual);
+            padding tokens do not enter the state and do not advance the positions.
+        cache: a :class:`ZeroSCache` to continue from; updated in place and returned. ``past_key_values``
+            is accepted as an alias.
+        use_cache: create a new cache when none is given (default: ``config.use_cache`` in eval mode).
+        """
+        if cache is None:
+            cache = past_key_values
+        if cache is not None and not isinstance(cache, ZeroSCache):
+            raise TypeError(f"{type(self).__name__} needs a ZeroSCache, got {type(cache).__name__}")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of input_ids and inputs_embeds")
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and use_cache and cache is None:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False.")
+            use_cache = False
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if use_cache and cache is None:
+            cache = ZeroSCache(self.config)
+
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+                raise ValueError(f"attention_mask must have shape (batch, >= {T}), got {tuple(attention_mask.shape)}")
+            valid = attention_mask[:, -T:].to(device=device, dtype=torch.bool)
+            if bool(valid.all()):
+                valid = None
+
+        # counts[b, t]: real tokens in row b up to and including column t (the t of ZEROS.md);
+        # the RoPE position of a real token is counts - 1, whatever padding came before it.
+        if valid is None:
+            counts = torch.arange(1, T + 1, device=device).expand(B, T)
+        else:
+            counts = valid.long().cumsum(dim=1)
+        if cache is not None and cache.num_tokens is not None:
+            counts = counts + cache.num_tokens.to(device)[:, None]
+        cos, sin = rope_cos_sin((counts - 1).clamp_min(0), self.config.head_dim, self.config.rope_theta)
+        ctx = {"cos": cos, "sin": sin, "counts": counts, "valid": valid}
+        if self.config.attention_type == "softmax":
+            ctx["attn_mask"] = self._softmax_mask(valid, cache, B, T, device)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for block in self.layers:
+            hidden_states = block(hidden_states, cache=cache, **ctx)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        if cache is not None:
+            cache.advance(valid, B, T, device)
+
+        if not return_dict:
+            return tuple(x for x in (hidden_states, cache, all_hidden_states) if x is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+
+
+class ZeroSForCausalLM(ZeroSPreTrainedModel, GenerationMixin):
+    """ZeroSModel with a language-modelling head (tied to the embedding by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ZeroSConfig):
+        super().__init__(config)
+        self.model = ZeroSModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: ZeroSCache | None = None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: ZeroSCache | None = None,
+        **kwargs,
+    ):
+        r"""
+        labels (B, T): next-token targets, shifted inside the model (``labels = input_ids`` works);
+            -100 is ignored.
+        logits_to_keep: if an int > 0, compute logits for the last that many positions only.
+
+        See :meth:`ZeroSModel.forward` for the other arguments.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache if cache is not None else past_key_values,
+            use_cache=use_cache,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            out = tuple(x for x in (logits, outputs.cache, outputs.hidden_states) if x is not None)
+            return (loss,) + out if loss is not None else out
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+
+__all__ = ["ZeroSCache", "ZeroSForCausalLM", "ZeroSModel", "ZeroSPreTrainedModel"]
