@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Training throughput and peak memory: the ZeroS LM against the softmax baseline (same config).
+
+Each (attention, seq_len) point runs in a fresh subprocess so that its peak memory is its own:
+forward + backward + AdamW step on random tokens, a few warm-up steps, then timed steps; the
+loss is the one train.py uses. On CPU, memory is the process's peak resident set; on CUDA, the
+peak of allocated tensor memory. Prints a Markdown table.
+
+    python benchmarks/train.py                         # CPU, seq_len 512 and 2048
+    python benchmarks/train.py --device cuda --precision bf16 --seq-lens 512 2048 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_point(args) -> dict:
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(REPO))
+    from zeros_lm import ZeroSConfig, ZeroSForCausalLM
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cfg = ZeroSConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        attention_type=args.attention,
+        chunk_size=args.chunk_size,
+    )
+    model = ZeroSForCausalLM(cfg).to(device).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = max(1, args.tokens_per_step // args.seq_len)
+    x = torch.randint(0, cfg.vocab_size, (batch, args.seq_len + 1), device=device)
+    amp = args.precision == "bf16"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / args.steps
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {
+        "attention": args.attention,
+        "seq_len": args.seq_len,
+        "batch": batch,
+        "tokens_per_s": batch * args.seq_len / dt,
+        "step_s": dt,
+        "peak_bytes": peak,
+        "params": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--attentions", nargs="+", default=["zeros", "softmax"])
+    p.add_argument("--tokens-per-step", type=int, default=4096, help="batch = tokens_per_step // seq_len")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--attention", help=argparse.SUPPRESS)
+    p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.point:
+        print(json.dumps(run_point(args)))
+        return 0
+
+    results = []
+    for seq_len in args.seq_lens:
+        for attention in args.attentions:
+            cmd = [sys.executable, __file__, "--point", "--attention", attention, "--seq-len", str(seq_len)]
+            for key in ("device", "precision", "tokens_per_step", "hidden_size", "layers", "heads", "vocab_size",
+                        "chunk_size", "warmup", "steps"):
+                cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+            if args.gradient_checkpointing:
+                cmd.append("--gradient-checkpointing")
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                results.append({"attention": attention, "seq_len": seq_len, "error": proc.stderr.strip().splitlines()[-1]})
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            results.append(r)
+            print(f"  {attention:8s} seq_len {seq_len:6d}: {r['tokens_per_s']:10.0f} tok/s, "
+                  f"peak {r['peak_bytes'] / 2**20:8.0f} MiB", file=sys.stderr, flush=True)
+
+    device = args.device
+    if device.startswith("cuda"):
+        import torch
+
+        device = torch.cuda.get_device_name(0)
+    else:
+        threads = next((r["threads"] for r in results if "threads" in r), None)
+        device = f"CPU ({os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})"
+    params = next((r["params"] for r in results if "params" in r), 0)
+    print(
+        f"\nTraining throughput, {args.layers} layers x {args.hidden_size}, {args.heads} heads, vocab "
+        f"{args.vocab_size} ({params / 1e6:.1f} M parameters), {args.tokens_per_step} tokens per step, "
+        f"{args.precision}, AdamW, on {device}"
+        + ("; memory = peak process RSS" if not args.device.startswith("cuda") else "; memory = peak allocated")
+        + "\n"
+    )
+    print("| seq_len | attention | batch | tokens/s | peak memory (MiB) | tokens/s vs softmax |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for seq_len in args.seq_lens:
+        base = next((r for r in results if r["seq_len"] == seq_len and r["attention"] == "softmax" and "error" not in r), None)
+        for r in (r for r in results if r["seq_len"] == seq_len):
+            if "error" in r:
+                print(f"| {seq_len} | {r['attention']} | | failed: {r['error']} | | |")
+                continue
+            ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
+            print(f"| {seq_len} | {r['attention']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['peak_bytes'] / 2**20:,.0f} | {ratio} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

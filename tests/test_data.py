@@ -1,0 +1,275 @@
+"""Data pipeline: sources, tokenizer, tokenising and packing, cache, validation split, streaming,
+the resumable sampler, and one clear error for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from zeros_lm import data as D
+from zeros_lm.data import DataError, TextDataModule
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+def make_text(n_words: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(0, n_words, 12):
+        lines.append(" ".join(rng.choice(WORDS, size=12)))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """Six small text documents in a directory tree."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i in range(4):
+        (root / f"doc{i}.txt").write_text(make_text(300, i))
+    for i in range(2):
+        (root / "sub" / f"more{i}.md").write_text(make_text(300, 10 + i))
+    (root / ".hidden.txt").write_text("should be ignored")
+    return root
+
+
+def dm_kwargs(tmp_path: Path, **kw) -> dict:
+    base = dict(
+        tokenizer_vocab_size=300,
+        seq_len=32,
+        batch_size=4,
+        val_fraction=0.1,
+        num_proc=1,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    base.update(kw)
+    return base
+
+
+# ------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------
+def test_stdlib_source_excludes_tests_and_site_packages():
+    files = D.resolve_files("stdlib")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    assert len(files) > 300
+    assert all(f.endswith(".py") and f.startswith(stdlib) for f in files)
+    for f in files:
+        parts = Path(f).relative_to(stdlib).parts
+        assert not {"test", "tests", "idle_test", "site-packages"} & set(parts), f
+    part = D.resolve_files("stdlib:json")
+    assert part and all("/json/" in f for f in part)
+
+
+def test_files_dirs_and_globs(corpus: Path):
+    all_files = D.resolve_files([str(corpus)])
+    assert len(all_files) == 6  # hidden file skipped, recursive
+    assert D.resolve_files([str(corpus / "*.txt")]) == sorted(str(corpus / f"doc{i}.txt") for i in range(4))
+    assert len(D.resolve_files([str(corpus / "**" / "*.md")])) == 2
+    assert len(D.resolve_files([str(corpus)], extensions=[".md"])) == 2
+    assert D.resolve_files([str(corpus / "doc0.txt"), str(corpus / "doc0.txt")]) == [str(corpus / "doc0.txt")]
+
+
+def test_missing_path_is_one_clear_error(tmp_path: Path):
+    with pytest.raises(DataError, match="no such file or directory.*nope"):
+        D.resolve_files([str(tmp_path / "nope")])
+    with pytest.raises(DataError, match="no such file or directory"):
+        TextDataModule(train_files=str(tmp_path / "nope.txt"), **dm_kwargs(tmp_path))
+
+
+def test_glob_without_match_is_one_clear_error(tmp_path: Path):
+    with pytest.raises(DataError, match=r"no file matched the pattern .*\*\.zzz"):
+        D.resolve_files([str(tmp_path / "*.zzz")])
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(DataError, match="no file found in the directory"):
+        D.resolve_files([str(tmp_path / "emptydir")])
+
+
+def test_empty_corpus(tmp_path: Path):
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("   \n\n")
+    with pytest.raises(DataError, match="empty corpus"):
+        TextDataModule(train_files=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], **dm_kwargs(tmp_path))
+
+
+def test_undecodable_bytes_name_the_file(tmp_path: Path, corpus: Path):
+    bad = corpus / "bad.txt"
+    bad.write_bytes(b"valid start \xff\xfe\x00 then garbage")
+    with pytest.raises(DataError, match=r"bad\.txt: not valid UTF-8.*offset 12"):
+        TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path))
+
+
+def test_corpus_smaller_than_one_block(tmp_path: Path):
+    (tmp_path / "tiny.txt").write_text("alpha beta gamma delta")
+    with pytest.raises(DataError, match=r"corpus too small: \d+ tokens in 1 documents make no block of seq_len \+ 1 = 513"):
+        TextDataModule(train_files=str(tmp_path / "tiny.txt"), **dm_kwargs(tmp_path, seq_len=512))
+
+
+def test_corpus_too_small_for_a_validation_split(tmp_path: Path):
+    (tmp_path / "t.txt").write_text(make_text(30, 0))
+    with pytest.raises(DataError, match="cannot be split into training and validation"):
+        TextDataModule(train_files=str(tmp_path / "t.txt"), **dm_kwargs(tmp_path, seq_len=32, val_fraction=0.5))
+
+
+def test_vocabulary_too_small(tmp_path: Path, corpus: Path):
+    with pytest.raises(DataError, match="tokenizer_vocab_size=100 is too small.*at least 258"):
+        TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path, tokenizer_vocab_size=100))
+
+
+def test_missing_tokenizer_dir(tmp_path: Path, corpus: Path):
+    with pytest.raises(DataError, match="tokenizer directory not found"):
+        TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path, tokenizer=str(tmp_path / "none")))
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenizer, packing, cache
+# ------------------------------------------------------------------------------------------
+def test_tokenizer_trains_and_round_trips(tmp_path: Path):
+    texts = [make_text(200, i) for i in range(5)] + ["def f(x):\n    return x ** 2  # ünïcödé ✓\n"]
+    tok = D.train_tokenizer(iter(texts), vocab_size=320)
+    assert len(tok) <= 320 and tok.eos_token == D.EOS_TOKEN and tok.pad_token == D.PAD_TOKEN
+    for t in texts:
+        assert tok.decode(tok(t)["input_ids"]) == t
+    tok.save_pretrained(tmp_path / "tok")
+    again = D.load_tokenizer(str(tmp_path / "tok"))
+    assert again(texts[-1])["input_ids"] == tok(texts[-1])["input_ids"]
+    assert again.eos_token_id == tok.eos_token_id
+
+
+def test_pack_puts_eos_between_documents_and_loses_nothing_but_the_tail(tmp_path: Path, corpus: Path):
+    dm = TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path, val_fraction=0.0))
+    tok = dm.tokenizer
+    block = dm.seq_len + 1
+    blocks = np.asarray(dm.corpus.train.with_format("numpy")["input_ids"])
+    assert blocks.shape[1] == block
+    assert dm.corpus.train.features["input_ids"].feature.dtype == "int32"  # half the disk of int64
+    stream = blocks.reshape(-1)
+    eos = tok.eos_token_id
+    # The packed stream is the documents (in their shuffled order), each followed by EOS.
+    docs = [Path(f).read_text() for f in D.resolve_files(str(corpus))]
+    encoded = {tuple(tok(d, add_special_tokens=False)["input_ids"]) for d in docs}
+    pieces = np.split(stream, np.where(stream == eos)[0] + 1)
+    complete = [tuple(p[:-1].tolist()) for p in pieces if len(p) and p[-1] == eos]
+    assert len(complete) == len(docs) - 0 or len(complete) == len(docs) - 1
+    assert all(c in encoded for c in complete)
+    total = sum(len(e) + 1 for e in encoded)
+    assert total - block < len(stream) <= total
+
+
+def test_second_run_loads_from_cache(tmp_path: Path, corpus: Path, monkeypatch):
+    first = TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path))
+    assert not first.from_cache
+
+    def boom(*a, **k):
+        raise AssertionError("the second run must not tokenise or train a tokenizer again")
+
+    monkeypatch.setattr(D, "_tokenize_batch", boom)
+    monkeypatch.setattr(D, "train_tokenizer", boom)
+    second = TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path))
+    assert second.from_cache
+    assert len(second.corpus.train) == len(first.corpus.train)
+    a = np.asarray(first.corpus.train.with_format("numpy")["input_ids"])
+    b = np.asarray(second.corpus.train.with_format("numpy")["input_ids"])
+    assert np.array_equal(a, b)
+    monkeypatch.undo()
+    # Changing a source file invalidates the cache.
+    (corpus / "doc0.txt").write_text(make_text(310, 99))
+    third = TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path))
+    assert not third.from_cache
+
+
+def test_validation_by_fraction_and_by_files(tmp_path: Path, corpus: Path):
+    dm = TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path, val_fraction=0.2))
+    n_train, n_val = len(dm.corpus.train), len(dm.corpus.val)
+    assert n_val == round(0.2 * (n_train + n_val))
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    (val_dir / "v.txt").write_text(make_text(200, 77))
+    dm2 = TextDataModule(train_files=str(corpus), val_files=str(val_dir), **dm_kwargs(tmp_path))
+    assert len(dm2.corpus.train) == n_train + n_val  # nothing held out of the training files
+    assert len(dm2.corpus.val) >= 1
+    nothing = TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path, val_fraction=0.0))
+    assert nothing.corpus.val is None and nothing.val_dataloader() == []
+
+
+def test_jsonl_and_parquet_with_a_text_column(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": i, "body": make_text(120, i)} for i in range(6)]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pq.write_table(pa.table({"id": [r["id"] for r in rows], "body": [r["body"] for r in rows]}), tmp_path / "d.parquet")
+    a = TextDataModule(train_files=str(jl), text_column="body", **dm_kwargs(tmp_path))
+    b = TextDataModule(train_files=str(tmp_path / "d.parquet"), text_column="body", **dm_kwargs(tmp_path))
+    assert a.corpus.stats["documents"] == b.corpus.stats["documents"] == 6
+    assert a.corpus.stats["tokens"] == b.corpus.stats["tokens"]
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: .*body"):
+        TextDataModule(train_files=str(jl), **dm_kwargs(tmp_path))
+
+
+def test_dataset_by_name_takes_the_hub_code_path(tmp_path: Path):
+    # No network here: a local dataset directory goes through the same load_dataset(name, ...) path.
+    ds_dir = tmp_path / "my_dataset"
+    ds_dir.mkdir()
+    (ds_dir / "train.jsonl").write_text("\n".join(json.dumps({"text": make_text(150, i)}) for i in range(5)) + "\n")
+    dm = TextDataModule(train_files=None, dataset_name=str(ds_dir), dataset_split="train", **dm_kwargs(tmp_path))
+    assert dm.corpus.stats["documents"] == 5
+    with pytest.raises(DataError, match="could not load the dataset"):
+        TextDataModule(train_files=None, dataset_name=str(ds_dir), dataset_split="nosuchsplit", **dm_kwargs(tmp_path))
+
+
+def test_streaming_shards_across_ranks(tmp_path: Path, corpus: Path):
+    dm = TextDataModule(train_files=str(corpus), streaming=True, shuffle_buffer=0, val_docs=0, **dm_kwargs(tmp_path))
+    ranks = []
+    for rank in range(2):
+        blocks = list(dm._streaming_blocks(dm._stream_documents(), rank, 2))
+        ranks.append({tuple(b["input_ids"]) for b in blocks})
+        assert blocks and all(len(b["input_ids"]) == dm.seq_len + 1 for b in blocks)
+    assert not (ranks[0] & ranks[1])  # each rank reads its own documents
+    whole = {tuple(b["input_ids"]) for b in dm._streaming_blocks(dm._stream_documents(), 0, 1)}
+    assert len(ranks[0]) + len(ranks[1]) <= len(whole) + 2
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.shape == (dm.batch_size, dm.seq_len + 1) and batch.dtype == torch.long
+
+
+# ------------------------------------------------------------------------------------------
+# Sampler
+# ------------------------------------------------------------------------------------------
+def test_block_sampler_resumes_exactly_and_splits_ranks():
+    done = {"n": 0}
+    full = BlockSamplerRun(done)
+    # Uninterrupted: 3 epochs of 25 samples per rank, batches of 4 -> 6 batches (24 samples) each.
+    whole = []
+    for epoch in range(3):
+        full.set_epoch(epoch)
+        for i in full:
+            whole.append(i)
+            if len(whole) % 4 == 0:
+                done["n"] += 1
+    # Interrupted after 8 batches (mid epoch 1), resumed in whatever epoch Lightning starts.
+    done2 = {"n": 8}
+    resumed = BlockSamplerRun(done2)
+    resumed.set_epoch(5)
+    rest = []
+    for _ in range(3):
+        for i in resumed:
+            rest.append(i)
+            if len(rest) % 4 == 0:
+                done2["n"] += 1
+        if len(rest) >= len(whole) - 32:
+            break
+    assert rest[: len(whole) - 32] == whole[32:]
+    # Two ranks get disjoint halves of each epoch.
+    a = D.BlockSampler(50, num_replicas=2, rank=0, seed=3)
+    b = D.BlockSampler(50, num_replicas=2, rank=1, seed=3)
+    assert not set(a) & set(b) and len(set(a) | set(b)) == 50
+
+
+def BlockSamplerRun(counter: dict) -> D.BlockSampler:
+    return D.BlockSampler(50, num_replicas=2, rank=1, seed=7, batch_size=4, position_fn=lambda: counter["n"])

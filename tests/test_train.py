@@ -1,0 +1,372 @@
+"""Training end to end on CPU: the smoke config trains, logs, checkpoints atomically, resumes
+exactly and exports a Hugging Face directory; DeepSpeed ZeRO-2 and ZeRO-3 with two processes do
+the same; every config file parses."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+import zeros_lm  # noqa: F401  (registers the Auto classes)
+from zeros_lm import ZeroSForCausalLM
+from zeros_lm.training import AtomicCheckpointIO, ZeroSLitModule, lr_lambda
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("zeros_train", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = load_train_module()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """One data cache for the whole session: the first run tokenises, the others load."""
+    return str(tmp_path_factory.mktemp("zeros_cache"))
+
+
+def smoke_args(root: Path, cache: str, *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(CONFIGS / "smoke.yaml"),
+        "--trainer.default_root_dir",
+        str(root),
+        "--data.cache_dir",
+        cache,
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
+class LossRecorder(Callback):
+    def __init__(self, stop_at: int | None = None):
+        self.losses: dict[int, float] = {}
+        self.stop_at = stop_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if self.stop_at is not None and trainer.global_step >= self.stop_at:
+            trainer.should_stop = True  # a graceful interruption (as on SIGTERM)
+
+
+def run_in_process(args: list[str], stop_at: int | None = None):
+    saved, sys.argv = sys.argv, ["train.py"]
+    try:
+        cli = train.make_cli(args)
+    finally:
+        sys.argv = saved
+    recorder = LossRecorder(stop_at)
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    return cli, recorder.losses
+
+
+def read_metrics(root: Path) -> list[dict]:
+    rows = []
+    for f in sorted(root.glob("logs/version_*/metrics.csv")):
+        with open(f) as fh:
+            rows.extend(csv.DictReader(fh))
+    return rows
+
+
+def column(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+@torch.no_grad()
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+# ------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------
+def print_config(args: list[str], capsys) -> str:
+    saved, sys.argv = sys.argv, ["train.py"]
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.make_cli(args + ["--print_config"])
+    finally:
+        sys.argv = saved
+    assert e.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_every_config_parses_and_default_yaml_is_the_embedded_default(capsys):
+    embedded = print_config([], capsys)
+    assert print_config(["--config", str(CONFIGS / "default.yaml")], capsys) == embedded
+    for name in ["smoke", "small", "zero2", "zero3", "zero3_offload", "ddp"]:
+        out = print_config(["--config", str(CONFIGS / f"{name}.yaml")], capsys)
+        assert "model:" in out and "trainer:" in out
+    layered = print_config(["--config", str(CONFIGS / "small.yaml"), "--config", str(CONFIGS / "zero3.yaml")], capsys)
+    assert "deepspeed_stage_3" in layered and "hidden_size: 768" in layered
+    dotted = print_config(["--trainer.max_steps", "7", "--data.seq_len", "99", "--model.hidden_size", "96"], capsys)
+    assert "max_steps: 7" in dotted and "seq_len: 99" in dotted and "hidden_size: 96" in dotted
+
+
+def test_small_config_is_about_125m_parameters():
+    import yaml
+
+    from zeros_lm import ZeroSConfig
+
+    model_cfg = yaml.safe_load((CONFIGS / "small.yaml").read_text())["model"]
+    data_cfg = yaml.safe_load((CONFIGS / "small.yaml").read_text())["data"]
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    cfg = ZeroSConfig(vocab_size=data_cfg["tokenizer_vocab_size"], **{k: model_cfg[k] for k in keys if k in model_cfg})
+    with torch.device("meta"):
+        n = sum(p.numel() for p in ZeroSForCausalLM(cfg).parameters())
+    assert 100e6 < n < 150e6, n
+
+
+def test_bad_input_is_one_clear_error_before_training(tmp_path, cache_dir, capsys):
+    sys_argv, sys.argv = sys.argv, ["train.py"]
+    code = train.main(smoke_args(tmp_path / "run", cache_dir, "--data.train_files", str(tmp_path / "missing")))
+    sys.argv = sys_argv
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error: no such file or directory" in err and "missing" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Optimiser pieces
+# ------------------------------------------------------------------------------------------
+def test_warmup_then_cosine():
+    assert lr_lambda(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(60, 10, 110, 0.1) == pytest.approx(0.55)
+    assert lr_lambda(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_lambda(500, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    module = ZeroSLitModule(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    decay, no_decay = module.parameter_groups()
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    assert not any("norm" in n or "embed" in n or n.endswith("bias") for n in decayed)
+    assert all(p.ndim >= 2 for p in decay["params"])
+    n_all = sum(p.numel() for p in module.model.parameters())
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == n_all
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    kw = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, chunk_size=8)
+    plain = ZeroSLitModule(**kw)
+    ckpt = ZeroSLitModule(**kw, gradient_checkpointing=True)
+    ckpt.model.load_state_dict(plain.model.state_dict())
+    batch = torch.randint(0, 300, (2, 33))
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        m._loss(batch).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_atomic_checkpoint_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(obj, fh, *a, **k):
+        fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+# ------------------------------------------------------------------------------------------
+# Single-process smoke run
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("smoke")
+    cli, losses = run_in_process(smoke_args(root, cache_dir))
+    return root, cli, losses
+
+
+def test_smoke_run_trains_logs_and_keeps_the_last_checkpoints(smoke_run):
+    root, cli, losses = smoke_run
+    assert cli.trainer.global_step == 20
+    first, last = losses[1], sum(losses[k] for k in (18, 19, 20)) / 3
+    assert last < first - 0.3, losses
+    rows = read_metrics(root)
+    for key in ("train/loss", "train/ppl", "train/lr", "train/grad_norm", "tok_s", "val/loss", "val/ppl"):
+        values = column(rows, key)
+        assert values and all(math.isfinite(v) for v in values), key
+    assert column(rows, "val/ppl")[-1] == pytest.approx(math.exp(column(rows, "val/loss")[-1]), rel=1e-4)
+    lrs = column(rows, "train/lr")
+    assert lrs[0] < max(lrs) and lrs[-1] < max(lrs)  # warmup, then decay
+    assert list(root.glob("logs/version_*/events.out.tfevents.*")), "TensorBoard log"
+    ckpts = root / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step=0000010.ckpt", "step=0000020.ckpt"]
+    assert os.path.realpath(ckpts / "last.ckpt") == str((ckpts / "step=0000020.ckpt").resolve())
+
+
+def test_smoke_run_exports_a_loadable_hf_directory(smoke_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    root, cli, _ = smoke_run
+    hf = root / "hf"
+    for name in ("model.safetensors", "config.json", "modeling_zeros.py", "tokenizer.json", "generation_config.json"):
+        assert (hf / name).is_file(), name
+    config = json.loads((hf / "config.json").read_text())
+    assert "auto_map" in config and config["vocab_size"] == len(cli.datamodule.tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    ids = torch.randint(0, config["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits_of(model, ids), logits_of(cli.model.model, ids), rtol=0, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(hf)
+    assert tok.decode(tok("import os\n")["input_ids"]) == "import os\n"
+    gen = GenerationConfig.from_pretrained(hf)
+    assert gen.eos_token_id == tok.eos_token_id
+    check = json.loads((root / "export_check.json").read_text())
+    assert check["max_abs_diff"] < 1e-5
+    out = model.generate(torch.tensor([tok("import ")["input_ids"]]), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > 1
+
+
+def test_export_command_on_a_plain_checkpoint(smoke_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from zeros_lm import export
+
+    root, cli, _ = smoke_run
+    out = tmp_path / "from_ckpt"
+    assert export.main([str(root / "checkpoints" / "step=0000010.ckpt"), str(out)]) == 0
+    mid = AutoModelForCausalLM.from_pretrained(out)
+    state = torch.load(root / "checkpoints" / "step=0000010.ckpt", weights_only=False)["state_dict"]
+    reference = ZeroSForCausalLM(mid.config)
+    reference.load_state_dict({k[len("model.") :]: v for k, v in state.items()}, strict=False)
+    reference.tie_weights()
+    ids = torch.randint(0, mid.config.vocab_size, (1, 24))
+    torch.testing.assert_close(logits_of(mid, ids), logits_of(reference, ids), rtol=0, atol=1e-6)
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    assert export.main([str(root / "nope.ckpt"), str(tmp_path / "x")]) == 1
+
+
+def test_init_from_an_exported_directory_continues_training(smoke_run, tmp_path, cache_dir):
+    root, cli, losses = smoke_run
+    _, cont = run_in_process(
+        smoke_args(tmp_path / "cont", cache_dir, "--model.init_from", str(root / "hf"), "--trainer.max_steps", "2",
+                   "--export.enabled", "false")
+    )
+    assert cont[1] < losses[1] - 0.3  # starts from the trained weights, not from scratch
+
+
+def test_resume_from_last_ends_where_an_uninterrupted_run_ends(tmp_path, cache_dir):
+    # 12 steps of 32 sequences cross an epoch boundary (609 blocks -> 19 batches per epoch) ...
+    extra = ("--data.batch_size", "32", "--trainer.max_steps", "24", "--export.enabled", "false",
+             "--trainer.val_check_interval", "100")
+    _, whole = run_in_process(smoke_args(tmp_path / "a", cache_dir, *extra))
+    # ... stopped midway (not on a checkpoint step), then resumed with --ckpt_path last.
+    _, first = run_in_process(smoke_args(tmp_path / "b", cache_dir, *extra), stop_at=13)
+    assert max(first) == 13
+    _, second = run_in_process(smoke_args(tmp_path / "b", cache_dir, *extra, "--ckpt_path", "last"))
+    assert min(second) == 14 and max(second) == 24
+    for step in range(14, 25):
+        assert second[step] == pytest.approx(whole[step], abs=1e-5), step
+    assert second[24] == pytest.approx(whole[24], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-2 / ZeRO-3, two processes on CPU
+# ------------------------------------------------------------------------------------------
+def run_script(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes_train_checkpoint_resume_export(stage, tmp_path, cache_dir):
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path / f"zero{stage}"
+    common = smoke_args(
+        root,
+        cache_dir,
+        "--trainer.devices", "2",
+        "--trainer.strategy", f"deepspeed_stage_{stage}",
+        "--checkpoint.every_n_train_steps", "4",
+        "--trainer.val_check_interval", "4",
+        "--model.lr_decay_steps", "12",
+    )
+    run_script(common + ["--trainer.max_steps", "8", "--export.enabled", "false"])
+    last = root / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / "checkpoint").is_dir(), "a sharded DeepSpeed checkpoint"
+    assert not list((root / "checkpoints").glob("*.partial"))
+    proc = run_script(common + ["--trainer.max_steps", "12", "--ckpt_path", "last"])
+    assert "Restored all states" in proc.stdout + proc.stderr
+    assert f"python generate.py {root / 'hf'}" in proc.stdout
+
+    rows = read_metrics(root)
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert sorted(set(steps)) == list(range(12)), steps  # resumed at step 8, not from scratch
+    losses = column(rows, "train/loss")
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.2, losses
+    assert column(rows, "val/loss")
+
+    # The export reproduces the weights DeepSpeed trained: (a) the live engine's logits at the end
+    # of training, checked in the run; (b) an independent consolidation of the final checkpoint.
+    check = json.loads((root / "export_check.json").read_text())
+    assert check["step"] == 12 and check["max_abs_diff"] < 1e-5
+    model = AutoModelForCausalLM.from_pretrained(root / "hf")
+    state = convert_zero_checkpoint_to_fp32_state_dict(str(root / "checkpoints" / "last.ckpt"), str(tmp_path / "c.pt"))
+    reference = ZeroSForCausalLM(model.config)
+    reference.load_state_dict({k[len("model.") :]: v for k, v in state["state_dict"].items()}, strict=False)
+    reference.tie_weights()
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits_of(model, ids), logits_of(reference, ids), rtol=0, atol=1e-6)
+
+    # The export command on a sharded checkpoint from the middle of the run.
+    from zeros_lm import export
+
+    mid = root / "checkpoints" / "step=0000008.ckpt"
+    assert mid.is_dir()
+    assert export.main([str(mid), str(tmp_path / "mid_hf")]) == 0
+    mid_model = AutoModelForCausalLM.from_pretrained(tmp_path / "mid_hf")
+    assert not torch.allclose(logits_of(mid_model, ids), logits_of(model, ids))  # step 8, not step 12
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_and_export(tmp_path, cache_dir):
+    root = tmp_path / "ddp"
+    proc = run_script(
+        smoke_args(root, cache_dir, "--config", str(CONFIGS / "ddp.yaml"), "--trainer.devices", "2",
+                   "--trainer.max_steps", "10")
+    )
+    assert "Done: 10 steps" in proc.stdout
+    losses = column(read_metrics(root), "train/loss")
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.2, losses
+    assert json.loads((root / "export_check.json").read_text())["max_abs_diff"] < 1e-5
