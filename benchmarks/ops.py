@@ -172,7 +172,8 @@ def fmt(cell, key):
 def machine_line(device):
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
 def main():
@@ -184,12 +185,15 @@ def main():
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd chunked ZeroS column")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cell", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.passthrough = ["--device", args.device, "--dtype", args.dtype, "--chunk-size", str(args.chunk_size),
-                        "--repeats", str(args.repeats)]
+                        "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
 
     if args.cell:
         cell = json.loads(args.cell)

@@ -78,6 +78,17 @@ def test_low_precision_inputs_accumulate_in_float32():
     assert rel_err(out.double(), ref) <= 2e-2
 
 
+@pytest.mark.parametrize("mode", STATEFUL)
+def test_autocast_does_not_lower_the_accumulation(mode):
+    inputs = [x.float() if x is not None else None for x in make_inputs(2, 70, 2, 16, first_layer=True, seed=16)]
+    plain, plain_state = run(inputs, mode, chunk_size=16, output_final_state=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = run(inputs, mode, chunk_size=16, output_final_state=True)
+    assert out.dtype == torch.float32 and state.kv.dtype == torch.float32
+    torch.testing.assert_close(out, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state.kv, plain_state.kv, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------- state hand-over
 
 

@@ -232,6 +232,12 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
         o: (B, T, H, d_v) in q's dtype; state: a ``ZeroSState`` or None.
     """
     _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size)
+    # Under autocast the products below would run in bfloat16/float16: the op accumulates in float32 itself.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state)
+
+
+def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state):
     B, T, H, d_k = q.shape
     acc = _accumulation_dtype(q.dtype)
     if mode == "reference":
