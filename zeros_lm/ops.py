@@ -250,9 +250,10 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
         return o.to(q.dtype), state
 
     state = initial_state if initial_state is not None else ZeroSState.empty(B, H, d_k, v.shape[-1], dtype=acc, device=q.device)
-    state = state.to(device=q.device, dtype=acc)
-    zero = torch.zeros((), dtype=acc, device=q.device)
+    if state.kv.dtype != acc or state.kv.device != q.device:
+        state = state.to(device=q.device, dtype=acc)
     if valid is not None:  # padding gets zero keys, values and logits: it adds nothing, whatever it held
+        zero = torch.zeros((), dtype=acc, device=q.device)
         valid = valid.to(device=q.device, dtype=torch.bool)
         k, v = (torch.where(valid[:, :, None, None], x.to(acc), zero) for x in (k, v))
         s = torch.where(valid[:, :, None], s.to(acc), zero)
@@ -399,7 +400,7 @@ def _recurrent(q, k, v, s, g1, gh, g0, valid, state):
         o_t, state = _step(state, q[:, t], k[:, t], v[:, t], s[:, t], g1[:, t], gh[:, t],
                            None if g0 is None else g0[:, t], w)
         outputs.append(o_t)
-    return torch.stack(outputs, dim=1), state
+    return (outputs[0].unsqueeze(1) if len(outputs) == 1 else torch.stack(outputs, dim=1)), state
 
 
 def _step(state, q, k, v, s, g1, gh, g0, w):
