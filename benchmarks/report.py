@@ -56,6 +56,7 @@ ABLATIONS = {  # name -> ZeroSLitModule arguments on top of attention_type="zero
     "zeros, no output LayerNorm": {"use_output_norm": False},
 }
 LABELS = {"zeros": "ZeroS", "softmax": "softmax", "linear": "linear"}
+PLOT_DPI = 110
 COLORS = {"zeros": "tab:blue", "softmax": "tab:orange", "linear": "tab:green"}
 
 
@@ -511,6 +512,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> bool:
+    """Lay out, write and close a figure; True (the plot was made)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    _plt().close(fig)
+    return True
+
+
 def plot_lm(run: Run, path: Path) -> bool:
     lm = run.results.get("lm") or {}
     if not lm:
@@ -539,10 +548,7 @@ def plot_lm(run: Run, path: Path) -> bool:
             ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_extrapolation(run: Run, path: Path) -> bool:
@@ -566,10 +572,7 @@ def plot_extrapolation(run: Run, path: Path) -> bool:
     ax.set_title(f"Length extrapolation: trained at {ex['train_length']}, evaluated at {L}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_mqar(run: Run, path: Path) -> bool:
@@ -595,10 +598,7 @@ def plot_mqar(run: Run, path: Path) -> bool:
     axes[0][0].set_ylabel("MQAR accuracy")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("MQAR, 2 layers (key-value pairs = length / 16)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_contrast(run: Run, path: Path) -> bool:
@@ -620,10 +620,7 @@ def plot_contrast(run: Run, path: Path) -> bool:
     ax.set_title(f"Contrast, one layer: target x_first - x_second (dim {co['dim']}, length {co['seq_len']})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 PLOTS = {
