@@ -344,30 +344,22 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size):
     added_kv = (key_aug.transpose(-1, -2) @ v).reshape(B, H, N, 3, d_k, d_v)
     added_E = e_key.sum(-1)
 
-    # Scan over chunks: the state at each chunk's start, O(N d^2). H needs only a cumulative sum.
-    # Moving G's centre from a chunk's start mean to its end mean adds shift * H, so G too is one
-    # cumulative sum, of small centred terms. F decays by exp(m_start - m_end) per chunk, which only
-    # a running product does stably (a global maximum would underflow): one fused op per chunk.
-    decay, shift = torch.exp(m_start - m_end), sbar_start - sbar_end            # (B, H, N)
-    F0, G0, H0 = (x.unsqueeze(2) for x in state.kv.unbind(2))                    # (B, H, 1, d_k, d_v)
-    added_F, added_G, added_H = added_kv.unbind(3)                               # (B, H, N, d_k, d_v)
-    H_after = H0 + added_H.cumsum(2)
-    H_starts = torch.cat([H0, H_after[:, :, :-1]], dim=2)
-    G_after = G0 + (added_G + shift[..., None, None] * H_starts).cumsum(2)
-    G_starts = torch.cat([G0, G_after[:, :, :-1]], dim=2)
-    # (Per-chunk slices are taken once with unbind: indexing inside the loop would make autograd
-    # materialise a full-size gradient per slice.)
-    F_, E = F0.squeeze(2), state.E
-    F_starts, E_starts = [], []
-    for decay_j, F_j, E_j in zip(decay.unbind(-1), added_F.unbind(2), added_E.unbind(-1)):
-        F_starts.append(F_)
+    # Scan over chunks: the state at each chunk's start, O(N d^2), through the same transition as
+    # the recurrent form (move the reference point to the chunk's end, then add the chunk). Per-chunk
+    # slices are taken once with unbind: indexing inside the loop would make autograd materialise a
+    # full-size gradient per slice. (A cumulative sum over the chunk axis is slower on CPU: strided.)
+    steps = zip((m_start - m_end).exp().unbind(-1), (sbar_start - sbar_end).unbind(-1),
+                added_kv.unbind(2), added_E.unbind(-1))
+    kv, E = state.kv, state.E
+    kv_starts, E_starts = [], []
+    for decay, shift, added_kv_j, added_E_j in steps:
+        kv_starts.append(kv)
         E_starts.append(E)
-        F_ = torch.addcmul(F_j, decay_j[..., None, None], F_)
-        E = torch.addcmul(E_j, decay_j, E)
-    kv_starts = torch.stack([torch.stack(F_starts, dim=2), G_starts, H_starts], dim=3)  # (B, H, N, 3, d_k, d_v)
+        kv, E = _move_reference(kv, E, decay, shift)
+        kv, E = kv + added_kv_j, E + added_E_j
+    kv_starts = torch.stack(kv_starts, dim=2)                                     # (B, H, N, 3, d_k, d_v)
     E_starts = torch.stack(E_starts, dim=-1)                                      # (B, H, N)
-    final = ZeroSState(kv=torch.stack([F_, G_after[:, :, -1], H_after[:, :, -1]], dim=2), E=E,
-                       m=m_end[..., -1], sbar=sbar_end[..., -1], n=n[..., -1, -1])
+    final = ZeroSState(kv=kv, E=E, m=m_end[..., -1], sbar=sbar_end[..., -1], n=n[..., -1, -1])
 
     # Inside each chunk: explicit (C, C) weights r_{t,i} (q_t . k_i), causal and real keys only.
     # exp(s_i - m_t) <= 1 for i <= t; the masked upper triangle is exp(-inf) = 0.
