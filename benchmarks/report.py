@@ -103,7 +103,7 @@ class Preset:
 
     @property
     def lm_steps(self) -> int:
-        return max(1, round(self.lm_tokens / (self.lm_batch * self.lm_seq)))
+        return max(1, math.ceil(self.lm_tokens / (self.lm_batch * self.lm_seq)))  # at least lm_tokens
 
 
 PRESETS = {
