@@ -14,8 +14,8 @@ modelling on the embedded standard-library corpus) and writes a Markdown report 
 
     python benchmarks/report.py --quick             # about 5 minutes on a 2-core CPU (reports/quick/)
     python benchmarks/report.py                     # full (reports/): 10M LM tokens per model; on a CPU
-                                                    # 4 layers x 128 wide, about 2 hours on 2 cores; on a
-                                                    # GPU 4 layers x 256 wide, minutes (bf16-mixed)
+                                                    # 4 layers x 128 wide, 95 minutes on 2 cores; on a
+                                                    # GPU 4 layers x 256 wide, bf16-mixed (not yet run to the end)
     python benchmarks/report.py --sections lm,extrapolation --lm-tokens 1e6 --out /tmp/lm_only
 
 Sections run in the order lm, extrapolation, contrast, ablations, mqar, and the report is rewritten
