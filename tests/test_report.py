@@ -106,12 +106,12 @@ def test_smoke_report_end_to_end(tmp_path):
 
 
 def test_full_modes_keep_the_issue_settings():
-    """Both full presets (CPU-sized and GPU-sized) train every LM model on at least 10M tokens, at the
-    same size for all models, and MQAR covers lengths 64-512; quick/smoke stay in float32 on a CPU."""
+    """Both full presets (CPU-sized and GPU-sized) train every LM model on at least 10M tokens and
+    cover MQAR lengths 64-512; the quick and smoke modes stay in float32 on a CPU."""
     for name in ("full", "full-gpu"):
         p = report.PRESETS[name]
         assert p.lm_steps * p.lm_batch * p.lm_seq >= 10_000_000
         assert min(p.mqar_lengths) == 64 and max(p.mqar_lengths) == 512
     assert report.default_precision("cuda", "full-gpu") == "bf16-mixed"
-    assert report.default_precision("cpu", "quick") == "32-true"
+    assert report.default_precision("cpu", "quick") == report.default_precision("cpu", "smoke") == "32-true"
     assert report.default_precision("cpu", "full") in ("bf16-mixed", "32-true")
