@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -457,15 +458,19 @@ class ZeroSCheckpoint(ModelCheckpoint):
     @staticmethod
     def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            tmp = f"{linkpath}.tmp-link"
-            if os.path.lexists(tmp):
-                os.remove(tmp)
+            # A name no other saver uses (two savers in one directory must not remove each
+            # other's temporary link), then an atomic rename over the old link.
+            tmp = f"{linkpath}.tmp-link-{os.getpid()}-{uuid.uuid4().hex}"
             os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
-            if os.path.isdir(linkpath) and not os.path.islink(linkpath):
-                import shutil
+            try:
+                if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+                    import shutil
 
-                shutil.rmtree(linkpath)
-            os.replace(tmp, linkpath)
+                    shutil.rmtree(linkpath)
+                os.replace(tmp, linkpath)
+            finally:
+                if os.path.lexists(tmp):
+                    os.remove(tmp)
         trainer.strategy.barrier()
 
     def save_final(self, trainer: Trainer) -> Optional[str]:
