@@ -269,6 +269,86 @@ def test_tied_embeddings_and_scaled_init():
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
 
 
+def reference_zeros_layer(attn, x):
+    """The ZeroS layer's output before o_proj (B, T, H, d), straight from ZEROS.md section 2, with
+    every sum written out over i <= t. x (B, T, hidden) is the layer's input; positions 0..T-1."""
+    config = attn.config
+    B, T, _ = x.shape
+    H, d = config.num_attention_heads, config.head_dim
+    qkvu = (x @ attn.qkvu_proj.weight.T).view(B, T, 4, H, d)
+    cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), d, config.rope_theta)
+    q, k = (F.normalize(apply_rope(qkvu[:, :, i], cos, sin), dim=-1) for i in (0, 1))
+    v, u = qkvu[:, :, 2], qkvu[:, :, 3]
+    t = torch.arange(1, T + 1, dtype=x.dtype)
+    if config.logit_type == "norm":
+        s = (u * u).sum(-1) / d
+    else:
+        tau = attn.log_tau.exp()[:, None]
+        ubar = (tau * attn.mu + u.cumsum(1)) / (tau + t[None, :, None, None])
+        s = -(u * ubar).sum(-1) / math.sqrt(d)
+    zero_order = config.zero_order_all_layers or (config.first_layer_zero_order and attn.layer_idx == 0)
+    if config.use_gates:
+        gl = (x @ attn.gate_proj.weight.T + attn.gate_proj.bias).view(B, T, H, -1)
+        g1, gh = torch.sigmoid(gl[..., 0]), torch.sigmoid(gl[..., 1])
+        g0 = torch.tanh(gl[..., 2]) if zero_order else torch.zeros_like(g1)
+    else:  # every gate is the constant 1
+        g1 = gh = torch.ones(B, T, H, dtype=x.dtype)
+        g0 = torch.ones_like(g1) if zero_order else torch.zeros_like(g1)
+    o = torch.zeros_like(v)
+    for b in range(B):
+        for h in range(H):
+            for tt in range(T):
+                n = tt + 1
+                si = s[b, : n, h]
+                p = torch.softmax(si, 0)
+                first = si / n - si.sum() / n**2
+                higher = p - 1 / n - first
+                r = g1[b, tt, h] * first + gh[b, tt, h] * higher + g0[b, tt, h] / n
+                cosines = k[b, :n, h] @ q[b, tt, h]
+                o[b, tt, h] = ((r * cosines)[:, None] * v[b, :n, h]).sum(0)
+    if config.use_output_norm:
+        o = F.layer_norm(o, (d,), eps=1e-5)
+    return o
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(use_gates=False),
+        dict(use_gates=False, use_output_norm=False),
+        dict(use_output_norm=False),
+        dict(logit_type="norm", use_output_norm=False),
+        dict(zero_order_all_layers=True, use_output_norm=False),
+        dict(first_layer_zero_order=False, use_output_norm=False),
+    ],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()) or "default",
+)
+def test_ablation_switches_compute_what_they_claim(overrides):
+    """Each switch changes exactly what ZEROS.md and ZeroSConfig say: the output LayerNorm on/off,
+    s = |u|^2/d for the "norm" logit, constant gates of 1 (g0 = 1 where the zero-order term is on:
+    plain softmax weights there), the g0 term on the first layer only, on all layers, or on none."""
+    model = tiny_model("zeros", num_hidden_layers=2, **overrides).double()
+    with torch.no_grad():  # move the parameters that start as constants away from them
+        for name, param in model.named_parameters():
+            if name.endswith(("gate_proj.bias", ".mu", ".log_tau")):
+                param.add_(0.5 * torch.randn_like(param))
+    inputs, outputs = {}, {}
+    for block in model.model.layers:
+        attn = block.attn
+        attn.register_forward_pre_hook(lambda m, a, kw: inputs.__setitem__(m.layer_idx, a[0]), with_kwargs=True)
+        attn.o_proj.register_forward_hook(lambda m, a, out, i=attn.layer_idx: outputs.__setitem__(i, a[0]))
+    B, T, H, d = 2, 7, 4, 16
+    with torch.no_grad():
+        model(torch.randint(2, 320, (B, T)))
+        for block in model.model.layers:
+            i = block.attn.layer_idx
+            expected = reference_zeros_layer(block.attn, inputs[i])
+            torch.testing.assert_close(outputs[i].view(B, T, H, d), expected, atol=1e-9, rtol=1e-7)
+            if not model.config.use_output_norm:  # the check above must be able to tell norm from no norm
+                assert (expected.std(-1) - 1).abs().max() > 0.1
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -304,17 +384,49 @@ def test_ablation_switches(overrides):
     torch.testing.assert_close(swapped, full[[1, 0], 9:], atol=1e-4, rtol=0)
 
 
+def count_block_calls(model, ids):
+    """Calls of each block's MLP during a training forward and during the backward pass after it.
+
+    With activation checkpointing every block is run once more in backward (its activations were
+    not kept); without, never.
+    """
+    calls = {"n": 0}
+
+    def counted(forward):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            return forward(*args, **kwargs)
+
+        return wrapper
+
+    # An instance attribute, not a forward hook: the recomputation in backward skips module hooks.
+    mlps = [block.mlp for block in model.model.layers]
+    for mlp in mlps:
+        mlp.forward = counted(mlp.forward)
+    try:
+        loss = model(ids, labels=ids).loss
+        forward = calls["n"]
+        loss.backward()
+        return forward, calls["n"] - forward
+    finally:
+        for mlp in mlps:
+            del mlp.forward
+
+
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_gradient_checkpointing_gives_the_same_gradients(attention_type):
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(attention_type):
     ids = torch.randint(2, 320, (2, 10))
-    grads = []
+    grads, recomputed = [], []
     for checkpointing in (False, True):
         model = tiny_model(attention_type).train()
         if checkpointing:  # transformers >= 5.x renamed gradient_checkpointing_enable
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-        loss = model(ids, labels=ids).loss
-        loss.backward()
+        assert [getattr(b, "gradient_checkpointing", False) for b in model.model.layers] == [checkpointing] * 2
+        forward, backward = count_block_calls(model, ids)
+        assert forward == model.config.num_hidden_layers
+        recomputed.append(backward)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert recomputed == [0, model.config.num_hidden_layers]  # every block recomputed in backward, once
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
