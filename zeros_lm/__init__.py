@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from ._torch_floor import check_torch_version
+
+check_torch_version()  # before transformers, which would fail later and less clearly
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_zeros import ZeroSConfig
