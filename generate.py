@@ -17,6 +17,16 @@ however long the conversation has grown. Type /quit or send EOF to leave.
 
 Statistics (prompt length, tokens/s, cache size in bytes) are printed at the end; with --stats
 also after every turn in interactive mode, with prefill and decode rates.
+
+States as files: the model's whole memory of a prompt is its state, a few MiB whatever the prompt's
+length, so a long prompt can be read once and reused:
+
+    python generate.py MODEL_DIR --prompt-file manual.txt --save-state manual.state --max-new-tokens 1
+    python generate.py MODEL_DIR --load-state manual.state --prompt "Question: ..."
+
+--save-state FILE writes the state after the prompt (before generating), --save-final-state FILE after
+the generation; --load-state FILE starts from a saved state, and the prompt (may be empty) continues it.
+In interactive mode, `/save FILE` and `/load FILE` do the same between turns.
 """
 
 import argparse
@@ -27,6 +37,7 @@ import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+PENDING_KEY = "generate.pending_ids"  # state-file metadata: tokens of the context not yet in the state
 
 
 class CLIError(Exception):
@@ -53,6 +64,9 @@ def parse_args(argv):
     p.add_argument("--greedy", action="store_true", help="greedy decoding (ignores the sampling options)")
     p.add_argument("--interactive", action="store_true", help="read turns from stdin, keeping the state")
     p.add_argument("--stats", action="store_true", help="print statistics after every generation")
+    p.add_argument("--load-state", metavar="FILE", help="start from a state saved by --save-state")
+    p.add_argument("--save-state", metavar="FILE", help="save the state after reading the prompt")
+    p.add_argument("--save-final-state", metavar="FILE", help="save the state after the generation")
     p.add_argument(
         "--prefill-chunk-size",
         type=int,
@@ -85,6 +99,11 @@ def check_args(args) -> None:
             raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.repetition_penalty > 0:
         raise CLIError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.load_state is not None and not Path(args.load_state).is_file():
+        raise CLIError(f"state file '{args.load_state}' does not exist")
+    for flag, target in (("--save-state", args.save_state), ("--save-final-state", args.save_final_state)):
+        if target is not None and not Path(target).resolve().parent.is_dir():
+            raise CLIError(f"{flag}: the directory of '{target}' does not exist")
 
 
 def check_model_dir(path: Path) -> None:
@@ -161,8 +180,9 @@ class Session:
             self.model = ZeroSForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
         except Exception as e:  # noqa: BLE001
             raise CLIError(f"could not load the model from '{path}': {one_line(e)}") from None
+        self.cache_class = ZeroSCache
         self.cache = ZeroSCache(self.model.config)
-        self.pending = torch.empty(1, 0, dtype=torch.long, device=self.device)  # generated, not yet in the state
+        self.pending = torch.empty(1, 0, dtype=torch.long, device=self.device)  # in the context, not yet in the state
         if args.seed is not None:
             transformers.set_seed(args.seed)
         self.gen_kwargs = dict(
@@ -176,14 +196,54 @@ class Session:
         self.gen_kwargs["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
         self.totals = {"prompt": 0, "generated": 0, "seconds": 0.0}
 
-    def generate(self, text: str, first: bool) -> dict:
-        """Feed text (after the pending token), stream the continuation, keep the state; return stats."""
+    def save_state(self, path: str) -> None:
+        """Write the state and the pending token(s) to ``path``."""
+        try:
+            self.cache.save(path, self.model, metadata={PENDING_KEY: json.dumps(self.pending[0].tolist())})
+        except (OSError, ValueError) as e:
+            raise CLIError(f"could not save the state to '{path}': {one_line(e)}") from None
+        print(f"[state] saved the state after {self.cache.get_seq_length() + self.pending.shape[1]} tokens "
+              f"to {path} ({Path(path).stat().st_size:,} bytes)", file=sys.stderr)
+
+    def load_state(self, path: str) -> None:
+        """Continue from a state written by :meth:`save_state` (the current one is dropped)."""
+        try:
+            cache = self.cache_class.load(path, self.model)
+            pending = json.loads(cache.metadata.get(PENDING_KEY, "[]"))
+        except (OSError, ValueError) as e:
+            raise CLIError(one_line(e)) from None
+        self.cache = cache
+        self.pending = self.torch.tensor([pending], dtype=self.torch.long, device=self.device).reshape(1, -1)
+        print(f"[state] loaded the state of {cache.get_seq_length() + self.pending.shape[1]} tokens from {path}",
+              file=sys.stderr)
+
+    def _prefill(self, ids) -> None:
+        """Read ids into the state, prefill_chunk_size tokens at a time (no generation)."""
+        torch = self.torch
+        step = self.args.prefill_chunk_size
+        with torch.no_grad():
+            for start in range(0, ids.shape[1], step):
+                piece = ids[:, start : start + step]
+                mask = torch.ones(1, self.cache.get_seq_length() + piece.shape[1], dtype=torch.long, device=self.device)
+                self.model(piece, attention_mask=mask, cache=self.cache, logits_to_keep=1)
+
+    def generate(self, text: str, first: bool, save_after_prompt: str | None = None) -> dict:
+        """Feed text (after the pending token), stream the continuation, keep the state; return stats.
+
+        With ``save_after_prompt``, the prompt is read and the state saved there before generating."""
         torch = self.torch
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=first).input_ids.to(self.device)
         ids = torch.cat([self.pending, ids], dim=1)
+        if ids.shape[1] == 0:
+            raise CLIError("nothing to continue: give a prompt")
+        n_prompt = ids.shape[1]
+        start = time.perf_counter()
+        if save_after_prompt is not None:  # all but the last token enter the state; the last one stays pending
+            self._prefill(ids[:, :-1])
+            self.pending = ids = ids[:, -1:]
+            self.save_state(save_after_prompt)
         past = self.cache.get_seq_length()
         streamer = _timed_streamer_class()(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        start = time.perf_counter()
         with torch.no_grad():
             out = self.model.generate(
                 ids,
@@ -198,7 +258,7 @@ class Session:
         first_token = (streamer.token_times[0] - start) if streamer.token_times else seconds
         decode_time = seconds - first_token
         stats = {
-            "prompt": ids.shape[1],
+            "prompt": n_prompt,
             "generated": n_new,
             "seconds": seconds,
             "tokens_per_s": n_new / seconds if seconds > 0 else float("inf"),
@@ -247,18 +307,23 @@ def run(args) -> None:
     check_args(args)
     check_model_dir(Path(args.model_dir))
     prompt = read_prompt(args)
-    if prompt is not None and not prompt.strip():
+    if prompt is not None and not prompt.strip() and args.load_state is None:
         raise CLIError("empty prompt: give some text with --prompt, --prompt-file or on stdin")
     session = Session(args)
+    first = True
+    if args.load_state is not None:
+        session.load_state(args.load_state)
+        first = False
 
     if not args.interactive:
-        stats = session.generate(prompt, first=True)
+        stats = session.generate(prompt or "", first=first, save_after_prompt=args.save_state)
         print(format_stats(stats, detailed=args.stats), file=sys.stderr)
+        if args.save_final_state is not None:
+            session.save_state(args.save_final_state)
         return
 
-    first = True
     if prompt is not None:
-        stats = session.generate(prompt + "\n", first=True)
+        stats = session.generate(prompt + "\n", first=first, save_after_prompt=args.save_state)
         first = False
         if args.stats:
             print(format_stats(stats, detailed=True), file=sys.stderr)
@@ -272,6 +337,19 @@ def run(args) -> None:
         line = line.rstrip("\n")
         if not line.strip():
             continue
+        command, _, target = line.strip().partition(" ")
+        if command in ("/save", "/load"):
+            try:
+                if not target.strip():
+                    raise CLIError(f"{command} needs a file name: {command} FILE")
+                if command == "/save":
+                    session.save_state(target.strip())
+                else:
+                    session.load_state(target.strip())
+                    first = False
+            except CLIError as e:  # a bad command does not end the conversation
+                print(f"error: {e}", file=sys.stderr)
+            continue
         stats = session.generate(line + "\n", first=first)
         first = False
         if args.stats:
@@ -284,6 +362,8 @@ def run(args) -> None:
             f"context: {session.cache.get_seq_length()} tokens | cache: {session.cache.nbytes:,} bytes",
             file=sys.stderr,
         )
+    if args.save_final_state is not None:
+        session.save_state(args.save_final_state)
 
 
 def main(argv=None) -> int:

@@ -11,10 +11,18 @@ nothing from the ``zeros_lm`` package except ``.configuration_zeros`` and ``.ops
 Shapes: B batch, T new tokens, S tokens already in the cache, H heads, d head dimension.
 """
 
+import copy
+import dataclasses
+import hashlib
+import json
 import math
+import os
+import uuid
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -63,6 +71,33 @@ def _nbytes(x) -> int:
     return sum(_nbytes(y) for y in x)
 
 
+# State files (ZeroSCache.save / load): the format tag, and the config fields a state depends on.
+STATE_FILE_FORMAT = "zeros-lm-state/1"
+STATE_CONFIG_FIELDS = (
+    "model_type", "attention_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "logit_type",
+    "vocab_size", "first_layer_zero_order", "zero_order_all_layers",
+)
+_FINGERPRINT_ELEMENTS = 256  # leading elements of each weight that enter the fingerprint
+
+
+def _weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's weights: names, shapes and the leading elements of each, rounded to
+    bfloat16 so that the same checkpoint loaded in float32 or bfloat16 gives the same fingerprint."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        head = p.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(head.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _state_identity(config_fields: dict, model: nn.Module | None) -> dict:
+    ident = {k: v for k, v in config_fields.items()}
+    if model is not None:
+        ident["weights"] = _weights_fingerprint(model)
+    return ident
+
+
 class ZeroSCache(Cache):
     """Generation cache of a :class:`ZeroSForCausalLM`.
 
@@ -77,7 +112,9 @@ class ZeroSCache(Cache):
     gives the RoPE positions and the counts t of the running means. For ZeroS and linear attention
     the size does not depend on the context length (see :attr:`nbytes`).
 
-    A recurrent state cannot be rolled back, so :meth:`crop` raises.
+    A recurrent state cannot be rolled back, so :meth:`crop` raises. It can be saved to a file and loaded
+    again (:meth:`save`, :meth:`load`): a prompt read once is reused by any number of later generations,
+    and :meth:`copy` / ``batch_repeat_interleave`` fork it.
     """
 
     is_compileable = False
@@ -91,6 +128,8 @@ class ZeroSCache(Cache):
         self.num_tokens: torch.Tensor | None = None  # (B,) long: real tokens consumed per row
         self.key_valid: torch.Tensor | None = None  # (B, S) bool: softmax only, which cached keys are real
         self.seen_tokens = 0  # columns consumed, padding included (= the KV length for softmax)
+        self.config_fields = {name: getattr(config, name, None) for name in STATE_CONFIG_FIELDS}
+        self.metadata: dict[str, str] = {}  # what load() read besides the state (see save)
 
     def __repr__(self):
         return (
@@ -175,6 +214,112 @@ class ZeroSCache(Cache):
 
     def activate_past_recording(self):
         raise ValueError("ZeroSCache cannot record past states (a recurrent state cannot be rolled back).")
+
+    # -- state files ------------------------------------------------------------------------------
+    def copy(self) -> "ZeroSCache":
+        """An independent copy (fork a conversation: both continue separately from here)."""
+        twin = copy.copy(self)
+        twin._apply_batch(torch.Tensor.clone, ZeroSState.clone)
+        return twin
+
+    def save(self, path, model: "PreTrainedModel | None" = None, metadata: dict[str, str] | None = None) -> None:
+        """Write the cache to ``path`` (safetensors), atomically: a reader never sees half a file.
+
+        The file records what the state depends on: the config fields of ``STATE_CONFIG_FIELDS`` and, when
+        ``model`` is given, a fingerprint of its weights, so that :meth:`load` refuses a model it does not
+        fit. ``metadata`` (str -> str) is stored alongside (e.g. generate.py's pending tokens).
+        """
+        if self.num_tokens is None:
+            raise ValueError("ZeroSCache.save: the cache is empty (no token has been read yet)")
+        tensors, layout = {}, []
+        for i, layer in enumerate(self.layer_states):
+            kinds = []
+            for j, x in enumerate(() if layer is None else layer):
+                key = f"layers.{i}.{j}"
+                if isinstance(x, ZeroSState):
+                    tensors.update({f"{key}.{f.name}": getattr(x, f.name) for f in dataclasses.fields(x)})
+                    kinds.append("zeros_state")
+                elif isinstance(x, torch.Tensor):
+                    tensors[key] = x
+                    kinds.append("tensor")
+                else:
+                    kinds.append("none")
+            layout.append(None if layer is None else kinds)
+        tensors["num_tokens"] = self.num_tokens
+        if self.key_valid is not None:
+            tensors["key_valid"] = self.key_valid
+        header = {
+            "format": STATE_FILE_FORMAT,
+            "layout": json.dumps(layout),
+            "seen_tokens": str(self.seen_tokens),
+            "identity": json.dumps(_state_identity(self.config_fields, model)),
+            "user": json.dumps(metadata or {}),
+        }
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            save_file(tensors, tmp, metadata=header)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path, model: "PreTrainedModel", *, check_weights: bool = True) -> "ZeroSCache":
+        """Read a state written by :meth:`save` for ``model`` (on its device); one clear error if the file is
+        missing, is not a ZeroS state file, or was saved from a model this one is not. The returned cache
+        continues exactly where the saved one stopped (pass it to ``generate(..., cache=...)``)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"state file '{path}' does not exist")
+        try:
+            with safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != STATE_FILE_FORMAT:
+                    raise ValueError("no ZeroS state header")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            layout = json.loads(header["layout"])
+            seen_tokens = int(header["seen_tokens"])
+            saved = json.loads(header["identity"])
+            user = json.loads(header["user"])
+        except Exception as e:  # noqa: BLE001 - truncated, foreign or corrupt files all land here
+            raise ValueError(
+                f"'{path}' is not a readable ZeroS state file ({' '.join(str(e).split())[:200]}); "
+                "write one with ZeroSCache.save or generate.py --save-state"
+            ) from None
+        cache = cls(model.config)
+        current = _state_identity(cache.config_fields, model if check_weights else None)
+        # Config fields must all match; the weights are compared when both sides have a fingerprint.
+        mismatched = [k for k in current if k != "weights" and saved.get(k) != current[k]]
+        if "weights" in saved and "weights" in current and saved["weights"] != current["weights"]:
+            mismatched.append("weights")
+        if mismatched:
+            detail = ", ".join(f"{k}: file {saved.get(k)!r} vs model {current.get(k)!r}" for k in mismatched if k != "weights")
+            if "weights" in mismatched:
+                detail = (detail + "; " if detail else "") + "the weights differ (another checkpoint)"
+            raise ValueError(f"state file '{path}' was saved from a different model ({detail}); "
+                             "load it into the model that wrote it")
+        if len(layout) != cache.num_layers:
+            raise ValueError(f"state file '{path}' has {len(layout)} layers, the model {cache.num_layers}")
+        device = model.device
+        for i, kinds in enumerate(layout):
+            if kinds is None:
+                continue
+            items = []
+            for j, kind in enumerate(kinds):
+                key = f"layers.{i}.{j}"
+                if kind == "zeros_state":
+                    items.append(ZeroSState(**{f.name: tensors[f"{key}.{f.name}"].to(device)
+                                               for f in dataclasses.fields(ZeroSState)}))
+                else:
+                    items.append(tensors[key].to(device) if kind == "tensor" else None)
+            cache.layer_states[i] = tuple(items)
+        cache.num_tokens = tensors["num_tokens"].to(device)
+        cache.key_valid = tensors["key_valid"].to(device) if "key_valid" in tensors else None
+        cache.seen_tokens = seen_tokens
+        cache.metadata = user
+        return cache
 
 
 # --------------------------------------------------------------------------------------------------

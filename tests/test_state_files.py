@@ -1,0 +1,195 @@
+"""Recurrent states as files: ZeroSCache.save / load / copy, and generate.py --save-state / --load-state."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ATTENTION_TYPES, tiny_model
+
+from zeros_lm import ZeroSCache
+
+REPO = Path(__file__).resolve().parents[1]
+GREEDY = dict(do_sample=False, min_new_tokens=6, max_new_tokens=6)
+
+
+def _ids(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 320, (1, n), generator=g)
+
+
+def _read(model, ids):
+    """The cache after reading ids (every token consumed)."""
+    with torch.no_grad():
+        return model(ids, use_cache=True).cache
+
+
+def _continue(model, cache, ids, **kw):
+    """generate() from a cache that already holds cache.get_seq_length() tokens, fed only the new ones."""
+    mask = torch.ones(1, cache.get_seq_length() + ids.shape[1], dtype=torch.long)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, cache=cache, **kw)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_saved_state_continues_like_reading_everything_at_once(tmp_path, attention_type):
+    model = tiny_model(attention_type)
+    a, b = _ids(11, 0), _ids(5, 1)
+    _read(model, a).save(tmp_path / "a.state", model)
+
+    loaded = ZeroSCache.load(tmp_path / "a.state", model)
+    assert loaded.get_seq_length() == 11 and loaded.num_tokens.tolist() == [11]
+    with torch.no_grad():
+        logits_loaded = model(b, cache=loaded).logits
+        logits_full = model(torch.cat([a, b], 1)).logits[:, 11:]
+    torch.testing.assert_close(logits_loaded, logits_full, rtol=1e-5, atol=1e-5)
+
+    out = _continue(model, ZeroSCache.load(tmp_path / "a.state", model), b, **GREEDY)
+    with torch.no_grad():
+        ref = model.generate(torch.cat([a, b], 1), **GREEDY)
+    assert torch.equal(out[:, -6:], ref[:, -6:])
+
+
+def test_saved_state_is_the_same_size_whatever_the_prompt_length(tmp_path):
+    model = tiny_model("zeros")
+    _read(model, _ids(5, 0)).save(tmp_path / "short.state")
+    _read(model, _ids(300, 0)).save(tmp_path / "long.state")
+    from safetensors.torch import load_file
+
+    short, long = (load_file(tmp_path / name) for name in ("short.state", "long.state"))
+    assert {k: v.shape for k, v in short.items()} == {k: v.shape for k, v in long.items()}
+    assert sum(v.nbytes for v in long.values()) == _read(model, _ids(3, 0)).nbytes
+
+
+def test_a_batch_of_forks_from_one_state(tmp_path):
+    model = tiny_model("zeros")
+    a = _ids(9, 0)
+    _read(model, a).save(tmp_path / "a.state", model)
+    cache = ZeroSCache.load(tmp_path / "a.state", model)
+    cache.batch_repeat_interleave(3)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        forks = _continue(model, cache, _ids(2, 1).repeat(3, 1), do_sample=True, max_new_tokens=8, min_new_tokens=8)
+    assert forks.shape == (3, 10)
+    assert len({tuple(row.tolist()) for row in forks}) > 1  # the forks sampled different continuations
+    # each fork is a continuation of the same state: row i alone, from a fresh copy, gives the same logits
+    for row in forks:
+        single = ZeroSCache.load(tmp_path / "a.state", model)
+        with torch.no_grad():
+            logits_fork = model(row[None], cache=single).logits
+            logits_full = model(torch.cat([a, row[None]], 1)).logits[:, 9:]
+        torch.testing.assert_close(logits_fork, logits_full, rtol=1e-5, atol=1e-5)
+
+
+def test_copy_forks_independently():
+    model = tiny_model("zeros")
+    cache = _read(model, _ids(7, 0))
+    twin = cache.copy()
+    with torch.no_grad():
+        model(_ids(3, 1), cache=cache)  # advances the original only
+        from_twin = model(_ids(3, 2), cache=twin).logits
+        ref = model(torch.cat([_ids(7, 0), _ids(3, 2)], 1)).logits[:, 7:]
+    assert twin.get_seq_length() == 10 and cache.get_seq_length() == 10
+    torch.testing.assert_close(from_twin, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_state_of_another_model_is_refused(tmp_path):
+    model = tiny_model("zeros", seed=0)
+    _read(model, _ids(5, 0)).save(tmp_path / "a.state", model)
+    with pytest.raises(ValueError, match="different model.*weights differ"):
+        ZeroSCache.load(tmp_path / "a.state", tiny_model("zeros", seed=1))
+    with pytest.raises(ValueError, match="different model.*attention_type"):
+        ZeroSCache.load(tmp_path / "a.state", tiny_model("linear", seed=0))
+    with pytest.raises(ValueError, match="different model.*num_hidden_layers"):
+        ZeroSCache.load(tmp_path / "a.state", tiny_model("zeros", num_hidden_layers=3))
+    # the same weights in bfloat16 are the same model
+    assert ZeroSCache.load(tmp_path / "a.state", tiny_model("zeros", seed=0).to(torch.bfloat16)).get_seq_length() == 5
+
+
+def test_bad_state_files_give_one_clear_error(tmp_path):
+    model = tiny_model("zeros")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ZeroSCache.load(tmp_path / "missing.state", model)
+    (tmp_path / "text.state").write_text("not a state")
+    with pytest.raises(ValueError, match="not a readable ZeroS state file"):
+        ZeroSCache.load(tmp_path / "text.state", model)
+    _read(model, _ids(5, 0)).save(tmp_path / "good.state", model)
+    data = (tmp_path / "good.state").read_bytes()
+    (tmp_path / "cut.state").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable ZeroS state file"):
+        ZeroSCache.load(tmp_path / "cut.state", model)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="not a readable ZeroS state file"):
+        ZeroSCache.load(tmp_path / "foreign.safetensors", model)
+    with pytest.raises(ValueError, match="empty"):
+        ZeroSCache(model.config).save(tmp_path / "empty.state")
+    assert not (tmp_path / "empty.state").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# generate.py --save-state / --load-state
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_model_dir(saved_models):
+    return saved_models["zeros"]
+
+
+def _generate_py(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), *map(str, args)],
+        input=stdin or "", capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_generate_py_save_then_load_equals_one_prompt(tiny_model_dir, tmp_path):
+    state = tmp_path / "prompt.state"
+    common = ["--greedy", "--max-new-tokens", "12", "--device", "cpu"]
+    first, second = "def add(a, b):\n", "    return a"
+    saved = _generate_py(tiny_model_dir, "--prompt", first, "--save-state", state, *common)
+    assert saved.returncode == 0, saved.stderr
+    assert state.is_file() and "saved the state" in saved.stderr
+    loaded = _generate_py(tiny_model_dir, "--load-state", state, "--prompt", second, *common)
+    assert loaded.returncode == 0, loaded.stderr
+    whole = _generate_py(tiny_model_dir, "--prompt", first + second, *common)
+    assert whole.returncode == 0, whole.stderr
+    # the texts are equal when the tokenizer splits first + second at the same place (checked below)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tok(first + second).input_ids == tok(first).input_ids + tok(second, add_special_tokens=False).input_ids
+    assert loaded.stdout == whole.stdout and loaded.stdout.strip()
+
+
+def test_generate_py_state_errors_overwrite_nothing(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.state"
+    bad.write_text("garbage")
+    res = _generate_py(tiny_model_dir, "--load-state", bad, "--prompt", "x", "--save-state", bad, "--device", "cpu")
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("error:") and "bad.state" in res.stderr
+    assert bad.read_text() == "garbage"  # not overwritten
+    res = _generate_py(tiny_model_dir, "--load-state", tmp_path / "missing.state", "--prompt", "x")
+    assert res.returncode != 0 and "does not exist" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_generate_py_interactive_save_and_load(tiny_model_dir, tmp_path):
+    state = tmp_path / "chat.state"
+    turns = textwrap.dedent(f"""\
+        import os
+        /save {state}
+        /quit
+        """)
+    res = _generate_py(tiny_model_dir, "--interactive", "--greedy", "--max-new-tokens", "4", "--device", "cpu",
+                       stdin=turns)
+    assert res.returncode == 0, res.stderr
+    assert state.is_file()
+    res = _generate_py(tiny_model_dir, "--interactive", "--greedy", "--max-new-tokens", "4", "--device", "cpu",
+                       stdin=f"/load {state}\nimport sys\n/load {tmp_path / 'nope.state'}\n/quit\n")
+    assert res.returncode == 0, res.stderr
+    assert "loaded the state" in res.stderr and "does not exist" in res.stderr  # a bad /load does not end the session
