@@ -10,6 +10,9 @@ MODEL_DIR is a directory written by ``save_pretrained`` holding the weights and 
 Generated text goes to stdout as it is produced (a transformers TextStreamer); statistics and
 errors go to stderr. Errors are one line starting with ``error:`` and a non-zero exit status.
 
+Decoding options left out come from the model's generation_config.json (written by the export:
+sampling at temperature 0.8, top-p 0.95, 200 new tokens); --greedy forces greedy decoding.
+
 --interactive reads one turn per line from stdin (after --prompt / --prompt-file, if given, as the
 first turn). Each line, plus a newline, is appended to the conversation and the model continues it.
 The model's recurrent state (its cache) is kept between turns, so a turn costs only its new tokens,
@@ -37,6 +40,7 @@ import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+DEFAULT_MAX_NEW_TOKENS = 128  # when neither --max-new-tokens nor the model's generation_config sets a length
 PENDING_KEY = "generate.pending_ids"  # state-file metadata: tokens of the context not yet in the state
 
 
@@ -55,11 +59,12 @@ def parse_args(argv):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per turn (default 128)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens; 0: off (default 50)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1] (default 0.95)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to generate per turn (default: the model's "
+                   f"generation_config.json, else {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's generation_config.json)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0: off (default: generation_config)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (default: generation_config)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (default: generation_config)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (ignores the sampling options)")
     p.add_argument("--interactive", action="store_true", help="read turns from stdin, keeping the state")
@@ -84,26 +89,43 @@ def parse_args(argv):
 
 
 def check_args(args) -> None:
-    if args.max_new_tokens <= 0:
+    if args.max_new_tokens is not None and args.max_new_tokens <= 0:
         raise CLIError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     if args.prefill_chunk_size <= 0:
         raise CLIError(f"--prefill-chunk-size must be a positive integer, got {args.prefill_chunk_size}")
     if not args.greedy:
-        if not args.temperature > 0:
+        if args.temperature is not None and not args.temperature > 0:
             raise CLIError(
                 f"--temperature must be > 0 (use --greedy for deterministic decoding), got {args.temperature}"
             )
-        if args.top_k < 0:
+        if args.top_k is not None and args.top_k < 0:
             raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
-        if not 0 < args.top_p <= 1:
+        if args.top_p is not None and not 0 < args.top_p <= 1:
             raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.repetition_penalty > 0:
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
         raise CLIError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
     if args.load_state is not None and not Path(args.load_state).is_file():
         raise CLIError(f"state file '{args.load_state}' does not exist")
     for flag, target in (("--save-state", args.save_state), ("--save-final-state", args.save_final_state)):
         if target is not None and not Path(target).resolve().parent.is_dir():
             raise CLIError(f"{flag}: the directory of '{target}' does not exist")
+
+
+def generation_kwargs(args, generation_config) -> dict:
+    """The options given on the command line; the model's generation_config.json supplies the rest."""
+    kw = {"prefill_chunk_size": args.prefill_chunk_size}
+    if args.max_new_tokens is not None:
+        kw["max_new_tokens"] = args.max_new_tokens
+    elif generation_config.max_new_tokens is None:
+        kw["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    sampling = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
+    if args.greedy:
+        kw["do_sample"] = False
+    elif sampling:  # a sampling option asks for sampling
+        kw.update(sampling, do_sample=True)
+    if args.repetition_penalty is not None:
+        kw["repetition_penalty"] = args.repetition_penalty
+    return kw
 
 
 def check_model_dir(path: Path) -> None:
@@ -185,13 +207,7 @@ class Session:
         self.pending = torch.empty(1, 0, dtype=torch.long, device=self.device)  # in the context, not yet in the state
         if args.seed is not None:
             transformers.set_seed(args.seed)
-        self.gen_kwargs = dict(
-            max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, prefill_chunk_size=args.prefill_chunk_size
-        )
-        if not args.greedy:
-            self.gen_kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        if args.repetition_penalty != 1.0:
-            self.gen_kwargs["repetition_penalty"] = args.repetition_penalty
+        self.gen_kwargs = generation_kwargs(args, self.model.generation_config)
         pad = self.tokenizer.pad_token_id
         self.gen_kwargs["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
         self.totals = {"prompt": 0, "generated": 0, "seconds": 0.0}
