@@ -111,3 +111,134 @@ def test_selfcheck_runs_every_attention_type_forward(clean_env):
     assert proc.returncode == 0, proc.stderr
     for attention_type in ("zeros", "softmax", "linear"):
         assert f"{attention_type}: forward pass (2, 24) -> (2, 24, 300), finite" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# Data preparation killed mid-way; a cache locked by a live process
+# ------------------------------------------------------------------------------------------
+PREPARE_SCRIPT = """
+import sys, time
+from zeros_lm import data as D
+
+corpus_dir, tokenizer_dir, cache_dir, mode = sys.argv[1:5]
+if mode == "slow":  # each batch takes a while, so that the preparation can be killed mid-way
+    tokenize = D._tokenize_batch
+
+    def slow_tokenize(*args, **kwargs):
+        time.sleep(0.3)
+        return tokenize(*args, **kwargs)
+
+    D._tokenize_batch = slow_tokenize
+corpus = D.prepare_corpus(
+    train_files=D.resolve_files(corpus_dir), tokenizer=tokenizer_dir, cache_dir=cache_dir,
+    seq_len=32, sample_by="line", num_proc=2, val_fraction=0.1,
+)
+print("prepared", len(corpus.train), "training blocks", flush=True)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
+    import select
+
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker.encode() not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0 and proc.poll() is None, f"{marker!r} never appeared: {seen.decode(errors='replace')[-2000:]}"
+        ready, _, _ = select.select([proc.stderr], [], [], min(left, 1.0))
+        if ready:
+            seen += os.read(proc.stderr.fileno(), 65536)
+    return seen.decode(errors="replace")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_preparation_with_workers_blocks_nothing_and_leaves_nothing(tmp_path, tiny_tokenizer, clean_env):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    for i in range(16):  # 16 files x 480 lines: one document per line, 30 batches of 256 to tokenise
+        lines = [" ".join(words[(i + j + k) % len(words)] for k in range(8)) for j in range(480)]
+        (corpus / f"part{i:02d}.txt").write_text("\n".join(lines) + "\n")
+    tokenizer_dir = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(tokenizer_dir)
+    cache = tmp_path / "cache"
+    script = tmp_path / "prepare.py"
+    script.write_text(PREPARE_SCRIPT)
+    args = [sys.executable, str(script), str(corpus), str(tokenizer_dir), str(cache)]
+    first = subprocess.Popen(args + ["slow"], env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    workers: list[int] = []
+    second = None
+    try:
+        _read_until(first, "Tokenising the training data (num_proc=2)", timeout=300)
+        time.sleep(1.0)  # mid-way through the tokenisation
+        workers = _children(first.pid)
+        assert workers, "the preparation should be running worker processes"
+        assert list(cache.glob("work-*")), "the preparation's work folder"
+        first.kill()
+        first.wait(timeout=30)
+        # A new preparation in the same cache completes, removing what the killed one left:
+        # its work folder and the processes it had forked (workers, a datasets manager).
+        second = subprocess.Popen(args + ["fast"], env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = second.communicate(timeout=300)
+        assert second.returncode == 0, err.decode()[-3000:]
+        assert "prepared" in out.decode()
+        assert not [w for w in workers if _alive(w)], "processes of the killed preparation live on"
+        assert not list(cache.glob("work-*"))
+        assert not list(cache.glob("*/*.tmp-*"))
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def test_a_cache_locked_by_a_live_process_is_waited_for_then_one_clear_error(tmp_path, monkeypatch, capsys, clean_env):
+    from zeros_lm import data as D
+
+    cache = tmp_path / "cache"
+    holder_code = (
+        "import sys, time; from pathlib import Path; from zeros_lm import _locks; "
+        f"_locks.acquire(Path({str(cache / '.lock')!r})); print('locked', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], env=clean_env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (tmp_path / "doc.txt").write_text("some text to train on\n" * 50)
+        monkeypatch.setenv(D.LOCK_TIMEOUT_ENV, "1")
+        with pytest.raises(D.DataError) as e:
+            D.prepare_corpus(train_files=[str(tmp_path / "doc.txt")], cache_dir=str(cache), seq_len=8, num_proc=1)
+        message = str(e.value)
+        assert f"the data cache {cache} is still locked by process {holder.pid} after 1 s" in message
+        assert "--data.cache_dir" in message and D.LOCK_TIMEOUT_ENV in message
+        assert f"Waiting for process {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once its holder is gone (killed, not released), the lock is free.
+    monkeypatch.setenv(D.LOCK_TIMEOUT_ENV, "0")
+    corpus = D.prepare_corpus(train_files=[str(tmp_path / "doc.txt")], cache_dir=str(cache), seq_len=8, num_proc=1,
+                              tokenizer_vocab_size=300, val_fraction=0.0)
+    assert len(corpus.train) > 0

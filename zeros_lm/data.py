@@ -21,12 +21,13 @@ Every problem with the input is raised as :class:`DataError`, one message, befor
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob as globlib
 import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -206,7 +207,9 @@ def _split_text(text: str, sample_by: str) -> list[str]:
     raise DataError(f"sample_by must be 'document', 'paragraph' or 'line', got {sample_by!r}")
 
 
-def _text_generator(files: list[str], sample_by: str) -> Iterator[dict]:
+def _text_generator(files: list[str], sample_by: str, parent_pid: Optional[int] = None) -> Iterator[dict]:
+    if parent_pid is not None:
+        _die_with(parent_pid)
     for f in files:
         for doc in _split_text(_read_text_file(f), sample_by):
             yield {"text": doc}
@@ -283,7 +286,7 @@ def load_documents(
             try:
                 ds = datasets.Dataset.from_generator(
                     _text_generator,
-                    gen_kwargs={"files": text_files, "sample_by": sample_by},
+                    gen_kwargs={"files": text_files, "sample_by": sample_by, "parent_pid": os.getpid()},
                     features=features,
                     cache_dir=cache_dir,
                     num_proc=nproc,
@@ -438,7 +441,9 @@ def _backend(tokenizer_json: str):
     return tok
 
 
-def _tokenize_batch(batch: dict, tokenizer_json: str) -> dict:
+def _tokenize_batch(batch: dict, tokenizer_json: str, parent_pid: Optional[int] = None) -> dict:
+    if parent_pid is not None:
+        _die_with(parent_pid)
     tok = _backend(tokenizer_json)
     texts = [t if (t and t.strip()) else "" for t in batch["text"]]
     encodings = tok.encode_batch(texts, add_special_tokens=False)
@@ -446,7 +451,9 @@ def _tokenize_batch(batch: dict, tokenizer_json: str) -> dict:
     return {"ids": ids, "n_tokens": [len(x) for x in ids]}
 
 
-def _pack_batch(batch: dict, block_size: int, eos_id: int) -> dict:
+def _pack_batch(batch: dict, block_size: int, eos_id: int, parent_pid: Optional[int] = None) -> dict:
+    if parent_pid is not None:
+        _die_with(parent_pid)
     pieces = []
     for ids in batch["ids"]:
         if len(ids):
@@ -476,15 +483,135 @@ class PreparedCorpus:
     path: Optional[str] = None
 
 
+CACHE_LOCK_NAME = ".lock"
+LOCK_TIMEOUT_ENV = "ZEROS_LM_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 3600.0
+_WORK_PREFIX = "work-"
+_TMP_MARK = ".tmp-"  # _atomic_save_dir's temporary directories
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for another process preparing data in the same cache (``$ZEROS_LM_LOCK_TIMEOUT``)."""
+    value = os.environ.get(LOCK_TIMEOUT_ENV)
+    if value is None:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        return float(value)
+    except ValueError:
+        raise DataError(f"{LOCK_TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
+
+
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
+def _cache_lock(cache_root: Path):
+    """Hold the cache's lock: one process at a time prepares data in ``cache_root``.
+
+    The lock dies with its owner (see ``_locks.py``), so a killed preparation never blocks later
+    runs; a live owner is waited for, with a message, for at most :func:`lock_timeout` seconds.
+    Once held, whatever a killed preparation left behind is removed (only the holder writes
+    there): its ``work-*`` folder, half-written cache entries, and the processes it had forked
+    (``datasets`` workers and managers; see :func:`_work_dir`).
+    """
+    from ._locks import LockBusy, describe_holder, held
+
+    path = cache_root / CACHE_LOCK_NAME
+    timeout = lock_timeout()
+
+    def waiting(holder):
+        print(
+            f"Waiting for {describe_holder(holder)}, which is preparing data in the cache {cache_root} "
+            f"(up to {timeout:.0f} s; {LOCK_TIMEOUT_ENV} sets the limit) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        with held(path, timeout=timeout, on_wait=waiting):
+            _remove_leftovers(cache_root)
             yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    except LockBusy as e:
+        raise DataError(
+            f"the data cache {cache_root} is still locked by {describe_holder(e.holder)} after {timeout:.0f} s "
+            f"(lock file {path}); wait for that run to finish or stop it, use another --data.cache_dir, or "
+            f"set {LOCK_TIMEOUT_ENV}=SECONDS to wait longer"
+        ) from None
+
+
+_OWNER_FILE = "owner"
+
+
+@contextlib.contextmanager
+def _work_dir(cache_root: Path):
+    """A fresh ``work-<pid>-<ms>`` folder for ``datasets``' intermediate files, removed afterwards.
+
+    The preparing process keeps its ``owner`` file open while it works; every process it forks
+    inherits that descriptor. If the preparation is killed, the next holder of the cache lock finds
+    the processes still holding the file (orphaned workers, a ``datasets`` manager) and ends them.
+    """
+    work = cache_root / f"{_WORK_PREFIX}{os.getpid()}-{int(time.time() * 1000)}"
+    work.mkdir(parents=True)
+    fd = os.open(work / _OWNER_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        yield work
+    finally:
+        os.close(fd)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _kill_processes_holding(path: Path) -> None:
+    """SIGKILL every other process with ``path`` open (Linux: read from /proc; elsewhere a no-op)."""
+    target = os.path.realpath(path)
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return
+    for pid_dir in proc.glob("[0-9]*"):
+        pid = int(pid_dir.name)
+        if pid == os.getpid():
+            continue
+        try:
+            holds = any(os.readlink(fd) == target for fd in (pid_dir / "fd").iterdir())
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if holds:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _remove_leftovers(cache_root: Path) -> None:
+    """What preparations that were killed left behind (call with the lock held): their work
+    folders and forked processes, and temporary cache entries."""
+    leftovers = list(cache_root.glob(_WORK_PREFIX + "*"))
+    for work in leftovers:
+        if (work / _OWNER_FILE).exists():
+            _kill_processes_holding(work / _OWNER_FILE)
+    for sub in ("tokenizers", "data"):
+        leftovers += [p for p in (cache_root / sub).glob(f"*{_TMP_MARK}*")]
+    for path in leftovers:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_PARENT_WATCH_SET_IN: Optional[int] = None
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+
+def _die_with(parent_pid: int) -> None:
+    """In a worker process of ``datasets`` (forked from the preparing process ``parent_pid``): be
+    killed when that process dies, instead of living on as an orphan. Linux only; a no-op in the
+    preparing process itself and elsewhere."""
+    global _PARENT_WATCH_SET_IN
+    pid = os.getpid()
+    if pid == parent_pid or _PARENT_WATCH_SET_IN == pid or not sys.platform.startswith("linux"):
+        return
+    _PARENT_WATCH_SET_IN = pid
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before the request was made
+        os._exit(1)
 
 
 def default_cache_dir() -> str:
@@ -513,7 +640,7 @@ def _pack_documents(docs, tokenizer_json: str, block_size: int, eos_id: int, num
         batch_size=256,
         num_proc=nproc,
         remove_columns=docs.column_names,
-        fn_kwargs={"tokenizer_json": tokenizer_json},
+        fn_kwargs={"tokenizer_json": tokenizer_json, "parent_pid": os.getpid() if nproc else None},
         features=datasets.Features(
             {"ids": datasets.Sequence(datasets.Value("int32")), "n_tokens": datasets.Value("int64")}
         ),
@@ -531,7 +658,7 @@ def _pack_documents(docs, tokenizer_json: str, block_size: int, eos_id: int, num
         batch_size=2000,
         num_proc=pack_proc,
         remove_columns=tokenized.column_names,
-        fn_kwargs={"block_size": block_size, "eos_id": eos_id},
+        fn_kwargs={"block_size": block_size, "eos_id": eos_id, "parent_pid": os.getpid() if pack_proc else None},
         features=_block_features(block_size),
         desc=f"Packing {what}",
     )
@@ -580,141 +707,137 @@ def prepare_corpus(
         source_fp = _hash("files", _files_fingerprint(train_files), text_column, sample_by)
     val_fp = _files_fingerprint(val_files) if val_files else None
 
-    with _file_lock(cache_root / ".lock"):
-        work = cache_root / f"work-{os.getpid()}-{int(time.time() * 1000)}"
-        try:
-            docs = None
+    with _cache_lock(cache_root), _work_dir(cache_root) as work:
+        docs = None
 
-            def get_docs():
-                nonlocal docs
-                if docs is None:
-                    if dataset_name:
-                        docs = load_hub_documents(dataset_name, dataset_config, dataset_split, text_column, False)
-                    else:
-                        docs = load_documents(
-                            train_files,
-                            text_column=text_column,
-                            sample_by=sample_by,
-                            cache_dir=str(work),
-                            num_proc=num_proc,
-                        )
-                    if len(docs) == 0:
-                        raise DataError("empty corpus: the training sources hold no documents")
-                    docs = docs.shuffle(seed=seed).flatten_indices()
-                return docs
-
-            # 1. Tokenizer
-            if tokenizer is not None:
-                tok = load_tokenizer(tokenizer)
-            else:
-                tok_dir = cache_root / "tokenizers" / _hash(
-                    _CACHE_VERSION, source_fp, tokenizer_vocab_size, tokenizer_train_chars, seed
-                )
-                if use_cache and (tok_dir / "tokenizer.json").is_file():
-                    tok = load_tokenizer(str(tok_dir))
-                    rank_zero_info(f"Tokenizer: loaded from the cache {tok_dir}")
+        def get_docs():
+            nonlocal docs
+            if docs is None:
+                if dataset_name:
+                    docs = load_hub_documents(dataset_name, dataset_config, dataset_split, text_column, False)
                 else:
-                    t0 = time.time()
-                    tok = _train_tokenizer_on(get_docs(), tokenizer_vocab_size, tokenizer_train_chars)
-                    rank_zero_info(
-                        f"Tokenizer: trained a byte-level BPE of {len(tok)} entries in {time.time() - t0:.1f} s"
+                    docs = load_documents(
+                        train_files,
+                        text_column=text_column,
+                        sample_by=sample_by,
+                        cache_dir=str(work),
+                        num_proc=num_proc,
                     )
-                    if use_cache:
-                        _atomic_save_dir(lambda d: tok.save_pretrained(d), tok_dir)
-            tokenizer_json = tok.backend_tokenizer.to_str()
-            eos_id = tok.eos_token_id
+                if len(docs) == 0:
+                    raise DataError("empty corpus: the training sources hold no documents")
+                docs = docs.shuffle(seed=seed).flatten_indices()
+            return docs
 
-            # 2. Blocks
-            data_dir = cache_root / "data" / _hash(
-                _CACHE_VERSION,
-                source_fp,
-                val_fp,
-                hashlib.sha256(tokenizer_json.encode()).hexdigest(),
-                block_size,
-                val_fraction,
-                seed,
+        # 1. Tokenizer
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
+        else:
+            tok_dir = cache_root / "tokenizers" / _hash(
+                _CACHE_VERSION, source_fp, tokenizer_vocab_size, tokenizer_train_chars, seed
             )
-            if use_cache and (data_dir / "meta.json").is_file():
-                train = datasets.load_from_disk(str(data_dir / "train"))
-                val = datasets.load_from_disk(str(data_dir / "val")) if (data_dir / "val").is_dir() else None
-                stats = json.loads((data_dir / "meta.json").read_text())
-                rank_zero_info(
-                    f"Data: loaded {len(train)} training and {len(val) if val is not None else 0} validation "
-                    f"blocks of {block_size} tokens from the cache {data_dir}"
-                )
-                return PreparedCorpus(train, val, tok, stats, True, str(data_dir))
-
-            t0 = time.time()
-            blocks, n_docs, n_tokens = _pack_documents(
-                get_docs(), tokenizer_json, block_size, eos_id, num_proc, "the training data"
-            )
-            n_blocks = len(blocks)
-            if n_blocks == 0:
-                raise DataError(
-                    f"corpus too small: {n_tokens} tokens in {n_docs} documents make no block of "
-                    f"seq_len + 1 = {block_size} tokens; give more data or a smaller --data.seq_len"
-                )
-            val = None
-            val_stats: dict = {}
-            if val_files:
-                val_docs = load_documents(
-                    val_files, text_column=text_column, sample_by=sample_by, cache_dir=str(work), num_proc=num_proc
-                )
-                val, vd, vt = _pack_documents(val_docs, tokenizer_json, block_size, eos_id, num_proc, "the validation data")
-                if len(val) == 0:
-                    raise DataError(
-                        f"validation data too small: {vt} tokens make no block of seq_len + 1 = {block_size} tokens"
-                    )
-                train = blocks
-                val_stats = {"val_documents": vd, "val_tokens": vt}
-            elif val_fraction > 0:
-                n_val = max(1, int(round(val_fraction * n_blocks)))
-                if n_blocks - n_val < 1:
-                    raise DataError(
-                        f"corpus too small: {n_blocks} block(s) of {block_size} tokens cannot be split into "
-                        f"training and validation (val_fraction={val_fraction}); give more data, a smaller "
-                        "--data.seq_len, --data.val_files, or --data.val_fraction 0"
-                    )
-                train = blocks.select(range(n_blocks - n_val))
-                val = blocks.select(range(n_blocks - n_val, n_blocks))
+            if use_cache and (tok_dir / "tokenizer.json").is_file():
+                tok = load_tokenizer(str(tok_dir))
+                rank_zero_info(f"Tokenizer: loaded from the cache {tok_dir}")
             else:
-                train = blocks
-            stats = {
-                "documents": n_docs,
-                "tokens": n_tokens,
-                "block_size": block_size,
-                "train_blocks": len(train),
-                "val_blocks": len(val) if val is not None else 0,
-                "vocab_size": len(tok),
-                "seconds": round(time.time() - t0, 2),
-                **val_stats,
-            }
-            if use_cache:
+                t0 = time.time()
+                tok = _train_tokenizer_on(get_docs(), tokenizer_vocab_size, tokenizer_train_chars)
+                rank_zero_info(
+                    f"Tokenizer: trained a byte-level BPE of {len(tok)} entries in {time.time() - t0:.1f} s"
+                )
+                if use_cache:
+                    _atomic_save_dir(lambda d: tok.save_pretrained(d), tok_dir)
+        tokenizer_json = tok.backend_tokenizer.to_str()
+        eos_id = tok.eos_token_id
 
-                def write(d):
-                    train.save_to_disk(os.path.join(d, "train"))
-                    if val is not None:
-                        val.save_to_disk(os.path.join(d, "val"))
-                    Path(d, "meta.json").write_text(json.dumps(stats, indent=1))
-
-                _atomic_save_dir(write, data_dir)
-                train = datasets.load_from_disk(str(data_dir / "train"))
-                val = datasets.load_from_disk(str(data_dir / "val")) if val is not None else None
+        # 2. Blocks
+        data_dir = cache_root / "data" / _hash(
+            _CACHE_VERSION,
+            source_fp,
+            val_fp,
+            hashlib.sha256(tokenizer_json.encode()).hexdigest(),
+            block_size,
+            val_fraction,
+            seed,
+        )
+        if use_cache and (data_dir / "meta.json").is_file():
+            train = datasets.load_from_disk(str(data_dir / "train"))
+            val = datasets.load_from_disk(str(data_dir / "val")) if (data_dir / "val").is_dir() else None
+            stats = json.loads((data_dir / "meta.json").read_text())
             rank_zero_info(
-                f"Data: {n_docs} documents, {n_tokens:,} tokens -> {len(train)} training and "
-                f"{len(val) if val is not None else 0} validation blocks of {block_size} tokens "
-                f"({stats['seconds']} s)"
+                f"Data: loaded {len(train)} training and {len(val) if val is not None else 0} validation "
+                f"blocks of {block_size} tokens from the cache {data_dir}"
             )
-            return PreparedCorpus(train, val, tok, stats, False, str(data_dir) if use_cache else None)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            return PreparedCorpus(train, val, tok, stats, True, str(data_dir))
+
+        t0 = time.time()
+        blocks, n_docs, n_tokens = _pack_documents(
+            get_docs(), tokenizer_json, block_size, eos_id, num_proc, "the training data"
+        )
+        n_blocks = len(blocks)
+        if n_blocks == 0:
+            raise DataError(
+                f"corpus too small: {n_tokens} tokens in {n_docs} documents make no block of "
+                f"seq_len + 1 = {block_size} tokens; give more data or a smaller --data.seq_len"
+            )
+        val = None
+        val_stats: dict = {}
+        if val_files:
+            val_docs = load_documents(
+                val_files, text_column=text_column, sample_by=sample_by, cache_dir=str(work), num_proc=num_proc
+            )
+            val, vd, vt = _pack_documents(val_docs, tokenizer_json, block_size, eos_id, num_proc, "the validation data")
+            if len(val) == 0:
+                raise DataError(
+                    f"validation data too small: {vt} tokens make no block of seq_len + 1 = {block_size} tokens"
+                )
+            train = blocks
+            val_stats = {"val_documents": vd, "val_tokens": vt}
+        elif val_fraction > 0:
+            n_val = max(1, int(round(val_fraction * n_blocks)))
+            if n_blocks - n_val < 1:
+                raise DataError(
+                    f"corpus too small: {n_blocks} block(s) of {block_size} tokens cannot be split into "
+                    f"training and validation (val_fraction={val_fraction}); give more data, a smaller "
+                    "--data.seq_len, --data.val_files, or --data.val_fraction 0"
+                )
+            train = blocks.select(range(n_blocks - n_val))
+            val = blocks.select(range(n_blocks - n_val, n_blocks))
+        else:
+            train = blocks
+        stats = {
+            "documents": n_docs,
+            "tokens": n_tokens,
+            "block_size": block_size,
+            "train_blocks": len(train),
+            "val_blocks": len(val) if val is not None else 0,
+            "vocab_size": len(tok),
+            "seconds": round(time.time() - t0, 2),
+            **val_stats,
+        }
+        if use_cache:
+
+            def write(d):
+                train.save_to_disk(os.path.join(d, "train"))
+                if val is not None:
+                    val.save_to_disk(os.path.join(d, "val"))
+                Path(d, "meta.json").write_text(json.dumps(stats, indent=1))
+
+            _atomic_save_dir(write, data_dir)
+            train = datasets.load_from_disk(str(data_dir / "train"))
+            val = datasets.load_from_disk(str(data_dir / "val")) if val is not None else None
+        rank_zero_info(
+            f"Data: {n_docs} documents, {n_tokens:,} tokens -> {len(train)} training and "
+            f"{len(val) if val is not None else 0} validation blocks of {block_size} tokens "
+            f"({stats['seconds']} s)"
+        )
+        return PreparedCorpus(train, val, tok, stats, False, str(data_dir) if use_cache else None)
 
 
 def _atomic_save_dir(write_fn, final: Path) -> None:
     """Write a directory under a temporary name and rename it into place. If another process (a
     rank on another node sharing the cache) got there first, its result is kept."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.uname().nodename}-{os.getpid()}")
+    tmp = final.with_name(f"{final.name}{_TMP_MARK}{os.uname().nodename}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -1001,7 +1124,7 @@ class TextDataModule(LightningDataModule):
                     _files_fingerprint(self.train_files) if self.train_files else None,
                     hp.tokenizer_vocab_size, hp.tokenizer_train_chars)
         tok_dir = cache_root / "tokenizers" / key
-        with _file_lock(cache_root / ".lock"):
+        with _cache_lock(cache_root):
             if (tok_dir / "tokenizer.json").is_file():
                 return load_tokenizer(str(tok_dir))
             docs = self._stream_documents()
