@@ -132,23 +132,6 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _running_stats(s: torch.Tensor, valid: torch.Tensor, state: ZeroSState):
-    """Per-token running statistics, including the incoming state.
-
-    s, valid: (B, H, T) with s in the accumulation dtype. Returns (n, m, sbar), each (B, H, T):
-    the count of real tokens up to t, the running maximum (detached: the outputs do not depend on
-    it) and the running mean of the logits. Padding carries the previous values forward. The sums
-    behind the mean are taken in float64, so long float32 streams keep their precision.
-    """
-    w = valid.to(torch.float64)
-    n = state.n.to(torch.float64).unsqueeze(-1) + w.cumsum(-1)
-    total = (state.n * state.sbar).to(torch.float64).unsqueeze(-1) + (w * s.to(torch.float64)).cumsum(-1)
-    sbar = (total / n.clamp(min=1.0)).to(s.dtype)
-    masked = torch.where(valid, s.detach(), torch.full_like(s, _NO_MAX))
-    m = torch.maximum(masked.cummax(-1).values, state.m.detach().unsqueeze(-1))
-    return n.to(s.dtype), m, sbar
-
-
 def _coefficients(g1, gh, g0, n):
     """b_t = (g1 - gh) / t and c_t = (g0 - gh) / t, all (B, H, T); t is clamped to 1 on padding."""
     inv_n = 1.0 / n.clamp(min=1.0)
@@ -158,32 +141,28 @@ def _coefficients(g1, gh, g0, n):
 
 
 def _augment(x: torch.Tensor, c0, c1, c2) -> torch.Tensor:
-    """(..., d) -> (..., 3 d): [c0 x, c1 x, c2 x] with per-row scalars c (...,).
+    """(..., d) -> (..., 3 d): [c0 x, c1 x, c2 x] with per-row scalars c (...,); c2 = None means 1.
 
     As a key, it writes into the F, G, H slots of the state; as a query, it reads them.
     """
-    return torch.cat([c0.unsqueeze(-1) * x, c1.unsqueeze(-1) * x, c2.unsqueeze(-1) * x], dim=-1)
+    third = x if c2 is None else c2.unsqueeze(-1) * x
+    return torch.cat([c0.unsqueeze(-1) * x, c1.unsqueeze(-1) * x, third], dim=-1)
 
 
-def _move_reference(kv, E, decay, shift):
-    """Re-express the state (kv (..., 3, d_k, d_v), E (...)) at a new reference point (m', sbar').
+def _move_reference(kv, decay, shift):
+    """Re-express the sums kv (..., 3, d_k, d_v) at a new reference point (m', sbar').
 
     decay = exp(m - m') <= 1 (the maximum only grows) and shift = sbar - sbar', both (...).
+    (E, the denominator, scales by the same decay.)
     """
     F_, G_, H_ = kv.unbind(-3)
-    kv = torch.stack([decay[..., None, None] * F_, G_ + shift[..., None, None] * H_, H_], dim=-3)
-    return kv, decay * E
+    return torch.stack([decay[..., None, None] * F_, G_ + shift[..., None, None] * H_, H_], dim=-3)
 
 
 def _readout(q, kv, a_decay, b, h_coef):
     """Query the state: q (..., L, d_k), kv (..., 3, d_k, d_v), coefficients (..., L) -> (..., L, d_v)."""
     d_k, d_v = kv.shape[-2:]
     return _augment(q, a_decay, b, h_coef) @ kv.reshape(*kv.shape[:-3], 3 * d_k, d_v)
-
-
-def _to_heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T, H, ...) -> (B, H, T, ...) in the accumulation dtype."""
-    return x.to(dtype).transpose(1, 2)
 
 
 def _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size):
@@ -252,17 +231,16 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
     state = initial_state if initial_state is not None else ZeroSState.empty(B, H, d_k, v.shape[-1], dtype=acc, device=q.device)
     if state.kv.dtype != acc or state.kv.device != q.device:
         state = state.to(device=q.device, dtype=acc)
-    if valid is not None:  # padding gets zero keys, values and logits: it adds nothing, whatever it held
-        zero = torch.zeros((), dtype=acc, device=q.device)
+    if valid is not None:  # padding gets zero queries, keys, values and logits: it adds nothing, whatever it held
         valid = valid.to(device=q.device, dtype=torch.bool)
-        k, v = (torch.where(valid[:, :, None, None], x.to(acc), zero) for x in (k, v))
-        s = torch.where(valid[:, :, None], s.to(acc), zero)
+        q, k, v = (x.masked_fill(~valid[:, :, None, None], 0.0) for x in (q, k, v))
+        s = s.masked_fill(~valid[:, :, None], 0.0)
     if mode == "chunked":
-        o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size)
+        o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, _chunk_core_torch)
     else:
         o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state)
     if valid is not None:
-        o = torch.where(valid[:, :, None, None], o, zero)
+        o = o.masked_fill(~valid[:, :, None, None], 0.0)
     return o.to(q.dtype), (state if output_final_state else None)
 
 
@@ -308,76 +286,224 @@ def _reference_final_state(k, v, s, valid, acc):
 
 
 # ----------------------------------------------------------------------------------------------
-# Chunked: (C, C) blocks inside a chunk, the state across chunks
+# Chunked: the chunk-aligned layout, the per-token scalars, and the chunk core
 # ----------------------------------------------------------------------------------------------
 
-def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size):
-    """Inputs as for ``zeros_attention`` (valid may be None). Returns o (B, T, H, d_v) and the final state."""
-    B, T, H, d_k = q.shape
-    acc = state.kv.dtype
-    valid = torch.ones(B, H, T, dtype=torch.bool, device=q.device) if valid is None else valid.unsqueeze(1).expand(B, H, T)
-    q, k, v, s, g1, gh = (_to_heads_first(x, acc) for x in (q, k, v, s, g1, gh))  # (B, H, T, ...)
-    g0 = _to_heads_first(g0, acc) if g0 is not None else None
-    n, m, sbar = _running_stats(s, valid, state)
-    b, c = _coefficients(g1, gh, g0, n)
-    d_v = v.shape[-1]
-    C = min(chunk_size, T)
-    N = -(-T // C)
-    pad = N * C - T
-    if pad:  # padding tokens at the end: zero keys, not valid, running stats carried forward
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        s, gh, b, c = (F.pad(x, (0, pad)) for x in (s, gh, b, c))
-        n, m, sbar = (F.pad(x, (0, pad), mode="replicate") for x in (n, m, sbar))
-        valid = F.pad(valid, (0, pad), value=False)
-    q, k, v = (x.reshape(B, H, N, C, -1) for x in (q, k, v))
-    s, gh, b, c, n, m, sbar, valid = (x.reshape(B, H, N, C) for x in (s, gh, b, c, n, m, sbar, valid))
+@dataclass
+class _ChunkLayout:
+    """Where the tokens sit in the chunk-aligned layout (B', N C) that the chunk core works on.
 
-    # Reference point of each chunk's start: the running stats after the previous chunk.
-    m_end, sbar_end = m[..., -1], sbar[..., -1]                                   # (B, H, N)
-    m_start = torch.cat([state.m.detach().unsqueeze(-1), m_end[..., :-1]], dim=-1)
-    sbar_start = torch.cat([state.sbar.unsqueeze(-1), sbar_end[..., :-1]], dim=-1)
+    Every sequence (a row of the batch) is padded at its end to whole chunks of C tokens, so no
+    chunk holds tokens of two sequences. Alignment padding is not valid: it has zero q, k, v, logit
+    and coefficients and carries the running statistics forward.
+
+    rows, num_chunks, chunk_size: B', N, C. num_sequences: S, the rows of the states.
+    valid: (B', N, C) bool, real tokens. chunk_load, chunk_store: (B', N) long, the core's contract
+    (the state a chunk starts from / the row of out_states that receives the state after it).
+    last: (S,) long, the flat position (row * N C + t) of each sequence's last aligned position.
+    """
+
+    rows: int
+    num_chunks: int
+    chunk_size: int
+    num_sequences: int
+    tokens: int
+    valid: torch.Tensor
+    chunk_load: torch.Tensor
+    chunk_store: torch.Tensor
+    last: torch.Tensor
+
+    @classmethod
+    def build(cls, B: int, T: int, valid: Optional[torch.Tensor], chunk_size: int, device) -> "_ChunkLayout":
+        C = min(chunk_size, T)
+        N = -(-T // C)
+        valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid
+        valid = F.pad(valid, (0, N * C - T), value=False).view(B, N, C)
+        rows = torch.arange(B, device=device)
+        chunk_load = torch.full((B, N), -1, dtype=torch.long, device=device)
+        chunk_store = torch.full((B, N), -1, dtype=torch.long, device=device)
+        chunk_load[:, 0] = rows
+        chunk_store[:, -1] = rows
+        return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=B, tokens=T, valid=valid,
+                   chunk_load=chunk_load, chunk_store=chunk_store, last=rows * (N * C) + N * C - 1)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (B', N C, ...), zeros on alignment padding."""
+        return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.num_chunks * self.chunk_size - self.tokens))
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B', N C, ...) -> (B, T, ...)."""
+        return x[:, :self.tokens]
+
+    def per_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-sequence value (S, H) as a (B', H, N, C)-broadcastable tensor."""
+        return x[:, :, None, None]
+
+    def at_chunk_starts(self, ends: torch.Tensor, loaded: torch.Tensor) -> torch.Tensor:
+        """The value at each chunk's start (B', H, N): the previous chunk's end value ``ends`` (B', H, N),
+        or at a sequence's first chunk the incoming state's value ``loaded`` (S, H)."""
+        before = F.pad(ends[..., :-1], (1, 0))
+        loaded = loaded[self.chunk_load.clamp(min=0)].transpose(1, 2)               # (B', H, N)
+        return torch.where((self.chunk_load >= 0).unsqueeze(1), loaded, before)
+
+    def at_ends(self, x: torch.Tensor) -> torch.Tensor:
+        """(B', H, N, C) -> (S, H): the value at each sequence's last aligned position."""
+        return x.flatten(2).transpose(1, 2).flatten(0, 1)[self.last]
+
+    def running(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """Inclusive running sum / max / log-sum-exp of x (B', H or 1, N, C) over each sequence.
+
+        Inside a chunk this is the plain cumulative op; across chunks the chunk totals are scanned.
+        """
+        within = {"sum": lambda: x.cumsum(-1), "max": lambda: x.cummax(-1).values,
+                  "lse": lambda: x.logcumsumexp(-1)}[op]()
+        totals = within[..., -1]                                                    # (B', H, N)
+        if op == "sum":
+            return within + F.pad(totals.cumsum(-1)[..., :-1], (1, 0)).unsqueeze(-1)
+        scanned = totals.cummax(-1).values if op == "max" else totals.logcumsumexp(-1)
+        before = F.pad(scanned[..., :-1], (1, 0), value=_NO_MAX).unsqueeze(-1)
+        return torch.maximum(within, before) if op == "max" else torch.logaddexp(within, before)
+
+
+def _chunk_scalars(s, g1, gh, g0, state, layout):
+    """The per-token scalars of the chunked form, O(T) and differentiable.
+
+    s, g1, gh, g0: (B', H, N, C) in the chunk-aligned layout (accumulation dtype). Returns
+    (m, a, b, hc) (B', H, N, C), the chunk reference points (m0, m1, sb0, sb1) (B', H, N) and the
+    final statistics (E, m, sbar, n), each (S, H):
+
+        n_t, sbar_t, m_t        count, mean and maximum of the real logits (incoming state included)
+        E~_t = E_t exp(-m_t)    from a log-cum-sum-exp in float64, the incoming E included
+        a_t = gh_t / E~_t,  b_t = (g1_t - gh_t) / n_t,  hc_t = b_t (sb0_j - sbar_t) + (g0_t - gh_t) / n_t
+
+    with (m0_j, sb0_j) / (m1_j, sb1_j) the maximum and mean at the start / end of chunk j. Padding gets
+    zero coefficients. Sums are taken in float64, so long float32 streams keep their precision.
+    """
+    acc = s.dtype
+    valid = layout.valid.unsqueeze(1)                                               # (B', 1, N, C)
+    wide = torch.float64
+    s64 = s.to(wide)
+    n = layout.running(valid.to(wide), "sum") + layout.per_sequence(state.n.to(wide))
+    total = layout.running(torch.where(valid, s64, 0.0), "sum") + layout.per_sequence(state.n.to(wide) * state.sbar.to(wide))
+    sbar = (total / n.clamp(min=1.0)).to(acc)
+    m_state = state.m.detach()
+    m = torch.maximum(layout.running(s.detach().masked_fill(~valid, _NO_MAX), "max"), layout.per_sequence(m_state))
+    # log E_t = log(E_state exp(m_state) + sum_{i<=t} exp(s_i)), then E~_t = exp(log E_t - m_t) <= n_t.
+    E_in = state.E.to(wide)
+    log_E_in = torch.where(E_in > 0, E_in.clamp(min=torch.finfo(wide).tiny).log() + m_state.to(wide), _NO_MAX)
+    log_E = torch.logaddexp(layout.running(s64.masked_fill(~valid, _NO_MAX), "lse"), layout.per_sequence(log_E_in))
+    E = torch.where(n > 0, torch.exp(log_E - m.to(wide)), 0.0).to(acc)
+    n = n.to(acc)
+
+    m1, sb1 = m[..., -1], sbar[..., -1]                                             # (B', H, N)
+    m0, sb0 = layout.at_chunk_starts(m1, m_state), layout.at_chunk_starts(sb1, state.sbar)
+    b, c = _coefficients(g1, gh, g0, n)
+    a = gh / E.clamp(min=_E_FLOOR)
+    # Centre on the chunk's start mean: (s_i - sbar_t) = (s_i - sb0) + (sb0 - sbar_t).
+    hc = b * (sb0.unsqueeze(-1) - sbar) + c
+    a, b, hc = (x.masked_fill(~valid, 0.0) for x in (a, b, hc))
+    final = tuple(layout.at_ends(x) for x in (E, m, sbar, n))
+    return (m, a, b, hc), (m0, m1, sb0, sb1), final
+
+
+def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, core):
+    """The chunked form: shared scalar preparation, then ``core`` (the PyTorch or the fused chunk core).
+
+    Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed). Returns o
+    (B, T, H, d_v) and the final state.
+    """
+    B, T, H, _ = q.shape
+    acc = state.kv.dtype
+    layout = _ChunkLayout.build(B, T, valid, chunk_size, q.device)
+    N, C = layout.num_chunks, layout.chunk_size
+
+    def aligned(x):  # (B, T, H) -> (B', H, N, C) in the accumulation dtype
+        return layout.pack(x.to(acc)).transpose(1, 2).reshape(layout.rows, H, N, C)
+
+    (m, a, b, hc), (m0, m1, sb0, sb1), (E, m_end, sbar_end, n_end) = _chunk_scalars(
+        aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
+    flat = lambda x: x.flatten(2)  # noqa: E731  (B', H, N, C) -> (B', H, N C)
+    o, kv = core(layout.pack(q), layout.pack(k), layout.pack(v), flat(aligned(s)), flat(m), flat(a), flat(b), flat(hc),
+                 m0, m1, sb0, sb1, state.kv, layout.chunk_load, layout.chunk_store, layout.num_sequences, C)
+    return layout.unpack(o), ZeroSState(kv=kv, E=E, m=m_end, sbar=sbar_end, n=n_end)
+
+
+def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
+                      num_out_states, chunk_size):
+    """The chunk core in PyTorch; same contract as ``ops_fused.chunk_core_fused``.
+
+    Chunk-aligned inputs (T = N C; padding has zero k, v and coefficients):
+        q, k: (B, T, H, d_k); v: (B, T, H, d_v); s, m, a, b, hc: (B, H, T) key logits, running max
+        (detached) and per-query coefficients; m0, m1, sb0, sb1: (B, H, N) reference max / mean at
+        each chunk's start and end; start_states: (S_in, H, 3, d_k, d_v); chunk_load, chunk_store:
+        (B, N) long, -1 or the row of start_states a chunk starts from / of out_states that receives
+        the state after the chunk (chunk_load[:, 0] >= 0).
+    Per chunk j with start state (F, G, H):
+        o_t = sum_{i<=t in chunk} (q_t.k_i) R[t,i] v_i + q_t^T (a_t exp(m0_j - m_t) F + b_t G + hc_t H),
+        R[t,i] = a_t exp(min(s_i - m_t, 0)) + b_t (s_i - sb0_j) + hc_t;
+        F' = exp(m0_j - m1_j) F + sum_i exp(min(s_i - m1_j, 0)) k_i v_i^T,
+        G' = G + (sb0_j - sb1_j) H + sum_i (s_i - sb1_j) k_i v_i^T,  H' = H + sum_i k_i v_i^T.
+    Returns o (B, T, H, d_v) and out_states (num_out_states, H, 3, d_k, d_v), in start_states' dtype.
+    """
+    B, T, H, d_k = q.shape
+    d_v, C = v.shape[-1], chunk_size
+    N = T // C
+    acc = start_states.dtype
+    prod = q.dtype if _tensor_core_products(q) else acc
+    heads_first = lambda x, dtype: x.to(dtype).transpose(1, 2).reshape(B, H, N, C, -1)  # noqa: E731
+    q_acc, k_acc, v_acc = (heads_first(x, acc) for x in (q, k, v))                  # (B, H, N, C, d)
+    s, m, a, b, hc = (x.reshape(B, H, N, C) for x in (s, m, a, b, hc))
 
     # What each chunk adds to the state, expressed at its own end point.
-    w = valid.to(q.dtype)
-    e_key = w * torch.exp((s - m_end.unsqueeze(-1)).clamp(max=0.0))
-    key_aug = _augment(k, e_key, w * (s - sbar_end.unsqueeze(-1)), w)            # (B, H, N, C, 3 d_k)
-    added_kv = (key_aug.transpose(-1, -2) @ v).reshape(B, H, N, 3, d_k, d_v)
-    added_E = e_key.sum(-1)
+    key_aug = _augment(k_acc, torch.exp((s - m1.unsqueeze(-1)).clamp(max=0.0)), s - sb1.unsqueeze(-1), None)
+    added_kv = (key_aug.transpose(-1, -2) @ v_acc).reshape(B, H, N, 3, d_k, d_v)
 
-    # Scan over chunks: the state at each chunk's start, O(N d^2), through the same transition as
-    # the recurrent form (move the reference point to the chunk's end, then add the chunk). Per-chunk
-    # slices are taken once with unbind: indexing inside the loop would make autograd materialise a
-    # full-size gradient per slice. (A cumulative sum over the chunk axis is slower on CPU: strided.)
-    steps = zip((m_start - m_end).exp().unbind(-1), (sbar_start - sbar_end).unbind(-1),
-                added_kv.unbind(2), added_E.unbind(-1))
-    kv, E = state.kv, state.E
-    kv_starts, E_starts = [], []
-    for decay, shift, added_kv_j, added_E_j in steps:
+    # Scan over chunks: the state at each chunk's start, O(N d^2), through the same transition as the
+    # recurrent form. Per-chunk slices are taken once with unbind: indexing inside the loop would make
+    # autograd materialise a full-size gradient per slice. Loads and stores are planned on the host.
+    load, store = chunk_load.tolist(), chunk_store.tolist()
+    steps = zip((m0 - m1).exp().unbind(-1), (sb0 - sb1).unbind(-1), added_kv.unbind(2))
+    kv, kv_starts, stored = None, [], []
+    for j, (decay, shift, added) in enumerate(steps):
+        rows = [r for r in range(B) if load[r][j] >= 0]
+        if rows:
+            loaded = start_states.index_select(0, torch.tensor([load[r][j] for r in rows], device=q.device))
+            kv = loaded if len(rows) == B else kv.index_copy(0, torch.tensor(rows, device=q.device), loaded)
         kv_starts.append(kv)
-        E_starts.append(E)
-        kv, E = _move_reference(kv, E, decay, shift)
-        kv, E = kv + added_kv_j, E + added_E_j
-    kv_starts = torch.stack(kv_starts, dim=2)                                     # (B, H, N, 3, d_k, d_v)
-    E_starts = torch.stack(E_starts, dim=-1)                                      # (B, H, N)
-    final = ZeroSState(kv=kv, E=E, m=m_end[..., -1], sbar=sbar_end[..., -1], n=n[..., -1, -1])
+        kv = _move_reference(kv, decay, shift) + added
+        stored += [(store[r][j], kv[r]) for r in range(B) if store[r][j] >= 0]
+    kv_starts = torch.stack(kv_starts, dim=2)                                       # (B, H, N, 3, d_k, d_v)
+    out_states = start_states.new_zeros(num_out_states, H, 3, d_k, d_v)
+    if stored:
+        index = torch.tensor([i for i, _ in stored], device=q.device)
+        out_states = out_states.index_copy(0, index, torch.stack([x for _, x in stored]))
 
-    # Inside each chunk: explicit (C, C) weights r_{t,i} (q_t . k_i), causal and real keys only.
-    # exp(s_i - m_t) <= 1 for i <= t; the masked upper triangle is exp(-inf) = 0.
-    start_decay = torch.exp(m_start.unsqueeze(-1) - m)                           # (B, H, N, C)
+    # Inside each chunk: explicit (C, C) weights R[t, i] formed in the accumulation dtype, times q.k,
+    # causal. Padding keys have k = 0; exp(min(., 0)) <= 1 keeps every weight finite.
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    keep = causal & valid.unsqueeze(-2)                                           # (B, H, N, C, C)
-    p_num = torch.exp((s.unsqueeze(-2) - m.unsqueeze(-1)).masked_fill(~keep, float("-inf")))
-    E_t = start_decay * E_starts.unsqueeze(-1) + p_num.sum(-1)
-    a = gh / E_t.clamp(min=_E_FLOOR)
-    # Centre the key logits on the chunk's start mean: (s_i - sbar_t) = (s_i - sbar_s) + (sbar_s - sbar_t).
-    h_coef = b * (sbar_start.unsqueeze(-1) - sbar) + c
-    s_centred = s - sbar_start.unsqueeze(-1)
-    weights = torch.addcmul(h_coef.unsqueeze(-1), b.unsqueeze(-1), s_centred.unsqueeze(-2))
-    weights = torch.addcmul(weights, a.unsqueeze(-1), p_num)
-    o = (weights * (q @ k.transpose(-1, -2)).masked_fill(~keep, 0.0)) @ v
-    # Everything before the chunk, through the state at its start.
-    o = o + _readout(q, kv_starts, a * start_decay, b, h_coef)
-    return o.reshape(B, H, N * C, d_v)[:, :, :T].transpose(1, 2), final
+    p = torch.exp((s.unsqueeze(-2) - m.unsqueeze(-1)).clamp(max=0.0))              # (B, H, N, C, C)
+    weights = torch.addcmul(hc.unsqueeze(-1), b.unsqueeze(-1), (s - sb0.unsqueeze(-1)).unsqueeze(-2))
+    weights = torch.addcmul(weights, a.unsqueeze(-1), p)
+    if prod == acc:
+        scores = q_acc @ k_acc.transpose(-1, -2)
+        o = (weights * scores.masked_fill(~causal, 0.0)) @ v_acc
+    else:  # tensor cores: q.k and (weights) V in 16 bits, the weights themselves in float32
+        scores = (heads_first(q, prod) @ heads_first(k, prod).transpose(-1, -2)).to(acc)
+        o = ((weights * scores.masked_fill(~causal, 0.0)).to(prod) @ heads_first(v, prod)).to(acc)
+    # Everything before the chunk, through the state at its start (kept in the accumulation dtype:
+    # the three terms of the readout cancel).
+    o = o + _readout(q_acc, kv_starts, a * torch.exp(m0.unsqueeze(-1) - m), b, hc)
+    return o.reshape(B, H, T, d_v).transpose(1, 2), out_states
+
+
+# 16-bit dtypes whose products may run on tensor cores (GPU.md: safe for q.k and for (weights) V when the
+# weights are formed in float32; not for the state readout, which cancels).
+_TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _tensor_core_products(x: torch.Tensor) -> bool:
+    """Whether the chunk core multiplies q.k and (weights) V in x's own 16-bit dtype (CUDA only)."""
+    return x.device.type == "cuda" and x.dtype in _TENSOR_CORE_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,7 +535,8 @@ def _step(state, q, k, v, s, g1, gh, g0, w):
         n = state.n + w
         m = torch.where(w > 0, torch.maximum(state.m, s.detach()), state.m)
         sbar = state.sbar + w * (s - state.sbar) / n.clamp(min=1.0)
-    kv, E = _move_reference(state.kv, state.E, torch.exp(state.m - m), state.sbar - sbar)
+    decay = torch.exp(state.m - m)
+    kv, E = _move_reference(state.kv, decay, state.sbar - sbar), decay * state.E
     e = torch.exp((s - m).clamp(max=0.0))
     key_coef = torch.stack([e, s - sbar, torch.ones_like(s)], dim=-1)               # (B, H, 3)
     if w is not None:
