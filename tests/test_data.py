@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -49,6 +50,37 @@ def dm_kwargs(tmp_path: Path, **kw) -> dict:
     )
     base.update(kw)
     return base
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    """The ids of one document, as the pipeline tokenises it (no special tokens)."""
+    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def packed(tokenizer, texts, block: int) -> list[tuple]:
+    """Reference packing: each non-empty document's ids then EOS, cut into whole blocks."""
+    stream = []
+    for text in texts:
+        ids = token_ids(tokenizer, text)
+        if ids:
+            stream += ids + [tokenizer.eos_token_id]
+    return [tuple(stream[i : i + block]) for i in range(0, len(stream) - block + 1, block)]
+
+
+def block_rows(blocks) -> list[tuple]:
+    """The blocks of a loader (batches of blocks) or of a datasets column, as tuples of ids."""
+    out = []
+    for b in blocks:
+        b = torch.as_tensor(np.asarray(b))
+        out.extend(tuple(r) for r in (b if b.dim() == 2 else b[None]).tolist())
+    return out
+
+
+def complete_documents(blocks, eos: int) -> list[tuple]:
+    """The EOS-terminated pieces of the packed stream (the last, cut-off document left out)."""
+    stream = np.asarray(blocks).reshape(-1)
+    pieces = np.split(stream, np.where(stream == eos)[0] + 1)
+    return [tuple(p[:-1].tolist()) for p in pieces if len(p) and p[-1] == eos]
 
 
 # ------------------------------------------------------------------------------------------
@@ -189,10 +221,15 @@ def test_validation_by_fraction_and_by_files(tmp_path: Path, corpus: Path):
     assert n_val == round(0.2 * (n_train + n_val))
     val_dir = tmp_path / "val"
     val_dir.mkdir()
-    (val_dir / "v.txt").write_text(make_text(200, 77))
+    val_text = " ".join(["omega upsilon chi psi"] * 60) + "\n"  # words the training files never use
+    (val_dir / "v.txt").write_text(val_text)
     dm2 = TextDataModule(train_files=str(corpus), val_files=str(val_dir), **dm_kwargs(tmp_path))
     assert len(dm2.corpus.train) == n_train + n_val  # nothing held out of the training files
-    assert len(dm2.corpus.val) >= 1
+    val_blocks = block_rows(dm2.corpus.val.with_format("numpy")["input_ids"])
+    assert val_blocks == packed(dm2.tokenizer, [val_text], dm2.seq_len + 1)  # exactly the named file's tokens
+    assert block_rows(dm2.val_dataloader()) == val_blocks
+    train_docs = complete_documents(dm2.corpus.train.with_format("numpy")["input_ids"], dm2.tokenizer.eos_token_id)
+    assert tuple(token_ids(dm2.tokenizer, val_text)) not in train_docs
     nothing = TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path, val_fraction=0.0))
     assert nothing.corpus.val is None and nothing.val_dataloader() == []
 
@@ -205,10 +242,17 @@ def test_jsonl_and_parquet_with_a_text_column(tmp_path: Path):
     jl = tmp_path / "d.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     pq.write_table(pa.table({"id": [r["id"] for r in rows], "body": [r["body"] for r in rows]}), tmp_path / "d.parquet")
-    a = TextDataModule(train_files=str(jl), text_column="body", **dm_kwargs(tmp_path))
-    b = TextDataModule(train_files=str(tmp_path / "d.parquet"), text_column="body", **dm_kwargs(tmp_path))
+    a = TextDataModule(train_files=str(jl), text_column="body", **dm_kwargs(tmp_path, val_fraction=0.0))
+    b = TextDataModule(train_files=str(tmp_path / "d.parquet"), text_column="body", **dm_kwargs(tmp_path, val_fraction=0.0))
     assert a.corpus.stats["documents"] == b.corpus.stats["documents"] == 6
-    assert a.corpus.stats["tokens"] == b.corpus.stats["tokens"]
+    blocks_a = np.asarray(a.corpus.train.with_format("numpy")["input_ids"])
+    blocks_b = np.asarray(b.corpus.train.with_format("numpy")["input_ids"])
+    assert np.array_equal(blocks_a, blocks_b)  # the same documents, the same shuffled order
+    # The packed documents are the text column's, token for token (and nothing of the id column).
+    bodies = {tuple(token_ids(a.tokenizer, r["body"])) for r in rows}
+    docs = complete_documents(blocks_a, a.tokenizer.eos_token_id)
+    assert len(docs) >= len(rows) - 1 and set(docs) <= bodies
+    assert sum(len(d) + 1 for d in bodies) - blocks_a.size < a.seq_len + 1  # only the tail is lost
     with pytest.raises(DataError, match=r"no column 'text' \(columns: .*body"):
         TextDataModule(train_files=str(jl), **dm_kwargs(tmp_path))
 
@@ -236,6 +280,117 @@ def test_streaming_shards_across_ranks(tmp_path: Path, corpus: Path):
     assert len(ranks[0]) + len(ranks[1]) <= len(whole) + 2
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (dm.batch_size, dm.seq_len + 1) and batch.dtype == torch.long
+
+
+def paragraphs_corpus(root: Path) -> list[str]:
+    """Two files of three paragraphs (blank-line separated) of three lines each; returns the paragraphs."""
+    root.mkdir()
+    paragraphs = []
+    for f in range(2):
+        mine = ["\n".join(make_text(36, 100 * f + 10 * p + i).strip() for i in range(3)) for p in range(3)]
+        (root / f"p{f}.txt").write_text("\n\n".join(mine))
+        paragraphs += mine
+    return paragraphs
+
+
+@pytest.mark.parametrize("sample_by", ["paragraph", "line"])
+def test_sample_by_paragraph_and_line_make_one_document_each(tmp_path: Path, sample_by: str):
+    paragraphs = paragraphs_corpus(tmp_path / "text")
+    units = paragraphs if sample_by == "paragraph" else [line for p in paragraphs for line in p.split("\n")]
+    dm = TextDataModule(train_files=str(tmp_path / "text"), sample_by=sample_by, **dm_kwargs(tmp_path, val_fraction=0.0))
+    expected = {tuple(token_ids(dm.tokenizer, u)) for u in units}
+    docs = complete_documents(dm.corpus.train.with_format("numpy")["input_ids"], dm.tokenizer.eos_token_id)
+    assert len(docs) >= len(units) - 1 and set(docs) <= expected  # every piece between EOS is one unit
+
+
+def test_num_proc_above_one_gives_the_same_blocks(tmp_path: Path):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(16):  # enough documents for the pipeline to use 2 processes
+        (root / f"d{i:02d}.txt").write_text(make_text(60, 200 + i))
+    one = TextDataModule(train_files=str(root), **dm_kwargs(tmp_path, num_proc=1, cache_dir=str(tmp_path / "c1")))
+    two = TextDataModule(train_files=str(root), **dm_kwargs(tmp_path, num_proc=2, cache_dir=str(tmp_path / "c2")))
+    assert not two.from_cache
+    for split in ("train", "val"):
+        a = np.asarray(getattr(one.corpus, split).with_format("numpy")["input_ids"])
+        b = np.asarray(getattr(two.corpus, split).with_format("numpy")["input_ids"])
+        assert np.array_equal(a, b), split
+
+
+# ------------------------------------------------------------------------------------------
+# Streaming, through the data module's loaders
+# ------------------------------------------------------------------------------------------
+class FakeTrainer:
+    """What the data module reads from a trainer: rank, world size and the restored batch count."""
+
+    def __init__(self, batches_done: int):
+        count = SimpleNamespace(processed=batches_done)
+        progress = SimpleNamespace(current=count, total=count)
+        self.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+        self.global_rank, self.world_size = 0, 1
+
+
+def streamed(tmp_path: Path, files, **kw) -> TextDataModule:
+    return TextDataModule(train_files=files, streaming=True, **dm_kwargs(tmp_path, **kw))
+
+
+def test_streaming_holds_out_the_first_documents_for_validation(tmp_path: Path, corpus: Path):
+    dm = streamed(tmp_path, str(corpus), shuffle_buffer=0, val_docs=2)
+    texts = [Path(f).read_text() for f in D.resolve_files(str(corpus))]  # the stream's order
+    block = dm.seq_len + 1
+    val = block_rows(dm.val_dataloader())
+    train = block_rows(dm.train_dataloader())
+    assert val == packed(dm.tokenizer, texts[:2], block)
+    expected_train = packed(dm.tokenizer, texts[2:], block)
+    assert train == expected_train[: len(expected_train) // dm.batch_size * dm.batch_size]
+    assert not set(val) & set(train)
+    # --data.val_files instead: validation is those files, training all of train_files.
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    (val_dir / "v.txt").write_text(make_text(200, 77))
+    dm2 = TextDataModule(train_files=str(corpus), val_files=str(val_dir), streaming=True, shuffle_buffer=0,
+                         **dm_kwargs(tmp_path))
+    assert block_rows(dm2.val_dataloader()) == packed(dm2.tokenizer, [(val_dir / "v.txt").read_text()], block)
+    everything = packed(dm2.tokenizer, texts, block)
+    assert block_rows(dm2.train_dataloader()) == everything[: len(everything) // dm.batch_size * dm.batch_size]
+
+
+def test_streaming_shuffles_and_resumes_at_the_right_block(tmp_path: Path, corpus: Path):
+    plain = block_rows(streamed(tmp_path, str(corpus), shuffle_buffer=0, val_docs=0).train_dataloader())
+    dm = streamed(tmp_path, str(corpus), shuffle_buffer=64, val_docs=0)
+    batches = [b.clone() for b in dm.train_dataloader()]
+    shuffled = block_rows(batches)
+    assert len(shuffled) == len(plain) and shuffled != plain  # the buffer reorders the blocks ...
+    everything = set(packed(dm.tokenizer, [Path(f).read_text() for f in D.resolve_files(str(corpus))], dm.seq_len + 1))
+    assert set(shuffled) <= everything  # ... of the same stream
+    loader = dm.train_dataloader()
+    assert block_rows(loader) == shuffled  # seeded: the same order again
+    dm.set_epoch(1)  # (the training module calls this at every epoch start)
+    assert block_rows(loader) != shuffled  # a new order every epoch
+    # Resumed after 3 batches of this epoch: the loader continues with batch 3.
+    dm.trainer = FakeTrainer(batches_done=3)
+    resumed = list(dm.train_dataloader())
+    assert len(resumed) == len(batches) - 3
+    for got, want in zip(resumed, batches[3:]):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_streaming_jsonl_and_parquet_read_the_text_column(tmp_path: Path, kind: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bodies = [make_text(120, i) for i in range(5)]
+    path = tmp_path / f"d.{kind}"
+    if kind == "jsonl":
+        path.write_text("\n".join(json.dumps({"id": i, "body": b}) for i, b in enumerate(bodies)) + "\n")
+    else:
+        pq.write_table(pa.table({"id": list(range(5)), "body": bodies}), path)
+    dm = streamed(tmp_path, str(path), text_column="body", shuffle_buffer=0, val_docs=1)
+    block = dm.seq_len + 1
+    assert block_rows(dm.val_dataloader()) == packed(dm.tokenizer, bodies[:1], block)
+    expected = packed(dm.tokenizer, bodies[1:], block)
+    assert block_rows(dm.train_dataloader()) == expected[: len(expected) // dm.batch_size * dm.batch_size]
 
 
 # ------------------------------------------------------------------------------------------

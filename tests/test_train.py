@@ -169,19 +169,34 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == n_all
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
     torch.manual_seed(0)
     kw = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, chunk_size=8)
     plain = ZeroSLitModule(**kw)
     ckpt = ZeroSLitModule(**kw, gradient_checkpointing=True)
     ckpt.model.load_state_dict(plain.model.state_dict())
     batch = torch.randint(0, 300, (2, 33))
-    grads = []
+    grads, recomputed = [], []
     for m in (plain, ckpt):
         m.train()
-        m._loss(batch).backward()
+        calls = {"n": 0}
+        for block in m.model.model.layers:  # counts every run of a block's MLP, recomputations included
+            block.mlp.forward = _counted(block.mlp.forward, calls)
+        loss = m._loss(batch)
+        forward = calls["n"]
+        loss.backward()
+        recomputed.append(calls["n"] - forward)
         grads.append(torch.cat([p.grad.flatten() for p in m.model.parameters() if p.grad is not None]))
+    assert recomputed == [0, kw["num_hidden_layers"]]  # the option really turns checkpointing on
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def _counted(fn, calls: dict):
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def test_atomic_checkpoint_write_leaves_the_old_file_intact(tmp_path, monkeypatch):

@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Mutation check: do the tests fail when the feature they guard is broken?
+
+Each mutation below is one small deliberate bug (a text replacement in one source file). For each,
+the script copies the working tree (tracked and untracked, not ignored files) to a temporary
+directory, applies the bug there, runs the tests that claim to guard that feature, and reports
+whether they failed ("caught") or passed ("SURVIVED"). The checkout itself is never modified.
+
+    .venv/bin/python scripts/mutation_check.py               # every fast mutation (a few minutes)
+    .venv/bin/python scripts/mutation_check.py --list        # names only
+    .venv/bin/python scripts/mutation_check.py -k streaming  # those whose name contains "streaming"
+    .venv/bin/python scripts/mutation_check.py --slow        # also those guarded by DeepSpeed runs
+
+Exit status: 0 when every mutation was caught, 1 when one survived, 2 when a mutation no longer
+applies (its text is not found exactly once: the code moved; update the list).
+
+Not part of the test suite (it runs the suite's tests many times over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # file to break, relative to the repository root
+    old: str  # text that must occur exactly once in it
+    new: str  # what it becomes
+    tests: tuple[str, ...]  # pytest node ids / files / "-k" expressions (as pytest arguments)
+    slow: bool = False
+
+
+M = Mutation
+MUTATIONS = [
+    # 1. gradient checkpointing
+    M("checkpointing: LightningModule never enables it", "zeros_lm/training.py",
+      'self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})', "pass",
+      ("tests/test_train.py::test_activation_checkpointing_recomputes_and_gives_the_same_gradients",)),
+    M("checkpointing: block is a plain nn.Module", "zeros_lm/modeling_zeros.py",
+      "class ZeroSBlock(GradientCheckpointingLayer):", "class ZeroSBlock(nn.Module):",
+      ("tests/test_model.py", "-k", "checkpointing")),
+    # 2. ablation switches
+    M("ablation: use_output_norm ignored", "zeros_lm/modeling_zeros.py",
+      "        if self.config.use_output_norm:\n", "        if True:\n",
+      ("tests/test_model.py", "-k", "ablation")),
+    M("ablation: norm logit divided by sqrt(d)", "zeros_lm/modeling_zeros.py",
+      "return uf.pow(2).sum(-1) / d, None", "return uf.pow(2).sum(-1) / math.sqrt(d), None",
+      ("tests/test_model.py", "-k", "ablation")),
+    M("ablation: g0 dropped when gates are off", "zeros_lm/modeling_zeros.py",
+      "g0 = g1 if self.has_zero_order else None", "g0 = None",
+      ("tests/test_model.py", "-k", "ablation")),
+    # 3. streaming data
+    M("streaming: validation documents not held out", "zeros_lm/data.py",
+      "docs = docs.skip(self.hparams.val_docs)", "docs = docs",
+      ("tests/test_data.py", "-k", "streaming")),
+    M("streaming: resume skip disabled", "zeros_lm/data.py",
+      "        if skip:\n            ds = ds.skip(skip)", "        if False:\n            ds = ds.skip(skip)",
+      ("tests/test_data.py", "-k", "streaming")),
+    M("streaming: shuffle buffer ignored", "zeros_lm/data.py",
+      "if self.shuffle_buffer and self.shuffle_buffer > 1:", "if False:",
+      ("tests/test_data.py", "-k", "streaming")),
+    # 4. val_files
+    M("val_files: validation built from the training documents", "zeros_lm/data.py",
+      "val, vd, vt = _pack_documents(val_docs, ", "val, vd, vt = _pack_documents(get_docs(), ",
+      ("tests/test_data.py", "-k", "validation")),
+    # other data promises
+    M("data: sample_by paragraph splits lines", "zeros_lm/data.py",
+      'return [p for p in text.split("\\n\\n")]', 'return [p for p in text.split("\\n")]',
+      ("tests/test_data.py", "-k", "sample_by")),
+    M("data: sample_by line gives whole documents", "zeros_lm/data.py",
+      "        return text.splitlines()\n", "        return [text]\n",
+      ("tests/test_data.py", "-k", "sample_by")),
+]
+
+
+def working_tree_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                         capture_output=True, check=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (REPO / f).is_file()]
+
+
+def copy_tree(dest: Path) -> None:
+    for rel in working_tree_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+
+
+def apply(m: Mutation, root: Path) -> None:
+    path = root / m.path
+    text = path.read_text()
+    count = text.count(m.old)
+    if count != 1:
+        raise LookupError(f"{m.path}: the text to mutate occurs {count} times (expected once): {m.old!r}")
+    path.write_text(text.replace(m.old, m.new))
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[str, float, str]:
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", ZEROS_LM_CACHE=str(root / ".zeros_cache"))
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.time() - start, ""
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    summary = tail[-1] if tail else ""
+    if proc.returncode == 0:
+        return "passed", time.time() - start, summary
+    if proc.returncode == 1:
+        return "failed", time.time() - start, summary
+    return f"error (pytest exit {proc.returncode})", time.time() - start, summary
+
+
+def check_imports_from(root: Path) -> None:
+    """The tests in the copy must import the copy's zeros_lm, not the checkout's (editable install)."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", "import zeros_lm; print(zeros_lm.__file__)"], cwd=root, env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(out).resolve().is_relative_to(root.resolve()):
+        raise SystemExit(f"the copy imports zeros_lm from {out}, not from {root}: cannot run mutations safely")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-k", dest="select", default=None, help="only mutations whose name contains this text")
+    ap.add_argument("--slow", action="store_true", help="also the mutations guarded by slow (DeepSpeed) tests")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per mutation's test run")
+    ap.add_argument("--baseline", action="store_true", help="first run each selected test set unmutated (must pass)")
+    args = ap.parse_args(argv)
+
+    chosen = [m for m in MUTATIONS if (args.slow or not m.slow) and (args.select is None or args.select in m.name)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}  [{m.path}]  -> {' '.join(m.tests)}")
+        return 0
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="zeros-mutation-") as tmp:
+        base = Path(tmp) / "base"
+        copy_tree(base)
+        check_imports_from(base)
+        if args.baseline:
+            for tests in dict.fromkeys(m.tests for m in chosen):
+                outcome, seconds, summary = run_tests(base, tests, args.timeout)
+                print(f"baseline {' '.join(tests)}: {outcome} ({seconds:.0f} s) {summary}", flush=True)
+                if outcome != "passed":
+                    print("the unmutated tests must pass first", file=sys.stderr)
+                    return 1
+        for m in chosen:
+            work = Path(tmp) / "mutant"
+            shutil.copytree(base, work)
+            try:
+                apply(m, work)
+            except LookupError as e:
+                results.append((m, "does not apply", 0.0, str(e)))
+                print(f"{m.name}: does not apply: {e}", flush=True)
+                shutil.rmtree(work)
+                continue
+            outcome, seconds, summary = run_tests(work, m.tests, args.timeout)
+            shutil.rmtree(work)
+            verdict = {"failed": "caught", "passed": "SURVIVED"}.get(outcome, outcome)
+            results.append((m, verdict, seconds, summary))
+            print(f"{m.name}: {verdict} ({seconds:.0f} s) {summary}", flush=True)
+
+    width = max(len(m.name) for m, *_ in results) if results else 10
+    print()
+    print(f"| {'mutation'.ljust(width)} | result | tests | s |")
+    print(f"|{'-' * (width + 2)}|---|---|---:|")
+    for m, verdict, seconds, _ in results:
+        print(f"| {m.name.ljust(width)} | {verdict} | {' '.join(m.tests)} | {seconds:.0f} |")
+    caught = sum(v == "caught" for _, v, *_ in results)
+    print(f"\n{caught} of {len(results)} mutations caught")
+    if any(v == "does not apply" for _, v, *_ in results):
+        return 2
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
