@@ -1,0 +1,1 @@
+"""The evidence report (benchmarks/report.py), split by concern: presets, harness, experiments, plots, markdown."""

@@ -1,0 +1,95 @@
+"""Settings of the evidence report: the sections, the models compared, and the size presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SECTIONS = ("lm", "extrapolation", "contrast", "ablations", "mqar")  # the order they run in
+MAIN_TYPES = ("zeros", "softmax", "linear")
+ABLATIONS = {  # name -> ZeroSLitModule arguments on top of attention_type="zeros"
+    "zeros, zero-order term in every layer": {"zero_order_all_layers": True},
+    "zeros, no gates": {"use_gates": False},
+    "zeros, no output LayerNorm": {"use_output_norm": False},
+}
+LABELS = {"zeros": "ZeroS", "softmax": "softmax", "linear": "linear"}
+CONTRAST_MODELS = (  # (label, attention type, heads)
+    ("ZeroS, 1 head", "zeros", 1),
+    ("softmax, 1 head", "softmax", 1),
+    ("linear, 1 head", "linear", 1),
+)
+
+
+@dataclass
+class Preset:
+    name: str
+    # language modelling (and extrapolation)
+    lm_files: tuple = ("stdlib",)
+    lm_vocab: int = 4096
+    lm_layers: int = 4
+    lm_hidden: int = 256
+    lm_heads: int = 4
+    lm_seq: int = 512
+    lm_batch: int = 64
+    lm_tokens: int = 10_000_000  # training tokens per model
+    lm_evals: int = 10  # validation points along each run
+    lm_val_fraction: float = 0.02
+    lm_lr: float = 2e-3
+    lm_warmup_frac: float = 0.05
+    chunk_size: int = 64
+    extrap_factor: int = 8  # evaluate up to extrap_factor x lm_seq
+    extrap_windows: int = 16
+    # MQAR
+    mqar_lengths: tuple = (64, 128, 256, 512)
+    mqar_widths: tuple = (64, 256)
+    mqar_heads: int = 2
+    mqar_vocab: int = 512
+    mqar_steps: int = 800
+    mqar_batch_tokens: int = 32768  # batch size = mqar_batch_tokens / T
+    mqar_lr: float = 3e-3
+    mqar_val: int = 512
+    # contrast
+    contrast_seq: int = 32
+    contrast_dim: int = 16
+    contrast_width: int = 64
+    contrast_steps: int = 500
+    contrast_batch: int = 256
+    contrast_lr: float = 3e-3
+    contrast_val: int = 2048
+
+    @property
+    def lm_steps(self) -> int:
+        return max(1, math.ceil(self.lm_tokens / (self.lm_batch * self.lm_seq)))  # at least lm_tokens
+
+
+PRESETS = {
+    # The full mode on a GPU: the issue's sizes (4 layers x 256, 10M tokens per LM, two MQAR widths).
+    "full-gpu": Preset("full-gpu"),
+    # The full mode on a CPU, sized to fit two hours on 2 cores (95 min measured): still 10M tokens per LM model
+    # (six of them), but 128 wide (the 256-wide models train at ~5k tok/s here, 3.5 h for six) and
+    # one MQAR width.
+    "full": Preset(
+        "full",
+        lm_vocab=2048, lm_hidden=128, lm_heads=2, lm_batch=16,
+        mqar_widths=(64,), mqar_steps=1200, mqar_batch_tokens=8192, mqar_val=256,
+    ),
+    "quick": Preset(
+        "quick",
+        lm_files=("stdlib:email", "stdlib:json", "stdlib:collections", "stdlib:asyncio"),
+        lm_vocab=1024, lm_layers=2, lm_hidden=128, lm_heads=2, lm_seq=256, lm_batch=8, lm_tokens=250_000,
+        lm_evals=5, lm_val_fraction=0.04, extrap_factor=8, extrap_windows=8,
+        mqar_lengths=(64, 128, 256), mqar_widths=(64,), mqar_steps=250, mqar_batch_tokens=4096,
+        mqar_val=128, contrast_steps=400, contrast_batch=64, contrast_val=512,
+    ),
+    # For tests: every code path, in seconds.
+    "smoke": Preset(
+        "smoke",
+        lm_files=("stdlib:json",), lm_vocab=300, lm_layers=1, lm_hidden=32, lm_heads=2, lm_seq=32, lm_batch=4,
+        lm_tokens=1280, lm_evals=2, lm_val_fraction=0.1, chunk_size=16, extrap_factor=4, extrap_windows=4,
+        mqar_lengths=(32, 64), mqar_widths=(32,), mqar_vocab=64, mqar_steps=6, mqar_batch_tokens=256, mqar_val=16,
+        contrast_seq=8, contrast_dim=4, contrast_width=32, contrast_steps=6, contrast_batch=16, contrast_val=32,
+    ),
+}
+
+
+# Training through the framework
