@@ -21,6 +21,12 @@ from zeros_lm.training import ZeroSCheckpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def env(clean_env):
+    """The subprocess environment, importing zeros_lm from this checkout."""
+    return dict(clean_env, PYTHONPATH=str(REPO))
+
+
 # ------------------------------------------------------------------------------------------
 # last.ckpt link
 # ------------------------------------------------------------------------------------------
@@ -94,9 +100,9 @@ def test_torch_at_or_above_the_floor_is_accepted(version):
     check_torch_version(version)
 
 
-def test_importing_the_package_under_an_old_torch_says_what_is_wrong(clean_env):
+def test_importing_the_package_under_an_old_torch_says_what_is_wrong(env):
     code = "import torch; torch.__version__ = '2.5.1'; import zeros_lm"
-    proc = subprocess.run([sys.executable, "-c", code], env=clean_env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         "ImportError: zeros-lm needs torch >= 2.6 (transformers 5 disables PyTorch below it), found torch 2.5.1; "
@@ -104,9 +110,9 @@ def test_importing_the_package_under_an_old_torch_says_what_is_wrong(clean_env):
     )
 
 
-def test_selfcheck_runs_every_attention_type_forward(clean_env):
+def test_selfcheck_runs_every_attention_type_forward(env):
     proc = subprocess.run(
-        [sys.executable, "-m", "zeros_lm.selfcheck"], env=clean_env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "zeros_lm.selfcheck"], env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     for attention_type in ("zeros", "softmax", "linear"):
@@ -172,7 +178,7 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_killed_preparation_with_workers_blocks_nothing_and_leaves_nothing(tmp_path, tiny_tokenizer, clean_env):
+def test_a_killed_preparation_with_workers_blocks_nothing_and_leaves_nothing(tmp_path, tiny_tokenizer, env):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
@@ -185,7 +191,7 @@ def test_a_killed_preparation_with_workers_blocks_nothing_and_leaves_nothing(tmp
     script = tmp_path / "prepare.py"
     script.write_text(PREPARE_SCRIPT)
     args = [sys.executable, str(script), str(corpus), str(tokenizer_dir), str(cache)]
-    first = subprocess.Popen(args + ["slow"], env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen(args + ["slow"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     workers: list[int] = []
     second = None
     try:
@@ -198,7 +204,7 @@ def test_a_killed_preparation_with_workers_blocks_nothing_and_leaves_nothing(tmp
         first.wait(timeout=30)
         # A new preparation in the same cache completes, removing what the killed one left:
         # its work folder and the processes it had forked (workers, a datasets manager).
-        second = subprocess.Popen(args + ["fast"], env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        second = subprocess.Popen(args + ["fast"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = second.communicate(timeout=300)
         assert second.returncode == 0, err.decode()[-3000:]
         assert "prepared" in out.decode()
@@ -215,7 +221,7 @@ def test_a_killed_preparation_with_workers_blocks_nothing_and_leaves_nothing(tmp
                 os.kill(w, signal.SIGKILL)
 
 
-def test_a_cache_locked_by_a_live_process_is_waited_for_then_one_clear_error(tmp_path, monkeypatch, capsys, clean_env):
+def test_a_cache_locked_by_a_live_process_is_waited_for_then_one_clear_error(tmp_path, monkeypatch, capsys, env):
     from zeros_lm import data as D
 
     cache = tmp_path / "cache"
@@ -223,7 +229,7 @@ def test_a_cache_locked_by_a_live_process_is_waited_for_then_one_clear_error(tmp
         "import sys, time; from pathlib import Path; from zeros_lm import _locks; "
         f"_locks.acquire(Path({str(cache / '.lock')!r})); print('locked', flush=True); time.sleep(120)"
     )
-    holder = subprocess.Popen([sys.executable, "-c", holder_code], env=clean_env, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         (tmp_path / "doc.txt").write_text("some text to train on\n" * 50)
@@ -242,3 +248,100 @@ def test_a_cache_locked_by_a_live_process_is_waited_for_then_one_clear_error(tmp
     corpus = D.prepare_corpus(train_files=[str(tmp_path / "doc.txt")], cache_dir=str(cache), seq_len=8, num_proc=1,
                               tokenizer_vocab_size=300, val_fraction=0.0)
     assert len(corpus.train) > 0
+
+
+# ------------------------------------------------------------------------------------------
+# Export: never into an occupied directory unless told, and then as a whole
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_tokenizer):
+    """A checkpoint directory as train.py leaves it (two step files and last.ckpt), holding a tiny
+    model's weights, config and tokenizer, plus a truncated copy of the newest and a text file."""
+    from conftest import tiny_model
+
+    root = tmp_path_factory.mktemp("ckpts")
+    model = tiny_model("zeros", seed=3)
+    checkpoint = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "zeros_lm": {"format": 1, "config": model.config.to_dict(), "tokenizer_json": tiny_tokenizer.backend_tokenizer.to_str()},
+        "global_step": 10,
+    }
+    good = root / "step=0000010.ckpt"
+    torch.save(checkpoint, good)
+    bad = root / "step=0000020.ckpt"
+    data = good.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # killed mid-copy
+    os.symlink(bad.name, root / "last.ckpt")
+    text = root / "notes.ckpt.txt"
+    text.write_text("not a checkpoint\n")
+    return types.SimpleNamespace(dir=root, good=good, bad=bad, last=root / "last.ckpt", text=text, model=model)
+
+
+def _export(args, capsys) -> tuple[int, str]:
+    from zeros_lm import export
+
+    code = export.main(args)
+    return code, capsys.readouterr().err
+
+
+def test_export_refuses_a_non_empty_directory_and_leaves_it_alone(checkpoints, tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"shard")
+    code, err = _export([str(checkpoints.good), str(out), "--no-check"], capsys)
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"error: the export target {out} is not empty (it holds config.json, model-00001-of-00002.safetensors); "
+        "choose another directory, or replace it as a whole with --overwrite"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model-00001-of-00002.safetensors"]
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_export_overwrite_replaces_the_directory_as_a_whole(checkpoints, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    for stale in ("model.safetensors.index.json", "model-00001-of-00002.safetensors", "config.json"):
+        (out / stale).write_text("from another model")
+    code, err = _export([str(checkpoints.good), str(out), "--overwrite", "--no-check"], capsys)
+    assert code == 0, err
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
+    assert not names & {"model.safetensors.index.json", "model-00001-of-00002.safetensors"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary or old directory left
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, checkpoints.model(input_ids=ids).logits)
+
+
+def test_a_failed_overwrite_leaves_the_old_export_intact(checkpoints, tmp_path, monkeypatch):
+    from zeros_lm import export
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("the old model")
+
+    def crash(model, tokenizer, out_dir, generation, dtype):
+        Path(out_dir, "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(export, "_export_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_from_checkpoint(str(checkpoints.good), str(out), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "the old model"
+
+
+@pytest.mark.parametrize("which", ["bad", "last", "text"])
+def test_export_of_an_unreadable_checkpoint_names_the_newest_readable_one(checkpoints, tmp_path, capsys, which):
+    path = getattr(checkpoints, which)
+    code, err = _export([str(path), str(tmp_path / "out")], capsys)
+    assert code == 1
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: cannot read the checkpoint {path}")
+    assert line.endswith(f"the newest readable checkpoint there is {checkpoints.good}: use that one")
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,11 @@ that DeepSpeed writes), or from a model in memory. The directory holds ``model.s
 
 Command line::
 
-    python -m zeros_lm.export CHECKPOINT OUT_DIR [--tokenizer DIR] [--dtype bfloat16]
+    python -m zeros_lm.export CHECKPOINT OUT_DIR [--tokenizer DIR] [--dtype bfloat16] [--overwrite]
+
+A directory that is not empty is only replaced with ``--overwrite`` (``overwrite=True``), and then
+as a whole: the export is written to a temporary directory beside it and swapped in, so the
+directory never holds a mix of two models.
 """
 
 from __future__ import annotations
@@ -16,45 +20,161 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
+import uuid
+import zipfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-__all__ = ["load_checkpoint", "export_from_checkpoint", "export_model", "compare_logits", "main"]
+__all__ = [
+    "ExportError",
+    "CheckpointError",
+    "load_checkpoint",
+    "check_checkpoint",
+    "newest_readable_checkpoint",
+    "export_from_checkpoint",
+    "export_model",
+    "compare_logits",
+    "main",
+]
 
 CHECKPOINT_KEY = "zeros_lm"
 MODEL_PREFIX = "model."
 
 
 class ExportError(ValueError):
-    pass
+    """A problem with an export's input or output, reported as one line."""
+
+
+class CheckpointError(ExportError):
+    """A checkpoint that cannot be read (missing, truncated, or not written by ``train.py``)."""
 
 
 def _is_deepspeed_checkpoint(path: Path) -> bool:
     return path.is_dir() and ((path / "latest").is_file() or (path / "checkpoint").is_dir())
 
 
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint as a plain dict with a full fp32 ``state_dict`` (DeepSpeed shards are
-    consolidated)."""
+def _zip_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a readable ``torch.save`` archive (None if it looks whole): the zip
+    directory sits at the end of the file, so a truncated file has none."""
+    if not zipfile.is_zipfile(path):
+        return "truncated, or not a file written by torch.save"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "a zip archive, but not one written by torch.save"
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def checkpoint_problem(path) -> Optional[str]:
+    """Why ``path`` cannot be resumed from or exported (None if it can), without loading its
+    tensors: a file must be a whole ``torch.save`` archive holding a Lightning ``state_dict``; a
+    DeepSpeed directory must hold its model-state shards."""
     p = Path(path)
     if not p.exists():
-        raise ExportError(f"no such checkpoint: {path!r}")
+        if p.is_symlink():
+            return f"it points to {os.readlink(p)}, which does not exist"
+        return "it does not exist"
     if p.is_dir():
         if not _is_deepspeed_checkpoint(p):
-            raise ExportError(f"{path!r} is a directory but not a DeepSpeed checkpoint (no 'latest' file)")
+            return "a directory, but not a DeepSpeed checkpoint (no 'latest' file)"
+        tag = (p / "latest").read_text().strip() if (p / "latest").is_file() else "checkpoint"
+        shards = sorted((p / tag).glob("*model_states.pt")) if (p / tag).is_dir() else []
+        if not shards:
+            return f"a DeepSpeed checkpoint without model states in {tag}/"
+        for shard in shards:
+            problem = _zip_problem(shard)
+            if problem:
+                return f"its shard {shard.name} is {problem}"
+        return None
+    problem = _zip_problem(p)
+    if problem:
+        return problem
+    try:
+        # Memory-mapped: the tensors are not read, only the archive's structure and metadata.
+        checkpoint = torch.load(str(p), map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is the answer
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        return "a torch file, but not a train.py checkpoint (no state_dict)"
+    return None
+
+
+def _step_order(path: Path) -> tuple:
+    import re
+
+    match = re.search(r"step=(\d+)", path.name)
+    return (int(match.group(1)) if match else -1, path.lstat().st_mtime)
+
+
+def newest_readable_checkpoint(directory, exclude=()) -> Optional[Path]:
+    """The newest checkpoint in ``directory`` (highest step, then latest written) that
+    :func:`checkpoint_problem` finds nothing wrong with; links (``last.ckpt``) and ``exclude`` are
+    skipped."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    skip = {os.path.realpath(e) for e in exclude}
+    candidates = [
+        c for c in directory.iterdir()
+        if c.name.endswith(".ckpt") and not c.is_symlink() and os.path.realpath(c) not in skip
+    ]
+    for candidate in sorted(candidates, key=_step_order, reverse=True):
+        if checkpoint_problem(candidate) is None:
+            return candidate
+    return None
+
+
+def unreadable_checkpoint(path, problem: str) -> CheckpointError:
+    """The one-line error for an unreadable checkpoint, naming the newest readable one beside it."""
+    p = Path(path)
+    shown = str(p)
+    if p.is_symlink():
+        shown += f" (-> {os.readlink(p)})"
+    alternative = newest_readable_checkpoint(p.parent, exclude=[p])
+    advice = (
+        f"the newest readable checkpoint there is {alternative}: use that one"
+        if alternative is not None
+        else f"no other readable checkpoint in {p.parent}"
+    )
+    return CheckpointError(f"cannot read the checkpoint {shown}: {problem}; {advice}")
+
+
+def check_checkpoint(path) -> None:
+    """Raise :class:`CheckpointError` (naming the newest readable alternative) unless ``path`` can
+    be read; cheap, see :func:`checkpoint_problem`."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise unreadable_checkpoint(path, problem)
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint as a plain dict with a full fp32 ``state_dict`` (DeepSpeed shards are
+    consolidated). An unreadable one raises :class:`CheckpointError`."""
+    p = Path(path)
+    check_checkpoint(p)
+    if p.is_dir():
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
         import io
 
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), _quiet_tqdm():
-            checkpoint = convert_zero_checkpoint_to_fp32_state_dict(str(p), os.path.join(tmp, "consolidated.pt"))
+            try:
+                checkpoint = convert_zero_checkpoint_to_fp32_state_dict(str(p), os.path.join(tmp, "consolidated.pt"))
+            except Exception as e:  # noqa: BLE001
+                raise unreadable_checkpoint(p, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
         return checkpoint
-    return torch.load(str(p), map_location="cpu", weights_only=False)
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - e.g. damaged in the middle, which the cheap check cannot see
+        raise unreadable_checkpoint(p, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
 
 
 @contextlib.contextmanager
@@ -150,15 +270,72 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def export_model(model, tokenizer, out_dir: str, generation: Optional[dict] = None, dtype: Optional[torch.dtype] = None):
-    """Write ``model`` (a ``ZeroSForCausalLM``), ``tokenizer`` and a generation config to ``out_dir``."""
+def check_target(out_dir, overwrite: bool = False) -> None:
+    """Raise :class:`ExportError` if ``out_dir`` may not be written: a file, or a directory that is
+    not empty when ``overwrite`` is false."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"the export target {out} exists and is not a directory")
+    if out.is_dir() and not overwrite:
+        names = sorted(p.name for p in out.iterdir())
+        if names:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            raise ExportError(
+                f"the export target {out} is not empty (it holds {shown}); choose another directory, "
+                "or replace it as a whole with --overwrite"
+            )
+
+
+def write_dir_atomically(out_dir, write_fn) -> None:
+    """Call ``write_fn(tmp)`` on a fresh directory beside ``out_dir``, then swap it in: an existing
+    ``out_dir`` is renamed away, the new one renamed into place, and the old one deleted. A failure
+    (or a kill) while writing leaves ``out_dir`` as it was."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.with_name(f".{out.name}.tmp-{token}")
+    tmp.mkdir()
+    try:
+        write_fn(tmp)
+        if out.exists() or out.is_symlink():
+            old = out.with_name(f".{out.name}.old-{token}")
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_model(
+    model,
+    tokenizer,
+    out_dir: str,
+    generation: Optional[dict] = None,
+    dtype: Optional[torch.dtype] = None,
+    overwrite: bool = False,
+):
+    """Write ``model`` (a ``ZeroSForCausalLM``), ``tokenizer`` and a generation config to ``out_dir``.
+
+    A non-empty ``out_dir`` raises :class:`ExportError` unless ``overwrite``; it is then replaced
+    as a whole (see :func:`write_dir_atomically`)."""
+    check_target(out_dir, overwrite)
     with _quiet_transformers():
-        return _export_model(model, tokenizer, out_dir, generation, dtype)
+        write_dir_atomically(out_dir, lambda tmp: _export_model(model, tokenizer, tmp, generation, dtype))
+    return str(out_dir)
 
 
 def _export_model(model, tokenizer, out_dir, generation, dtype):
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     try:
@@ -185,9 +362,11 @@ def export_from_checkpoint(
     tokenizer=None,
     generation: Optional[dict] = None,
     dtype: Optional[torch.dtype] = None,
+    overwrite: bool = False,
 ):
     """Export a ``train.py`` checkpoint (plain file or DeepSpeed directory). The tokenizer stored in
-    the checkpoint is used unless one is given."""
+    the checkpoint is used unless one is given. ``overwrite``: see :func:`export_model`."""
+    check_target(out_dir, overwrite)
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint)
     if tokenizer is None:
@@ -198,7 +377,7 @@ def export_from_checkpoint(
         raise ExportError(
             f"the tokenizer has {len(tokenizer)} entries but the model's vocabulary {model.config.vocab_size}"
         )
-    export_model(model, tokenizer, out_dir, generation=generation, dtype=dtype)
+    export_model(model, tokenizer, out_dir, generation=generation, dtype=dtype, overwrite=overwrite)
     return model
 
 
@@ -227,6 +406,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the one stored in the checkpoint)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--no-check", action="store_true", help="skip reloading the export and comparing logits")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it is not empty (as a whole, never mixed)"
+    )
     args = parser.parse_args(argv)
 
     import zeros_lm  # noqa: F401
@@ -238,7 +420,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             tokenizer = load_tokenizer(args.tokenizer)
         dtype = getattr(torch, args.dtype)
-        model = export_from_checkpoint(args.checkpoint, args.out_dir, tokenizer=tokenizer, dtype=dtype)
+        model = export_from_checkpoint(
+            args.checkpoint, args.out_dir, tokenizer=tokenizer, dtype=dtype, overwrite=args.overwrite
+        )
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -561,10 +561,12 @@ class HFExport(Callback):
                 trainer.save_checkpoint(ckpt)
         if trainer.is_global_zero:
             t0 = time.time()
+            # The directory was claimed for this run when it started (train.py refuses one that
+            # holds another run's export unless told to overwrite); it is replaced as a whole.
             if ckpt is not None:
-                export_from_checkpoint(ckpt, out, tokenizer=tokenizer, generation=self.generation)
+                export_from_checkpoint(ckpt, out, tokenizer=tokenizer, generation=self.generation, overwrite=True)
             else:
-                export_model(pl_module.model, tokenizer, out, generation=self.generation)
+                export_model(pl_module.model, tokenizer, out, generation=self.generation, overwrite=True)
             self.check = compare_logits(out, probe, reference)
             self.exported_to = out
             Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
