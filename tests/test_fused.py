@@ -1,0 +1,291 @@
+"""The fused Triton chunk core (zeros_lm/ops_fused.py) against a float64 PyTorch reference of its contract.
+
+Without a CUDA device the kernels run in Triton's interpreter on CPU tensors (ops_fused picks it by
+itself, so no environment variable leaks into other test files). The interpreter gets bfloat16
+wrong, so CPU tests cover float32 and float16; bfloat16 is tested on a GPU only.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from zeros_lm.ops_fused import MIN_CHUNK_SIZE, chunk_core_fused  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_NO_MAX = -1e30
+F32_TOL, F16_TOL = 1e-4, 5e-3
+TOLERANCE = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: 4e-2}
+LOGITS = {  # (mean, spread) of the key logits
+    "normal": lambda g, n: torch.randn(n, generator=g, dtype=torch.float64),
+    "uniform": lambda g, n: 0.01 * torch.randn(n, generator=g, dtype=torch.float64),   # the cancellation case
+    "spread": lambda g, n: 500.0 + 300.0 * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1),
+}
+CORE_ARGS = ("q", "k", "v", "s", "m", "a", "b", "hc", "m0", "m1", "sb0", "sb1", "start_states",
+             "chunk_load", "chunk_store")
+DIFFERENTIABLE = ("q", "k", "v", "s", "a", "b", "hc", "sb0", "sb1", "start_states")
+
+
+# ----------------------------------------------------------------------------------------------
+# The contract, literally: a loop over chunks in float64
+# ----------------------------------------------------------------------------------------------
+
+def core_reference(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
+                   num_out_states, chunk_size):
+    q, k, v = (x.double().transpose(1, 2) for x in (q, k, v))       # (B, H, T, d)
+    s, m, a, b, hc, m0, m1, sb0, sb1, start_states = (
+        x.double() for x in (s, m, a, b, hc, m0, m1, sb0, sb1, start_states))
+    B, H, T, _ = q.shape
+    C = chunk_size
+    causal = torch.ones(C, C, dtype=torch.bool).tril()
+    outputs, out_states = [], {}
+    for row in range(B):
+        chunks = []
+        for j in range(T // C):
+            if chunk_load[row, j] >= 0:
+                state = start_states[chunk_load[row, j]]           # (H, 3, d_k, d_v)
+            F_, G_, H_ = state.unbind(1)
+            c = slice(j * C, (j + 1) * C)
+            qj, kj, vj = q[row, :, c], k[row, :, c], v[row, :, c]    # (H, C, d)
+            sj, mj, aj, bj, hj = (x[row, :, c] for x in (s, m, a, b, hc))
+            m0j, m1j, sb0j, sb1j = (x[row, :, j, None] for x in (m0, m1, sb0, sb1))  # (H, 1)
+            e = torch.exp((sj[:, None, :] - mj[:, :, None]).clamp(max=0.0))
+            r = aj[..., None] * e + bj[..., None] * (sj - sb0j)[:, None, :] + hj[..., None]
+            w = (qj @ kj.transpose(-1, -2)) * r * causal
+            readout = ((aj * torch.exp(m0j - mj))[..., None, None] * F_[:, None] + bj[..., None, None] * G_[:, None]
+                       + hj[..., None, None] * H_[:, None])          # (H, C, d_k, d_v)
+            chunks.append(w @ vj + torch.einsum("hck,hckv->hcv", qj, readout))
+            kv = lambda coef: torch.einsum("hc,hck,hcv->hkv", coef, kj, vj)  # noqa: E731
+            state = torch.stack([torch.exp(m0j - m1j)[..., None] * F_ + kv(torch.exp((sj - m1j).clamp(max=0.0))),
+                                 G_ + (sb0j - sb1j)[..., None] * H_ + kv(sj - sb1j),
+                                 H_ + kv(torch.ones_like(sj))], dim=1)
+            if chunk_store[row, j] >= 0:
+                out_states[int(chunk_store[row, j])] = state
+        outputs.append(torch.cat(chunks, dim=1))
+    o = torch.stack(outputs).transpose(1, 2)
+    zero = torch.zeros_like(start_states[0])
+    return o, torch.stack([out_states.get(i, zero) for i in range(num_out_states)]) if num_out_states else \
+        start_states.new_zeros(0, *start_states.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Realistic inputs: the per-token scalars of a ZeroS layer (ops.py's docstring), segment by segment
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Segment:
+    length: int
+    start: str = "empty"    # "empty": loads the all-zero row 0; "prefix": a state built from earlier tokens
+    store: bool = True      # its final state goes to out_states
+
+
+def _prefix_state(g, n, d_k, d_v, H, logits):
+    """The state (kv, E, m, sbar, count) after n random earlier tokens, from its definition, float64."""
+    k = F.normalize(torch.randn(H, n, d_k, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(H, n, d_v, generator=g, dtype=torch.float64)
+    s = torch.stack([LOGITS[logits](g, n) for _ in range(H)])
+    m = s.amax(-1)
+    sbar = s.mean(-1)
+    e = torch.exp(s - m[:, None])
+    kv = torch.stack([torch.einsum("ht,htk,htv->hkv", coef, k, v)
+                      for coef in (e, s - sbar[:, None], torch.ones_like(s))], dim=1)
+    return kv, e.sum(-1), m, sbar, float(n)
+
+
+def make_case(rows, *, chunk_size, d_k, d_v, heads=2, dtype=torch.float32, logits="normal", first_layer=False,
+              seed=0):
+    """Chunk-aligned inputs for chunk_core_fused: each row a list of ``Segment``s, each segment starting
+    on a chunk edge and padded to whole chunks; shorter rows end with padding chunks."""
+    g = torch.Generator().manual_seed(seed)
+    C, H = chunk_size, heads
+    n_chunks = [sum(-(-seg.length // C) for seg in row) for row in rows]
+    N = max(n_chunks)
+    B, T = len(rows), N * C
+    q = F.normalize(torch.randn(B, T, H, d_k, generator=g, dtype=torch.float64), dim=-1)
+    k = torch.zeros(B, T, H, d_k, dtype=torch.float64)
+    v = torch.zeros(B, T, H, d_v, dtype=torch.float64)
+    s, m, a, b, hc = (torch.zeros(B, H, T, dtype=torch.float64) for _ in range(5))
+    m0, m1, sb0, sb1 = (torch.zeros(B, H, N, dtype=torch.float64) for _ in range(4))
+    chunk_load = torch.full((B, N), -1, dtype=torch.int64)
+    chunk_store = torch.full((B, N), -1, dtype=torch.int64)
+    start_states = [torch.zeros(H, 3, d_k, d_v, dtype=torch.float64)]     # row 0: the empty state
+    num_out = 0
+    for row, segments in enumerate(rows):
+        j = 0
+        for seg in segments:
+            if seg.start == "prefix":
+                kv0, E, m_run, sbar, n0 = _prefix_state(g, 5 + seg.length % 7, d_k, d_v, H, logits)
+                chunk_load[row, j] = len(start_states)
+                start_states.append(kv0)
+            else:
+                chunk_load[row, j] = 0
+                E, m_run, sbar, n0 = torch.zeros(H, dtype=torch.float64), torch.full((H,), _NO_MAX), torch.zeros(H), 0.0
+            L = seg.length
+            t0 = j * C
+            seg_chunks = -(-L // C)
+            tok = slice(t0, t0 + L)
+            k[row, tok] = F.normalize(torch.randn(L, H, d_k, generator=g, dtype=torch.float64), dim=-1)
+            v[row, tok] = torch.randn(L, H, d_v, generator=g, dtype=torch.float64)
+            s_seg = torch.stack([LOGITS[logits](g, L) for _ in range(H)])   # (H, L)
+            m_seg = torch.maximum(s_seg.cummax(-1).values, m_run[:, None])
+            n_seg = n0 + torch.arange(1, L + 1, dtype=torch.float64)
+            sbar_seg = (n0 * sbar[:, None] + s_seg.cumsum(-1)) / n_seg
+            E_seg = torch.stack([E[h] * torch.exp(m_run[h] - m_seg[h]) + torch.stack(
+                [torch.exp(s_seg[h, :i + 1] - m_seg[h, i]).sum() for i in range(L)]) for h in range(H)])
+            g1, gh = (torch.sigmoid(torch.randn(H, L, generator=g, dtype=torch.float64)) for _ in range(2))
+            g0 = torch.tanh(torch.randn(H, L, generator=g, dtype=torch.float64)) if first_layer else 0.0
+            b_seg = (g1 - gh) / n_seg
+            c_seg = (g0 - gh) / n_seg
+            # Per token with padding carried forward to the segment's chunk end.
+            pad = seg_chunks * C - L
+            ext = lambda x: torch.cat([x, x[:, -1:].expand(H, pad)], dim=-1)  # noqa: E731
+            m_ext, sbar_ext = ext(m_seg), ext(sbar_seg)
+            span = slice(t0, t0 + seg_chunks * C)
+            s[row, :, tok] = s_seg
+            m[row, :, span] = m_ext
+            a[row, :, span] = ext(gh / E_seg)
+            b[row, :, span] = ext(b_seg)
+            for jj in range(seg_chunks):
+                first = t0 + jj * C
+                m0[row, :, j + jj] = m_run if jj == 0 else m[row, :, first - 1]
+                sb0[row, :, j + jj] = sbar if jj == 0 else sbar_ext[:, jj * C - 1]
+                m1[row, :, j + jj] = m_ext[:, (jj + 1) * C - 1]
+                sb1[row, :, j + jj] = sbar_ext[:, (jj + 1) * C - 1]
+                c = slice(jj * C, (jj + 1) * C)
+                hc[row, :, first:first + C] = ext(b_seg)[:, c] * (sb0[row, :, j + jj, None] - sbar_ext[:, c]) + ext(c_seg)[:, c]
+            j += seg_chunks
+            if seg.store:
+                chunk_store[row, j - 1] = num_out
+                num_out += 1
+        for jj in range(j, N):   # trailing padding chunks continue the row's last state
+            m0[row, :, jj] = m1[row, :, jj] = m[row, :, j * C - 1]
+            sb0[row, :, jj] = sb1[row, :, jj] = sb1[row, :, j - 1]
+            m[row, :, jj * C:(jj + 1) * C] = m[row, :, j * C - 1, None]
+    args = dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), s=s, m=m, a=a, b=b, hc=hc, m0=m0, m1=m1, sb0=sb0,
+                sb1=sb1, start_states=torch.stack(start_states), chunk_load=chunk_load, chunk_store=chunk_store)
+    args = {name: (x if x.dtype in (torch.int64, dtype) else x.float()).to(DEVICE) for name, x in args.items()}
+    return args, num_out
+
+
+def _rel(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def check_against_reference(rows, *, chunk_size, dtype=torch.float32, tol=None, **kwargs):
+    """Outputs, out_states and the gradients of every differentiable input agree with float64."""
+    args, num_out = make_case(rows, chunk_size=chunk_size, dtype=dtype, **kwargs)
+    tol = TOLERANCE[dtype] if tol is None else tol
+    g = torch.Generator().manual_seed(1)
+    o_shape = (*args["q"].shape[:3], args["v"].shape[-1])
+    do = torch.randn(o_shape, generator=g).to(DEVICE)
+    d_out = torch.randn(num_out, *args["start_states"].shape[1:], generator=g).to(DEVICE)
+
+    fused_in = {n: x.detach().clone().requires_grad_(n in DIFFERENTIABLE) for n, x in args.items()}
+    o, out = chunk_core_fused(*(fused_in[n] for n in CORE_ARGS), num_out, chunk_size)
+    ((o * do).sum() + (out * d_out).sum()).backward()
+
+    ref_in = {n: x.detach().cpu().double().requires_grad_(n in DIFFERENTIABLE) if x.is_floating_point() else x.cpu()
+              for n, x in args.items()}
+    o_ref, out_ref = core_reference(*(ref_in[n] for n in CORE_ARGS), num_out, chunk_size)
+    ((o_ref * do.cpu().double()).sum() + (out_ref * d_out.cpu().double()).sum()).backward()
+
+    assert o.dtype == torch.float32 and o.shape == o_ref.shape and out.shape == out_ref.shape
+    errors = {"o": _rel(o.cpu(), o_ref), "out_states": _rel(out.cpu(), out_ref)}
+    for n in DIFFERENTIABLE:
+        assert fused_in[n].grad.dtype == fused_in[n].dtype, n
+        errors["d" + n] = _rel(fused_in[n].grad.cpu(), ref_in[n].grad)
+    bad = {n: f"{e:.2e}" for n, e in errors.items() if not e <= tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement with the reference
+# ----------------------------------------------------------------------------------------------
+
+def test_plain_rows_float32():
+    """B = 2 rows of one sequence each, several chunks, every state stored."""
+    check_against_reference([[Segment(64)], [Segment(64)]], chunk_size=16, d_k=16, d_v=16)
+
+
+def test_one_token_float32():
+    """T = 1: one chunk that is almost all padding, first layer (g0) on."""
+    check_against_reference([[Segment(1)]], chunk_size=16, d_k=32, d_v=16, first_layer=True)
+
+
+def test_varlen_float32():
+    """Packed rows: a loaded prefix state, a reset mid-row, a one-token segment, an unstored
+    segment, a row shorter than the other (padding chunks), and the empty row loaded several times."""
+    rows = [[Segment(40, "prefix"), Segment(1), Segment(20, store=False)],
+            [Segment(33, "prefix"), Segment(16, "prefix")]]
+    check_against_reference(rows, chunk_size=32, d_k=32, d_v=48, heads=1, first_layer=True)
+
+
+@pytest.mark.parametrize("logits", ["normal", "uniform", "spread"])
+def test_float16(logits):
+    """fp16 q/k/v against float64, including nearly uniform logits (the three terms of R cancel) and
+    logits with a large mean and a +-300 spread."""
+    rows = [[Segment(20, "prefix"), Segment(37)], [Segment(64)]]
+    check_against_reference(rows, chunk_size=16, d_k=32, d_v=32, dtype=torch.float16, logits=logits)
+
+
+def test_float16_wide_heads():
+    check_against_reference([[Segment(50, "prefix")]], chunk_size=32, d_k=64, d_v=64, heads=1,
+                            dtype=torch.float16, logits="uniform")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 needs a GPU (the interpreter computes it wrong)")
+@pytest.mark.parametrize("logits", ["normal", "uniform"])
+def test_bfloat16_gpu(logits):
+    rows = [[Segment(300, "prefix"), Segment(100)], [Segment(400)]]
+    check_against_reference(rows, chunk_size=64, d_k=64, d_v=64, heads=4, dtype=torch.bfloat16, logits=logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_long_float16_gpu():
+    """Long rows: the row-scaled fp16 weights keep small late-context weights out of fp16 underflow."""
+    check_against_reference([[Segment(4000)]], chunk_size=64, d_k=64, d_v=64, heads=2, dtype=torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals and misc
+# ----------------------------------------------------------------------------------------------
+
+def _small_args(dtype=torch.float32):
+    return make_case([[Segment(16)]], chunk_size=16, d_k=16, d_v=16, heads=1, dtype=dtype)
+
+
+def test_float64_is_refused():
+    args, num_out = _small_args()
+    args.update(q=args["q"].double(), k=args["k"].double(), v=args["v"].double())
+    with pytest.raises(ValueError, match="float64"):
+        chunk_core_fused(*(args[n] for n in CORE_ARGS), num_out, 16)
+
+
+@pytest.mark.parametrize("chunk_size", [MIN_CHUNK_SIZE // 2, 24])
+def test_bad_chunk_size_is_refused(chunk_size):
+    args, num_out = _small_args()
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_core_fused(*(args[n] for n in CORE_ARGS), num_out, chunk_size)
+
+
+def test_bad_shape_is_refused():
+    args, num_out = _small_args()
+    args["m0"] = args["m0"][..., :0]
+    with pytest.raises(ValueError, match="m0"):
+        chunk_core_fused(*(args[n] for n in CORE_ARGS), num_out, 16)
+
+
+def test_no_out_states_and_no_grad():
+    """num_out_states = 0 and a forward without autograd both work; the result matches the reference."""
+    args, _ = _small_args()
+    with torch.no_grad():
+        o, out = chunk_core_fused(*(args[n] for n in CORE_ARGS), 0, 16)
+    o_ref, _ = core_reference(*(args[n].cpu() for n in CORE_ARGS), 0, 16)
+    assert out.shape == (0, 1, 3, 16, 16)
+    assert _rel(o.cpu(), o_ref) <= F32_TOL
+    assert not math.isnan(o.sum().item())

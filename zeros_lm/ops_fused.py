@@ -1,0 +1,579 @@
+"""Fused Triton kernels for the chunk core of ZeroS (the work ``zeros_attention(mode="fused")`` does per chunk).
+
+    o, out_states = chunk_core_fused(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states,
+                                     chunk_load, chunk_store, num_out_states, chunk_size)
+
+The caller (``ops.py``) prepares the per-token scalars in PyTorch and lays the tokens out chunk by
+chunk (T = N C, padding with k = v = 0). For chunk j of a row, with start state (F, G, H) (loaded
+from ``start_states`` or carried from the previous chunk of the row) and tokens t, i of the chunk:
+
+    o_t    = sum_{i<=t} (q_t . k_i) R[t, i] v_i + q_t^T (a_t exp(m0_j - m_t) F + b_t G + hc_t H)
+    R[t,i] = a_t exp(min(s_i - m_t, 0)) + b_t (s_i - sb0_j) + hc_t
+    F' = exp(m0_j - m1_j) F + sum_i exp(min(s_i - m1_j, 0)) k_i v_i^T
+    G' = G + (sb0_j - sb1_j) H + sum_i (s_i - sb1_j) k_i v_i^T
+    H' = H + sum_i k_i v_i^T
+
+Kernels (one program per (batch row x head) or per (chunk, batch row x head)):
+- ``_states_fwd_kernel``: sequential over the chunks of a row; records the float32 state at each
+  chunk start (for the output kernel; the backward recomputes it rather than keep it alive).
+- ``_output_fwd_kernel``: parallel over chunks; Q K^T in the input dtype (float32 accumulation),
+  the (C, C) weights R formed in float32 and multiplied in, times V; plus the readout of the chunk's
+  start state with float32 products (its a/b/hc combination cancels when the logits are nearly uniform).
+- ``_states_bwd_kernel``: the reverse recurrence of the state gradients (``out_states`` gradients
+  enter where a chunk stores, loaded chunks hand theirs to ``start_states``).
+- ``_chunk_bwd_kernel``: parallel over chunks; dq, dk, dv, ds, da, db, dhc and dsb0 / dsb1 per chunk.
+
+Precision: products of two input-dtype tensors (Q K^T) use tensor cores; a float32 weight matrix
+times an input-dtype tensor is rounded row-scaled to the input dtype (a relative error per weight,
+never a difference of rounded sums, and no fp16 underflow of small weights at long context); every
+product that touches a state, a gradient of the output or a cancelling combination is float32
+(``input_precision="ieee"``). Float32 inputs run every product in IEEE float32.
+
+Triton is optional: this module imports without it (``HAS_TRITON`` is then False and the entry
+raises). With TRITON_INTERPRET=1 in the environment before Triton is first imported (transformers
+imports it early, through torch._dynamo), the kernels run in Triton's interpreter on CPU tensors
+(slow; for tests without a GPU); bfloat16 is computed in float32 there (the interpreter gets it wrong).
+"""
+
+import re
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # CPU installs without Triton: the other modes of ops.py keep working
+    triton = tl = None
+    HAS_TRITON = False
+
+__all__ = ["chunk_core_fused", "HAS_TRITON", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MIN_CHUNK_SIZE"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# One program holds whole (C, d_k) / (C, d_v) tiles and three (d_k, d_v) float32 states.
+MAX_HEAD_DIM = 128
+# tl.dot needs every dimension >= 16 on a GPU; tl.arange needs powers of two.
+MIN_CHUNK_SIZE = 16
+_MIN_BLOCK = 16
+
+
+def _interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter (CPU tensors) rather than compiled (CUDA)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_output_fwd_kernel, InterpretedFunction)
+
+
+def _interpreter_consistent() -> bool:
+    """False when Triton was imported before TRITON_INTERPRET=1 was set: its own helpers (tl.zeros)
+    are then compiled functions that the interpreter cannot call."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(tl.zeros, InterpretedFunction) == _interpreting()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _weights_dot(w, x, LOWP: tl.constexpr):
+        """w (M, L) float32 weights times x (L, N): float32 (M, N).
+
+        With LOWP (16-bit x) each row of w is scaled to max |w| = 1 and rounded to x's dtype, so
+        the rounding is a relative error of each weight (tensor cores, no fp16 underflow).
+        """
+        if LOWP:
+            scale = tl.max(tl.abs(w), axis=1)
+            scale = tl.where(scale > 0, scale, 1.0)
+            return tl.dot((w / scale[:, None]).to(x.dtype), x) * scale[:, None]
+        else:
+            return tl.dot(w, x.to(tl.float32), input_precision="ieee")
+
+    @triton.jit
+    def _states_fwd_kernel(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, kv_starts,
+                           out_states, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, STORE_OUT: tl.constexpr):
+        """Grid (d_v blocks, B H). Writes the state at each chunk start to kv_starts (B, H, N, 3, K, V)."""
+        i_v = tl.program_id(0)
+        i_bh = tl.program_id(1).to(tl.int64)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        o_c = tl.arange(0, C)
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        mask_k = o_k < K
+        mask_v = o_v < V
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        kv_off = o_k[:, None] * V + o_v[None, :]
+        zero_kv = tl.zeros([BK, BV], dtype=tl.int32)
+        KV = K * V
+        F = tl.zeros([BK, BV], dtype=tl.float32)
+        G = tl.zeros([BK, BV], dtype=tl.float32)
+        Hs = tl.zeros([BK, BV], dtype=tl.float32)
+        for j in range(N):
+            ld = tl.load(chunk_load + i_b * N + j)
+            loads = (zero_kv + ld) >= 0      # a block, not a scalar: the interpreter wants block masks
+            src = start_states + (tl.maximum(ld, 0).to(tl.int64) * H + i_h) * 3 * KV + kv_off
+            F = tl.where(loads, tl.load(src, mask=mask_kv & loads, other=0.0), F)
+            G = tl.where(loads, tl.load(src + KV, mask=mask_kv & loads, other=0.0), G)
+            Hs = tl.where(loads, tl.load(src + 2 * KV, mask=mask_kv & loads, other=0.0), Hs)
+            dst = kv_starts + (i_bh * N + j) * 3 * KV + kv_off
+            tl.store(dst, F, mask=mask_kv)
+            tl.store(dst + KV, G, mask=mask_kv)
+            tl.store(dst + 2 * KV, Hs, mask=mask_kv)
+
+            t = j * C + o_c
+            k_c = tl.load(k + ((i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
+            v_c = tl.load(v + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+            k_c = k_c.to(tl.float32)
+            v_c = v_c.to(tl.float32)
+            s_c = tl.load(s + i_bh * T + t)
+            p = i_bh * N + j
+            m0_j = tl.load(m0 + p)
+            m1_j = tl.load(m1 + p)
+            sb0_j = tl.load(sb0 + p)
+            sb1_j = tl.load(sb1 + p)
+            k_t = tl.trans(k_c)
+            F = tl.exp(m0_j - m1_j) * F + tl.dot(k_t, v_c * tl.exp(tl.minimum(s_c - m1_j, 0.0))[:, None],
+                                                 input_precision="ieee")
+            G = G + (sb0_j - sb1_j) * Hs + tl.dot(k_t, v_c * (s_c - sb1_j)[:, None], input_precision="ieee")
+            Hs = Hs + tl.dot(k_t, v_c, input_precision="ieee")
+            if STORE_OUT:
+                st = tl.load(chunk_store + i_b * N + j)
+                stores = (zero_kv + st) >= 0
+                dst = out_states + (tl.maximum(st, 0).to(tl.int64) * H + i_h) * 3 * KV + kv_off
+                tl.store(dst, F, mask=mask_kv & stores)
+                tl.store(dst + KV, G, mask=mask_kv & stores)
+                tl.store(dst + 2 * KV, Hs, mask=mask_kv & stores)
+
+    @triton.jit
+    def _output_fwd_kernel(q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, T, H, N, K: tl.constexpr,
+                           V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           DOT_PREC: tl.constexpr, LOWP: tl.constexpr):
+        """Grid (d_v blocks, N, B H). o (B, T, H, V) float32."""
+        i_v = tl.program_id(0)
+        i_n = tl.program_id(1)
+        i_bh = tl.program_id(2).to(tl.int64)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        o_c = tl.arange(0, C)
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        mask_k = o_k < K
+        mask_v = o_v < V
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        KV = K * V
+        t = i_n * C + o_c
+        row = (i_b * T + t[:, None]) * H + i_h
+        q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
+        k_c = tl.load(k + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
+        v_c = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+        tok = i_bh * T + t
+        s_c = tl.load(s + tok)
+        m_c = tl.load(m + tok)
+        a_c = tl.load(a + tok)
+        b_c = tl.load(b + tok)
+        hc_c = tl.load(hc + tok)
+        m0_j = tl.load(m0 + i_bh * N + i_n)
+        sb0_j = tl.load(sb0 + i_bh * N + i_n)
+
+        # Inside the chunk: ((Q K^T) * R) V with R in float32, causal.
+        qk = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC)
+        r = (a_c[:, None] * tl.exp(tl.minimum(s_c[None, :] - m_c[:, None], 0.0))
+             + b_c[:, None] * (s_c - sb0_j)[None, :] + hc_c[:, None])
+        w = tl.where(o_c[:, None] >= o_c[None, :], qk * r, 0.0)
+        acc = _weights_dot(w, v_c, LOWP)
+
+        # Before the chunk: the start state, read in float32 (a F + hc H cancels for uniform logits).
+        src = kv_starts + (i_bh * N + i_n) * 3 * KV + o_k[:, None] * V + o_v[None, :]
+        q_f = q_c.to(tl.float32)
+        alpha = a_c * tl.exp(m0_j - m_c)
+        acc += tl.dot(q_f * alpha[:, None], tl.load(src, mask=mask_kv, other=0.0), input_precision="ieee")
+        acc += tl.dot(q_f * b_c[:, None], tl.load(src + KV, mask=mask_kv, other=0.0), input_precision="ieee")
+        acc += tl.dot(q_f * hc_c[:, None], tl.load(src + 2 * KV, mask=mask_kv, other=0.0), input_precision="ieee")
+        tl.store(o + row * V + o_v[None, :], acc, mask=mask_v[None, :])
+
+    @triton.jit
+    def _states_bwd_kernel(q, do, m, a, b, hc, m0, m1, sb0, sb1, chunk_load, chunk_store, load_slot, d_out,
+                           dkv_ends, d_starts, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr):
+        """Grid (d_v blocks, B H). Writes the gradient of the state after each chunk to dkv_ends
+        (B, H, N, 3, K, V) and that of each loaded start state to d_starts (loads, H, 3, K, V)."""
+        i_v = tl.program_id(0)
+        i_bh = tl.program_id(1).to(tl.int64)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        o_c = tl.arange(0, C)
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        mask_k = o_k < K
+        mask_v = o_v < V
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        kv_off = o_k[:, None] * V + o_v[None, :]
+        zero_kv = tl.zeros([BK, BV], dtype=tl.int32)
+        KV = K * V
+        # Gradient of the state at the start of the next chunk, if that chunk continues this one.
+        dF = tl.zeros([BK, BV], dtype=tl.float32)
+        dG = tl.zeros([BK, BV], dtype=tl.float32)
+        dH = tl.zeros([BK, BV], dtype=tl.float32)
+        for jj in range(N):
+            j = N - 1 - jj
+            st = tl.load(chunk_store + i_b * N + j)
+            stores = (zero_kv + st) >= 0
+            src = d_out + (tl.maximum(st, 0).to(tl.int64) * H + i_h) * 3 * KV + kv_off
+            dF += tl.load(src, mask=mask_kv & stores, other=0.0)
+            dG += tl.load(src + KV, mask=mask_kv & stores, other=0.0)
+            dH += tl.load(src + 2 * KV, mask=mask_kv & stores, other=0.0)
+            dst = dkv_ends + (i_bh * N + j) * 3 * KV + kv_off
+            tl.store(dst, dF, mask=mask_kv)
+            tl.store(dst + KV, dG, mask=mask_kv)
+            tl.store(dst + 2 * KV, dH, mask=mask_kv)
+
+            t = j * C + o_c
+            row = (i_b * T + t[:, None]) * H + i_h
+            q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
+            do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+            tok = i_bh * T + t
+            m_c = tl.load(m + tok)
+            p = i_bh * N + j
+            m0_j = tl.load(m0 + p)
+            alpha = tl.load(a + tok) * tl.exp(m0_j - m_c)
+            # Transposed transition, then what the chunk's own readout of its start state adds.
+            dH += (tl.load(sb0 + p) - tl.load(sb1 + p)) * dG
+            dF = tl.exp(m0_j - tl.load(m1 + p)) * dF
+            dF += tl.dot(tl.trans(q_c * alpha[:, None]), do_c, input_precision="ieee")
+            dG += tl.dot(tl.trans(q_c * tl.load(b + tok)[:, None]), do_c, input_precision="ieee")
+            dH += tl.dot(tl.trans(q_c * tl.load(hc + tok)[:, None]), do_c, input_precision="ieee")
+
+            ld = tl.load(chunk_load + i_b * N + j)
+            loads = (zero_kv + ld) >= 0
+            dst = d_starts + (tl.maximum(tl.load(load_slot + i_b * N + j), 0).to(tl.int64) * H + i_h) * 3 * KV + kv_off
+            tl.store(dst, dF, mask=mask_kv & loads)
+            tl.store(dst + KV, dG, mask=mask_kv & loads)
+            tl.store(dst + 2 * KV, dH, mask=mask_kv & loads)
+            dF = tl.where(loads, 0.0, dF)
+            dG = tl.where(loads, 0.0, dG)
+            dH = tl.where(loads, 0.0, dH)
+
+    @triton.jit
+    def _chunk_bwd_kernel(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, kv_starts, dkv_ends, do, dq, dk, dv, ds,
+                          da, db, dhc, dsb0, dsb1, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr):
+        """Grid (N, B H), whole d_k and d_v per program. Gradients in float32."""
+        i_n = tl.program_id(0)
+        i_bh = tl.program_id(1).to(tl.int64)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        o_c = tl.arange(0, C)
+        o_k = tl.arange(0, BK)
+        o_v = tl.arange(0, BV)
+        mask_k = o_k < K
+        mask_v = o_v < V
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        KV = K * V
+        t = i_n * C + o_c
+        row = (i_b * T + t[:, None]) * H + i_h
+        q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
+        k_c = tl.load(k + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
+        v_f = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
+        do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+        q_f = q_c.to(tl.float32)
+        k_f = k_c.to(tl.float32)
+        tok = i_bh * T + t
+        s_c = tl.load(s + tok)
+        m_c = tl.load(m + tok)
+        a_c = tl.load(a + tok)
+        b_c = tl.load(b + tok)
+        hc_c = tl.load(hc + tok)
+        p = i_bh * N + i_n
+        m0_j = tl.load(m0 + p)
+        m1_j = tl.load(m1 + p)
+        sb0_j = tl.load(sb0 + p)
+        sb1_j = tl.load(sb1 + p)
+        kv_off = o_k[:, None] * V + o_v[None, :]
+        start = kv_starts + p * 3 * KV + kv_off
+        F0 = tl.load(start, mask=mask_kv, other=0.0)
+        G0 = tl.load(start + KV, mask=mask_kv, other=0.0)
+        H0 = tl.load(start + 2 * KV, mask=mask_kv, other=0.0)
+        end = dkv_ends + p * 3 * KV + kv_off
+        dF = tl.load(end, mask=mask_kv, other=0.0)
+        dG = tl.load(end + KV, mask=mask_kv, other=0.0)
+        dH = tl.load(end + 2 * KV, mask=mask_kv, other=0.0)
+
+        # Inside the chunk, with D[t, i] = (q_t . k_i)(do_t . v_i) the gradient of R[t, i].
+        causal = o_c[:, None] >= o_c[None, :]
+        qk = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC)
+        dov = tl.dot(do_c, tl.trans(v_f), input_precision="ieee")
+        diff = s_c[None, :] - m_c[:, None]
+        e = tl.exp(tl.minimum(diff, 0.0))
+        centred = s_c - sb0_j
+        r = a_c[:, None] * e + b_c[:, None] * centred[None, :] + hc_c[:, None]
+        D = tl.where(causal, qk * dov, 0.0)
+        rdov = tl.where(causal, r * dov, 0.0)
+        w = tl.where(causal, r * qk, 0.0)
+
+        # The readout of the start state (float32) and the chunk's additions to the state after it.
+        decay = tl.exp(m0_j - m_c)
+        alpha = a_c * decay
+        e1 = tl.exp(tl.minimum(s_c - m1_j, 0.0))
+        centred1 = s_c - sb1_j
+        dq_c = _weights_dot(rdov, k_c, LOWP)
+        dq_c += tl.dot(do_c * alpha[:, None], tl.trans(F0), input_precision="ieee")
+        dq_c += tl.dot(do_c * b_c[:, None], tl.trans(G0), input_precision="ieee")
+        dq_c += tl.dot(do_c * hc_c[:, None], tl.trans(H0), input_precision="ieee")
+        dk_c = _weights_dot(tl.trans(rdov), q_c, LOWP)
+        dk_c += tl.dot(v_f * e1[:, None], tl.trans(dF), input_precision="ieee")
+        dk_c += tl.dot(v_f * centred1[:, None], tl.trans(dG), input_precision="ieee")
+        dk_c += tl.dot(v_f, tl.trans(dH), input_precision="ieee")
+        kdF = tl.dot(k_f, dF, input_precision="ieee")
+        kdG = tl.dot(k_f, dG, input_precision="ieee")
+        dv_c = tl.dot(tl.trans(w), do_c, input_precision="ieee")
+        dv_c += e1[:, None] * kdF + centred1[:, None] * kdG + tl.dot(k_f, dH, input_precision="ieee")
+        tl.store(dq + row * K + o_k[None, :], dq_c, mask=mask_k[None, :])
+        tl.store(dk + row * K + o_k[None, :], dk_c, mask=mask_k[None, :])
+        tl.store(dv + row * V + o_v[None, :], dv_c, mask=mask_v[None, :])
+
+        # Scalar gradients. min(x, 0) passes the gradient where x <= 0 (as torch.clamp does).
+        da_c = tl.sum(D * e, axis=1) + decay * tl.sum(tl.dot(q_f, F0, input_precision="ieee") * do_c, axis=1)
+        db_c = tl.sum(D * centred[None, :], axis=1) + tl.sum(tl.dot(q_f, G0, input_precision="ieee") * do_c, axis=1)
+        dhc_c = tl.sum(D, axis=1) + tl.sum(tl.dot(q_f, H0, input_precision="ieee") * do_c, axis=1)
+        key_F = tl.sum(kdF * v_f, axis=1)          # k_i^T dF' v_i
+        key_G = tl.sum(kdG * v_f, axis=1)
+        ds_c = (tl.sum(D * tl.where(diff <= 0.0, a_c[:, None] * e, 0.0), axis=0) + tl.sum(D * b_c[:, None], axis=0)
+                + tl.where(s_c - m1_j <= 0.0, e1 * key_F, 0.0) + key_G)
+        tl.store(da + tok, da_c)
+        tl.store(db + tok, db_c)
+        tl.store(dhc + tok, dhc_c)
+        tl.store(ds + tok, ds_c)
+        shift = tl.sum(tl.sum(dG * H0, axis=1), axis=0)    # gradient of sb0 - sb1 in the transition
+        tl.store(dsb0 + p, shift - tl.sum(tl.sum(D * b_c[:, None], axis=1), axis=0))
+        tl.store(dsb1 + p, -shift - tl.sum(key_G, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _block(d: int) -> int:
+    return max(_MIN_BLOCK, triton.next_power_of_2(d))
+
+
+def _meta(q, v, chunk_size):
+    """Sizes and compile-time flags shared by the launchers."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    return dict(B=B, T=T, H=H, N=T // chunk_size, K=K, V=V, C=chunk_size, BK=_block(K), BV=_block(V),
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", LOWP=q.dtype != torch.float32)
+
+
+def _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, out_states, z):
+    """Runs the states kernel; returns the state at each chunk start, (B, H, N, 3, K, V) float32."""
+    kv_starts = torch.empty(z["B"], z["H"], z["N"], 3, z["K"], z["V"], dtype=torch.float32, device=k.device)
+    store_out = out_states is not None
+    _states_fwd_kernel[(triton.cdiv(z["V"], z["BV"]), z["B"] * z["H"])](
+        k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, kv_starts,
+        out_states if store_out else kv_starts, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
+        BK=z["BK"], BV=z["BV"], STORE_OUT=store_out)
+    return kv_starts
+
+
+def _prepare(q, k, v, scalars, start_states, chunk_load, chunk_store):
+    """Contiguous kernel operands: q, k, v in their dtype (float32 for bfloat16 under the interpreter,
+    which computes bfloat16 wrong), scalars and states float32, chunk tables int32."""
+    if q.dtype == torch.bfloat16 and _interpreting():
+        q, k, v = (x.float() for x in (q, k, v))
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    scalars = [x.to(torch.float32).contiguous() for x in scalars]
+    start_states = start_states.to(torch.float32).contiguous()
+    chunk_load, chunk_store = (x.to(device=q.device, dtype=torch.int32).contiguous() for x in (chunk_load, chunk_store))
+    return q, k, v, scalars, start_states, chunk_load, chunk_store
+
+
+def _forward_impl(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
+                  num_out_states, chunk_size):
+    q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1), start_states, chunk_load, chunk_store = _prepare(
+        q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1), start_states, chunk_load, chunk_store)
+    z = _meta(q, v, chunk_size)
+    # At least one row, so that the kernel always gets a real pointer; the extra row is never written.
+    out_states = torch.zeros(max(num_out_states, 1), z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=q.device)
+    kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, out_states, z)
+    o = torch.empty(z["B"], z["T"], z["H"], z["V"], dtype=torch.float32, device=q.device)
+    _output_fwd_kernel[(triton.cdiv(z["V"], z["BV"]), z["N"], z["B"] * z["H"])](
+        q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
+        BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"])
+    return o, out_states[:num_out_states]
+
+
+def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load,
+                   chunk_store, chunk_size):
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    num_in = start_states.shape[0]
+    q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1, do, d_out_states), start_states, chunk_load, chunk_store = _prepare(
+        q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1, do, d_out_states), start_states, chunk_load, chunk_store)
+    z = _meta(q, v, chunk_size)
+    dev = q.device
+    kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, None, z)
+
+    # Each loading chunk gets its own slot for its start-state gradient; rows loaded by several chunks
+    # are summed afterwards.
+    loads = chunk_load >= 0
+    load_slot = torch.where(loads, loads.flatten().cumsum(0).view_as(loads) - 1, -1).to(torch.int32).contiguous()
+    load_rows = chunk_load[loads].long()
+    d_starts = torch.empty(max(load_rows.numel(), 1), z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
+    if d_out_states.shape[0] == 0:  # a real pointer for the kernel; chunk_store never points into it then
+        d_out_states = torch.zeros(1, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
+    dkv_ends = torch.empty_like(kv_starts)
+    _states_bwd_kernel[(triton.cdiv(z["V"], z["BV"]), z["B"] * z["H"])](
+        q, do, m, a, b, hc, m0, m1, sb0, sb1, chunk_load, chunk_store, load_slot, d_out_states, dkv_ends, d_starts,
+        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"])
+
+    dq = torch.empty(q.shape, dtype=torch.float32, device=dev)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
+    ds, da, db, dhc = (torch.empty_like(s) for _ in range(4))
+    dsb0, dsb1 = torch.empty_like(sb0), torch.empty_like(sb1)
+    _chunk_bwd_kernel[(z["N"], z["B"] * z["H"])](
+        q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, kv_starts, dkv_ends, do, dq, dk, dv, ds, da, db, dhc, dsb0, dsb1,
+        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"],
+        LOWP=z["LOWP"])
+    d_start_states = torch.zeros(num_in, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
+    d_start_states.index_add_(0, load_rows, d_starts[:load_rows.numel()])
+    dq, dk, dv = (x.to(dtype) for x, dtype in zip((dq, dk, dv), dtypes))
+    return dq, dk, dv, ds, da, db, dhc, dsb0, dsb1, d_start_states
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (torch.compile sees one opaque node per call) and autograd
+# ----------------------------------------------------------------------------------------------
+
+# A copy of this module loaded under another name (an exported model's trust_remote_code copy)
+# registers its own namespace instead of colliding with zeros_lm's.
+_NAMESPACE = "zeros_lm" if __name__ == "zeros_lm.ops_fused" else "zeros_lm_" + re.sub(r"\W", "_", __name__)
+_Tensor = torch.Tensor
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::chunk_core_fused", mutates_args=())
+def _chunk_core_op(q: _Tensor, k: _Tensor, v: _Tensor, s: _Tensor, m: _Tensor, a: _Tensor, b: _Tensor, hc: _Tensor,
+                   m0: _Tensor, m1: _Tensor, sb0: _Tensor, sb1: _Tensor, start_states: _Tensor, chunk_load: _Tensor,
+                   chunk_store: _Tensor, num_out_states: int, chunk_size: int) -> tuple[_Tensor, _Tensor]:
+    return _forward_impl(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
+                         num_out_states, chunk_size)
+
+
+@_chunk_core_op.register_fake
+def _(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states, chunk_size):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    return (q.new_empty(B, T, H, V, dtype=torch.float32),
+            q.new_empty(num_out_states, H, 3, K, V, dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::chunk_core_fused_backward", mutates_args=())
+def _chunk_core_backward_op(do: _Tensor, d_out_states: _Tensor, q: _Tensor, k: _Tensor, v: _Tensor, s: _Tensor,
+                            m: _Tensor, a: _Tensor, b: _Tensor, hc: _Tensor, m0: _Tensor, m1: _Tensor, sb0: _Tensor,
+                            sb1: _Tensor, start_states: _Tensor, chunk_load: _Tensor, chunk_store: _Tensor,
+                            chunk_size: int) -> tuple[_Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor,
+                                                      _Tensor, _Tensor, _Tensor]:
+    return _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load,
+                          chunk_store, chunk_size)
+
+
+@_chunk_core_backward_op.register_fake
+def _(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
+      chunk_size):
+    f32 = lambda x: torch.empty_like(x, dtype=torch.float32)  # noqa: E731
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), f32(s), f32(a), f32(b), f32(hc),
+            f32(sb0), f32(sb1), f32(start_states))
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, _num_out_states, chunk_size = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.chunk_size = chunk_size
+
+
+def _backward(ctx, do, d_out_states):
+    q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
+    if d_out_states is None:
+        d_out_states = torch.zeros(0, *start_states.shape[1:], dtype=torch.float32, device=q.device)
+    dq, dk, dv, ds, da, db, dhc, dsb0, dsb1, d_start = _chunk_core_backward_op(
+        do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
+        ctx.chunk_size)
+    return dq, dk, dv, ds, None, da, db, dhc, None, None, dsb0, dsb1, d_start, None, None, None, None
+
+
+_chunk_core_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry ops.py calls
+# ----------------------------------------------------------------------------------------------
+
+def _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states,
+           chunk_size):
+    name = "chunk_core_fused"
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name}: mode='fused' needs Triton (pip install triton, Linux); "
+                           "use mode='chunked' without it")
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{name}: q and k must be (B, T, H, d_k) of one shape and v (B, T, H, d_v); got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dtype == torch.float64 or q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k, v must share one dtype among float32, float16, bfloat16 (got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}); Triton computes float64 wrong without an error, "
+                         "use mode='chunked' for float64")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if max(K, V) > MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dimensions up to {MAX_HEAD_DIM} are supported, got d_k={K}, d_v={V}; "
+                         "use mode='chunked'")
+    if not isinstance(chunk_size, int) or chunk_size < MIN_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+        raise ValueError(f"{name}: chunk_size must be a power of two >= {MIN_CHUNK_SIZE}, got {chunk_size!r}")
+    if T == 0 or T % chunk_size:
+        raise ValueError(f"{name}: T = {T} must be a positive multiple of chunk_size = {chunk_size}; "
+                         "pad the chunks first")
+    N = T // chunk_size
+    expected = {"s": (s, (B, H, T)), "m": (m, (B, H, T)), "a": (a, (B, H, T)), "b": (b, (B, H, T)),
+                "hc": (hc, (B, H, T)), "m0": (m0, (B, H, N)), "m1": (m1, (B, H, N)), "sb0": (sb0, (B, H, N)),
+                "sb1": (sb1, (B, H, N)), "chunk_load": (chunk_load, (B, N)), "chunk_store": (chunk_store, (B, N))}
+    for key, (x, shape) in expected.items():
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name}: {key} must have shape {shape}, got {tuple(x.shape)}")
+    if start_states.dim() != 5 or tuple(start_states.shape[1:]) != (H, 3, K, V) or start_states.shape[0] < 1:
+        raise ValueError(f"{name}: start_states must be (S_in >= 1, H, 3, d_k, d_v) = (S_in, {H}, 3, {K}, {V}), "
+                         f"got {tuple(start_states.shape)}")
+    if num_out_states < 0:
+        raise ValueError(f"{name}: num_out_states must be >= 0, got {num_out_states}")
+    for key, x in expected.items():
+        if x[0].device != q.device:
+            raise ValueError(f"{name}: {key} is on {x[0].device}, q on {q.device}: put all inputs on one device")
+    if not _interpreter_consistent():
+        raise RuntimeError(f"{name}: Triton was imported before TRITON_INTERPRET=1 was set, so its interpreter "
+                           "cannot run; set TRITON_INTERPRET=1 in the environment before starting Python")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"{name}: the Triton kernels need CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
+                         "in the environment before starting Python to run them on CPU in Triton's interpreter")
+
+
+def chunk_core_fused(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
+                     num_out_states: int, chunk_size: int):
+    """The chunk core of ZeroS in Triton, differentiable (see the module docstring for the math).
+
+    Args:
+        q, k: (B, T, H, d_k); v: (B, T, H, d_v); one dtype among float32, float16, bfloat16. T = N C with
+            C = chunk_size; padding tokens have k = v = 0.
+        s, m, a, b, hc: (B, H, T) float32: key logits, running maximum (no gradient), query coefficients.
+        m0, m1: (B, H, N) float32 (no gradient): the maximum at each chunk's start and end.
+        sb0, sb1: (B, H, N) float32: the mean logit at each chunk's start and end.
+        start_states: (S_in, H, 3, d_k, d_v) float32: the F, G, H states that chunks load.
+        chunk_load: (B, N) int: -1 = continue from the previous chunk of the row, else a row of start_states
+            (chunk_load[:, 0] >= 0).
+        chunk_store: (B, N) int: -1, or the row of out_states that receives the state after the chunk.
+        num_out_states: rows of out_states. chunk_size: C, a power of two >= 16.
+
+    Returns:
+        o: (B, T, H, d_v) float32; out_states: (num_out_states, H, 3, d_k, d_v) float32 (unwritten rows 0).
+    """
+    _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states,
+           chunk_size)
+    return _chunk_core_op(q, k, v, s, m.detach(), a, b, hc, m0.detach(), m1.detach(), sb0, sb1, start_states,
+                          chunk_load, chunk_store, num_out_states, chunk_size)
