@@ -30,14 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+GENERATE_PY = "zeros_lm/cli/generate.py|generate.py"  # the CLI's code (moved into the package by the layout work)
 
 
 @dataclass(frozen=True)
 class Mutation:
     name: str
-    path: str  # file to break, relative to the repository root
-    old: str  # text that must occur exactly once in it
-    new: str  # what it becomes
+    path: str  # file to break, relative to the repository root; "a|b": the first of these that exists
+    old: str | tuple[str, ...]  # text that must occur exactly once in it (several: one edit each)
+    new: str | tuple[str, ...]  # what it becomes
     tests: tuple[str, ...]  # pytest node ids / files / "-k" expressions (as pytest arguments)
     slow: bool = False
 
@@ -82,6 +83,37 @@ MUTATIONS = [
     M("data: sample_by line gives whole documents", "zeros_lm/data.py",
       "        return text.splitlines()\n", "        return [text]\n",
       ("tests/test_data.py", "-k", "sample_by")),
+    # 5. generate.py's options
+    M("generate.py: --temperature ignored", GENERATE_PY,
+      'for k in ("temperature", "top_k", "top_p")', 'for k in ("top_k", "top_p")',
+      ("tests/test_cli_options.py", "-k", "option")),
+    M("generate.py: --top-k ignored", GENERATE_PY,
+      'for k in ("temperature", "top_k", "top_p")', 'for k in ("temperature", "top_p")',
+      ("tests/test_cli_options.py", "-k", "option")),
+    M("generate.py: --top-p ignored", GENERATE_PY,
+      'for k in ("temperature", "top_k", "top_p")', 'for k in ("temperature", "top_k")',
+      ("tests/test_cli_options.py", "-k", "option")),
+    M("generate.py: --repetition-penalty ignored", GENERATE_PY,
+      "if args.repetition_penalty is not None:", "if False:",
+      ("tests/test_cli_options.py", "-k", "option")),
+    M("generate.py: --dtype ignored", GENERATE_PY,
+      "dtype=getattr(torch, dtype)", "dtype=torch.float32",
+      ("tests/test_cli_options.py", "-k", "dtype")),
+    M("generate.py: text printed only at the end", GENERATE_PY,
+      "        def put(self, value):\n",
+      "        def on_finalized_text(self, text, stream_end=False):\n"
+      "            self.held = getattr(self, 'held', '') + text\n"
+      "            if stream_end:\n"
+      "                print(self.held, flush=True)\n\n"
+      "        def put(self, value):\n",
+      ("tests/test_cli_options.py", "-k", "streamed")),
+    M("generate.py: --interactive re-reads the history", GENERATE_PY,
+      ("        past = self.cache.get_seq_length()\n", "        self.pending = out[:, -1:]\n"),
+      ("        ids = torch.cat([getattr(self, 'consumed', ids[:, :0]), ids], dim=1)\n"
+       "        self.cache = self.cache_class(self.model.config)\n"
+       "        past = 0\n",
+       "        self.pending = out[:, -1:]\n        self.consumed = out[:, :-1]\n"),
+      ("tests/test_cli_options.py", "-k", "interactive")),
 ]
 
 
@@ -99,12 +131,18 @@ def copy_tree(dest: Path) -> None:
 
 
 def apply(m: Mutation, root: Path) -> None:
-    path = root / m.path
+    candidates = [root / p for p in m.path.split("|")]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise LookupError(f"none of {m.path} exists")
     text = path.read_text()
-    count = text.count(m.old)
-    if count != 1:
-        raise LookupError(f"{m.path}: the text to mutate occurs {count} times (expected once): {m.old!r}")
-    path.write_text(text.replace(m.old, m.new))
+    olds, news = (m.old, m.new) if isinstance(m.old, tuple) else ((m.old,), (m.new,))
+    for old, new in zip(olds, news, strict=True):
+        count = text.count(old)
+        if count != 1:
+            raise LookupError(f"{path.relative_to(root)}: the text to mutate occurs {count} times (expected once): {old!r}")
+        text = text.replace(old, new)
+    path.write_text(text)
 
 
 def run_tests(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[str, float, str]:
@@ -116,8 +154,11 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[str, fl
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", time.time() - start, ""
-    tail = (proc.stdout + proc.stderr).strip().splitlines()
-    summary = tail[-1] if tail else ""
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    summary = lines[-1] if lines else ""
+    why = next((line.strip() for line in lines if line.startswith("E ")), "")
+    if why:  # the first failing assertion: shows that the right check failed, not a crash
+        summary += " | " + why[:160]
     if proc.returncode == 0:
         return "passed", time.time() - start, summary
     if proc.returncode == 1:
