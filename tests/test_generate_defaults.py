@@ -1,6 +1,5 @@
 """generate.py's decoding options default to "unset": the model's generation_config.json applies."""
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -12,10 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _generate_module():
-    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from zeros_lm.cli import generate
+
+    return generate
 
 
 def test_unset_options_leave_the_generation_config_in_charge():

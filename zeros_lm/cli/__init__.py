@@ -1,0 +1,40 @@
+"""The command line: ``zeros-lm <command> [options]`` (one entry point, as litgpt and the HF CLIs have).
+
+    zeros-lm generate MODEL_DIR [--prompt TEXT ...]                               stream text (generate.py)
+    zeros-lm export   CHECKPOINT OUT_DIR [...]                                    checkpoint -> HF directory
+
+``zeros-lm <command> --help`` lists a command's options. The root scripts ``train.py`` and
+``generate.py`` and ``python -m zeros_lm.export`` run the same code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line description); each module has main(argv) -> exit status
+COMMANDS = {
+    "generate": ("zeros_lm.cli.generate", "stream text from a model directory, with its recurrent state"),
+    "export": ("zeros_lm.export", "export a training checkpoint as a Hugging Face directory"),
+}
+EXIT_USAGE = 2
+
+
+def _usage() -> str:
+    lines = ["usage: zeros-lm <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {description}" for name, (_, description) in COMMANDS.items()]
+    return "\n".join(lines + ["", "zeros-lm <command> --help shows the options of a command."])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return EXIT_USAGE
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv[0] = f"zeros-lm {command}"  # what the command's --help and errors call it
+    return module.main(rest)
