@@ -387,3 +387,113 @@ def test_state_container_moves_indexes_and_reorders():
     out, _ = run(nxt, "recurrent", initial_state=state)
     out_picked, _ = run([x[order] for x in nxt[:6]] + [None], "recurrent", initial_state=picked)
     torch.testing.assert_close(out_picked, out[order])
+
+
+# ------------------------------------------------------------------------------- packed sequences (cu_seqlens)
+
+# Chunk size 8: segments of 16 then 5 tokens put a boundary on a chunk edge (16) and inside a chunk (21);
+# a one-token segment, an empty one, and T = 42 not a multiple of the chunk.
+PACKINGS = [[16, 5, 1, 20], [3, 1, 0, 30, 8], [42]]
+
+
+def offsets(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+
+
+def segments_of(inputs, lengths):
+    """The inputs (B = 1) cut into the packed segments."""
+    bounds = offsets(lengths).tolist()
+    return [[x[:, lo:hi] if x is not None else None for x in inputs] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def weighted_sum(out):
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return (out * weight).sum()
+
+
+@pytest.mark.parametrize("lengths", PACKINGS)
+@pytest.mark.parametrize("mode", FORMS)
+def test_packed_segments_equal_separate_calls(mode, lengths):
+    """Outputs, final states (one row per segment) and gradients, against separate reference calls."""
+    inputs = make_inputs(1, sum(lengths), 2, first_layer=True, seed=len(lengths), requires_grad=True)
+    out, state = run(inputs, mode, chunk_size=8, cu_seqlens=offsets(lengths), output_final_state=True)
+    assert state.batch_size == len(lengths)
+    got = torch.autograd.grad(weighted_sum(out), inputs)
+    empty = ZeroSState.empty(1, 2, 8, 8, dtype=torch.float64)
+    alone = [run(piece, "reference", output_final_state=True) if piece[0].shape[1] else (piece[2], empty)
+             for piece in segments_of(inputs, lengths)]
+    expected_out = torch.cat([o for o, _ in alone], dim=1)
+    torch.testing.assert_close(out, expected_out, rtol=1e-9, atol=1e-10)
+    expected_state = ZeroSState.cat([st for _, st in alone])
+    for name in ("kv", "E", "m", "sbar", "n"):
+        torch.testing.assert_close(getattr(state, name), getattr(expected_state, name), rtol=1e-9, atol=1e-10,
+                                   msg=name)
+    expected = torch.autograd.grad(weighted_sum(expected_out), inputs)
+    for name, a, b in zip(["q", "k", "v", "s", "g1", "gh", "g0"], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("mode", STATEFUL)
+def test_packed_segments_continue_from_initial_state_rows(mode):
+    """Each segment starts from its own row of initial_state; gradients reach the rows' own tokens."""
+    lengths = [16, 5, 1, 20]
+    heads = make_inputs(len(lengths), 11, 2, first_layer=True, seed=20, requires_grad=True)
+    tails = make_inputs(1, sum(lengths), 2, first_layer=True, seed=21, requires_grad=True)
+    leaves = heads[1:4] + tails  # the state holds the heads' keys, values and logits
+
+    _, state = run(heads, "chunked", chunk_size=8, output_final_state=True)
+    out, end = run(tails, mode, chunk_size=8, cu_seqlens=offsets(lengths), initial_state=state,
+                   output_final_state=True)
+    got = torch.autograd.grad(weighted_sum(out), leaves)
+
+    _, state = run(heads, "chunked", chunk_size=8, output_final_state=True)
+    pieces = [run(piece, "chunked", chunk_size=8, initial_state=state[i], output_final_state=True)
+              for i, piece in enumerate(segments_of(tails, lengths))]
+    expected_out = torch.cat([o for o, _ in pieces], dim=1)
+    torch.testing.assert_close(out, expected_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(end.kv, torch.cat([st.kv for _, st in pieces]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(end.E, torch.cat([st.E for _, st in pieces]), rtol=1e-10, atol=1e-10)
+    expected = torch.autograd.grad(weighted_sum(expected_out), leaves)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert all(g.abs().max() > 0 for g in got[:3])  # the heads do receive gradient through the states
+
+
+def test_packed_segments_with_padding_inside():
+    lengths = [9, 14, 6]
+    inputs = make_inputs(1, sum(lengths), 2, seed=22)
+    valid = torch.ones(1, sum(lengths), dtype=torch.bool)
+    valid[0, [0, 1, 12, 13, 14, 28]] = False
+    ref, ref_state = run(inputs, "reference", valid=valid, cu_seqlens=offsets(lengths), output_final_state=True)
+    bounds = offsets(lengths).tolist()
+    for lo, hi in zip(bounds, bounds[1:]):
+        alone, _ = run([x[:, lo:hi] if x is not None else None for x in inputs], "reference", valid=valid[:, lo:hi])
+        torch.testing.assert_close(ref[:, lo:hi], alone, rtol=1e-10, atol=1e-10)
+    for mode in STATEFUL:
+        out, state = run(inputs, mode, chunk_size=4, valid=valid, cu_seqlens=offsets(lengths), output_final_state=True)
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(state.kv, ref_state.kv, rtol=1e-9, atol=1e-10)
+        assert state.n[:, 0].tolist() == [7, 11, 5]
+
+
+@pytest.mark.parametrize("cu_seqlens,match", [
+    (torch.tensor([0.0, 4.0, 8.0]), "1-D integer tensor"),
+    (torch.tensor([[0, 4, 8]]), "1-D integer tensor"),
+    ([0, 4, 8], "1-D integer tensor"),
+    (torch.tensor([1, 4, 8]), "start at 0"),
+    (torch.tensor([0, 5, 4, 8]), "never decrease"),
+    (torch.tensor([0, 4, 7]), "end at T = 8"),
+    (torch.tensor([0]), "at least two"),
+])
+def test_bad_cu_seqlens(cu_seqlens, match):
+    with pytest.raises(ValueError, match=match):
+        run(make_inputs(1, 8, 1), "chunked", cu_seqlens=cu_seqlens)
+
+
+def test_cu_seqlens_needs_one_row_and_one_state_row_per_segment():
+    with pytest.raises(ValueError, match="B must be 1"):
+        run(make_inputs(2, 8, 1), "chunked", cu_seqlens=torch.tensor([0, 4, 8]))
+    inputs = make_inputs(1, 8, 1)
+    _, state = run(inputs, "chunked", output_final_state=True)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        run(inputs, "recurrent", cu_seqlens=torch.tensor([0, 4, 8]), initial_state=state)

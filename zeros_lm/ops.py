@@ -165,7 +165,26 @@ def _readout(q, kv, a_decay, b, h_coef):
     return _augment(q, a_decay, b, h_coef) @ kv.reshape(*kv.shape[:-3], 3 * d_k, d_v)
 
 
-def _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size):
+def _segment_lengths(cu_seqlens, B: int, T: int) -> list:
+    """Validate ``cu_seqlens`` (fla's convention) and return the segment lengths."""
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype == torch.bool
+            or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex):
+        got = f"{cu_seqlens.dtype} tensor of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) \
+            else type(cu_seqlens).__name__
+        raise ValueError("zeros_attention: cu_seqlens must be a 1-D integer tensor [0, l1, l1+l2, ..., T] "
+                         f"(the offsets of the packed sequences), got a {got}")
+    if B != 1:
+        raise ValueError(f"zeros_attention: with cu_seqlens the sequences are packed into one row, so B must be 1, "
+                         f"got B = {B}; flatten (B, T) to (1, B T) and put the row starts into cu_seqlens")
+    offsets = cu_seqlens.tolist()
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
+        shown = offsets if len(offsets) <= 12 else offsets[:6] + ["..."] + offsets[-6:]
+        raise ValueError(f"zeros_attention: cu_seqlens must start at 0, never decrease and end at T = {T} "
+                         f"(at least two entries), got {shown}")
+    return [b - a for a, b in zip(offsets, offsets[1:])]
+
+
+def _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size, num_sequences):
     if mode not in MODES:
         raise ValueError(f"zeros_attention: unknown mode {mode!r}; use one of {MODES}")
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
@@ -180,11 +199,12 @@ def _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"zeros_attention: chunk_size must be a positive int, got {chunk_size!r}")
     if initial_state is not None:
-        B, _, H, d_k = q.shape
-        expected = (B, H, 3, d_k, v.shape[-1])
+        H, d_k = q.shape[2:]
+        expected = (num_sequences, H, 3, d_k, v.shape[-1])
         if tuple(initial_state.kv.shape) != expected:
             raise ValueError(f"zeros_attention: initial_state.kv has shape {tuple(initial_state.kv.shape)}, "
-                             f"expected {expected} for these inputs")
+                             f"expected {expected} for these inputs (one row per sequence: per row of the "
+                             "batch, or per segment of cu_seqlens)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +213,7 @@ def _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size
 
 def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk_size: int = 64,
                     valid: Optional[torch.Tensor] = None, initial_state: Optional[ZeroSState] = None,
-                    output_final_state: bool = False):
+                    output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None):
     """Causal ZeroS attention.
 
     Args:
@@ -204,31 +224,46 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
         chunk_size: tokens per chunk in chunked mode.
         valid: (B, T) bool, False marks padding: it is not read, does not enter the state, does
             not advance t, and its output is exactly 0.
-        initial_state: the ``ZeroSState`` after the preceding tokens (not in reference mode).
-        output_final_state: also return the state after the last token.
+        initial_state: the ``ZeroSState`` after the preceding tokens (not in reference mode), one row
+            per sequence.
+        output_final_state: also return the state after the last token of each sequence.
+        cu_seqlens: (S + 1,) int, packed sequences (flash-linear-attention's convention, B = 1): the
+            offsets [0, l_1, l_1 + l_2, ..., T] of S segments that share nothing. Each starts from an
+            empty state (or from row i of ``initial_state``, which then has S rows), and the final
+            state has one row per segment: the outputs equal S separate calls. May be combined with
+            ``valid``.
 
     Returns:
-        o: (B, T, H, d_v) in q's dtype; state: a ``ZeroSState`` or None.
+        o: (B, T, H, d_v) in q's dtype; state: a ``ZeroSState`` (one row per sequence) or None.
     """
-    _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size)
+    B, T = q.shape[:2]
+    lengths = None if cu_seqlens is None else _segment_lengths(cu_seqlens, B, T)
+    _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size, B if lengths is None else len(lengths))
     # Under autocast the products below would run in bfloat16/float16: the op accumulates in float32 itself.
     with torch.autocast(device_type=q.device.type, enabled=False):
-        return _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state)
+        return _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths)
 
 
-def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state):
+def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths):
     B, T, H, d_k = q.shape
     acc = _accumulation_dtype(q.dtype)
+    num_sequences = B if lengths is None else len(lengths)
     if mode == "reference":
         if initial_state is not None:
             raise ValueError("zeros_attention: mode='reference' does not take initial_state; "
                              "use mode='chunked' or 'recurrent' to continue a sequence")
         valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid.to(q.device, torch.bool)
-        o = _reference(q, k, v, s, g1, gh, g0, valid, acc)
-        state = _reference_final_state(k, v, s, valid, acc) if output_final_state else None
+        if lengths is None:  # every row is its own sequence
+            segments = torch.arange(B, device=q.device)[:, None].expand(B, T)
+        else:
+            segments = torch.arange(num_sequences, device=q.device).repeat_interleave(
+                torch.tensor(lengths, device=q.device))[None]
+        o = _reference(q, k, v, s, g1, gh, g0, valid, segments, acc)
+        state = _reference_final_state(k, v, s, valid, segments, num_sequences, acc) if output_final_state else None
         return o.to(q.dtype), state
 
-    state = initial_state if initial_state is not None else ZeroSState.empty(B, H, d_k, v.shape[-1], dtype=acc, device=q.device)
+    state = initial_state if initial_state is not None else \
+        ZeroSState.empty(num_sequences, H, d_k, v.shape[-1], dtype=acc, device=q.device)
     if state.kv.dtype != acc or state.kv.device != q.device:
         state = state.to(device=q.device, dtype=acc)
     if valid is not None:  # padding gets zero queries, keys, values and logits: it adds nothing, whatever it held
@@ -236,9 +271,15 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
         q, k, v = (x.masked_fill(~valid[:, :, None, None], 0.0) for x in (q, k, v))
         s = s.masked_fill(~valid[:, :, None], 0.0)
     if mode == "chunked":
-        o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, _chunk_core_torch)
-    else:
+        o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, _chunk_core_torch)
+    elif lengths is None:
         o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state)
+    else:  # one segment after the other, each from its own state
+        offsets = [0] + torch.tensor(lengths).cumsum(0).tolist()
+        pieces = [_recurrent(*(x[:, lo:hi] if x is not None else None for x in (q, k, v, s, g1, gh, g0, valid)),
+                             state[i]) for i, (lo, hi) in enumerate(zip(offsets, offsets[1:]))]
+        o = torch.cat([piece[0] for piece in pieces], dim=1)
+        state = ZeroSState.cat([piece[1] for piece in pieces])
     if valid is not None:
         o = o.masked_fill(~valid[:, :, None, None], 0.0)
     return o.to(q.dtype), (state if output_final_state else None)
@@ -248,17 +289,18 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
 # Reference: the specification, literally
 # ----------------------------------------------------------------------------------------------
 
-def _reference(q, k, v, s, g1, gh, g0, valid, acc):
-    """ZEROS.md section 2 with explicit (T, T) weights. Returns (B, T, H, d_v)."""
+def _reference(q, k, v, s, g1, gh, g0, valid, segments, acc):
+    """ZEROS.md section 2 with explicit (T, T) weights; a query sees the real keys of its own
+    sequence (segments (B, T) long) up to itself. Returns (B, T, H, d_v)."""
     q, k, v = (x.to(acc).transpose(1, 2) for x in (q, k, v))            # (B, H, T, d)
     s, g1, gh = (x.to(acc).transpose(1, 2) for x in (s, g1, gh))        # (B, H, T)
     T = q.shape[2]
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    keep = causal & valid[:, None, None, :]                             # (B, 1, T_query, T_key)
-    w = valid[:, None, :].to(acc)                                       # (B, 1, T)
-    t = w.cumsum(-1).clamp(min=1.0)                                     # real tokens up to the query
-    s = s * w
-    P = s.cumsum(-1)
+    same = segments[:, :, None] == segments[:, None, :]                 # (B, T_query, T_key)
+    keep = (causal & same & valid[:, None, :]).unsqueeze(1)             # (B, 1, T_query, T_key)
+    t = keep.to(acc).sum(-1).clamp(min=1.0)                             # real tokens up to the query: (B, 1, T)
+    s = s * valid[:, None, :].to(acc)
+    P = (keep * s[..., None, :]).sum(-1)                                # (B, H, T)
     p = torch.softmax(s[..., None, :].masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
     l = s[..., None, :] / t[..., None] - (P / t**2)[..., None]          # (B, H, T, T)
     h = p - 1.0 / t[..., None] - l
@@ -271,18 +313,20 @@ def _reference(q, k, v, s, g1, gh, g0, valid, acc):
     return o.transpose(1, 2)
 
 
-def _reference_final_state(k, v, s, valid, acc):
-    """The state after the whole sequence, from its definition (sums over all real tokens)."""
+def _reference_final_state(k, v, s, valid, segments, num_sequences, acc):
+    """The state after each sequence, from its definition (sums over all its real tokens)."""
     k, v = (x.to(acc).transpose(1, 2) for x in (k, v))                  # (B, H, T, d)
-    s = s.to(acc).transpose(1, 2)
-    w = valid[:, None, :].to(acc).expand_as(s)
-    n = w.sum(-1)
-    m = torch.where(w.bool(), s.detach(), torch.full_like(s, _NO_MAX)).amax(-1)
-    sbar = (w * s).sum(-1) / n.clamp(min=1.0)
-    e = w * torch.exp((s - m[..., None]).clamp(max=0.0))
-    kv = torch.stack([torch.einsum("bht,bhtk,bhtv->bhkv", coef, k, v)
-                      for coef in (e, w * (s - sbar[..., None]), w)], dim=2)
-    return ZeroSState(kv=kv, E=e.sum(-1), m=m, sbar=sbar, n=n)
+    s = s.to(acc).transpose(1, 2)                                       # (B, H, T)
+    ids = torch.arange(num_sequences, device=s.device)[:, None, None, None]
+    member = (segments[None, :, None, :] == ids) & valid[None, :, None, :]  # (S, B, 1, T)
+    w = member.to(acc).expand(-1, -1, s.shape[1], -1)                   # (S, B, H, T)
+    n = w.sum((1, 3))                                                   # (S, H)
+    m = torch.where(member, s.detach(), torch.full_like(s, _NO_MAX)).amax((1, 3))
+    sbar = (w * s).sum((1, 3)) / n.clamp(min=1.0)
+    e = w * torch.exp((s - m[:, None, :, None]).clamp(max=0.0))
+    kv = torch.stack([torch.einsum("sbht,bhtk,bhtv->shkv", coef, k, v)
+                      for coef in (e, w * (s - sbar[:, None, :, None]), w)], dim=2)
+    return ZeroSState(kv=kv, E=e.sum((1, 3)), m=m, sbar=sbar, n=n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,14 +337,18 @@ def _reference_final_state(k, v, s, valid, acc):
 class _ChunkLayout:
     """Where the tokens sit in the chunk-aligned layout (B', N C) that the chunk core works on.
 
-    Every sequence (a row of the batch) is padded at its end to whole chunks of C tokens, so no
-    chunk holds tokens of two sequences. Alignment padding is not valid: it has zero q, k, v, logit
-    and coefficients and carries the running statistics forward.
+    Every sequence is padded at its end to whole chunks of C tokens (at least one), so no chunk holds
+    tokens of two sequences. Without ``cu_seqlens`` the sequences are the B rows (B' = B); with it they
+    are the packed segments of the one row, laid out one after the other (B' = 1; less than C tokens
+    of padding per segment). Alignment padding is not valid: it has zero q, k, v, logit and
+    coefficients and carries the running statistics forward.
 
     rows, num_chunks, chunk_size: B', N, C. num_sequences: S, the rows of the states.
     valid: (B', N, C) bool, real tokens. chunk_load, chunk_store: (B', N) long, the core's contract
     (the state a chunk starts from / the row of out_states that receives the state after it).
     last: (S,) long, the flat position (row * N C + t) of each sequence's last aligned position.
+    Segments only (else None): dest (T,) long, the aligned position of each token; chunk_segment and
+    chunk_first (N,) long, the segment of each chunk and the index of that segment's first chunk.
     """
 
     rows: int
@@ -312,32 +360,62 @@ class _ChunkLayout:
     chunk_load: torch.Tensor
     chunk_store: torch.Tensor
     last: torch.Tensor
+    dest: Optional[torch.Tensor] = None
+    chunk_segment: Optional[torch.Tensor] = None
+    chunk_first: Optional[torch.Tensor] = None
 
     @classmethod
-    def build(cls, B: int, T: int, valid: Optional[torch.Tensor], chunk_size: int, device) -> "_ChunkLayout":
-        C = min(chunk_size, T)
-        N = -(-T // C)
-        valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid
-        valid = F.pad(valid, (0, N * C - T), value=False).view(B, N, C)
-        rows = torch.arange(B, device=device)
-        chunk_load = torch.full((B, N), -1, dtype=torch.long, device=device)
-        chunk_store = torch.full((B, N), -1, dtype=torch.long, device=device)
-        chunk_load[:, 0] = rows
-        chunk_store[:, -1] = rows
-        return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=B, tokens=T, valid=valid,
-                   chunk_load=chunk_load, chunk_store=chunk_store, last=rows * (N * C) + N * C - 1)
+    def build(cls, B: int, T: int, valid: Optional[torch.Tensor], lengths: Optional[list], C: int,
+              device) -> "_ChunkLayout":
+        """lengths: None (each row one sequence) or the packed segments' lengths (B == 1)."""
+        if lengths is None:
+            N = -(-T // C)
+            valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid
+            valid = F.pad(valid, (0, N * C - T), value=False).view(B, N, C)
+            rows = torch.arange(B, device=device)
+            chunk_load = torch.full((B, N), -1, dtype=torch.long, device=device)
+            chunk_store = torch.full((B, N), -1, dtype=torch.long, device=device)
+            chunk_load[:, 0] = rows
+            chunk_store[:, -1] = rows
+            return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=B, tokens=T, valid=valid,
+                       chunk_load=chunk_load, chunk_store=chunk_store, last=rows * (N * C) + N * C - 1)
+        S = len(lengths)
+        lengths_t = torch.tensor(lengths, dtype=torch.long)
+        chunks = torch.clamp(-(-lengths_t // C), min=1)                             # (S,) chunks per segment
+        first = chunks.cumsum(0) - chunks                                           # (S,) first chunk
+        N = int(chunks.sum())
+        segments = torch.arange(S)
+        chunk_segment = segments.repeat_interleave(chunks)                          # (N,)
+        token_segment = segments.repeat_interleave(lengths_t)                       # (T,)
+        starts = lengths_t.cumsum(0) - lengths_t
+        dest = torch.arange(T) - starts[token_segment] + first[token_segment] * C   # (T,)
+        chunk_load = torch.full((1, N), -1, dtype=torch.long)
+        chunk_store = torch.full((1, N), -1, dtype=torch.long)
+        chunk_load[0, first] = segments
+        chunk_store[0, first + chunks - 1] = segments
+        aligned_valid = torch.zeros(N * C, dtype=torch.bool, device=device)
+        aligned_valid[dest.to(device)] = True if valid is None else valid[0]
+        to = lambda x: x.to(device)  # noqa: E731
+        return cls(rows=1, num_chunks=N, chunk_size=C, num_sequences=S, tokens=T, valid=aligned_valid.view(1, N, C),
+                   chunk_load=to(chunk_load), chunk_store=to(chunk_store), last=to((first + chunks) * C - 1),
+                   dest=to(dest), chunk_segment=to(chunk_segment), chunk_first=to(first[chunk_segment]))
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (B', N C, ...), zeros on alignment padding."""
-        return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.num_chunks * self.chunk_size - self.tokens))
+        if self.dest is None:
+            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.num_chunks * self.chunk_size - self.tokens))
+        aligned = x.new_zeros((self.num_chunks * self.chunk_size,) + tuple(x.shape[2:]))
+        return aligned.index_copy(0, self.dest, x[0]).unsqueeze(0)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(B', N C, ...) -> (B, T, ...)."""
-        return x[:, :self.tokens]
+        return x[:, :self.tokens] if self.dest is None else x[0].index_select(0, self.dest).unsqueeze(0)
 
     def per_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """A per-sequence value (S, H) as a (B', H, N, C)-broadcastable tensor."""
-        return x[:, :, None, None]
+        if self.chunk_segment is None:
+            return x[:, :, None, None]
+        return x[self.chunk_segment].transpose(0, 1)[None, :, :, None]
 
     def at_chunk_starts(self, ends: torch.Tensor, loaded: torch.Tensor) -> torch.Tensor:
         """The value at each chunk's start (B', H, N): the previous chunk's end value ``ends`` (B', H, N),
@@ -353,16 +431,31 @@ class _ChunkLayout:
     def running(self, x: torch.Tensor, op: str) -> torch.Tensor:
         """Inclusive running sum / max / log-sum-exp of x (B', H or 1, N, C) over each sequence.
 
-        Inside a chunk this is the plain cumulative op; across chunks the chunk totals are scanned.
+        Inside a chunk this is the plain cumulative op (no chunk straddles two sequences); across
+        chunks the chunk totals are scanned, restarting at each segment's first chunk.
         """
         within = {"sum": lambda: x.cumsum(-1), "max": lambda: x.cummax(-1).values,
                   "lse": lambda: x.logcumsumexp(-1)}[op]()
         totals = within[..., -1]                                                    # (B', H, N)
         if op == "sum":
-            return within + F.pad(totals.cumsum(-1)[..., :-1], (1, 0)).unsqueeze(-1)
-        scanned = totals.cummax(-1).values if op == "max" else totals.logcumsumexp(-1)
-        before = F.pad(scanned[..., :-1], (1, 0), value=_NO_MAX).unsqueeze(-1)
-        return torch.maximum(within, before) if op == "max" else torch.logaddexp(within, before)
+            sums = F.pad(totals.cumsum(-1), (1, 0))                                 # sums[j]: chunks before j
+            before = sums[..., :-1]
+            if self.chunk_first is not None:  # float64 here: the difference of two prefix sums stays exact enough
+                before = before - sums.index_select(-1, self.chunk_first)
+            return within + before.unsqueeze(-1)
+        combine = torch.maximum if op == "max" else torch.logaddexp
+        if self.chunk_first is None:
+            scanned = totals.cummax(-1).values if op == "max" else totals.logcumsumexp(-1)
+            before = F.pad(scanned[..., :-1], (1, 0), value=_NO_MAX)
+        else:  # a log-step (Hillis-Steele) scan over the chunks that stays inside each segment
+            reach = torch.arange(self.num_chunks, device=x.device) - self.chunk_first   # earlier chunks of the segment
+            scanned, shift = totals, 1
+            while shift < self.num_chunks:
+                earlier = F.pad(scanned[..., :-shift], (shift, 0), value=_NO_MAX)
+                scanned = torch.where(reach >= shift, combine(scanned, earlier), scanned)
+                shift *= 2
+            before = F.pad(scanned[..., :-1], (1, 0), value=_NO_MAX).masked_fill(reach == 0, _NO_MAX)
+        return combine(within, before.unsqueeze(-1))
 
 
 def _chunk_scalars(s, g1, gh, g0, state, layout):
@@ -406,15 +499,17 @@ def _chunk_scalars(s, g1, gh, g0, state, layout):
     return (m, a, b, hc), (m0, m1, sb0, sb1), final
 
 
-def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, core):
+def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core):
     """The chunked form: shared scalar preparation, then ``core`` (the PyTorch or the fused chunk core).
 
-    Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed). Returns o
-    (B, T, H, d_v) and the final state.
+    Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed); lengths: None or
+    the segment lengths of ``cu_seqlens``. Returns o (B, T, H, d_v) and the final state (one row per
+    sequence).
     """
     B, T, H, _ = q.shape
     acc = state.kv.dtype
-    layout = _ChunkLayout.build(B, T, valid, chunk_size, q.device)
+    longest = T if lengths is None else max(max(lengths), 1)
+    layout = _ChunkLayout.build(B, T, valid, lengths, min(chunk_size, longest), q.device)
     N, C = layout.num_chunks, layout.chunk_size
 
     def aligned(x):  # (B, T, H) -> (B', H, N, C) in the accumulation dtype
@@ -512,6 +607,8 @@ def _tensor_core_products(x: torch.Tensor) -> bool:
 
 def _recurrent(q, k, v, s, g1, gh, g0, valid, state):
     """Token by token through the state; inputs as for ``zeros_attention``. Returns o (B, T, H, d_v)."""
+    if q.shape[1] == 0:  # an empty segment of cu_seqlens
+        return q.new_zeros(*q.shape[:3], v.shape[-1], dtype=state.kv.dtype), state
     outputs = []
     for t in range(q.shape[1]):
         w = None if valid is None else valid[:, t, None].to(state.kv.dtype)   # (B, 1)
