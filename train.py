@@ -8,12 +8,19 @@ Hugging Face directory.
     python train.py --config configs/small.yaml --config configs/zero3.yaml   # ~125M, DeepSpeed ZeRO-3
     python train.py --trainer.max_steps 200 --data.seq_len 512 --model.hidden_size 384
     python train.py --ckpt_path last                  # resume the run in trainer.default_root_dir
+    python train.py --overwrite                       # replace the run in trainer.default_root_dir
     python train.py --print_config                    # the full configuration, as YAML
     python train.py --help
 
 Every option of the model (--model.*), the data (--data.*), the Lightning Trainer (--trainer.*),
 checkpointing (--checkpoint.*), throughput logging (--throughput.*) and the export (--export.*)
 can be set in a YAML file or on the command line.
+
+A run owns its --trainer.default_root_dir: a second run started there while it is alive is refused,
+and so is a new run into a directory that holds an earlier one (its checkpoints or export) unless it
+continues it (--ckpt_path last) or replaces it (--overwrite). Bad arguments, data, configuration
+files and checkpoints are reported as one line starting with ``error:`` (exit status 2) before any
+data is prepared where they can be; Ctrl-C exits with status 130.
 """
 
 from __future__ import annotations
@@ -21,12 +28,29 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
+from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningCLI
 
 from zeros_lm.data import DataError, TextDataModule
-from zeros_lm.training import HFExport, StepProgressBar, ThroughputLogger, ZeroSCheckpoint, ZeroSLitModule
+from zeros_lm.export import ExportError, check_checkpoint, newest_readable_checkpoint
+from zeros_lm.training import (
+    HFExport,
+    RunError,
+    StepProgressBar,
+    ThroughputLogger,
+    ZeroSCheckpoint,
+    ZeroSLitModule,
+    check_model_arguments,
+    claim_root_dir,
+    remove_previous_run,
+)
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+LAST_CHECKPOINT = "last.ckpt"
 
 # The embedded default run: what `python train.py` does with no arguments (configs/default.yaml
 # holds the same values). Model and data defaults live in the classes' signatures.
@@ -49,6 +73,66 @@ def _checkpoint_dir(root: Optional[str]) -> str:
     return os.path.join(root or os.getcwd(), "checkpoints")
 
 
+def _launched_rank_zero() -> bool:
+    """False in the processes a launcher (Lightning's own, torchrun, SLURM) started for ranks other
+    than 0: only rank 0 claims the run directory."""
+    return all(os.environ.get(var, "0") in ("", "0") for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def check_config_files(argv: list[str]) -> None:
+    """A YAML syntax error in a --config file, as one line naming the file (jsonargparse would name
+    none). Files that do not exist and inline YAML are left to the parser."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if not os.path.isfile(path):
+            continue
+        try:
+            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise RunError(f"{path}: not valid YAML{where}: {problem}") from None
+        except UnicodeDecodeError:
+            raise RunError(f"{path}: not a YAML file (not UTF-8 text)") from None
+
+
+def check_trainer_arguments(trainer: Any) -> None:
+    max_steps = trainer.get("max_steps") if hasattr(trainer, "get") else getattr(trainer, "max_steps", None)
+    if max_steps is not None and (max_steps == 0 or max_steps < -1):
+        raise RunError(
+            f"--trainer.max_steps must be a positive number of optimizer steps (or -1, to train for "
+            f"--trainer.max_epochs), got {max_steps}"
+        )
+
+
+def check_resume_checkpoint(ckpt_path: Optional[str], checkpoint_dir: str) -> None:
+    """An unreadable checkpoint to resume from (given, or behind ``last``), as one error naming the
+    newest readable one."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+        return
+    if ckpt_path == "last":
+        path = Path(checkpoint_dir) / LAST_CHECKPOINT
+        if not os.path.lexists(path):
+            newest = newest_readable_checkpoint(checkpoint_dir)
+            if newest is not None:
+                raise RunError(
+                    f"--ckpt_path last: there is no {path}; the newest readable checkpoint there is {newest}: "
+                    f"resume with --ckpt_path {newest}"
+                )
+            return  # nothing to resume: Lightning says so and starts afresh
+    else:
+        path = Path(ckpt_path)
+    check_checkpoint(path)
+
+
 class ZeroSCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -56,6 +140,12 @@ class ZeroSCLI(LightningCLI):
             type=Optional[str],
             default=None,
             help="resume training: a checkpoint path, or 'last' for the newest in <default_root_dir>/checkpoints",
+        )
+        parser.add_argument(
+            "--overwrite",
+            action=ActionYesNo,
+            default=False,
+            help="replace the run that <default_root_dir> holds (its checkpoints and export) with a new one",
         )
         parser.add_lightning_class_args(ZeroSCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ThroughputLogger, "throughput")
@@ -70,6 +160,23 @@ class ZeroSCLI(LightningCLI):
         # Continuing from an exported directory: use its tokenizer unless told otherwise.
         if config.model.init_from and not config.data.tokenizer:
             config.data.tokenizer = config.model.init_from
+        # Everything that can be checked cheaply is checked before the data is prepared.
+        check_model_arguments(dict(config.model))
+        check_trainer_arguments(config.trainer)
+        root = config.trainer.default_root_dir or os.getcwd()
+        checkpoint_dir = config.checkpoint.dirpath or _checkpoint_dir(root)
+        check_resume_checkpoint(config.ckpt_path, checkpoint_dir)
+        self.previous_run: list = []
+        if _launched_rank_zero():
+            export_dir = (config.export.dirpath or os.path.join(root, "hf")) if config.export.enabled else None
+            self.previous_run = claim_root_dir(
+                root, checkpoint_dir, export_dir, resume=config.ckpt_path is not None, overwrite=config.overwrite
+            )
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Data and model are ready: only now does an overwritten run go (nothing is lost to a typo).
+        remove_previous_run(getattr(self, "previous_run", []))
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer_config = self.config_init.get("trainer", {})
@@ -102,6 +209,9 @@ def default_loggers(root: str) -> list:
 
 
 def make_cli(args=None, run: bool = False) -> ZeroSCLI:
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)):
+        check_config_files([str(a) for a in argv])
     return ZeroSCLI(
         ZeroSLitModule,
         TextDataModule,
@@ -122,9 +232,12 @@ def main(args=None) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for fp32 parts on tensor-core GPUs
     try:
         cli = make_cli(args)
-    except DataError as e:
+    except (DataError, RunError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\nInterrupted before training started.", file=sys.stderr)
+        return EXIT_INTERRUPTED
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
     if trainer.is_global_zero:
         cfg = model.config
@@ -143,9 +256,18 @@ def main(args=None) -> int:
     start = time.time()
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=cli.config.ckpt_path)
-    except DataError as e:
+    except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Lightning turns Ctrl-C into a graceful shutdown and then exit(1).
+        if isinstance(e, SystemExit) and not trainer.interrupted:
+            raise
+        if trainer.is_global_zero:
+            last = Path(_checkpoint_dir(trainer.default_root_dir), LAST_CHECKPOINT)
+            hint = "; continue from its last checkpoint with --ckpt_path last" if os.path.lexists(last) else ""
+            print(f"Interrupted at step {trainer.global_step}{hint}.", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if trainer.is_global_zero:
         metrics = trainer.callback_metrics
         summary = f"Done: {trainer.global_step} steps in {(time.time() - start) / 60:.1f} min"

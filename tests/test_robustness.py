@@ -345,3 +345,204 @@ def test_export_of_an_unreadable_checkpoint_names_the_newest_readable_one(checkp
     assert line.startswith(f"error: cannot read the checkpoint {path}")
     assert line.endswith(f"the newest readable checkpoint there is {checkpoints.good}: use that one")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# train.py: a run owns its directory; every bad input is one error line before any data work
+# ------------------------------------------------------------------------------------------
+def _load_train():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zeros_train_robustness", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_train()
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A small corpus and a data cache shared by this module's training runs."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        lines = [" ".join(WORDS[(i * 7 + j * 3 + k) % len(WORDS)] for k in range(10)) for j in range(300)]
+        (corpus / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    return types.SimpleNamespace(corpus=str(corpus), cache=str(root / "cache"))
+
+
+def tiny_args(root: Path, data, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "smoke.yaml"),
+        "--trainer.default_root_dir", str(root),
+        "--data.train_files", data.corpus,
+        "--data.cache_dir", data.cache,
+        "--data.tokenizer_vocab_size", "300",
+        "--data.seq_len", "32",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.max_steps", "4",
+        "--checkpoint.every_n_train_steps", "2",
+        "--trainer.val_check_interval", "2",
+        *extra,
+    ]
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    saved, sys.argv = sys.argv, ["train.py"]
+    try:
+        code = train.main(args)
+    finally:
+        sys.argv = saved
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line and not line.startswith("Seed set to")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    return lines[0]
+
+
+NO_DATA = ("--data.train_files", "/no/such/corpus")  # reaching the data would be a different error
+
+
+def _old_run(root: Path) -> None:
+    """What an earlier run leaves: step checkpoints, last.ckpt, an export."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "step=0000800.ckpt").write_bytes(b"the earlier run")
+    os.symlink("step=0000800.ckpt", root / "checkpoints" / "last.ckpt")
+    (root / "hf").mkdir()
+    (root / "hf" / "config.json").write_text("the earlier run")
+
+
+def test_a_new_run_into_a_directory_holding_a_run_is_refused(tmp_path, tiny_data, capsys):
+    root = tmp_path / "run"
+    _old_run(root)
+    code, err = run_main(tiny_args(root, tiny_data, *NO_DATA, "--model.attention_type", "softmax"), capsys)
+    assert code == 2
+    assert one_error_line(err) == (
+        f"error: {root} holds another run (1 checkpoint(s) in {root / 'checkpoints'} and an export in {root / 'hf'}); "
+        "continue it with --ckpt_path last, start a new run in another --trainer.default_root_dir, "
+        "or replace it with --overwrite"
+    )
+    assert (root / "checkpoints" / "step=0000800.ckpt").read_bytes() == b"the earlier run"
+    assert (root / "hf" / "config.json").read_text() == "the earlier run"
+
+
+def test_an_export_directory_holding_another_model_is_refused_too(tmp_path, tiny_data, capsys):
+    export = tmp_path / "elsewhere"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"another model")
+    code, err = run_main(tiny_args(tmp_path / "run", tiny_data, *NO_DATA, "--export.dirpath", str(export)), capsys)
+    assert code == 2 and f"an export in {export}" in one_error_line(err)
+
+
+def test_overwrite_replaces_the_earlier_run_entirely(tmp_path, tiny_data, capsys):
+    root = tmp_path / "run"
+    _old_run(root)
+    code, err = run_main(tiny_args(root, tiny_data, "--overwrite"), capsys)
+    assert code == 0, err[-3000:]
+    names = sorted(p.name for p in (root / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step=0000002.ckpt", "step=0000004.ckpt"]  # nothing of the earlier run
+    assert os.readlink(root / "checkpoints" / "last.ckpt") == "step=0000004.ckpt"
+    assert (root / "hf" / "model.safetensors").is_file()
+    assert (root / "hf" / "config.json").read_text() != "the earlier run"
+
+
+def test_overwrite_and_resume_together_is_an_error(tmp_path, tiny_data, capsys):
+    code, err = run_main(tiny_args(tmp_path / "run", tiny_data, *NO_DATA, "--overwrite", "--ckpt_path", "last"), capsys)
+    assert code == 2 and "--ckpt_path" in one_error_line(err) and "--overwrite" in err
+
+
+def test_a_directory_in_use_by_a_live_run_is_refused(tmp_path, tiny_data, capsys, env):
+    root = tmp_path / "run"
+    root.mkdir()
+    holder_code = (
+        "import time; from pathlib import Path; from zeros_lm import _locks; "
+        f"_locks.acquire(Path({str(root / '.run.lock')!r})); print('locked', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, err = run_main(tiny_args(root, tiny_data, *NO_DATA), capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2
+    assert one_error_line(err) == (
+        f"error: another run (process {holder.pid}) is using {root} right now; wait for it to finish, "
+        "or give this one another --trainer.default_root_dir"
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--model.num_attention_heads", "3"), "num_attention_heads (3) must divide hidden_size (64)"),
+        (("--model.hidden_size", "36", "--model.num_attention_heads", "4"), "head dimension hidden_size / num_attention_heads = 9 must be even"),
+        (("--model.chunk_size", "0"), "--model.chunk_size must be a positive integer, got 0"),
+        (("--model.learning_rate", "0"), "--model.learning_rate must be a positive number, got 0"),
+        (("--model.learning_rate", "-0.001"), "--model.learning_rate must be a positive number, got -0.001"),
+        (("--trainer.max_steps", "0"), "--trainer.max_steps must be a positive number of optimizer steps"),
+    ],
+)
+def test_bad_model_and_trainer_arguments_are_one_line_before_any_data_work(tmp_path, tiny_data, capsys, extra, message):
+    code, err = run_main(tiny_args(tmp_path / "run", tiny_data, *NO_DATA, *extra), capsys)
+    assert code == 2
+    assert message in one_error_line(err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_yaml_syntax_error_names_the_file(tmp_path, tiny_data, capsys):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("trainer:\n  max_steps: [1, 2\nmodel:\n  hidden_size: 64\n")
+    code, err = run_main(tiny_args(tmp_path / "run", tiny_data, "--config", str(bad)), capsys)
+    assert code == 2
+    assert one_error_line(err).startswith(f"error: {bad}: not valid YAML at line ")
+
+
+@pytest.mark.parametrize("given", ["last", "path"])
+def test_resuming_from_an_unreadable_checkpoint_names_the_newest_readable_one(tmp_path, tiny_data, capsys, checkpoints, given):
+    import shutil
+
+    root = tmp_path / "run"
+    shutil.copytree(checkpoints.dir, root / "checkpoints", symlinks=True)
+    ckpt = "last" if given == "last" else str(root / "checkpoints" / "step=0000020.ckpt")
+    code, err = run_main(tiny_args(root, tiny_data, *NO_DATA, "--ckpt_path", ckpt), capsys)
+    assert code == 2
+    line = one_error_line(err)
+    shown = root / "checkpoints" / ("last.ckpt (-> step=0000020.ckpt)" if given == "last" else "step=0000020.ckpt")
+    assert line.startswith(f"error: cannot read the checkpoint {shown}: truncated")
+    assert line.endswith(f"the newest readable checkpoint there is {root / 'checkpoints' / 'step=0000010.ckpt'}: use that one")
+
+
+def test_ctrl_c_exits_130_without_a_traceback_and_the_run_holds_its_directory(tmp_path, tiny_data, capsys, env):
+    root = tmp_path / "run"
+    args = tiny_args(root, tiny_data, "--trainer.max_steps", "100000", "--checkpoint.every_n_train_steps", "1000")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=dict(env, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        # "Training:" is printed once the data is ready, just before the first step.
+        deadline = time.monotonic() + 300
+        seen = ""
+        while "Training:" not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, seen + proc.stderr.read().decode()[-3000:]
+            seen += proc.stdout.readline().decode()
+        # While it trains, the directory is its own.
+        code, err = run_main(tiny_args(root, tiny_data, *NO_DATA), capsys)
+        assert code == 2 and f"another run (process {proc.pid}) is using {root}" in err
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr.decode()[-3000:]
+    assert "Traceback" not in stderr.decode()
+    assert stderr.decode().strip().splitlines()[-1].startswith("Interrupted at step ")

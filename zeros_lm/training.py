@@ -31,6 +31,10 @@ __all__ = [
     "HFExport",
     "StepProgressBar",
     "lr_lambda",
+    "RunError",
+    "check_model_arguments",
+    "claim_root_dir",
+    "remove_previous_run",
 ]
 
 CHECKPOINT_KEY = "zeros_lm"
@@ -53,6 +57,135 @@ class _LRLambda:
 
     def __call__(self, step: int) -> float:
         return lr_lambda(step, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+
+
+class RunError(ValueError):
+    """A problem with a run's arguments or its output directory, found before any data is prepared."""
+
+
+_CONFIG_ARGUMENTS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "rope_theta",
+    "chunk_size", "attention_type", "first_layer_zero_order", "logit_type", "use_gates", "zero_order_all_layers",
+    "use_output_norm", "rms_norm_eps", "initializer_range", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "pad_token_id",
+)
+
+
+def _model_config(arguments: dict):
+    from zeros_lm import ZeroSConfig
+
+    return ZeroSConfig(**{k: arguments[k] for k in _CONFIG_ARGUMENTS if k in arguments}, use_cache=True)
+
+
+def check_model_arguments(arguments: dict) -> None:
+    """Raise :class:`RunError` (one line) for model or optimiser arguments that cannot train: what
+    ``ZeroSConfig`` refuses (heads not dividing the width, an odd head dimension, a chunk size of 0,
+    ...), a learning rate that is not positive, and schedule settings out of range. Cheap: ``train.py``
+    calls it before any data is prepared."""
+
+    def number(name):
+        value = arguments.get(name)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def bad(message):
+        return RunError(f"bad model argument: {message}")
+
+    lr = number("learning_rate")
+    if lr is None or not math.isfinite(lr) or lr <= 0:
+        raise bad(f"--model.learning_rate must be a positive number, got {arguments.get('learning_rate')!r}")
+    ratio = number("min_lr_ratio")
+    if ratio is None or not 0 <= ratio <= 1:
+        raise bad(f"--model.min_lr_ratio must be in [0, 1], got {arguments.get('min_lr_ratio')!r}")
+    warmup = number("warmup_steps")
+    if warmup is None or warmup < 0:
+        raise bad(f"--model.warmup_steps must be >= 0, got {arguments.get('warmup_steps')!r}")
+    decay = arguments.get("lr_decay_steps")
+    if decay is not None and (number("lr_decay_steps") is None or decay <= 0):
+        raise bad(f"--model.lr_decay_steps must be a positive number of steps, got {decay!r}")
+    wd = number("weight_decay")
+    if wd is None or wd < 0:
+        raise bad(f"--model.weight_decay must be >= 0, got {arguments.get('weight_decay')!r}")
+    if arguments.get("init_from"):
+        return  # the exported model's own config replaces the model arguments
+    try:
+        _model_config(arguments)
+    except ValueError as e:
+        # ZeroSConfig names its fields; on the command line they are --model.<field>.
+        message = " ".join(str(e).split()).replace("ZeroSConfig: ", "").replace("ZeroSConfig.", "--model.")
+        raise bad(message) from None
+
+
+RUN_LOCK_NAME = ".run.lock"
+EXPORT_CHECK_NAME = "export_check.json"
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _checkpoint_entries(checkpoint_dir: Path) -> list[Path]:
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoint_dir.iterdir() if p.name.endswith(".ckpt"))
+
+
+def claim_root_dir(
+    root: str, checkpoint_dir: str, export_dir: Optional[str], resume: bool, overwrite: bool
+) -> list[Path]:
+    """Make ``root`` this run's own, before any data is prepared.
+
+    Takes the run lock ``<root>/.run.lock`` (held until the process exits: a second live run in the
+    same directory is refused at once), then refuses a directory that holds another run (checkpoints,
+    or an export in ``export_dir``) unless this run continues it (``resume``) or replaces it
+    (``overwrite``). Returns what a replacing run must remove once it is ready to train (see
+    :func:`remove_previous_run`). Raises :class:`RunError`.
+    """
+    from ._locks import LockBusy, acquire, describe_holder
+
+    root_path = Path(root)
+    if resume and overwrite:
+        raise RunError("--ckpt_path continues the run in the directory and --overwrite replaces it: give one of them")
+    root_path.mkdir(parents=True, exist_ok=True)
+    lock = root_path / RUN_LOCK_NAME
+    try:
+        acquire(lock, timeout=0)
+    except LockBusy as e:
+        raise RunError(
+            f"another run ({describe_holder(e.holder)}) is using {root_path} right now; wait for it to finish, "
+            "or give this one another --trainer.default_root_dir"
+        ) from None
+    checkpoints = _checkpoint_entries(Path(checkpoint_dir))
+    export = Path(export_dir) if export_dir else None
+    exported = export is not None and _non_empty(export)
+    if resume or not (checkpoints or exported):
+        return []
+    held = []
+    if checkpoints:
+        files = [p for p in checkpoints if not p.is_symlink()] or checkpoints
+        held.append(f"{len(files)} checkpoint(s) in {checkpoint_dir}")
+    if exported:
+        held.append(f"an export in {export}")
+    if not overwrite:
+        raise RunError(
+            f"{root_path} holds another run ({' and '.join(held)}); continue it with --ckpt_path last, "
+            "start a new run in another --trainer.default_root_dir, or replace it with --overwrite"
+        )
+    return [Path(checkpoint_dir)] + ([export] if exported else []) + [root_path / EXPORT_CHECK_NAME]
+
+
+def remove_previous_run(paths: list[Path]) -> None:
+    """Delete what :func:`claim_root_dir` listed (an overwritten run's checkpoints and export; its
+    logs stay, in their own ``logs/version_N``)."""
+    import shutil
+
+    removed = [p for p in paths if p.exists() or p.is_symlink()]
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if removed:
+        rank_zero_info(f"Replacing the earlier run: removed {', '.join(str(p) for p in removed)}")
 
 
 class ZeroSLitModule(LightningModule):
@@ -113,7 +246,8 @@ class ZeroSLitModule(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        from zeros_lm import ZeroSConfig, ZeroSForCausalLM
+        check_model_arguments(dict(self.hparams))
+        from zeros_lm import ZeroSForCausalLM
 
         self.tokenizer_json: Optional[str] = None
         if init_from:
@@ -129,28 +263,7 @@ class ZeroSLitModule(LightningModule):
                 )
             rank_zero_info(f"Model: continuing from {init_from} (its config replaces the model arguments)")
         else:
-            config = ZeroSConfig(
-                vocab_size=vocab_size,
-                hidden_size=hidden_size,
-                num_hidden_layers=num_hidden_layers,
-                num_attention_heads=num_attention_heads,
-                intermediate_size=intermediate_size,
-                rope_theta=rope_theta,
-                chunk_size=chunk_size,
-                attention_type=attention_type,
-                first_layer_zero_order=first_layer_zero_order,
-                logit_type=logit_type,
-                use_gates=use_gates,
-                zero_order_all_layers=zero_order_all_layers,
-                use_output_norm=use_output_norm,
-                rms_norm_eps=rms_norm_eps,
-                initializer_range=initializer_range,
-                tie_word_embeddings=tie_word_embeddings,
-                bos_token_id=bos_token_id,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-                use_cache=True,
-            )
+            config = _model_config(dict(self.hparams))
             self.model = ZeroSForCausalLM(config)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
