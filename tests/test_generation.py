@@ -138,16 +138,25 @@ def test_beam_search_and_num_return_sequences(attention_type):
             logp = model(seq).logits.log_softmax(-1)[0, len(real) - 1 : -1]
             total = logp.gather(-1, gen[:, None]).sum()
             torch.testing.assert_close(score, total / len(gen), atol=1e-4, rtol=0)  # length_penalty 1.0
+    # the two beams returned per prompt: distinct, best first, each continuing its own prompt
+    scores = beams.sequences_scores.view(2, 2)
+    for i in range(2):
+        a, b = beams.sequences[2 * i : 2 * i + 2]
+        assert torch.equal(a[: ids.shape[1]], ids[i]) and torch.equal(b[: ids.shape[1]], ids[i])
+        assert not torch.equal(a, b) and scores[i, 0] >= scores[i, 1]
+
+    kw = dict(do_sample=True, max_new_tokens=5, min_new_tokens=5, pad_token_id=1)
     torch.manual_seed(0)
-    sampled = model.generate(
-        ids, attention_mask=mask, do_sample=True, num_return_sequences=3, max_new_tokens=5, pad_token_id=1
-    )
+    sampled = model.generate(ids, attention_mask=mask, num_return_sequences=3, **kw)
     assert sampled.shape == (6, ids.shape[1] + 5)
-    greedy = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=5, pad_token_id=1)
-    repeated = model.generate(
-        ids, attention_mask=mask, do_sample=False, num_beams=1, num_return_sequences=1, max_new_tokens=5, pad_token_id=1
-    )
-    assert torch.equal(greedy, repeated)
+    for i in range(2):  # three rows per prompt, in order: each continues that prompt, and they differ
+        rows = sampled[3 * i : 3 * i + 3]
+        assert all(torch.equal(row[: ids.shape[1]], ids[i]) for row in rows)
+        assert len({tuple(row[ids.shape[1] :].tolist()) for row in rows}) == 3
+    # the same as sampling a batch with each prompt repeated three times, with the same seed
+    torch.manual_seed(0)
+    repeated = model.generate(ids.repeat_interleave(3, 0), attention_mask=mask.repeat_interleave(3, 0), **kw)
+    assert torch.equal(sampled, repeated)
 
 
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)

@@ -114,4 +114,22 @@ def test_full_modes_keep_the_issue_settings():
         assert min(p.mqar_lengths) == 64 and max(p.mqar_lengths) == 512
     assert report.default_precision("cuda", "full-gpu") == "bf16-mixed"
     assert report.default_precision("cpu", "quick") == report.default_precision("cpu", "smoke") == "32-true"
-    assert report.default_precision("cpu", "full") in ("bf16-mixed", "32-true")
+
+
+@pytest.mark.parametrize(
+    "mkldnn, probe, expected",
+    [
+        (True, lambda: True, "bf16-mixed"),  # native bf16 matmuls: the full mode trains in bf16-mixed
+        (True, lambda: False, "32-true"),
+        (True, None, "32-true"),  # a build without the (private) probe
+        (False, lambda: True, "32-true"),  # no oneDNN at all
+    ],
+    ids=["native-bf16", "no-native-bf16", "no-probe", "no-mkldnn"],
+)
+def test_cpu_precision_follows_the_bf16_probe(monkeypatch, mkldnn, probe, expected):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: mkldnn)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", probe, raising=False)
+    assert report.default_precision("cpu", "full") == expected
+    for mode in ("quick", "smoke"):  # the short modes stay in float32 whatever the CPU
+        assert report.default_precision("cpu", mode) == "32-true"
+    assert report.default_precision("cuda", "quick") == "bf16-mixed"

@@ -262,8 +262,15 @@ def test_smoke_run_exports_a_loadable_hf_directory(smoke_run):
     assert gen.eos_token_id == tok.eos_token_id
     check = json.loads((root / "export_check.json").read_text())
     assert check["max_abs_diff"] < 1e-5
-    out = model.generate(torch.tensor([tok("import ")["input_ids"]]), max_new_tokens=5, do_sample=False)
-    assert out.shape[1] > 1
+    prompt = torch.tensor([tok("import ")["input_ids"]])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+    expected = prompt  # greedy decoding by full forwards: argmax of the last position, until EOS
+    while expected.shape[1] < prompt.shape[1] + 5:
+        token = logits_of(model, expected)[:, -1].argmax(-1, keepdim=True)
+        expected = torch.cat([expected, token], dim=1)
+        if token.item() == tok.eos_token_id:
+            break
+    assert torch.equal(out, expected)
 
 
 def test_export_command_on_a_plain_checkpoint(smoke_run, tmp_path):
@@ -283,6 +290,37 @@ def test_export_command_on_a_plain_checkpoint(smoke_run, tmp_path):
     torch.testing.assert_close(logits_of(mid, ids), logits_of(reference, ids), rtol=0, atol=1e-6)
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     assert export.main([str(root / "nope.ckpt"), str(tmp_path / "x")]) == 1
+
+
+def test_export_options_dtype_tokenizer_and_no_check(smoke_run, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from zeros_lm import export
+
+    root, cli, _ = smoke_run
+    ckpt = root / "checkpoints" / "step=0000020.ckpt"
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    # --dtype bfloat16: the checkpoint's weights, rounded to bfloat16, and a check that passes
+    assert export.main([str(ckpt), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert "Reloaded with from_pretrained" in capsys.readouterr().out
+    stored = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert stored and {t.dtype for t in stored.values()} == {torch.bfloat16}
+    for key, tensor in stored.items():
+        assert torch.equal(tensor, state["model." + key].to(torch.bfloat16)), key
+    # --tokenizer DIR replaces the checkpoint's tokenizer; --no-check never reloads the export
+    tok = AutoTokenizer.from_pretrained(root / "hf")
+    tok.model_max_length = 4321  # marks this copy
+    tok.save_pretrained(tmp_path / "tok")
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("--no-check must not reload the export")
+
+    monkeypatch.setattr(export, "compare_logits", no_reload)
+    assert export.main([str(ckpt), str(tmp_path / "tok_out"), "--tokenizer", str(tmp_path / "tok"), "--no-check"]) == 0
+    assert "Reloaded" not in capsys.readouterr().out
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok_out").model_max_length == 4321
+    assert {t.dtype for t in load_file(tmp_path / "tok_out" / "model.safetensors").values()} == {torch.float32}
 
 
 def test_init_from_an_exported_directory_continues_training(smoke_run, tmp_path, cache_dir):
@@ -307,6 +345,15 @@ def test_resume_from_last_ends_where_an_uninterrupted_run_ends(tmp_path, cache_d
     for step in range(14, 25):
         assert second[step] == pytest.approx(whole[step], abs=1e-5), step
     assert second[24] == pytest.approx(whole[24], abs=1e-6)
+    # The throughput logger's token count goes on from the checkpoint: 24 batches of 32 x 64 tokens.
+    tokens = 24 * 32 * smoke_seq_len()
+    assert column(read_metrics(tmp_path / "b"), "train/tokens")[-1] == column(read_metrics(tmp_path / "a"), "train/tokens")[-1] == tokens
+
+
+def smoke_seq_len() -> int:
+    import yaml
+
+    return int(yaml.safe_load((CONFIGS / "smoke.yaml").read_text())["data"]["seq_len"])
 
 
 # ------------------------------------------------------------------------------------------
