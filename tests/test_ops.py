@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from zeros_lm import ops
 from zeros_lm.ops import ZeroSState, zeros_attention
 
 FORMS = ("reference", "chunked", "recurrent")
@@ -497,3 +498,112 @@ def test_cu_seqlens_needs_one_row_and_one_state_row_per_segment():
     _, state = run(inputs, "chunked", output_final_state=True)
     with pytest.raises(ValueError, match="one row per sequence"):
         run(inputs, "recurrent", cu_seqlens=torch.tensor([0, 4, 8]), initial_state=state)
+
+
+# ------------------------------------------------------------------------------- fused and auto modes
+
+
+class SpyCore:
+    """Stands in for ops_fused: the PyTorch chunk core behind the fused contract, recording its calls."""
+
+    MIN_CHUNK_SIZE = 16
+
+    def __init__(self):
+        self.calls = []
+
+    def chunk_core_fused(self, *args):
+        self.calls.append(args)
+        return ops._chunk_core_torch(*args)
+
+
+@pytest.fixture
+def spy_core(monkeypatch):
+    spy = SpyCore()
+    monkeypatch.setattr(ops, "_load_fused_core", lambda: spy)
+    return spy
+
+
+def test_fused_mode_runs_the_shared_preparation_through_the_fused_contract(spy_core):
+    lengths = [16, 5, 1, 20]
+    inputs64 = make_inputs(1, sum(lengths), 2, 16, first_layer=True, seed=30)
+    _, state = run(make_inputs(len(lengths), 9, 2, 16, seed=31), "chunked", output_final_state=True)
+    ref, ref_state = run(inputs64, "chunked", chunk_size=8, cu_seqlens=offsets(lengths), initial_state=state,
+                         output_final_state=True)
+    inputs = [x.float() for x in inputs64]
+    out, end = run(inputs, "fused", chunk_size=8, cu_seqlens=offsets(lengths), initial_state=state.to(torch.float32),
+                   output_final_state=True)
+    assert len(spy_core.calls) == 1
+    q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, starts, load, store, num_out, C = spy_core.calls[0]
+    assert C == 16 and q.shape[1] % C == 0                       # a power of two >= the kernels' minimum
+    assert q.dtype == k.dtype == v.dtype == s.dtype == starts.dtype == torch.float32
+    assert num_out == len(lengths) and (load >= 0).sum() == len(lengths)
+    assert out.dtype == torch.float32 and end.batch_size == len(lengths)
+    assert rel_err(out.double(), ref) <= 1e-5
+    assert rel_err(end.kv.double(), ref_state.kv) <= 1e-5
+    # Mixed dtypes (a model under autocast: float32 q, k and a 16-bit v) reach the kernels as one dtype.
+    run(inputs[:2] + [inputs[2].half()] + inputs[3:], "fused", chunk_size=8)
+    q, k, v = spy_core.calls[-1][:3]
+    assert q.dtype == k.dtype == v.dtype == torch.float32
+
+
+def test_fused_mode_refuses_float64_and_says_when_triton_is_missing(spy_core, monkeypatch):
+    with pytest.raises(ValueError, match="float64"):
+        run(make_inputs(1, 8, 1), "fused")
+    assert not spy_core.calls
+    monkeypatch.setattr(ops, "_load_fused_core", lambda: None)
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        run(make_inputs(1, 8, 1, dtype=torch.float32), "fused")
+
+
+def test_auto_picks_chunked_on_cpu(spy_core):
+    inputs = make_inputs(2, 40, 2, first_layer=True, dtype=torch.float32, seed=32)
+    out, state = run(inputs, "auto", chunk_size=16, output_final_state=True)
+    expected, expected_state = run(inputs, "chunked", chunk_size=16, output_final_state=True)
+    assert not spy_core.calls
+    assert torch.equal(out, expected) and torch.equal(state.kv, expected_state.kv)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_picks_fused_on_cuda(spy_core):
+    inputs = [x.cuda() for x in make_inputs(1, 40, 2, 16, dtype=torch.float32, seed=33)[:6]]
+    run(inputs, "auto", chunk_size=16)
+    assert len(spy_core.calls) == 1
+    run([x.double() for x in inputs], "auto", chunk_size=16)  # float64: the PyTorch path
+    assert len(spy_core.calls) == 1
+
+
+def test_fused_mode_with_the_real_kernels():
+    """zeros_attention(mode="fused") through ops_fused (Triton's interpreter on CPU) == chunked, with gradients."""
+    if ops._load_fused_core() is None:
+        pytest.skip("Triton or ops_fused.py is not available")
+    lengths = [20, 1, 11]
+    inputs = make_inputs(1, sum(lengths), 2, 16, first_layer=True, dtype=torch.float32, seed=34, requires_grad=True)
+    _, state = run([x.detach() for x in make_inputs(3, 9, 2, 16, dtype=torch.float32, seed=35)[:6]] + [None],
+                   "chunked", output_final_state=True)
+    results = {}
+    for mode in ("fused", "chunked"):
+        out, end = run(inputs, mode, chunk_size=16, cu_seqlens=offsets(lengths), initial_state=state,
+                       output_final_state=True)
+        results[mode] = (out, end.kv, torch.autograd.grad(weighted_sum(out), inputs))
+    (out, kv, got), (ref, ref_kv, expected) = results["fused"], results["chunked"]
+    assert rel_err(out, ref) <= 1e-4 and rel_err(kv, ref_kv) <= 1e-4
+    for a, b in zip(got, expected):
+        assert rel_err(a, b) <= 1e-4
+
+
+# ------------------------------------------------------------------------------- GPU precision of the PyTorch core
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 3e-3), (torch.bfloat16, 1e-2)])
+def test_tensor_core_products_stay_accurate_when_logits_are_nearly_uniform(monkeypatch, dtype, tolerance):
+    """16-bit q.k and (weights) V (what CUDA gets), here forced on CPU. The weights are formed in float32
+    and each row is scaled before rounding, so nearly uniform logits (the cancelling case) at a long-ish
+    context stay within 16-bit noise of float64: per-token relative error after the first chunk."""
+    inputs = [x.to(dtype) for x in make_inputs(2, 256, 2, 16, seed=36, logit_scale=0.01)[:6]] + [None]
+    ref, _ = run([x.double() for x in inputs[:6]] + [None], "reference")
+    exact, _ = run(inputs, "chunked", chunk_size=64)
+    monkeypatch.setattr(ops, "_tensor_core_products", lambda x: x.dtype in ops._TENSOR_CORE_DTYPES)
+    out, _ = run(inputs, "chunked", chunk_size=64)
+    assert not torch.equal(out, exact)                           # the 16-bit products did run
+    per_token = (out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert per_token[:, 64:].max() <= tolerance

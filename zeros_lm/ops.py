@@ -14,7 +14,20 @@ Forms:
 - ``reference``: forms r and q.k as (T, T) matrices. The specification; slow.
 - ``chunked``: training and prefill. Inside a chunk of C tokens the (C, C) weights are explicit;
   across chunks a state of three (d_k, d_v) matrices is carried (see ``ZeroSState``).
+- ``fused``: the chunked form with the chunk work in Triton kernels (``ops_fused.py``, imported on
+  first use); float32 / float16 / bfloat16 only. ``auto``: "fused" for CUDA tensors when Triton is
+  there and the dtype is supported, else "chunked".
 - ``recurrent``: generation, one token at a time through the same state.
+
+Chunked and fused share everything but the chunk core: the per-token scalars below are prepared
+once in PyTorch (cumulative ops, autograd through them), the tokens are laid out chunk by chunk
+(``_ChunkLayout``), and the core (``_chunk_core_torch`` or ``ops_fused.chunk_core_fused``, one
+contract) does the (C, C) blocks and the state recurrence. ``cu_seqlens`` packs several sequences
+into one row; every form restarts at each segment.
+
+Precision on GPU: the PyTorch core multiplies q.k and (weights) V in 16 bits on CUDA when the inputs
+are float16/bfloat16 (or autocast asks for them), with the weights formed in float32; the state
+readout and every sum stay float32 (the readout's three terms cancel). CPU and float64 are exact.
 
 Chunked and recurrent rewrite r_{t,i} as per-query times per-key scalars (sbar_t = P_t / t):
 
@@ -42,7 +55,7 @@ import torch.nn.functional as F
 
 __all__ = ["zeros_attention", "ZeroSState", "MODES"]
 
-MODES = ("chunked", "recurrent", "reference")
+MODES = ("chunked", "recurrent", "reference", "fused", "auto")
 
 # Running maximum before any real token has been seen. Finite (so exp(m_old - m_new) is never
 # exp(-inf + inf)), and far below any logit, so the first real token replaces it.
@@ -239,12 +252,58 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
     B, T = q.shape[:2]
     lengths = None if cu_seqlens is None else _segment_lengths(cu_seqlens, B, T)
     _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size, B if lengths is None else len(lengths))
-    # Under autocast the products below would run in bfloat16/float16: the op accumulates in float32 itself.
+    if mode == "auto":
+        mode = "fused" if _fused_applies(q) else "chunked"
+    # Under autocast the products below would run in bfloat16/float16: the op accumulates in float32
+    # itself, and only the chunk core's q.k and (weights) V products take autocast's 16-bit dtype (CUDA).
+    low = _autocast_product_dtype(q)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        return _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths)
+        return _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths,
+                         low)
 
 
-def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths):
+def _load_fused_core():
+    """The ``ops_fused`` module (Triton kernels), imported on first use so that CPU installs need no
+    Triton; None when it or Triton is missing."""
+    try:
+        from . import ops_fused
+    except ImportError:
+        return None
+    return ops_fused if getattr(ops_fused, "HAS_TRITON", False) else None
+
+
+def _fused_applies(q: torch.Tensor) -> bool:
+    """mode="auto": the fused kernels for CUDA tensors of a supported dtype, when Triton is there."""
+    return q.device.type == "cuda" and q.dtype in _FUSED_DTYPES and _load_fused_core() is not None
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_product_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
+    """The 16-bit dtype that autocast asks for on CUDA, else None."""
+    if q.device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return None
+    dtype = torch.get_autocast_dtype("cuda")
+    return dtype if dtype in _TENSOR_CORE_DTYPES else None
+
+
+def _chunked_core(mode: str, dtype: torch.dtype):
+    """(core, module) for mode "chunked" / "fused"; clear errors when the fused kernels cannot run."""
+    if mode == "chunked":
+        return _chunk_core_torch, None
+    if dtype not in _FUSED_DTYPES:
+        raise ValueError(f"zeros_attention: mode='fused' takes float32, float16 or bfloat16 inputs, got {dtype} "
+                         "(Triton computes float64 wrong without an error); use mode='chunked' or 'reference'")
+    fused = _load_fused_core()
+    if fused is None:
+        raise RuntimeError("zeros_attention: mode='fused' needs Triton (pip install triton; Linux) and ops_fused.py "
+                           "next to ops.py; use mode='chunked' (or 'auto', which falls back to it) without them")
+    return fused.chunk_core_fused, fused
+
+
+def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths,
+              low=None):
     B, T, H, d_k = q.shape
     acc = _accumulation_dtype(q.dtype)
     num_sequences = B if lengths is None else len(lengths)
@@ -270,8 +329,16 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
         valid = valid.to(device=q.device, dtype=torch.bool)
         q, k, v = (x.masked_fill(~valid[:, :, None, None], 0.0) for x in (q, k, v))
         s = s.masked_fill(~valid[:, :, None], 0.0)
-    if mode == "chunked":
-        o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, _chunk_core_torch)
+    if mode in ("chunked", "fused"):
+        core, fused = _chunked_core(mode, q.dtype)
+        if fused is not None:  # the kernels take one 16-bit or float32 dtype and a power-of-two chunk >= their minimum
+            longest = T if lengths is None else max(max(lengths), 1)
+            chunk_size = max(fused.MIN_CHUNK_SIZE, 1 << (min(chunk_size, longest) - 1).bit_length())
+            low = low or q.dtype
+        if low is not None:
+            q, k, v = (x.to(low) for x in (q, k, v))
+        o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core,
+                            exact_chunk=fused is not None)
     elif lengths is None:
         o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state)
     else:  # one segment after the other, each from its own state
@@ -499,17 +566,19 @@ def _chunk_scalars(s, g1, gh, g0, state, layout):
     return (m, a, b, hc), (m0, m1, sb0, sb1), final
 
 
-def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core):
+def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, exact_chunk=False):
     """The chunked form: shared scalar preparation, then ``core`` (the PyTorch or the fused chunk core).
 
     Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed); lengths: None or
-    the segment lengths of ``cu_seqlens``. Returns o (B, T, H, d_v) and the final state (one row per
+    the segment lengths of ``cu_seqlens``. The chunk is chunk_size tokens, or the longest sequence when
+    that is shorter, unless exact_chunk. Returns o (B, T, H, d_v) and the final state (one row per
     sequence).
     """
     B, T, H, _ = q.shape
     acc = state.kv.dtype
     longest = T if lengths is None else max(max(lengths), 1)
-    layout = _ChunkLayout.build(B, T, valid, lengths, min(chunk_size, longest), q.device)
+    C = chunk_size if exact_chunk else min(chunk_size, longest)
+    layout = _ChunkLayout.build(B, T, valid, lengths, C, q.device)
     N, C = layout.num_chunks, layout.chunk_size
 
     def aligned(x):  # (B, T, H) -> (B', H, N, C) in the accumulation dtype
@@ -582,9 +651,13 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
     if prod == acc:
         scores = q_acc @ k_acc.transpose(-1, -2)
         o = (weights * scores.masked_fill(~causal, 0.0)) @ v_acc
-    else:  # tensor cores: q.k and (weights) V in 16 bits, the weights themselves in float32
+    else:  # tensor cores: q.k and (weights) V in 16 bits, the weights themselves formed in float32
         scores = (heads_first(q, prod) @ heads_first(k, prod).transpose(-1, -2)).to(acc)
-        o = ((weights * scores.masked_fill(~causal, 0.0)).to(prod) @ heads_first(v, prod)).to(acc)
+        weighted = weights * scores.masked_fill(~causal, 0.0)
+        # Each row scaled to max |w| = 1 before rounding: a relative error per weight, and no float16
+        # underflow of the small weights (~1/t) of a long context.
+        scale = weighted.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(acc).tiny)
+        o = ((weighted / scale).to(prod) @ heads_first(v, prod)).to(acc) * scale
     # Everything before the chunk, through the state at its start (kept in the accumulation dtype:
     # the three terms of the readout cancel).
     o = o + _readout(q_acc, kv_starts, a * torch.exp(m0.unsqueeze(-1) - m), b, hc)
