@@ -171,8 +171,22 @@ def make_case(rows, *, chunk_size, d_k, d_v, heads=2, dtype=torch.float32, logit
     return args, num_out
 
 
+# Tokens whose reference is this far below the largest (o_1 = 0 off the first layer, padding) are
+# measured against this fraction of the largest instead.
+FLOOR = 1e-3
+
+
 def _rel(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+    """Relative error, per token for (B, T, H, d) tensors (norm over d) and per entry for (B, H, T)
+    and (B, H, N) ones, so that a small output (the cancelling case) is held to the same standard as a
+    large one; states (5 dims) against their largest entry."""
+    err, ref = (x.double() - ref).abs(), ref.abs()
+    if x.dim() == 4:
+        err, ref = err.norm(dim=-1), ref.norm(dim=-1)
+    top = ref.max().clamp(min=1e-30)
+    if x.dim() == 5:
+        return (err.max() / top).item()
+    return (err / ref.clamp(min=FLOOR * top)).max().item()
 
 
 def check_against_reference(rows, *, chunk_size, dtype=torch.float32, tol=None, **kwargs):
@@ -227,10 +241,11 @@ def test_varlen_float32():
 
 @pytest.mark.parametrize("logits", ["normal", "uniform", "spread"])
 def test_float16(logits):
-    """fp16 q/k/v against float64, including nearly uniform logits (the three terms of R cancel) and
-    logits with a large mean and a +-300 spread."""
-    rows = [[Segment(20, "prefix"), Segment(37)], [Segment(64)]]
-    check_against_reference(rows, chunk_size=16, d_k=32, d_v=32, dtype=torch.float16, logits=logits)
+    """fp16 q/k/v against float64, including nearly uniform logits (the three terms of R cancel; by
+    t ~ 150 their weights ~ 0.01 / t are fp16 subnormals unless scaled) and logits with a large mean
+    and a +-300 spread."""
+    rows = [[Segment(20, "prefix"), Segment(150)], [Segment(170)]]
+    check_against_reference(rows, chunk_size=32, d_k=16, d_v=16, dtype=torch.float16, logits=logits)
 
 
 def test_float16_wide_heads():

@@ -24,8 +24,8 @@ Kernels (one program per (batch row x head) or per (chunk, batch row x head)):
 - ``_chunk_bwd_kernel``: parallel over chunks; dq, dk, dv, ds, da, db, dhc and dsb0 / dsb1 per chunk.
 
 Precision: products of two input-dtype tensors (Q K^T) use tensor cores; a float32 weight matrix
-(the (C, C) weights, formed in float32) times an input-dtype tensor is rounded to the input dtype: a
-relative error of each weight, never a difference of rounded sums. Every product that touches a
+(the (C, C) weights, formed in float32) times an input-dtype tensor is rounded, row-scaled, to the
+input dtype: a relative error of each weight, never a difference of rounded sums. Every product that touches a
 state, a gradient of the output or a cancelling combination is float32 (``input_precision="ieee"``).
 Float32 inputs run every product in IEEE float32.
 
@@ -74,10 +74,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _weights_dot(w, x, LOWP: tl.constexpr):
-        """w (M, L) float32 weights times x (L, N): float32 (M, N). With LOWP (16-bit x) w is rounded
-        to x's dtype (tensor cores): a relative error of each weight, never of a cancelling sum."""
+        """w (M, L) float32 weights times x (L, N): float32 (M, N).
+
+        With LOWP (16-bit x) each row of w is scaled to max |w| = 1 and rounded to x's dtype (tensor
+        cores): a relative error of each weight. Unscaled, the small weights of nearly uniform logits
+        (~0.01 / t) would fall into fp16's subnormals within a few hundred tokens.
+        """
         if LOWP:
-            return tl.dot(w.to(x.dtype), x)
+            scale = tl.max(tl.abs(w), axis=1)
+            scale = tl.where(scale > 0, scale, 1.0)
+            return tl.dot((w / scale[:, None]).to(x.dtype), x) * scale[:, None]
         else:
             return tl.dot(w, x.to(tl.float32), input_precision="ieee")
 
