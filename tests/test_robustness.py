@@ -546,3 +546,57 @@ def test_ctrl_c_exits_130_without_a_traceback_and_the_run_holds_its_directory(tm
     assert proc.returncode == 130, stderr.decode()[-3000:]
     assert "Traceback" not in stderr.decode()
     assert stderr.decode().strip().splitlines()[-1].startswith("Interrupted at step ")
+
+
+# ------------------------------------------------------------------------------------------
+# Structured data: non-string text and malformed lines name the file and the row
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, content, where, what",
+    [
+        ("ints.jsonl", '{"text": "fine"}\n{"text": 1}\n', "line 2", "an int (1)"),
+        ("lists.jsonl", '{"text": ["a", "b"]}\n', "line 1", "a list (['a', 'b'])"),
+        ("records.json", '[{"text": "fine"}, {"text": {"nested": true}}]', "record 2", "a dict ({'nested': True})"),
+    ],
+)
+def test_json_text_that_is_not_a_string_names_file_and_row(tmp_path, name, content, where, what):
+    from zeros_lm.data import DataError, prepare_corpus
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        prepare_corpus(train_files=[str(path)], cache_dir=str(tmp_path / "cache"), seq_len=4, num_proc=1)
+    assert str(e.value) == (
+        f"{path}, {where}: the text column 'text' holds {what}, not a string; fix that row, or choose another "
+        "column with --data.text_column"
+    )
+
+
+@pytest.mark.parametrize("values, row, what", [([1, 2], 1, "an int (1)"), ([["a"], ["b", "c"]], 1, "a list (['a'])")])
+def test_parquet_text_that_is_not_a_string_names_file_and_row(tmp_path, values, row, what):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from zeros_lm.data import DataError, prepare_corpus
+
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"text": values}), path)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, row {row}: the text column 'text' holds {re.escape(what)}"):
+        prepare_corpus(train_files=[str(path)], cache_dir=str(tmp_path / "cache"), seq_len=4, num_proc=1)
+
+
+def test_a_malformed_jsonl_line_is_named_in_the_last_line_of_the_error(tmp_path, tiny_data, capsys):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": "no closing brace"\n{"text": "fine"}\n')
+    code, err = run_main(tiny_args(tmp_path / "run", tiny_data, "--data.train_files", str(path)), capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: {path}, line 3: not valid JSON (Expecting ',' delimiter at column 28); fix or remove that line"
+    )
+
+
+def test_tokenising_refuses_non_string_text_from_any_source():
+    from zeros_lm.data import DataError, _tokenize_batch
+
+    with pytest.raises(DataError, match=r"the text column holds an int \(7\), not a string"):
+        _tokenize_batch({"text": ["fine", 7]}, tokenizer_json="unused")

@@ -233,8 +233,107 @@ def _load_structured(kind: str, files: list[str], text_column: str, cache_dir: s
         )
     except Exception as e:  # noqa: BLE001 - turned into one clear message
         _unwrap_generation_error(e)
-        raise DataError(f"could not read {kind} file(s) {_short(files)}: {type(e).__name__}: {e}") from None
-    return _select_text_column(ds, text_column, what=f"{kind} file(s) {_short(files)}")
+        problem = _first_structured_problem(kind, files, text_column)
+        if problem:
+            raise DataError(problem) from None
+        message = " ".join(f"{type(e).__name__}: {e}".split())
+        raise DataError(f"could not read {kind} file(s) {_short(files)}: {message}") from None
+    what = f"{kind} file(s) {_short(files)}"
+    ds = _select_text_column(ds, text_column, what=what)
+    feature = (ds.features or {}).get("text") if ds.features is not None else None
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        problem = _first_structured_problem(kind, files, text_column)
+        raise DataError(
+            problem or f"{what}: the text column {text_column!r} holds {feature}, not strings; set --data.text_column"
+        )
+    return ds
+
+
+def _describe_value(value: Any) -> str:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name} ({shown})"
+
+
+def _not_a_string(path: str, where: str, text_column: str, value: Any) -> str:
+    return (
+        f"{path}, {where}: the text column {text_column!r} holds {_describe_value(value)}, not a string; "
+        "fix that row, or choose another column with --data.text_column"
+    )
+
+
+def _first_structured_problem(kind: str, files: Sequence[str], text_column: str) -> Optional[str]:
+    """The first row of the first file that is malformed or whose text column is not a string, as
+    a one-line message naming the file and row (None if none is found). Only called once reading
+    has failed, so it may read the files again."""
+    for path in files:
+        try:
+            problem = (_json_problem if kind == "json" else _parquet_problem)(path, text_column)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return f"{path}: cannot be read as {kind}: {' '.join(str(e).split())}"
+        if problem:
+            return problem
+    return None
+
+
+def _json_problem(path: str, text_column: str) -> Optional[str]:
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                whole = _json_document_problem(path, opener, text_column)
+                if whole is not False:  # the file is one JSON document, not JSON lines
+                    return whole
+                return f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line"
+            if isinstance(record, list):  # a JSON document written on one line
+                problem = _records_problem(path, record, text_column, where=lambda i: f"record {i}")
+            else:
+                problem = _records_problem(path, [record], text_column, where=lambda i, n=n: f"line {n}")
+            if problem:
+                return problem
+    return None
+
+
+def _records_problem(path: str, records: list, text_column: str, where) -> Optional[str]:
+    """The first record (a dict) whose text column holds something other than a string or null;
+    ``where(i)`` names the i-th record (1-based) in the message."""
+    for i, record in enumerate(records, 1):
+        value = record.get(text_column) if isinstance(record, dict) else None
+        if value is not None and not isinstance(value, str):
+            return _not_a_string(path, where(i), text_column, value)
+    return None
+
+
+def _json_document_problem(path: str, opener, text_column: str):
+    """For a file holding one JSON document (a list of records): its problem, None, or False if it
+    is not one valid JSON document."""
+    with opener(path, "rt", encoding="utf-8") as fh:
+        try:
+            document = json.load(fh)
+        except json.JSONDecodeError:
+            return False
+    records = document if isinstance(document, list) else [document]
+    return _records_problem(path, records, text_column, where=lambda i: f"record {i}")
+
+
+def _parquet_problem(path: str, text_column: str) -> Optional[str]:
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    if text_column not in schema.names:
+        return None
+    for i, value in enumerate(pq.read_table(path, columns=[text_column]).column(0).to_pylist(), 1):
+        if value is not None and not isinstance(value, str):
+            return _not_a_string(path, f"row {i}", text_column, value)
+    return None
 
 
 def _select_text_column(ds, text_column: str, what: str):
@@ -444,6 +543,9 @@ def _backend(tokenizer_json: str):
 def _tokenize_batch(batch: dict, tokenizer_json: str, parent_pid: Optional[int] = None) -> dict:
     if parent_pid is not None:
         _die_with(parent_pid)
+    for t in batch["text"]:
+        if t is not None and not isinstance(t, str):  # (files are checked row by row when loaded)
+            raise DataError(f"the text column holds {_describe_value(t)}, not a string; set --data.text_column")
     tok = _backend(tokenizer_json)
     texts = [t if (t and t.strip()) else "" for t in batch["text"]]
     encodings = tok.encode_batch(texts, add_special_tokens=False)
