@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from zeros_lm import ops_fused  # noqa: E402
 from zeros_lm.ops_fused import MIN_CHUNK_SIZE, chunk_core_fused  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,9 +232,12 @@ def test_one_token_float32():
     check_against_reference([[Segment(1)]], chunk_size=16, d_k=32, d_v=16, first_layer=True)
 
 
-def test_varlen_float32():
+@pytest.mark.parametrize("split_block_v", [ops_fused.SPLIT_BLOCK_V, 16])
+def test_varlen_float32(monkeypatch, split_block_v):
     """Packed rows: a loaded prefix state, a reset mid-row, a one-token segment, an unstored
-    segment, a row shorter than the other (padding chunks), and the empty row loaded several times."""
+    segment, a row shorter than the other (padding chunks), and the empty row loaded several times;
+    d_v = 48 in one block, and in three for the states and output kernels."""
+    monkeypatch.setattr(ops_fused, "SPLIT_BLOCK_V", split_block_v)
     rows = [[Segment(40, "prefix"), Segment(1), Segment(20, store=False)],
             [Segment(33, "prefix"), Segment(16, "prefix")]]
     check_against_reference(rows, chunk_size=32, d_k=32, d_v=48, heads=1, first_layer=True)
@@ -304,3 +308,38 @@ def test_no_out_states_and_no_grad():
     assert out.shape == (0, 1, 3, 16, 16)
     assert _rel(o.cpu(), o_ref) <= F32_TOL
     assert not math.isnan(o.sum().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: one opaque node for torch.compile, forward and backward
+# ----------------------------------------------------------------------------------------------
+
+def _compile_case():
+    args, num_out = make_case([[Segment(20, "prefix"), Segment(30)]], chunk_size=16, d_k=16, d_v=16, heads=1)
+    return [args[n].clone().requires_grad_(n in DIFFERENTIABLE) for n in CORE_ARGS], num_out
+
+
+def test_custom_op_registration():
+    """torch.library's own checks: schema, fake (meta) kernel, autograd registration."""
+    inputs, num_out = _compile_case()
+    torch.library.opcheck(ops_fused._chunk_core_op, (*inputs, num_out, 16),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile_fullgraph():
+    """A compiled function around the op has no graph break (fullgraph) and gives eager's values
+    and gradients."""
+    results = []
+    for compiled in (False, True):
+        inputs, num_out = _compile_case()
+
+        def loss(*xs):
+            o, out = chunk_core_fused(*xs, num_out, 16)
+            return (o * o).sum() + out.sum()
+
+        fn = torch.compile(loss, fullgraph=True) if compiled else loss
+        value = fn(*inputs)
+        value.backward()
+        results.append([value.detach()] + [x.grad for x in inputs if x.requires_grad])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)

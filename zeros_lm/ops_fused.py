@@ -55,6 +55,9 @@ MAX_HEAD_DIM = 128
 # tl.dot needs every dimension >= 16 on a GPU; tl.arange needs powers of two.
 MIN_CHUNK_SIZE = 16
 _MIN_BLOCK = 16
+# The states and output kernels split d_v into blocks of at most this many columns (more programs
+# in flight); the per-chunk backward holds the whole d_v (its scalar gradients sum over it).
+SPLIT_BLOCK_V = 64
 
 
 def _interpreting() -> bool:
@@ -360,7 +363,8 @@ def _meta(q, v, chunk_size):
     """Sizes and compile-time flags shared by the launchers."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    return dict(B=B, T=T, H=H, N=T // chunk_size, K=K, V=V, C=chunk_size, BK=_block(K), BV=_block(V),
+    return dict(B=B, T=T, H=H, N=T // chunk_size, K=K, V=V, C=chunk_size, BK=_block(K),
+                BV=min(_block(V), max(_MIN_BLOCK, SPLIT_BLOCK_V)), BV_FULL=_block(V),
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", LOWP=q.dtype != torch.float32)
 
 
@@ -432,7 +436,7 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
     dsb0, dsb1 = torch.empty_like(sb0), torch.empty_like(sb1)
     _chunk_bwd_kernel[(z["N"], z["B"] * z["H"])](
         q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, kv_starts, dkv_ends, do, dq, dk, dv, ds, da, db, dhc, dsb0, dsb1,
-        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"],
+        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV_FULL"], DOT_PREC=z["DOT_PREC"],
         LOWP=z["LOWP"])
     d_start_states = torch.zeros(num_in, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
     d_start_states.index_add_(0, load_rows, d_starts[:load_rows.numel()])
