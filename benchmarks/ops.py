@@ -4,6 +4,10 @@
     python benchmarks/ops.py --quick         # smaller lengths
     python benchmarks/ops.py --compile       # also torch.compile'd chunked ZeroS (GPU)
 
+On CUDA the table also has the fused Triton kernels (mode="fused") and, when flash-linear-attention
+is installed (a yardstick, not a dependency), its ``chunk_simple_gla`` at the same shape: a
+scalar-gated linear attention, the floor that a ZeroS kernel can approach.
+
 B=1, H=8, d=64, float32 (bfloat16 with --dtype bf16). Each cell runs in a fresh subprocess, so the
 peak-memory column is that run's own, taken on its first call: on CUDA torch.cuda.max_memory_allocated,
 on CPU the growth of the process's peak resident set over its state just before. Prints Markdown.
@@ -12,6 +16,7 @@ on CPU the growth of the process's peak resident set over its state just before.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -61,6 +66,12 @@ def naive_prefix_sum(q, k, v, s, g1, gh):
     return (q.unsqueeze(-2) @ state).squeeze(-2).transpose(1, 2)
 
 
+def fla_simple_gla(q, k, v, s, *_):
+    """flash-linear-attention's chunked simple GLA at the same shape, log-gate logsigmoid(s) (yardstick)."""
+    from fla.ops.simple_gla import chunk_simple_gla
+    return chunk_simple_gla(q, k, v, g=F.logsigmoid(s.float()))[0]
+
+
 def sdpa(q, k, v, *_):
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
@@ -70,12 +81,13 @@ def measure(method, T, backward, device, dtype, chunk_size, repeats, compile_op)
     """Runs in a subprocess: returns tokens/s and peak bytes for one cell."""
     torch.manual_seed(0)
     inputs = make_inputs(T, device, dtype, backward)
-    if method == "zeros":
-        op = lambda *x: zeros_attention(*x, chunk_size=chunk_size)[0]  # noqa: E731
+    if method in ("zeros", "fused"):
+        mode = "chunked" if method == "zeros" else "fused"
+        op = lambda *x: zeros_attention(*x, mode=mode, chunk_size=chunk_size)[0]  # noqa: E731
         if compile_op:
             op = torch.compile(op, dynamic=False)
     else:
-        op = {"sdpa": sdpa, "naive": naive_prefix_sum}[method]
+        op = {"sdpa": sdpa, "naive": naive_prefix_sum, "fla": fla_simple_gla}[method]
 
     def step():
         with torch.set_grad_enabled(backward):
@@ -152,7 +164,8 @@ def agreement(device):
                                                             torch.sigmoid(x[5]), torch.tanh(x[6]))]
         ref, _ = zeros_attention(*[a.double() for a in args], mode="reference")
         errs = []
-        for mode in ("chunked", "recurrent"):
+        fused = device.type == "cuda" and dtype != torch.float64
+        for mode in ("chunked", "recurrent") + (("fused",) if fused else ()):
             out, _ = zeros_attention(*args, mode=mode, chunk_size=64)
             errs.append(f"{mode} {((out.double() - ref).abs().max() / ref.abs().max()).item():.1e}")
         lines.append(f"{str(dtype).replace('torch.', '')}: " + ", ".join(errs))
@@ -203,7 +216,10 @@ def main():
 
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (
         [512, 2048] if args.quick else [512, 2048, 8192, 16384])
-    methods = ["zeros"] + (["zeros_compiled"] if args.compile else []) + ["sdpa", "naive"]
+    methods = ["zeros"] + (["zeros_compiled"] if args.compile else [])
+    if device.type == "cuda":  # the Triton kernels, and the simple-GLA yardstick when fla is installed
+        methods += ["fused"] + (["fla"] if importlib.util.find_spec("fla") else [])
+    methods += ["sdpa", "naive"]
     print(f"# ZeroS op benchmark: B={BATCH}, H={HEADS}, d={HEAD_DIM}, {args.dtype}, chunk {args.chunk_size}")
     print(f"# {machine_line(device)}\n")
     for backward in (True, False):
@@ -217,14 +233,18 @@ def main():
                                               compile_op=method.endswith("_compiled"))
                 print(f"  measured {method} T={T}", file=sys.stderr, flush=True)
         title = "forward + backward" if backward else "forward only"
-        header = ["T"] + [f"{m} tok/s" for m in methods] + ["zeros / sdpa"] + [f"{m} peak" for m in methods]
+        ratios = [(m, "sdpa") for m in methods if m in ("zeros", "fused")] + (
+            [("fused", "fla")] if "fla" in methods else [])
+        header = (["T"] + [f"{m} tok/s" for m in methods] + [f"{a} / {b}" for a, b in ratios]
+                  + [f"{m} peak" for m in methods])
         print(f"## {title}\n")
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for T in lengths:
-            z, sd = results["zeros", T], results["sdpa", T]
-            ratio = f"{z['tok_s'] / sd['tok_s']:.2f}x" if z and sd and "error" not in z and "error" not in sd else "-"
-            row = [str(T)] + [fmt(results[m, T], "tok_s") for m in methods] + [ratio]
+            row = [str(T)] + [fmt(results[m, T], "tok_s") for m in methods]
+            for a, b in ratios:
+                x, y = results[a, T], results[b, T]
+                row.append(f"{x['tok_s'] / y['tok_s']:.2f}x" if x and y and "error" not in x and "error" not in y else "-")
             row += [fmt(results[m, T], "peak") for m in methods]
             print("| " + " | ".join(row) + " |")
         print()
