@@ -105,7 +105,7 @@ def check_config_files(argv: list[str]) -> None:
 
 
 def check_trainer_arguments(trainer: Any) -> None:
-    max_steps = trainer.get("max_steps") if hasattr(trainer, "get") else getattr(trainer, "max_steps", None)
+    max_steps = getattr(trainer, "max_steps", None)
     if max_steps is not None and (max_steps == 0 or max_steps < -1):
         raise RunError(
             f"--trainer.max_steps must be a positive number of optimizer steps (or -1, to train for "

@@ -244,9 +244,10 @@ class ZeroSLitModule(LightningModule):
         optimizer: Literal["auto", "adamw", "cpu_adam", "fused_adam"] = "auto",
         gradient_checkpointing: bool = False,
     ):
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         self.save_hyperparameters()
-        check_model_arguments(dict(self.hparams))
+        check_model_arguments(arguments)
         from zeros_lm import ZeroSForCausalLM
 
         self.tokenizer_json: Optional[str] = None
@@ -263,7 +264,7 @@ class ZeroSLitModule(LightningModule):
                 )
             rank_zero_info(f"Model: continuing from {init_from} (its config replaces the model arguments)")
         else:
-            config = _model_config(dict(self.hparams))
+            config = _model_config(arguments)
             self.model = ZeroSForCausalLM(config)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
