@@ -48,7 +48,7 @@ MUTATIONS = [
     # 1. gradient checkpointing
     M("checkpointing: LightningModule never enables it", "zeros_lm/training.py",
       'self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})', "pass",
-      ("tests/test_train.py::test_activation_checkpointing_recomputes_and_gives_the_same_gradients",)),
+      ("tests/test_train.py", "-k", "checkpointing")),
     M("checkpointing: block is a plain nn.Module", "zeros_lm/modeling_zeros.py",
       "class ZeroSBlock(GradientCheckpointingLayer):", "class ZeroSBlock(nn.Module):",
       ("tests/test_model.py", "-k", "checkpointing")),
@@ -83,6 +83,31 @@ MUTATIONS = [
     M("data: sample_by line gives whole documents", "zeros_lm/data.py",
       "        return text.splitlines()\n", "        return [text]\n",
       ("tests/test_data.py", "-k", "sample_by")),
+    # training, export, report
+    M("throughput: token count restarts on resume", "zeros_lm/training.py",
+      'self.tokens_seen = int(state_dict.get("tokens_seen", 0))', "self.tokens_seen = 0",
+      ("tests/test_train.py::test_resume_from_last_ends_where_an_uninterrupted_run_ends",)),
+    M("export: --dtype ignored", "zeros_lm/export.py",
+      "dtype = getattr(torch, args.dtype)", "dtype = torch.float32",
+      ("tests/test_train.py::test_export_options_dtype_tokenizer_and_no_check",)),
+    M("export: --tokenizer ignored", "zeros_lm/export.py",
+      "tokenizer = load_tokenizer(args.tokenizer)", "tokenizer = None",
+      ("tests/test_train.py::test_export_options_dtype_tokenizer_and_no_check",)),
+    M("export: --no-check ignored", "zeros_lm/export.py",
+      "if not args.no_check:", "if True:",
+      ("tests/test_train.py::test_export_options_dtype_tokenizer_and_no_check",)),
+    M("report: bf16 on any CPU in full mode", "benchmarks/evidence/harness.py|benchmarks/report.py",
+      'return "bf16-mixed" if mode == "full" and native_bf16 else "32-true"',
+      'return "bf16-mixed" if mode == "full" else "32-true"',
+      ("tests/test_report.py", "-k", "precision")),
+    # DeepSpeed (slow: two-process and offload runs; --slow)
+    M("deepspeed: resume restarts the data epoch", "zeros_lm/data.py",
+      "consumed = int(self.position_fn()) * self.batch_size", "consumed = 0",
+      ("tests/test_train.py", "-k", "deepspeed_two_processes and 3"), slow=True),
+    M("deepspeed: offload without CPU Adam", "zeros_lm/training.py",
+      'choice = "cpu_adam" if strategy is not None and deepspeed_offloads_optimizer(strategy) else "adamw"',
+      'choice = "adamw"',
+      ("tests/test_train.py", "-k", "offload"), slow=True),
     # 5. generate.py's options
     M("generate.py: --temperature ignored", GENERATE_PY,
       'for k in ("temperature", "top_k", "top_p")', 'for k in ("top_k", "top_p")',
@@ -130,6 +155,18 @@ def copy_tree(dest: Path) -> None:
         shutil.copy2(REPO / rel, target)
 
 
+def use_tests_from(rev: str, root: Path) -> None:
+    """Replace the copy's tests/ by those of git revision ``rev`` (to show what older tests missed)."""
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "tests"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.split()
+    shutil.rmtree(root / "tests")
+    for rel in listed:
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=REPO, capture_output=True,
+                                          check=True).stdout)
+
+
 def apply(m: Mutation, root: Path) -> None:
     candidates = [root / p for p in m.path.split("|")]
     path = next((p for p in candidates if p.is_file()), None)
@@ -163,6 +200,8 @@ def run_tests(root: Path, tests: tuple[str, ...], timeout: int) -> tuple[str, fl
         return "passed", time.time() - start, summary
     if proc.returncode == 1:
         return "failed", time.time() - start, summary
+    if proc.returncode == 5:
+        return "no test ran", time.time() - start, summary
     return f"error (pytest exit {proc.returncode})", time.time() - start, summary
 
 
@@ -182,6 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mutation's test run")
     ap.add_argument("--baseline", action="store_true", help="first run each selected test set unmutated (must pass)")
+    ap.add_argument("--tests-from", metavar="REV", default=None,
+                    help="run the tests of this git revision instead of the working tree's (e.g. to show that "
+                         "the tests before a change let a mutation survive)")
     args = ap.parse_args(argv)
 
     chosen = [m for m in MUTATIONS if (args.slow or not m.slow) and (args.select is None or args.select in m.name)]
@@ -195,6 +237,8 @@ def main(argv=None) -> int:
         base = Path(tmp) / "base"
         copy_tree(base)
         check_imports_from(base)
+        if args.tests_from:
+            use_tests_from(args.tests_from, base)
         if args.baseline:
             for tests in dict.fromkeys(m.tests for m in chosen):
                 outcome, seconds, summary = run_tests(base, tests, args.timeout)

@@ -374,16 +374,19 @@ def test_deepspeed_two_processes_train_checkpoint_resume_export(stage, tmp_path,
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     from transformers import AutoModelForCausalLM
 
+    def args_for(root: Path) -> list[str]:
+        return smoke_args(
+            root,
+            cache_dir,
+            "--trainer.devices", "2",
+            "--trainer.strategy", f"deepspeed_stage_{stage}",
+            "--checkpoint.every_n_train_steps", "4",
+            "--trainer.val_check_interval", "4",
+            "--model.lr_decay_steps", "12",
+        )
+
     root = tmp_path / f"zero{stage}"
-    common = smoke_args(
-        root,
-        cache_dir,
-        "--trainer.devices", "2",
-        "--trainer.strategy", f"deepspeed_stage_{stage}",
-        "--checkpoint.every_n_train_steps", "4",
-        "--trainer.val_check_interval", "4",
-        "--model.lr_decay_steps", "12",
-    )
+    common = args_for(root)
     run_script(common + ["--trainer.max_steps", "8", "--export.enabled", "false"])
     last = root / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / "checkpoint").is_dir(), "a sharded DeepSpeed checkpoint"
@@ -398,6 +401,13 @@ def test_deepspeed_two_processes_train_checkpoint_resume_export(stage, tmp_path,
     losses = column(rows, "train/loss")
     assert sum(losses[-3:]) / 3 < losses[0] - 0.2, losses
     assert column(rows, "val/loss")
+    if stage == 3:  # (one stage is enough: the resume path is the same code for both)
+        # Exact resume with two processes: every step's loss equals that of an uninterrupted run.
+        run_script(args_for(tmp_path / "whole") + ["--trainer.max_steps", "12", "--export.enabled", "false"])
+        resumed, whole = losses_by_step(rows), losses_by_step(read_metrics(tmp_path / "whole"))
+        assert sorted(resumed) == sorted(whole) == list(range(12))
+        for step in range(12):
+            assert resumed[step] == pytest.approx(whole[step], abs=1e-5), step
 
     # The export reproduces the weights DeepSpeed trained: (a) the live engine's logits at the end
     # of training, checked in the run; (b) an independent consolidation of the final checkpoint.
@@ -419,6 +429,30 @@ def test_deepspeed_two_processes_train_checkpoint_resume_export(stage, tmp_path,
     assert export.main([str(mid), str(tmp_path / "mid_hf")]) == 0
     mid_model = AutoModelForCausalLM.from_pretrained(tmp_path / "mid_hf")
     assert not torch.allclose(logits_of(mid_model, ids), logits_of(model, ids))  # step 8, not step 12
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_with_cpu_offload_trains(tmp_path, cache_dir):
+    """ZeRO-3 with the optimizer states and the parameters offloaded to CPU memory (DeepSpeed's CPU
+    Adam, compiled on first use): a few steps train and the export reproduces the trained model."""
+    root = tmp_path / "offload"
+    run_script(
+        smoke_args(root, cache_dir, "--config", str(CONFIGS / "zero3_offload.yaml"), "--trainer.devices", "1",
+                   "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
+                   "--checkpoint.every_n_train_steps", "6"),
+        timeout=900,
+    )
+    losses = losses_by_step(read_metrics(root))
+    assert sorted(losses) == list(range(6))
+    assert all(losses[i + 1] < losses[i] for i in range(5)), losses  # warm-up steps: the loss falls at each
+    states = next((root / "checkpoints" / "last.ckpt").glob("**/*model_states.pt"))
+    zero = torch.load(states, weights_only=False)["ds_config"]["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert json.loads((root / "export_check.json").read_text())["max_abs_diff"] < 1e-5
+
+
+def losses_by_step(rows: list[dict]) -> dict[int, float]:
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
 @pytest.mark.slow
