@@ -8,6 +8,7 @@ from transformers import PreTrainedConfig
 
 ATTENTION_TYPES = ("zeros", "softmax", "linear")
 LOGIT_TYPES = ("deviation", "norm")
+ATTENTION_BACKENDS = ("auto", "torch")  # ZeroS: "auto" = fused kernels on CUDA when Triton is there
 
 
 class ZeroSConfig(PreTrainedConfig):
@@ -46,6 +47,9 @@ class ZeroSConfig(PreTrainedConfig):
         initializer_range: std of the normal init; the output projections of attention and MLP use
             ``initializer_range / sqrt(2 * num_hidden_layers)``.
         use_cache: whether ``forward`` returns a :class:`ZeroSCache` by default (in eval mode).
+        attention_backend: ZeroS only: ``"auto"`` (default) runs the fused Triton kernels for CUDA tensors
+            when Triton is installed, else the PyTorch chunked form; ``"torch"`` always the PyTorch form
+            (debugging, comparisons).
         tie_word_embeddings: tie the LM head to the input embedding.
     """
 
@@ -70,6 +74,7 @@ class ZeroSConfig(PreTrainedConfig):
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         use_cache: bool = True,
+        attention_backend: str = "auto",
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
@@ -94,6 +99,7 @@ class ZeroSConfig(PreTrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.attention_backend = attention_backend
         self._check()
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
@@ -137,6 +143,10 @@ class ZeroSConfig(PreTrainedConfig):
         if self.attention_type not in ATTENTION_TYPES:
             raise ValueError(
                 f"ZeroSConfig.attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"ZeroSConfig.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
             )
         if self.logit_type not in LOGIT_TYPES:
             raise ValueError(f"ZeroSConfig.logit_type must be one of {LOGIT_TYPES}, got {self.logit_type!r}")

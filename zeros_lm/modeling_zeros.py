@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - older transformers
     from torch.nn import init
 
 from .configuration_zeros import ZeroSConfig
-from .ops import ZeroSState, zeros_attention
+from .ops import ZeroSState, _ChunkLayout, zeros_attention
 
 logger = logging.get_logger(__name__)
 
@@ -323,6 +323,60 @@ class ZeroSCache(Cache):
 
 
 # --------------------------------------------------------------------------------------------------
+# Packed documents
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PackedDocuments:
+    """Document boundaries inside the rows of a packed batch, so that no document sees another.
+
+    Follows the Hugging Face convention of ``DataCollatorWithFlattening``: ``position_ids`` restart at 0
+    where a document starts. The B rows are read as one packed row of B T tokens in which every row
+    start and every document start begins a segment.
+
+    Fields: cu_seqlens (S + 1,) long, the segments' offsets in the packed row (``zeros_attention``'s
+    convention); segment (B, T) long, the segment of each token; first (B T,) long, the packed
+    position of each token's segment start; counts (B, T) long, the real tokens of the document up to
+    and including each column (the t of ZEROS.md; RoPE position counts - 1).
+    """
+
+    cu_seqlens: torch.Tensor
+    segment: torch.Tensor
+    first: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def from_position_ids(cls, position_ids, valid, B: int, T: int, device) -> "PackedDocuments | None":
+        """None unless some ``position_ids`` restart at 0 after a real token of the same row (padding
+        before a row's first token, as generate() numbers it, starts nothing). valid: (B, T) bool or None."""
+        if position_ids is None:
+            return None
+        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] < T:
+            raise ValueError(f"position_ids must have shape (batch or 1, >= {T}), got {tuple(position_ids.shape)}")
+        real = valid.long() if valid is not None else torch.ones(B, T, dtype=torch.long, device=device)
+        starts = (position_ids[:, -T:].to(device) == 0).expand(B, T) & (real.cumsum(1) - real > 0)
+        if not bool(starts.any()):
+            return None
+        starts[:, 0] = True
+        flat = starts.flatten()
+        begin = flat.nonzero().squeeze(1)                                           # (S,)
+        segment = flat.long().cumsum(0) - 1                                         # (B T,)
+        cu_seqlens = torch.cat([begin, begin.new_tensor([B * T])])
+        documents = cls(cu_seqlens=cu_seqlens, segment=segment.view(B, T), first=begin[segment], counts=real)
+        documents.counts = documents.running_sum(real)
+        return documents
+
+    def running_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Inclusive running sum of x (B, T, ...) over each document (float64 for floating x)."""
+        flat = x.flatten(0, 1)
+        flat = flat.to(torch.float64) if flat.is_floating_point() else flat
+        total = flat.cumsum(0)
+        before = torch.cat([torch.zeros_like(total[:1]), total])[self.first]         # sum before the segment
+        return (total - before).view(x.shape)
+
+
+# --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
 
@@ -402,14 +456,16 @@ class ZeroSAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
-    def _logits(self, u, valid, counts, usum):
-        """Radial logits s (B, T, H) in float32 and the new running sum of u (deviation logit)."""
+    def _logits(self, u, valid, counts, usum, documents=None):
+        """Radial logits s (B, T, H) in float32 and the new running sum of u (deviation logit); with
+        packed ``documents`` the running mean restarts at each document."""
         uf = u.to(_acc(u.dtype))
         d = self.head_dim
         if self.config.logit_type == "norm":
             return uf.pow(2).sum(-1) / d, None
         um = uf if valid is None else uf * valid[:, :, None, None]
-        csum = um.cumsum(dim=1)  # sum_{j<=t} u_j over this call's tokens
+        # sum_{j<=t} u_j over this call's tokens (of the document)
+        csum = um.cumsum(dim=1) if documents is None else documents.running_sum(um).to(uf.dtype)
         if usum is not None:
             csum = csum + usum[:, None]
         tau = self.log_tau.to(uf.dtype).exp()  # (H,)
@@ -417,7 +473,7 @@ class ZeroSAttention(nn.Module):
         s = -(uf * ubar).sum(-1) / math.sqrt(d)
         return s, csum[:, -1]
 
-    def forward(self, x, *, cos, sin, counts, valid, cache=None, **kwargs):
+    def forward(self, x, *, cos, sin, counts, valid, cache=None, documents=None, **kwargs):
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
         acc = _acc(x.dtype)
@@ -428,7 +484,7 @@ class ZeroSAttention(nn.Module):
 
         state = cache.layer_state(self.layer_idx) if cache is not None else None
         core_state, usum = state if state is not None else (None, None)
-        s, usum = self._logits(u, valid, counts, usum)
+        s, usum = self._logits(u, valid, counts, usum, documents)
 
         if self.config.use_gates:
             gl = self.gate_proj(x).view(B, T, H, self.num_gates).to(acc)
@@ -438,20 +494,27 @@ class ZeroSAttention(nn.Module):
             g1 = gh = torch.ones(B, T, H, dtype=acc, device=x.device)
             g0 = g1 if self.has_zero_order else None
 
-        o, core_state = zeros_attention(
-            q,
-            k,
-            v,
-            s,
-            g1,
-            gh,
-            g0,
-            mode="recurrent" if (T == 1 and cache is not None) else "chunked",
-            chunk_size=self.config.chunk_size,
-            valid=valid,
-            initial_state=core_state,
-            output_final_state=cache is not None,
-        )
+        mode = "auto" if self.config.attention_backend == "auto" else "chunked"
+        if documents is not None:  # the rows as one packed row, every document from an empty state
+            packed = [x.reshape(1, B * T, *x.shape[2:]) if x is not None else None for x in (q, k, v, s, g1, gh, g0, valid)]
+            o, _ = zeros_attention(*packed[:7], mode=mode, chunk_size=self.config.chunk_size, valid=packed[7],
+                                   cu_seqlens=documents.cu_seqlens)
+            o = o.view(B, T, H, d)
+        else:
+            o, core_state = zeros_attention(
+                q,
+                k,
+                v,
+                s,
+                g1,
+                gh,
+                g0,
+                mode="recurrent" if (T == 1 and cache is not None) else mode,
+                chunk_size=self.config.chunk_size,
+                valid=valid,
+                initial_state=core_state,
+                output_final_state=cache is not None,
+            )
         if cache is not None:
             cache.update_layer_state(self.layer_idx, (core_state, usum))
         if self.config.use_output_norm:
@@ -494,11 +557,14 @@ class SoftmaxAttention(nn.Module):
         return self.o_proj(o.reshape(B, T, H * d))
 
 
-def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int):
+def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torch.Tensor | None = None):
     """Causal normalised linear attention on feature-mapped q, k (B, H, T, d) and v (B, H, T, dv).
 
     Inside a chunk of C tokens the C x C block is formed explicitly; across chunks the running sums
     S (d x dv) and z (d) are carried (prefix sums over chunks). Returns o, S_T, z_T.
+
+    chunk_first: (N,) long, for documents laid out chunk by chunk (no chunk holds two): the first
+    chunk of each chunk's document; the sums then restart there (S0, z0 must be zero).
     """
     B, H, T, d = q.shape
     dv = v.shape[-1]
@@ -511,13 +577,32 @@ def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int):
     scores = (q @ k.transpose(-1, -2)).tril()  # (B, H, N, C, C), includes the diagonal
     kv = k.transpose(-1, -2) @ v  # per-chunk sums (B, H, N, d, dv)
     ks = k.sum(dim=-2)  # (B, H, N, d)
-    S_before = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2).cumsum(dim=2) + S0[:, :, None]
-    z_before = torch.cat([torch.zeros_like(ks[:, :, :1]), ks[:, :, :-1]], dim=2).cumsum(dim=2) + z0[:, :, None]
+    if chunk_first is None:
+        S_before = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2).cumsum(dim=2) + S0[:, :, None]
+        z_before = torch.cat([torch.zeros_like(ks[:, :, :1]), ks[:, :, :-1]], dim=2).cumsum(dim=2) + z0[:, :, None]
+    else:  # sums of the earlier chunks of the same document: a difference of float64 prefix sums
+        def before(x):
+            total = torch.cat([torch.zeros_like(x[:, :, :1]), x], dim=2).to(torch.float64).cumsum(dim=2)
+            return (total[:, :, :-1] - total.index_select(2, chunk_first)).to(x.dtype)
+
+        S_before, z_before = before(kv), before(ks)
     num = scores @ v + q @ S_before
     den = scores.sum(-1) + (q * z_before[:, :, :, None, :]).sum(-1)
     o = num / den.clamp_min(LINEAR_ATTENTION_EPS)[..., None]
     o = o.reshape(B, H, N * C, dv)[:, :, :T]
     return o, S_before[:, :, -1] + kv[:, :, -1], z_before[:, :, -1] + ks[:, :, -1]
+
+
+def _linear_attention_packed(q, k, v, documents: PackedDocuments, chunk_size: int):
+    """linear_attention_chunked over packed documents: q, k (B, H, T, d), v (B, H, T, dv) read as one row
+    of B T tokens; each document padded to whole chunks, its sums starting empty. Returns o (B, H, T, dv)."""
+    B, H, T, _ = q.shape
+    lengths = documents.cu_seqlens.diff().tolist()
+    layout = _ChunkLayout.build(1, B * T, None, lengths, min(chunk_size, max(lengths)), q.device)
+    packed = [layout.pack(x.transpose(1, 2).reshape(1, B * T, H, x.shape[-1])).transpose(1, 2) for x in (q, k, v)]
+    zeros = q.new_zeros(1, H, q.shape[-1], v.shape[-1]), q.new_zeros(1, H, q.shape[-1])
+    o, _, _ = linear_attention_chunked(*packed, *zeros, layout.chunk_size, chunk_first=layout.chunk_first)
+    return layout.unpack(o.transpose(1, 2)).reshape(B, T, H, v.shape[-1]).transpose(1, 2)
 
 
 class LinearAttention(nn.Module):
@@ -533,7 +618,7 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
-    def forward(self, x, *, valid, cache=None, **kwargs):
+    def forward(self, x, *, valid, cache=None, documents=None, **kwargs):
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
         acc = _acc(x.dtype)
@@ -548,9 +633,12 @@ class LinearAttention(nn.Module):
             z0 = q.new_zeros(B, H, d)
         else:
             S0, z0 = state
-        o, S1, z1 = linear_attention_chunked(q, k, v, S0, z0, self.config.chunk_size)
-        if cache is not None:
-            cache.update_layer_state(self.layer_idx, (S1, z1))
+        if documents is not None:
+            o = _linear_attention_packed(q, k, v, documents, self.config.chunk_size)
+        else:
+            o, S1, z1 = linear_attention_chunked(q, k, v, S0, z0, self.config.chunk_size)
+            if cache is not None:
+                cache.update_layer_state(self.layer_idx, (S1, z1))
         o = o.transpose(1, 2)
         if valid is not None:
             o = o * valid[:, :, None, None]
@@ -634,8 +722,14 @@ class ZeroSModel(ZeroSPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _softmax_mask(self, valid, cache, B, T, device):
-        """Boolean SDPA mask (B, 1, T, S+T), or None where plain causal attention is exact."""
+    def _softmax_mask(self, valid, cache, B, T, device, documents=None):
+        """Boolean SDPA mask (B, 1, T, S+T), or None where plain causal attention is exact. With packed
+        ``documents`` (no cache) it is block-diagonal: a query sees the earlier keys of its document."""
+        if documents is not None:
+            keys = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            same = documents.segment[:, :, None] == documents.segment[:, None, :]
+            mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & same & keys[:, None, :]
+            return (mask | _diag(T, 0, device))[:, None]
         key_valid = cache.key_valid if cache is not None else None
         S = 0 if key_valid is None else key_valid.shape[1]
         past_all_valid = key_valid is None or bool(key_valid.all())
@@ -660,6 +754,7 @@ class ZeroSModel(ZeroSPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: ZeroSCache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ):
         r"""
@@ -670,6 +765,12 @@ class ZeroSModel(ZeroSPreTrainedModel):
         cache: a :class:`ZeroSCache` to continue from; updated in place and returned. ``past_key_values``
             is accepted as an alias.
         use_cache: create a new cache when none is given (default: ``config.use_cache`` in eval mode).
+        position_ids (B or 1, T) or (B or 1, >= T): packed documents. Where they restart at 0 after a real token of
+            the row (``DataCollatorWithFlattening``'s convention), a new document begins: no attention type
+            lets it see the documents before it (ZeroS and linear attention restart their states and the
+            running mean of u, softmax attention is block-diagonal) and RoPE positions restart. Positions
+            are otherwise derived from the real tokens, as without position_ids. A forward with
+            documents inside a row takes no cache and returns none.
         """
         if cache is None:
             cache = past_key_values
@@ -689,8 +790,6 @@ class ZeroSModel(ZeroSPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        if use_cache and cache is None:
-            cache = ZeroSCache(self.config)
 
         valid = None
         if attention_mask is not None:
@@ -699,19 +798,31 @@ class ZeroSModel(ZeroSPreTrainedModel):
             valid = attention_mask[:, -T:].to(device=device, dtype=torch.bool)
             if bool(valid.all()):
                 valid = None
+        documents = PackedDocuments.from_position_ids(position_ids, valid, B, T, device)
+        if documents is not None:
+            if cache is not None:
+                raise ValueError(
+                    "position_ids restart inside a row (packed documents), which cannot continue a cache: "
+                    "pass packed documents without cache/past_key_values, or one document per row to generate"
+                )
+            use_cache = False
+        if use_cache and cache is None:
+            cache = ZeroSCache(self.config)
 
-        # counts[b, t]: real tokens in row b up to and including column t (the t of ZEROS.md);
-        # the RoPE position of a real token is counts - 1, whatever padding came before it.
-        if valid is None:
+        # counts[b, t]: real tokens in row b (of its document) up to and including column t (the t of
+        # ZEROS.md); the RoPE position of a real token is counts - 1, whatever padding came before it.
+        if documents is not None:
+            counts = documents.counts
+        elif valid is None:
             counts = torch.arange(1, T + 1, device=device).expand(B, T)
         else:
             counts = valid.long().cumsum(dim=1)
         if cache is not None and cache.num_tokens is not None:
             counts = counts + cache.num_tokens.to(device)[:, None]
         cos, sin = rope_cos_sin((counts - 1).clamp_min(0), self.config.head_dim, self.config.rope_theta)
-        ctx = {"cos": cos, "sin": sin, "counts": counts, "valid": valid}
+        ctx = {"cos": cos, "sin": sin, "counts": counts, "valid": valid, "documents": documents}
         if self.config.attention_type == "softmax":
-            ctx["attn_mask"] = self._softmax_mask(valid, cache, B, T, device)
+            ctx["attn_mask"] = self._softmax_mask(valid, cache, B, T, device, documents)
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -765,6 +876,7 @@ class ZeroSForCausalLM(ZeroSPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: ZeroSCache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ):
         r"""
@@ -783,6 +895,7 @@ class ZeroSForCausalLM(ZeroSPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            position_ids=position_ids,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -801,4 +914,4 @@ class ZeroSForCausalLM(ZeroSPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["ZeroSCache", "ZeroSForCausalLM", "ZeroSModel", "ZeroSPreTrainedModel"]
+__all__ = ["PackedDocuments", "ZeroSCache", "ZeroSForCausalLM", "ZeroSModel", "ZeroSPreTrainedModel"]

@@ -1,0 +1,104 @@
+"""Packed documents: position_ids that restart at 0 keep every attention type inside its document."""
+
+import pytest
+import torch
+from conftest import ATTENTION_TYPES, tiny_model
+
+from zeros_lm import ZeroSCache, ZeroSConfig
+
+# chunk_size 4 (tiny_config): in row 0 the documents 4 | 3 | 1 | 6 put a boundary on a chunk edge (4),
+# inside a chunk (7) and a one-token document (at 7); row 1 is two documents after two padding tokens.
+ROWS = [[4, 3, 1, 6], [7, 5]]
+LEFT_PAD = [0, 2]
+WIDTH = 14
+
+
+def packed_batch(seed=0):
+    """input_ids, attention_mask, position_ids (B, WIDTH) and, per row, (column, length, ids) of its documents."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.ones(len(ROWS), WIDTH, dtype=torch.long)                 # pad id 1
+    mask = torch.zeros(len(ROWS), WIDTH, dtype=torch.long)
+    positions = torch.zeros(len(ROWS), WIDTH, dtype=torch.long)          # padding at 0, as generate() numbers it
+    documents = []
+    for row, (lengths, pad) in enumerate(zip(ROWS, LEFT_PAD)):
+        column, docs = pad, []
+        for n in lengths:
+            doc = torch.randint(2, 320, (n,), generator=g)
+            ids[row, column:column + n] = doc
+            mask[row, column:column + n] = 1
+            positions[row, column:column + n] = torch.arange(n)
+            docs.append((column, n, doc))
+            column += n
+        assert column == WIDTH
+        documents.append(docs)
+    return ids, mask, positions, documents
+
+
+def logits_and_grads(model, weight, **inputs):
+    logits = model(**inputs, use_cache=False).logits
+    params = [p for p in model.parameters() if p.requires_grad]
+    return logits, torch.autograd.grad((logits * weight).sum(), params, allow_unused=True)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_packed_documents_equal_each_document_alone(attention_type):
+    """Logits of every real token and the gradients of every parameter, float64."""
+    model = tiny_model(attention_type).double()
+    ids, mask, positions, documents = packed_batch()
+    weight = torch.randn(len(ROWS), WIDTH, model.config.vocab_size, dtype=torch.float64)
+    weight = weight * mask[..., None]                                    # padding's logits are not compared
+    packed, packed_grads = logits_and_grads(model, weight, input_ids=ids, attention_mask=mask, position_ids=positions)
+
+    grads = None
+    for row, docs in enumerate(documents):
+        for column, n, doc in docs:
+            piece = slice(column, column + n)
+            alone, alone_grads = logits_and_grads(model, weight[row:row + 1, piece], input_ids=doc[None])
+            torch.testing.assert_close(packed[row, piece], alone[0], rtol=0, atol=1e-10)
+            grads = alone_grads if grads is None else [
+                a if b is None else (b if a is None else a + b) for a, b in zip(grads, alone_grads)]
+    for got, expected in zip(packed_grads, grads):
+        if expected is None:
+            assert got is None or got.abs().max() == 0
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_position_ids_without_restarts_change_nothing(attention_type):
+    """Plain positions, and the left-padded numbering generate() passes, are not document boundaries."""
+    model = tiny_model(attention_type)
+    ids = torch.randint(2, 320, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :3] = 0
+    generate_style = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask, use_cache=False).logits
+        numbered = model(ids, attention_mask=mask, position_ids=generate_style, use_cache=False).logits
+    assert torch.equal(plain, numbered)
+    with torch.no_grad():  # and generation keeps its cache
+        assert model(ids, attention_mask=mask, position_ids=generate_style).cache is not None
+
+
+def test_packed_documents_refuse_a_cache_and_return_none():
+    model = tiny_model("zeros")
+    ids, mask, positions, _ = packed_batch()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=positions)           # eval mode: use_cache by default
+        assert out.cache is None
+        with pytest.raises(ValueError, match="packed documents"):
+            model(ids, attention_mask=mask, position_ids=positions, cache=ZeroSCache(model.config))
+        with pytest.raises(ValueError, match="position_ids must have shape"):
+            model(ids, position_ids=positions[:, :5])
+
+
+def test_torch_backend_is_the_pytorch_path():
+    """attention_backend="torch" forces the PyTorch chunked form; on CPU "auto" picks it too."""
+    auto = tiny_model("zeros")
+    torch_backend = tiny_model("zeros", attention_backend="torch")
+    ids, mask, positions, _ = packed_batch()
+    with torch.no_grad():
+        for inputs in (dict(input_ids=ids), dict(input_ids=ids, attention_mask=mask, position_ids=positions)):
+            assert torch.equal(auto(**inputs).logits, torch_backend(**inputs).logits)
+    with pytest.raises(ValueError, match="attention_backend"):
+        ZeroSConfig(attention_backend="triton")
