@@ -232,12 +232,15 @@ def test_one_token_float32():
     check_against_reference([[Segment(1)]], chunk_size=16, d_k=32, d_v=16, first_layer=True)
 
 
-@pytest.mark.parametrize("split_block_v", [ops_fused.SPLIT_BLOCK_V, 16])
-def test_varlen_float32(monkeypatch, split_block_v):
+@pytest.mark.parametrize("split_block", [None, 16])
+def test_varlen_float32(monkeypatch, split_block):
     """Packed rows: a loaded prefix state, a reset mid-row, a one-token segment, an unstored
     segment, a row shorter than the other (padding chunks), and the empty row loaded several times;
-    d_v = 48 in one block, and in three for the states and output kernels."""
-    monkeypatch.setattr(ops_fused, "SPLIT_BLOCK_V", split_block_v)
+    d_k = 32 and d_v = 48 in one block each, and in blocks of 16 (2 x 3 programs per row and head for
+    the states kernels, 3 output programs per chunk, 3 iterations of the backward's d_v loop)."""
+    if split_block:
+        monkeypatch.setattr(ops_fused, "SPLIT_BLOCK_K", split_block)
+        monkeypatch.setattr(ops_fused, "SPLIT_BLOCK_V", split_block)
     rows = [[Segment(40, "prefix"), Segment(1), Segment(20, store=False)],
             [Segment(33, "prefix"), Segment(16, "prefix")]]
     check_against_reference(rows, chunk_size=32, d_k=32, d_v=48, heads=1, first_layer=True)

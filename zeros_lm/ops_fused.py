@@ -55,8 +55,10 @@ MAX_HEAD_DIM = 128
 # tl.dot needs every dimension >= 16 on a GPU; tl.arange needs powers of two.
 MIN_CHUNK_SIZE = 16
 _MIN_BLOCK = 16
-# The states and output kernels split d_v into blocks of at most this many columns (more programs
-# in flight); the per-chunk backward holds the whole d_v (its scalar gradients sum over it).
+# Block sizes: the states kernels split d_k and d_v into blocks (more programs in flight, smaller
+# tiles), the output kernel splits d_v, the per-chunk backward loops over d_v blocks. Those that hold
+# a whole d_k (Q K^T sums over it) take it in one block of up to MAX_HEAD_DIM.
+SPLIT_BLOCK_K = 64
 SPLIT_BLOCK_V = 64
 
 
@@ -94,13 +96,14 @@ if HAS_TRITON:
     def _states_fwd_kernel(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, kv_starts,
                            out_states, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, STORE_OUT: tl.constexpr):
-        """Grid (d_v blocks, B H). Writes the state at each chunk start to kv_starts (B, H, N, 3, K, V)."""
-        i_v = tl.program_id(0)
-        i_bh = tl.program_id(1).to(tl.int64)
+        """Grid (d_k blocks, d_v blocks, B H). Writes the state at each chunk start to kv_starts (B, H, N, 3, K, V)."""
+        i_k = tl.program_id(0)
+        i_v = tl.program_id(1)
+        i_bh = tl.program_id(2).to(tl.int64)
         i_b = i_bh // H
         i_h = i_bh % H
         o_c = tl.arange(0, C)
-        o_k = tl.arange(0, BK)
+        o_k = i_k * BK + tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
         mask_k = o_k < K
         mask_v = o_v < V
@@ -198,14 +201,15 @@ if HAS_TRITON:
     def _states_bwd_kernel(q, do, m, a, b, hc, m0, m1, sb0, sb1, chunk_load, chunk_store, load_slot, d_out,
                            dkv_ends, d_starts, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr):
-        """Grid (d_v blocks, B H). Writes the gradient of the state after each chunk to dkv_ends
-        (B, H, N, 3, K, V) and that of each loaded start state to d_starts (loads, H, 3, K, V)."""
-        i_v = tl.program_id(0)
-        i_bh = tl.program_id(1).to(tl.int64)
+        """Grid (d_k blocks, d_v blocks, B H). Writes the gradient of the state after each chunk to
+        dkv_ends (B, H, N, 3, K, V) and that of each loaded start state to d_starts (loads, H, 3, K, V)."""
+        i_k = tl.program_id(0)
+        i_v = tl.program_id(1)
+        i_bh = tl.program_id(2).to(tl.int64)
         i_b = i_bh // H
         i_h = i_bh % H
         o_c = tl.arange(0, C)
-        o_k = tl.arange(0, BK)
+        o_k = i_k * BK + tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
         mask_k = o_k < K
         mask_v = o_v < V
@@ -260,24 +264,19 @@ if HAS_TRITON:
     def _chunk_bwd_kernel(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, kv_starts, dkv_ends, do, dq, dk, dv, ds,
                           da, db, dhc, dsb0, dsb1, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr):
-        """Grid (N, B H), whole d_k and d_v per program. Gradients in float32."""
+        """Grid (N, B H): the whole d_k per program, d_v in blocks of BV (a loop). Gradients in float32."""
         i_n = tl.program_id(0)
         i_bh = tl.program_id(1).to(tl.int64)
         i_b = i_bh // H
         i_h = i_bh % H
         o_c = tl.arange(0, C)
         o_k = tl.arange(0, BK)
-        o_v = tl.arange(0, BV)
         mask_k = o_k < K
-        mask_v = o_v < V
-        mask_kv = mask_k[:, None] & mask_v[None, :]
         KV = K * V
         t = i_n * C + o_c
         row = (i_b * T + t[:, None]) * H + i_h
         q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
         k_c = tl.load(k + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
-        v_f = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
-        do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
         q_f = q_c.to(tl.float32)
         k_f = k_c.to(tl.float32)
         tok = i_bh * T + t
@@ -291,62 +290,81 @@ if HAS_TRITON:
         m1_j = tl.load(m1 + p)
         sb0_j = tl.load(sb0 + p)
         sb1_j = tl.load(sb1 + p)
-        kv_off = o_k[:, None] * V + o_v[None, :]
-        start = kv_starts + p * 3 * KV + kv_off
-        F0 = tl.load(start, mask=mask_kv, other=0.0)
-        G0 = tl.load(start + KV, mask=mask_kv, other=0.0)
-        H0 = tl.load(start + 2 * KV, mask=mask_kv, other=0.0)
-        end = dkv_ends + p * 3 * KV + kv_off
-        dF = tl.load(end, mask=mask_kv, other=0.0)
-        dG = tl.load(end + KV, mask=mask_kv, other=0.0)
-        dH = tl.load(end + 2 * KV, mask=mask_kv, other=0.0)
 
-        # Inside the chunk, with D[t, i] = (q_t . k_i)(do_t . v_i) the gradient of R[t, i].
+        # Inside the chunk: the weights R and W = (Q K^T) * R, as in the forward.
         causal = o_c[:, None] >= o_c[None, :]
         qk = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC)
-        dov = tl.dot(do_c, tl.trans(v_f), input_precision="ieee")
         diff = s_c[None, :] - m_c[:, None]
         e = tl.exp(tl.minimum(diff, 0.0))
         centred = s_c - sb0_j
         r = a_c[:, None] * e + b_c[:, None] * centred[None, :] + hc_c[:, None]
+        w = tl.where(causal, r * qk, 0.0)
+        decay = tl.exp(m0_j - m_c)
+        e1 = tl.exp(tl.minimum(s_c - m1_j, 0.0))   # the keys' weights in the state after the chunk
+        centred1 = s_c - sb1_j
+
+        # Sums over d_v, block by block: do v^T, the readout of the start state (float32), and what the
+        # chunk's keys receive from the gradient of the state after it.
+        dov = tl.zeros([C, C], dtype=tl.float32)
+        dq_c = tl.zeros([C, BK], dtype=tl.float32)
+        dk_c = tl.zeros([C, BK], dtype=tl.float32)
+        read_F = tl.zeros([C], dtype=tl.float32)     # q_t^T F do_t, and likewise for G and H
+        read_G = tl.zeros([C], dtype=tl.float32)
+        read_H = tl.zeros([C], dtype=tl.float32)
+        key_F = tl.zeros([C], dtype=tl.float32)      # k_i^T dF' v_i, and likewise for G
+        key_G = tl.zeros([C], dtype=tl.float32)
+        shift_k = tl.zeros([BK], dtype=tl.float32)   # <dG', H> row sums: the gradient of sb0 - sb1
+        for v0 in range(0, V, BV):
+            o_v = v0 + tl.arange(0, BV)
+            mask_v = o_v < V
+            mask_kv = mask_k[:, None] & mask_v[None, :]
+            v_f = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
+            do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+            kv_off = o_k[:, None] * V + o_v[None, :]
+            start = kv_starts + p * 3 * KV + kv_off
+            F0 = tl.load(start, mask=mask_kv, other=0.0)
+            G0 = tl.load(start + KV, mask=mask_kv, other=0.0)
+            H0 = tl.load(start + 2 * KV, mask=mask_kv, other=0.0)
+            end = dkv_ends + p * 3 * KV + kv_off
+            dF = tl.load(end, mask=mask_kv, other=0.0)
+            dG = tl.load(end + KV, mask=mask_kv, other=0.0)
+            dH = tl.load(end + 2 * KV, mask=mask_kv, other=0.0)
+
+            dov += tl.dot(do_c, tl.trans(v_f), input_precision="ieee")
+            dq_c += tl.dot(do_c * (a_c * decay)[:, None], tl.trans(F0), input_precision="ieee")
+            dq_c += tl.dot(do_c * b_c[:, None], tl.trans(G0), input_precision="ieee")
+            dq_c += tl.dot(do_c * hc_c[:, None], tl.trans(H0), input_precision="ieee")
+            dk_c += tl.dot(v_f * e1[:, None], tl.trans(dF), input_precision="ieee")
+            dk_c += tl.dot(v_f * centred1[:, None], tl.trans(dG), input_precision="ieee")
+            dk_c += tl.dot(v_f, tl.trans(dH), input_precision="ieee")
+            kdF = tl.dot(k_f, dF, input_precision="ieee")
+            kdG = tl.dot(k_f, dG, input_precision="ieee")
+            dv_c = tl.dot(tl.trans(w), do_c, input_precision="ieee")
+            dv_c += e1[:, None] * kdF + centred1[:, None] * kdG + tl.dot(k_f, dH, input_precision="ieee")
+            tl.store(dv + row * V + o_v[None, :], dv_c, mask=mask_v[None, :])
+            read_F += tl.sum(tl.dot(q_f, F0, input_precision="ieee") * do_c, axis=1)
+            read_G += tl.sum(tl.dot(q_f, G0, input_precision="ieee") * do_c, axis=1)
+            read_H += tl.sum(tl.dot(q_f, H0, input_precision="ieee") * do_c, axis=1)
+            key_F += tl.sum(kdF * v_f, axis=1)
+            key_G += tl.sum(kdG * v_f, axis=1)
+            shift_k += tl.sum(dG * H0, axis=1)
+
+        # With D[t, i] = (q_t . k_i)(do_t . v_i), the gradient of R[t, i].
         D = tl.where(causal, qk * dov, 0.0)
         rdov = tl.where(causal, r * dov, 0.0)
-        w = tl.where(causal, r * qk, 0.0)
-
-        # The readout of the start state (float32) and the chunk's additions to the state after it.
-        decay = tl.exp(m0_j - m_c)
-        alpha = a_c * decay
-        e1 = tl.exp(tl.minimum(s_c - m1_j, 0.0))
-        centred1 = s_c - sb1_j
-        dq_c = _weights_dot(rdov, k_c, LOWP)
-        dq_c += tl.dot(do_c * alpha[:, None], tl.trans(F0), input_precision="ieee")
-        dq_c += tl.dot(do_c * b_c[:, None], tl.trans(G0), input_precision="ieee")
-        dq_c += tl.dot(do_c * hc_c[:, None], tl.trans(H0), input_precision="ieee")
-        dk_c = _weights_dot(tl.trans(rdov), q_c, LOWP)
-        dk_c += tl.dot(v_f * e1[:, None], tl.trans(dF), input_precision="ieee")
-        dk_c += tl.dot(v_f * centred1[:, None], tl.trans(dG), input_precision="ieee")
-        dk_c += tl.dot(v_f, tl.trans(dH), input_precision="ieee")
-        kdF = tl.dot(k_f, dF, input_precision="ieee")
-        kdG = tl.dot(k_f, dG, input_precision="ieee")
-        dv_c = tl.dot(tl.trans(w), do_c, input_precision="ieee")
-        dv_c += e1[:, None] * kdF + centred1[:, None] * kdG + tl.dot(k_f, dH, input_precision="ieee")
+        dq_c += _weights_dot(rdov, k_c, LOWP)
+        dk_c += _weights_dot(tl.trans(rdov), q_c, LOWP)
         tl.store(dq + row * K + o_k[None, :], dq_c, mask=mask_k[None, :])
         tl.store(dk + row * K + o_k[None, :], dk_c, mask=mask_k[None, :])
-        tl.store(dv + row * V + o_v[None, :], dv_c, mask=mask_v[None, :])
 
         # Scalar gradients. min(x, 0) passes the gradient where x <= 0 (as torch.clamp does).
-        da_c = tl.sum(D * e, axis=1) + decay * tl.sum(tl.dot(q_f, F0, input_precision="ieee") * do_c, axis=1)
-        db_c = tl.sum(D * centred[None, :], axis=1) + tl.sum(tl.dot(q_f, G0, input_precision="ieee") * do_c, axis=1)
-        dhc_c = tl.sum(D, axis=1) + tl.sum(tl.dot(q_f, H0, input_precision="ieee") * do_c, axis=1)
-        key_F = tl.sum(kdF * v_f, axis=1)          # k_i^T dF' v_i
-        key_G = tl.sum(kdG * v_f, axis=1)
+        tl.store(da + tok, tl.sum(D * e, axis=1) + decay * read_F)
+        tl.store(db + tok, tl.sum(D * centred[None, :], axis=1) + read_G)
+        tl.store(dhc + tok, tl.sum(D, axis=1) + read_H)
         ds_c = (tl.sum(D * tl.where(diff <= 0.0, a_c[:, None] * e, 0.0), axis=0) + tl.sum(D * b_c[:, None], axis=0)
                 + tl.where(s_c - m1_j <= 0.0, e1 * key_F, 0.0) + key_G)
-        tl.store(da + tok, da_c)
-        tl.store(db + tok, db_c)
-        tl.store(dhc + tok, dhc_c)
         tl.store(ds + tok, ds_c)
-        shift = tl.sum(tl.sum(dG * H0, axis=1), axis=0)    # gradient of sb0 - sb1 in the transition
+        shift = tl.sum(shift_k, axis=0)
         tl.store(dsb0 + p, shift - tl.sum(tl.sum(D * b_c[:, None], axis=1), axis=0))
         tl.store(dsb1 + p, -shift - tl.sum(key_G, axis=0))
 
@@ -364,18 +382,22 @@ def _meta(q, v, chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
     return dict(B=B, T=T, H=H, N=T // chunk_size, K=K, V=V, C=chunk_size, BK=_block(K),
-                BV=min(_block(V), max(_MIN_BLOCK, SPLIT_BLOCK_V)), BV_FULL=_block(V),
+                BK_SPLIT=min(_block(K), max(_MIN_BLOCK, SPLIT_BLOCK_K)), BV=min(_block(V), max(_MIN_BLOCK, SPLIT_BLOCK_V)),
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", LOWP=q.dtype != torch.float32)
+
+
+def _states_grid(z):
+    return (triton.cdiv(z["K"], z["BK_SPLIT"]), triton.cdiv(z["V"], z["BV"]), z["B"] * z["H"])
 
 
 def _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, out_states, z):
     """Runs the states kernel; returns the state at each chunk start, (B, H, N, 3, K, V) float32."""
     kv_starts = torch.empty(z["B"], z["H"], z["N"], 3, z["K"], z["V"], dtype=torch.float32, device=k.device)
     store_out = out_states is not None
-    _states_fwd_kernel[(triton.cdiv(z["V"], z["BV"]), z["B"] * z["H"])](
+    _states_fwd_kernel[_states_grid(z)](
         k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, kv_starts,
         out_states if store_out else kv_starts, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
-        BK=z["BK"], BV=z["BV"], STORE_OUT=store_out)
+        BK=z["BK_SPLIT"], BV=z["BV"], STORE_OUT=store_out)
     return kv_starts
 
 
@@ -425,9 +447,9 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
     if d_out_states.shape[0] == 0:  # a real pointer for the kernel; chunk_store never points into it then
         d_out_states = torch.zeros(1, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
     dkv_ends = torch.empty_like(kv_starts)
-    _states_bwd_kernel[(triton.cdiv(z["V"], z["BV"]), z["B"] * z["H"])](
+    _states_bwd_kernel[_states_grid(z)](
         q, do, m, a, b, hc, m0, m1, sb0, sb1, chunk_load, chunk_store, load_slot, d_out_states, dkv_ends, d_starts,
-        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"])
+        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK_SPLIT"], BV=z["BV"])
 
     dq = torch.empty(q.shape, dtype=torch.float32, device=dev)
     dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
@@ -436,7 +458,7 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
     dsb0, dsb1 = torch.empty_like(sb0), torch.empty_like(sb1)
     _chunk_bwd_kernel[(z["N"], z["B"] * z["H"])](
         q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, kv_starts, dkv_ends, do, dq, dk, dv, ds, da, db, dhc, dsb0, dsb1,
-        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV_FULL"], DOT_PREC=z["DOT_PREC"],
+        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"],
         LOWP=z["LOWP"])
     d_start_states = torch.zeros(num_in, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
     d_start_states.index_add_(0, load_rows, d_starts[:load_rows.numel()])
