@@ -48,6 +48,7 @@ float64 inputs), whatever the input dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -263,13 +264,14 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
 
 
 def _load_fused_core():
-    """The ``ops_fused`` module (Triton kernels), imported on first use so that CPU installs need no
-    Triton; None when it or Triton is missing."""
+    """The fused chunk core (``ops_fused.py``, Triton kernels) and its smallest chunk, imported on first
+    use so that CPU installs need no Triton; None when it or Triton is missing. (A ``from .ops_fused``
+    import, so that ``save_pretrained`` copies the kernels next to ops.py for trust_remote_code.)"""
     try:
-        from . import ops_fused
+        from .ops_fused import HAS_TRITON, MIN_CHUNK_SIZE, chunk_core_fused
     except ImportError:
         return None
-    return ops_fused if getattr(ops_fused, "HAS_TRITON", False) else None
+    return SimpleNamespace(chunk_core_fused=chunk_core_fused, MIN_CHUNK_SIZE=MIN_CHUNK_SIZE) if HAS_TRITON else None
 
 
 def _fused_applies(q: torch.Tensor) -> bool:
@@ -289,7 +291,8 @@ def _autocast_product_dtype(q: torch.Tensor) -> Optional[torch.dtype]:
 
 
 def _chunked_core(mode: str, dtype: torch.dtype):
-    """(core, module) for mode "chunked" / "fused"; clear errors when the fused kernels cannot run."""
+    """(core, fused) for mode "chunked" / "fused" (fused: see _load_fused_core, None for chunked); clear
+    errors when the fused kernels cannot run."""
     if mode == "chunked":
         return _chunk_core_torch, None
     if dtype not in _FUSED_DTYPES:
