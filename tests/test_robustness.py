@@ -600,3 +600,12 @@ def test_tokenising_refuses_non_string_text_from_any_source():
 
     with pytest.raises(DataError, match=r"the text column holds an int \(7\), not a string"):
         _tokenize_batch({"text": ["fine", 7]}, tokenizer_json="unused")
+
+
+def test_streamed_json_text_that_is_not_a_string_names_file_and_row(tmp_path):
+    from zeros_lm.data import DataError, TextDataModule
+
+    path = tmp_path / "ints.jsonl"
+    path.write_text('{"text": 5}\n{"text": 6}\n')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, line 1: the text column 'text' holds an int \(5\)"):
+        TextDataModule(train_files=[str(path)], streaming=True, cache_dir=str(tmp_path / "cache"), tokenizer_vocab_size=300)

@@ -240,7 +240,7 @@ def _load_structured(kind: str, files: list[str], text_column: str, cache_dir: s
         raise DataError(f"could not read {kind} file(s) {_short(files)}: {message}") from None
     what = f"{kind} file(s) {_short(files)}"
     ds = _select_text_column(ds, text_column, what=what)
-    feature = (ds.features or {}).get("text") if ds.features is not None else None
+    feature = ds.features.get("text") if ds.features is not None else None  # None: streamed, not known yet
     if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
         problem = _first_structured_problem(kind, files, text_column)
         raise DataError(
@@ -490,12 +490,21 @@ def load_tokenizer(path: str):
     return tok
 
 
+def _check_texts(texts: Iterable[Any]) -> None:
+    """Raise :class:`DataError` for a text that is neither a string nor null (files are checked row by
+    row when they are loaded; this catches what streams in from elsewhere)."""
+    for t in texts:
+        if t is not None and not isinstance(t, str):
+            raise DataError(f"the text column holds {_describe_value(t)}, not a string; set --data.text_column")
+
+
 def _text_sample(ds, max_chars: int, batch: int = 256) -> Iterator[list[str]]:
     """Batches of document texts from ``ds`` (map-style or iterable) up to about ``max_chars``."""
     total = 0
     if hasattr(ds, "__len__"):
         for start in range(0, len(ds), batch):
             texts = ds[start : start + batch]["text"]
+            _check_texts(texts)
             texts = [t for t in texts if t]
             yield texts
             total += sum(len(t) for t in texts)
@@ -505,6 +514,7 @@ def _text_sample(ds, max_chars: int, batch: int = 256) -> Iterator[list[str]]:
         buf = []
         for row in ds:
             t = row["text"]
+            _check_texts([t])
             if t:
                 buf.append(t)
                 total += len(t)
@@ -543,9 +553,7 @@ def _backend(tokenizer_json: str):
 def _tokenize_batch(batch: dict, tokenizer_json: str, parent_pid: Optional[int] = None) -> dict:
     if parent_pid is not None:
         _die_with(parent_pid)
-    for t in batch["text"]:
-        if t is not None and not isinstance(t, str):  # (files are checked row by row when loaded)
-            raise DataError(f"the text column holds {_describe_value(t)}, not a string; set --data.text_column")
+    _check_texts(batch["text"])
     tok = _backend(tokenizer_json)
     texts = [t if (t and t.strip()) else "" for t in batch["text"]]
     encodings = tok.encode_batch(texts, add_special_tokens=False)
