@@ -191,11 +191,12 @@ def test_a_killed_preparation_with_workers_blocks_nothing_and_leaves_nothing(tmp
     script = tmp_path / "prepare.py"
     script.write_text(PREPARE_SCRIPT)
     args = [sys.executable, str(script), str(corpus), str(tokenizer_dir), str(cache)]
+    env = {k: v for k, v in env.items() if k not in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS")}
     first = subprocess.Popen(args + ["slow"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     workers: list[int] = []
     second = None
     try:
-        _read_until(first, "Tokenising the training data (num_proc=2)", timeout=300)
+        _read_until(first, "Tokenising the training data (num_proc=2)", timeout=300)  # datasets' progress bar
         time.sleep(1.0)  # mid-way through the tokenisation
         workers = _children(first.pid)
         assert workers, "the preparation should be running worker processes"
