@@ -303,14 +303,24 @@ def test_sample_by_paragraph_and_line_make_one_document_each(tmp_path: Path, sam
     assert len(docs) >= len(units) - 1 and set(docs) <= expected  # every piece between EOS is one unit
 
 
-def test_num_proc_above_one_gives_the_same_blocks(tmp_path: Path):
+def test_num_proc_above_one_gives_the_same_blocks(tmp_path: Path, monkeypatch):
+    import datasets
+
     root = tmp_path / "many"
     root.mkdir()
     for i in range(16):  # enough documents for the pipeline to use 2 processes
         (root / f"d{i:02d}.txt").write_text(make_text(60, 200 + i))
     one = TextDataModule(train_files=str(root), **dm_kwargs(tmp_path, num_proc=1, cache_dir=str(tmp_path / "c1")))
+    used = []
+    map_ = datasets.Dataset.map
+
+    def spy(self, *args, **kwargs):
+        used.append(kwargs.get("num_proc"))
+        return map_(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", spy)
     two = TextDataModule(train_files=str(root), **dm_kwargs(tmp_path, num_proc=2, cache_dir=str(tmp_path / "c2")))
-    assert not two.from_cache
+    assert not two.from_cache and 2 in used  # the tokenising map really ran in 2 processes
     for split in ("train", "val"):
         a = np.asarray(getattr(one.corpus, split).with_format("numpy")["input_ids"])
         b = np.asarray(getattr(two.corpus, split).with_format("numpy")["input_ids"])
