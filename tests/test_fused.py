@@ -317,14 +317,16 @@ def test_no_out_states_and_no_grad():
 # torch.library registration: one opaque node for torch.compile, forward and backward
 # ----------------------------------------------------------------------------------------------
 
-def _compile_case():
-    args, num_out = make_case([[Segment(20, "prefix"), Segment(30)]], chunk_size=16, d_k=16, d_v=16, heads=1)
+def _compile_case(dtype=torch.float32):
+    args, num_out = make_case([[Segment(20, "prefix"), Segment(30)]], chunk_size=16, d_k=16, d_v=16, heads=1,
+                              dtype=dtype)
     return [args[n].clone().requires_grad_(n in DIFFERENTIABLE) for n in CORE_ARGS], num_out
 
 
 def test_custom_op_registration():
-    """torch.library's own checks: schema, fake (meta) kernel, autograd registration."""
-    inputs, num_out = _compile_case()
+    """torch.library's own checks: schema, fake (meta) kernel, autograd registration (fp16 inputs, so
+    that the fake kernel's float32 outputs are checked against the real ones)."""
+    inputs, num_out = _compile_case(torch.float16)
     torch.library.opcheck(ops_fused._chunk_core_op, (*inputs, num_out, 16),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
