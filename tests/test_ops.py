@@ -607,3 +607,73 @@ def test_tensor_core_products_stay_accurate_when_logits_are_nearly_uniform(monke
     assert not torch.equal(out, exact)                           # the 16-bit products did run
     per_token = (out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)
     assert per_token[:, 64:].max() <= tolerance
+
+
+# ------------------------------------------------------------------------------- per-row sequences (sequence_starts)
+
+
+@pytest.mark.parametrize("mode", FORMS)
+def test_sequence_starts_equal_separate_calls(mode):
+    """Rows of several sequences (a different number per row, so rows get padding chunks at the end),
+    from initial_state rows numbered row by row: == one call per sequence, with gradients."""
+    T, row_lengths = 30, [[16, 5, 1, 8], [30], [3, 27]]
+    starts = torch.zeros(3, T, dtype=torch.bool)
+    for r, row in enumerate(row_lengths):
+        starts[r, torch.tensor(row).cumsum(0)[:-1]] = True
+    inputs = make_inputs(3, T, 2, first_layer=True, seed=40, requires_grad=True)
+    S = sum(len(row) for row in row_lengths)
+    heads = make_inputs(S, 7, 2, seed=41, requires_grad=True)[1:4] if mode != "reference" else []
+
+    def initial():  # the states after the heads, one row per sequence (a fresh graph each time)
+        if not heads:
+            return None
+        return run([heads[0], heads[0], heads[1], heads[2]] + make_inputs(S, 7, 2, seed=41)[4:6] + [None],
+                   "chunked", output_final_state=True)[1]
+
+    out, state = run(inputs, mode, chunk_size=8, sequence_starts=starts, initial_state=initial(),
+                     output_final_state=True)
+    got = torch.autograd.grad(weighted_sum(out), inputs + heads)
+
+    outs, states, i, initial = [], [], 0, initial()
+    for r, row in enumerate(row_lengths):
+        pieces, lo = [], 0
+        for n in row:
+            piece = [x[r:r + 1, lo:lo + n] if x is not None else None for x in inputs]
+            o, st = run(piece, mode, chunk_size=8, output_final_state=True,
+                        initial_state=initial[i] if initial is not None else None)
+            pieces.append(o)
+            states.append(st)
+            lo, i = lo + n, i + 1
+        outs.append(torch.cat(pieces, dim=1))
+    expected_out = torch.cat(outs)
+    torch.testing.assert_close(out, expected_out, rtol=1e-9, atol=1e-10)
+    expected_state = ZeroSState.cat(states)
+    for name in ("kv", "E", "m", "sbar", "n"):
+        torch.testing.assert_close(getattr(state, name), getattr(expected_state, name), rtol=1e-9, atol=1e-10,
+                                   msg=name)
+    expected = torch.autograd.grad(weighted_sum(expected_out), inputs + heads)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_sequence_starts_errors():
+    inputs = make_inputs(2, 8, 1)
+    with pytest.raises(ValueError, match="sequence_starts must be a"):
+        run(inputs, "chunked", sequence_starts=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="not both"):
+        run(inputs[:6] + [None], "chunked", sequence_starts=torch.zeros(2, 8, dtype=torch.bool),
+            cu_seqlens=torch.tensor([0, 8]))
+
+
+def test_sequence_starts_keep_the_rows_parallel_in_the_core(spy_core):
+    """Per-row sequences stay rows of the chunk-aligned layout (the fused kernels run rows in parallel)."""
+    starts = torch.zeros(3, 40, dtype=torch.bool)
+    starts[:, 17] = True
+    inputs = make_inputs(3, 40, 2, 16, dtype=torch.float32, seed=42)
+    out, _ = run(inputs[:6] + [None], "fused", chunk_size=16, sequence_starts=starts)
+    q, load, store = spy_core.calls[0][0], spy_core.calls[0][13], spy_core.calls[0][14]
+    assert q.shape[0] == 3 and q.shape[1] == 4 * 16                    # 17 + 23 tokens: 2 + 2 chunks per row
+    assert load.tolist() == [[0, -1, 1, -1], [2, -1, 3, -1], [4, -1, 5, -1]]
+    assert store.tolist() == [[-1, 0, -1, 1], [-1, 2, -1, 3], [-1, 4, -1, 5]]
+    expected, _ = run(inputs[:6] + [None], "chunked", chunk_size=16, sequence_starts=starts)
+    assert rel_err(out, expected) <= 1e-6

@@ -5,6 +5,7 @@ import torch
 from conftest import ATTENTION_TYPES, tiny_model
 
 from zeros_lm import ZeroSCache, ZeroSConfig
+from zeros_lm.modeling_zeros import PackedDocuments
 
 # chunk_size 4 (tiny_config): in row 0 the documents 4 | 3 | 1 | 6 put a boundary on a chunk edge (4),
 # inside a chunk (7) and a one-token document (at 7); row 1 is two documents after two padding tokens.
@@ -102,3 +103,12 @@ def test_torch_backend_is_the_pytorch_path():
             assert torch.equal(auto(**inputs).logits, torch_backend(**inputs).logits)
     with pytest.raises(ValueError, match="attention_backend"):
         ZeroSConfig(attention_backend="triton")
+
+
+def test_documents_stay_in_their_rows():
+    """Boundaries per row (padding before a row's first document belongs to it), counts restart."""
+    ids, mask, positions, _ = packed_batch()
+    documents = PackedDocuments.from_position_ids(positions, mask.bool(), *ids.shape, "cpu")
+    assert documents.row_lengths == [[4, 3, 1, 6], [9, 5]]
+    assert documents.counts[0].tolist() == [1, 2, 3, 4, 1, 2, 3, 1, 1, 2, 3, 4, 5, 6]
+    assert documents.counts[1].tolist() == [0, 0, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5]

@@ -332,16 +332,17 @@ class PackedDocuments:
     """Document boundaries inside the rows of a packed batch, so that no document sees another.
 
     Follows the Hugging Face convention of ``DataCollatorWithFlattening``: ``position_ids`` restart at 0
-    where a document starts. The B rows are read as one packed row of B T tokens in which every row
-    start and every document start begins a segment.
+    where a document starts. Every row start and every document start begins a segment; the rows stay
+    rows (``zeros_attention``'s ``sequence_starts``, so the chunked forms keep the rows in parallel).
 
-    Fields: cu_seqlens (S + 1,) long, the segments' offsets in the packed row (``zeros_attention``'s
-    convention); segment (B, T) long, the segment of each token; first (B T,) long, the packed
-    position of each token's segment start; counts (B, T) long, the real tokens of the document up to
-    and including each column (the t of ZEROS.md; RoPE position counts - 1).
+    Fields: starts (B, T) bool, where a segment begins (column 0 included); row_lengths, per row the
+    lengths of its segments; segment (B, T) long, the segment of each token (numbered row by row);
+    first (B T,) long, the flat position of each token's segment start; counts (B, T) long, the real
+    tokens of the document up to and including each column (the t of ZEROS.md; RoPE position counts - 1).
     """
 
-    cu_seqlens: torch.Tensor
+    starts: torch.Tensor
+    row_lengths: list
     segment: torch.Tensor
     first: torch.Tensor
     counts: torch.Tensor
@@ -362,8 +363,12 @@ class PackedDocuments:
         flat = starts.flatten()
         begin = flat.nonzero().squeeze(1)                                           # (S,)
         segment = flat.long().cumsum(0) - 1                                         # (B T,)
-        cu_seqlens = torch.cat([begin, begin.new_tensor([B * T])])
-        documents = cls(cu_seqlens=cu_seqlens, segment=segment.view(B, T), first=begin[segment], counts=real)
+        bounds = begin.tolist() + [B * T]
+        row_lengths = [[] for _ in range(B)]
+        for lo, hi in zip(bounds, bounds[1:]):
+            row_lengths[lo // T].append(hi - lo)
+        documents = cls(starts=starts, row_lengths=row_lengths, segment=segment.view(B, T), first=begin[segment],
+                        counts=real)
         documents.counts = documents.running_sum(real)
         return documents
 
@@ -495,11 +500,9 @@ class ZeroSAttention(nn.Module):
             g0 = g1 if self.has_zero_order else None
 
         mode = "auto" if self.config.attention_backend == "auto" else "chunked"
-        if documents is not None:  # the rows as one packed row, every document from an empty state
-            packed = [x.reshape(1, B * T, *x.shape[2:]) if x is not None else None for x in (q, k, v, s, g1, gh, g0, valid)]
-            o, _ = zeros_attention(*packed[:7], mode=mode, chunk_size=self.config.chunk_size, valid=packed[7],
-                                   cu_seqlens=documents.cu_seqlens)
-            o = o.view(B, T, H, d)
+        if documents is not None:  # every document from an empty state
+            o, _ = zeros_attention(q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
+                                   sequence_starts=documents.starts)
         else:
             o, core_state = zeros_attention(
                 q,
@@ -563,8 +566,8 @@ def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torc
     Inside a chunk of C tokens the C x C block is formed explicitly; across chunks the running sums
     S (d x dv) and z (d) are carried (prefix sums over chunks). Returns o, S_T, z_T.
 
-    chunk_first: (N,) long, for documents laid out chunk by chunk (no chunk holds two): the first
-    chunk of each chunk's document; the sums then restart there (S0, z0 must be zero).
+    chunk_first: (B, N) long, for documents laid out chunk by chunk (no chunk holds two): the first
+    chunk of each chunk's document in its row; the sums then restart there (S0, z0 must be zero).
     """
     B, H, T, d = q.shape
     dv = v.shape[-1]
@@ -583,7 +586,8 @@ def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torc
     else:  # sums of the earlier chunks of the same document: a difference of float64 prefix sums
         def before(x):
             total = torch.cat([torch.zeros_like(x[:, :, :1]), x], dim=2).to(torch.float64).cumsum(dim=2)
-            return (total[:, :, :-1] - total.index_select(2, chunk_first)).to(x.dtype)
+            index = chunk_first.view(B, 1, N, *([1] * (x.dim() - 3))).expand(-1, x.shape[1], -1, *x.shape[3:])
+            return (total[:, :, :-1] - total.gather(2, index)).to(x.dtype)
 
         S_before, z_before = before(kv), before(ks)
     num = scores @ v + q @ S_before
@@ -594,15 +598,15 @@ def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torc
 
 
 def _linear_attention_packed(q, k, v, documents: PackedDocuments, chunk_size: int):
-    """linear_attention_chunked over packed documents: q, k (B, H, T, d), v (B, H, T, dv) read as one row
-    of B T tokens; each document padded to whole chunks, its sums starting empty. Returns o (B, H, T, dv)."""
+    """linear_attention_chunked over packed documents, q, k (B, H, T, d), v (B, H, T, dv): in each row every
+    document is padded to whole chunks (the ZeroS op's layout) and its sums start empty. Returns o (B, H, T, dv)."""
     B, H, T, _ = q.shape
-    lengths = documents.cu_seqlens.diff().tolist()
-    layout = _ChunkLayout.build(1, B * T, None, lengths, min(chunk_size, max(lengths)), q.device)
-    packed = [layout.pack(x.transpose(1, 2).reshape(1, B * T, H, x.shape[-1])).transpose(1, 2) for x in (q, k, v)]
-    zeros = q.new_zeros(1, H, q.shape[-1], v.shape[-1]), q.new_zeros(1, H, q.shape[-1])
+    longest = max(n for row in documents.row_lengths for n in row)
+    layout = _ChunkLayout.build(B, T, None, documents.row_lengths, min(chunk_size, longest), q.device)
+    packed = [layout.pack(x.transpose(1, 2)).transpose(1, 2) for x in (q, k, v)]   # (B, H, N C, d)
+    zeros = q.new_zeros(B, H, q.shape[-1], v.shape[-1]), q.new_zeros(B, H, q.shape[-1])
     o, _, _ = linear_attention_chunked(*packed, *zeros, layout.chunk_size, chunk_first=layout.chunk_first)
-    return layout.unpack(o.transpose(1, 2)).reshape(B, T, H, v.shape[-1]).transpose(1, 2)
+    return layout.unpack(o.transpose(1, 2)).transpose(1, 2)
 
 
 class LinearAttention(nn.Module):

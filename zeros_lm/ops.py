@@ -47,6 +47,7 @@ float64 inputs), whatever the input dtype.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
 from typing import Optional
@@ -180,7 +181,7 @@ def _readout(q, kv, a_decay, b, h_coef):
 
 
 def _segment_lengths(cu_seqlens, B: int, T: int) -> list:
-    """Validate ``cu_seqlens`` (fla's convention) and return the segment lengths."""
+    """Validate ``cu_seqlens`` (fla's convention) and return the segment lengths, as the one row's list."""
     if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype == torch.bool
             or cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex):
         got = f"{cu_seqlens.dtype} tensor of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) \
@@ -195,7 +196,23 @@ def _segment_lengths(cu_seqlens, B: int, T: int) -> list:
         shown = offsets if len(offsets) <= 12 else offsets[:6] + ["..."] + offsets[-6:]
         raise ValueError(f"zeros_attention: cu_seqlens must start at 0, never decrease and end at T = {T} "
                          f"(at least two entries), got {shown}")
-    return [b - a for a, b in zip(offsets, offsets[1:])]
+    return [[b - a for a, b in zip(offsets, offsets[1:])]]
+
+
+def _row_lengths_from_starts(sequence_starts, B: int, T: int) -> list:
+    """Per row, the lengths of the sequences that ``sequence_starts`` (B, T) bool begins."""
+    if not isinstance(sequence_starts, torch.Tensor) or sequence_starts.shape != (B, T) \
+            or sequence_starts.dtype != torch.bool:
+        got = f"{sequence_starts.dtype} tensor of shape {tuple(sequence_starts.shape)}" \
+            if isinstance(sequence_starts, torch.Tensor) else type(sequence_starts).__name__
+        raise ValueError(f"zeros_attention: sequence_starts must be a (B, T) = {(B, T)} bool tensor, got a {got}")
+    starts = sequence_starts.clone()
+    starts[:, 0] = True
+    rows, columns = starts.nonzero().cpu().T.tolist()
+    bounds = [[] for _ in range(B)]
+    for r, c in zip(rows, columns):
+        bounds[r].append(c)
+    return [[b - a for a, b in zip(row, row[1:] + [T])] for row in bounds]
 
 
 def _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size, num_sequences):
@@ -227,7 +244,8 @@ def _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size
 
 def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk_size: int = 64,
                     valid: Optional[torch.Tensor] = None, initial_state: Optional[ZeroSState] = None,
-                    output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None):
+                    output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
+                    sequence_starts: Optional[torch.Tensor] = None):
     """Causal ZeroS attention.
 
     Args:
@@ -246,13 +264,20 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
             empty state (or from row i of ``initial_state``, which then has S rows), and the final
             state has one row per segment: the outputs equal S separate calls. May be combined with
             ``valid``.
+        sequence_starts: (B, T) bool, the same per row: True where a new sequence begins (column 0
+            always begins one). Sequences are numbered row by row, in order, for ``initial_state`` and
+            the final state. Unlike ``cu_seqlens`` the rows stay parallel rows of the chunked form.
 
     Returns:
         o: (B, T, H, d_v) in q's dtype; state: a ``ZeroSState`` (one row per sequence) or None.
     """
     B, T = q.shape[:2]
-    lengths = None if cu_seqlens is None else _segment_lengths(cu_seqlens, B, T)
-    _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size, B if lengths is None else len(lengths))
+    if cu_seqlens is not None and sequence_starts is not None:
+        raise ValueError("zeros_attention: give cu_seqlens or sequence_starts, not both")
+    lengths = _segment_lengths(cu_seqlens, B, T) if cu_seqlens is not None else \
+        _row_lengths_from_starts(sequence_starts, B, T) if sequence_starts is not None else None
+    _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size,
+                  B if lengths is None else sum(len(row) for row in lengths))
     if mode == "auto":
         mode = "fused" if _fused_applies(q) else "chunked"
     # Under autocast the products below would run in bfloat16/float16: the op accumulates in float32
@@ -307,9 +332,11 @@ def _chunked_core(mode: str, dtype: torch.dtype):
 
 def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths,
               low=None):
+    """lengths: None (one sequence per row) or, per row, the lengths of its sequences."""
     B, T, H, d_k = q.shape
     acc = _accumulation_dtype(q.dtype)
-    num_sequences = B if lengths is None else len(lengths)
+    flat_lengths = None if lengths is None else [n for row in lengths for n in row]
+    num_sequences = B if lengths is None else len(flat_lengths)
     if mode == "reference":
         if initial_state is not None:
             raise ValueError("zeros_attention: mode='reference' does not take initial_state; "
@@ -319,7 +346,7 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
             segments = torch.arange(B, device=q.device)[:, None].expand(B, T)
         else:
             segments = torch.arange(num_sequences, device=q.device).repeat_interleave(
-                torch.tensor(lengths, device=q.device))[None]
+                torch.tensor(flat_lengths, device=q.device)).view(B, T)
         o = _reference(q, k, v, s, g1, gh, g0, valid, segments, acc)
         state = _reference_final_state(k, v, s, valid, segments, num_sequences, acc) if output_final_state else None
         return o.to(q.dtype), state
@@ -335,7 +362,7 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
     if mode in ("chunked", "fused"):
         core, fused = _chunked_core(mode, q.dtype)
         if fused is not None:  # the kernels take one 16-bit or float32 dtype and a power-of-two chunk >= their minimum
-            longest = T if lengths is None else max(max(lengths), 1)
+            longest = T if lengths is None else max(max(flat_lengths), 1)
             chunk_size = max(fused.MIN_CHUNK_SIZE, 1 << (min(chunk_size, longest) - 1).bit_length())
             low = low or q.dtype
         if low is not None:
@@ -344,12 +371,15 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
                             exact_chunk=fused is not None)
     elif lengths is None:
         o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state)
-    else:  # one segment after the other, each from its own state
-        offsets = [0] + torch.tensor(lengths).cumsum(0).tolist()
-        pieces = [_recurrent(*(x[:, lo:hi] if x is not None else None for x in (q, k, v, s, g1, gh, g0, valid)),
-                             state[i]) for i, (lo, hi) in enumerate(zip(offsets, offsets[1:]))]
-        o = torch.cat([piece[0] for piece in pieces], dim=1)
-        state = ZeroSState.cat([piece[1] for piece in pieces])
+    else:  # one sequence after the other, each from its own state
+        pieces, i = [], 0
+        for r, row in enumerate(lengths):
+            for lo, hi in zip([0] + list(itertools.accumulate(row))[:-1], itertools.accumulate(row)):
+                pieces.append((r, _recurrent(*(x[r:r + 1, lo:hi] if x is not None else None
+                                               for x in (q, k, v, s, g1, gh, g0, valid)), state[i])))
+                i += 1
+        o = torch.stack([torch.cat([o_i for r_i, (o_i, _) in pieces if r_i == r], dim=1)[0] for r in range(B)])
+        state = ZeroSState.cat([st for _, (_, st) in pieces])
     if valid is not None:
         o = o.masked_fill(~valid[:, :, None, None], 0.0)
     return o.to(q.dtype), (state if output_final_state else None)
@@ -408,17 +438,19 @@ class _ChunkLayout:
     """Where the tokens sit in the chunk-aligned layout (B', N C) that the chunk core works on.
 
     Every sequence is padded at its end to whole chunks of C tokens (at least one), so no chunk holds
-    tokens of two sequences. Without ``cu_seqlens`` the sequences are the B rows (B' = B); with it they
-    are the packed segments of the one row, laid out one after the other (B' = 1; less than C tokens
-    of padding per segment). Alignment padding is not valid: it has zero q, k, v, logit and
-    coefficients and carries the running statistics forward.
+    tokens of two sequences. Without segments the sequences are the B rows. With segments (per row, the
+    lengths of the sequences packed into it, from ``cu_seqlens`` or ``sequence_starts``) each row's
+    sequences are laid out one after the other in that row (less than C tokens of padding each), rows
+    being filled up with padding chunks to the longest: B' = B, and the rows stay parallel. Padding is
+    not valid: it has zero q, k, v, logit and coefficients and carries the running statistics forward.
 
-    rows, num_chunks, chunk_size: B', N, C. num_sequences: S, the rows of the states.
+    rows, num_chunks, chunk_size: B', N, C. num_sequences: S, the rows of the states (row by row).
     valid: (B', N, C) bool, real tokens. chunk_load, chunk_store: (B', N) long, the core's contract
     (the state a chunk starts from / the row of out_states that receives the state after it).
     last: (S,) long, the flat position (row * N C + t) of each sequence's last aligned position.
-    Segments only (else None): dest (T,) long, the aligned position of each token; chunk_segment and
-    chunk_first (N,) long, the segment of each chunk and the index of that segment's first chunk.
+    Segments only (else None): dest (B T,) long, the flat aligned position of each token;
+    chunk_segment and chunk_first (B', N) long, the sequence of each chunk and the index of that
+    sequence's first chunk in the row (a row's trailing padding chunks belong to its last sequence).
     """
 
     rows: int
@@ -435,10 +467,10 @@ class _ChunkLayout:
     chunk_first: Optional[torch.Tensor] = None
 
     @classmethod
-    def build(cls, B: int, T: int, valid: Optional[torch.Tensor], lengths: Optional[list], C: int,
+    def build(cls, B: int, T: int, valid: Optional[torch.Tensor], row_lengths: Optional[list], C: int,
               device) -> "_ChunkLayout":
-        """lengths: None (each row one sequence) or the packed segments' lengths (B == 1)."""
-        if lengths is None:
+        """row_lengths: None (each row one sequence) or, per row, the lengths of its sequences (sum T)."""
+        if row_lengths is None:
             N = -(-T // C)
             valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid
             valid = F.pad(valid, (0, N * C - T), value=False).view(B, N, C)
@@ -449,43 +481,57 @@ class _ChunkLayout:
             chunk_store[:, -1] = rows
             return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=B, tokens=T, valid=valid,
                        chunk_load=chunk_load, chunk_store=chunk_store, last=rows * (N * C) + N * C - 1)
+        # Host-side index arithmetic over the S sequences (listed row by row), then one copy to the device.
+        lengths = torch.tensor([n for row in row_lengths for n in row], dtype=torch.long)            # (S,)
+        per_row = torch.tensor([len(r) for r in row_lengths])                                        # (B,)
+        row = torch.repeat_interleave(torch.arange(B), per_row)                                      # (S,)
         S = len(lengths)
-        lengths_t = torch.tensor(lengths, dtype=torch.long)
-        chunks = torch.clamp(-(-lengths_t // C), min=1)                             # (S,) chunks per segment
-        first = chunks.cumsum(0) - chunks                                           # (S,) first chunk
-        N = int(chunks.sum())
-        segments = torch.arange(S)
-        chunk_segment = segments.repeat_interleave(chunks)                          # (N,)
-        token_segment = segments.repeat_interleave(lengths_t)                       # (T,)
-        starts = lengths_t.cumsum(0) - lengths_t
-        dest = torch.arange(T) - starts[token_segment] + first[token_segment] * C   # (T,)
-        chunk_load = torch.full((1, N), -1, dtype=torch.long)
-        chunk_store = torch.full((1, N), -1, dtype=torch.long)
-        chunk_load[0, first] = segments
-        chunk_store[0, first + chunks - 1] = segments
-        aligned_valid = torch.zeros(N * C, dtype=torch.bool, device=device)
-        aligned_valid[dest.to(device)] = True if valid is None else valid[0]
+        sequences = torch.arange(S)
+        chunks = torch.clamp(-(-lengths // C), min=1)                               # (S,) chunks per sequence
+        row_chunks = torch.zeros(B, dtype=torch.long).index_add_(0, row, chunks)   # (B,)
+        N = int(row_chunks.max())
+        # First chunk of each sequence in its row: chunks of the sequences before it, less the earlier rows'.
+        first = chunks.cumsum(0) - chunks - (row_chunks.cumsum(0) - row_chunks)[row]
+        # Tokens are row-major, so the sequences' tokens follow each other in the order listed.
+        token_seq = sequences.repeat_interleave(lengths)                            # (B T,)
+        starts = lengths.cumsum(0) - lengths                                        # flat start of each sequence
+        dest = (row * N + first)[token_seq] * C + torch.arange(B * T) - starts[token_seq]
+        # Chunks: each sequence's own, then a row's padding chunks continue its last sequence.
+        chunk_segment = (per_row.cumsum(0) - 1).repeat_interleave(N)                # (B N,): each row's last
+        chunk_seq = sequences.repeat_interleave(chunks)
+        within = torch.arange(len(chunk_seq)) - (chunks.cumsum(0) - chunks)[chunk_seq]
+        chunk_segment[(row * N + first)[chunk_seq] + within] = chunk_seq
+        chunk_segment = chunk_segment.view(B, N)
+        chunk_load = torch.full((B * N,), -1, dtype=torch.long)
+        chunk_store = torch.full((B * N,), -1, dtype=torch.long)
+        chunk_load[row * N + first] = sequences
+        chunk_store[row * N + first + chunks - 1] = sequences
+        aligned_valid = torch.zeros(B * N * C, dtype=torch.bool, device=device)
+        aligned_valid[dest.to(device)] = True if valid is None else valid.flatten()
         to = lambda x: x.to(device)  # noqa: E731
-        return cls(rows=1, num_chunks=N, chunk_size=C, num_sequences=S, tokens=T, valid=aligned_valid.view(1, N, C),
-                   chunk_load=to(chunk_load), chunk_store=to(chunk_store), last=to((first + chunks) * C - 1),
-                   dest=to(dest), chunk_segment=to(chunk_segment), chunk_first=to(first[chunk_segment]))
+        return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=S, tokens=T, valid=aligned_valid.view(B, N, C),
+                   chunk_load=to(chunk_load.view(B, N)), chunk_store=to(chunk_store.view(B, N)),
+                   last=to((row * N + first + chunks) * C - 1), dest=to(dest), chunk_segment=to(chunk_segment),
+                   chunk_first=to(first[chunk_segment]))
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (B', N C, ...), zeros on alignment padding."""
         if self.dest is None:
             return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.num_chunks * self.chunk_size - self.tokens))
-        aligned = x.new_zeros((self.num_chunks * self.chunk_size,) + tuple(x.shape[2:]))
-        return aligned.index_copy(0, self.dest, x[0]).unsqueeze(0)
+        aligned = x.new_zeros((self.rows * self.num_chunks * self.chunk_size,) + tuple(x.shape[2:]))
+        return aligned.index_copy(0, self.dest, x.flatten(0, 1)).view(self.rows, -1, *x.shape[2:])
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(B', N C, ...) -> (B, T, ...)."""
-        return x[:, :self.tokens] if self.dest is None else x[0].index_select(0, self.dest).unsqueeze(0)
+        if self.dest is None:
+            return x[:, :self.tokens]
+        return x.flatten(0, 1).index_select(0, self.dest).view(-1, self.tokens, *x.shape[2:])
 
     def per_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """A per-sequence value (S, H) as a (B', H, N, C)-broadcastable tensor."""
         if self.chunk_segment is None:
             return x[:, :, None, None]
-        return x[self.chunk_segment].transpose(0, 1)[None, :, :, None]
+        return x[self.chunk_segment].transpose(1, 2).unsqueeze(-1)
 
     def at_chunk_starts(self, ends: torch.Tensor, loaded: torch.Tensor) -> torch.Tensor:
         """The value at each chunk's start (B', H, N): the previous chunk's end value ``ends`` (B', H, N),
@@ -511,14 +557,15 @@ class _ChunkLayout:
             sums = F.pad(totals.cumsum(-1), (1, 0))                                 # sums[j]: chunks before j
             before = sums[..., :-1]
             if self.chunk_first is not None:  # float64 here: the difference of two prefix sums stays exact enough
-                before = before - sums.index_select(-1, self.chunk_first)
+                index = self.chunk_first.unsqueeze(1).expand(-1, sums.shape[1], -1)
+                before = before - sums.gather(-1, index)
             return within + before.unsqueeze(-1)
         combine = torch.maximum if op == "max" else torch.logaddexp
         if self.chunk_first is None:
             scanned = totals.cummax(-1).values if op == "max" else totals.logcumsumexp(-1)
             before = F.pad(scanned[..., :-1], (1, 0), value=_NO_MAX)
         else:  # a log-step (Hillis-Steele) scan over the chunks that stays inside each segment
-            reach = torch.arange(self.num_chunks, device=x.device) - self.chunk_first   # earlier chunks of the segment
+            reach = (torch.arange(self.num_chunks, device=x.device) - self.chunk_first).unsqueeze(1)  # earlier chunks
             scanned, shift = totals, 1
             while shift < self.num_chunks:
                 earlier = F.pad(scanned[..., :-shift], (shift, 0), value=_NO_MAX)
@@ -572,14 +619,14 @@ def _chunk_scalars(s, g1, gh, g0, state, layout):
 def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, exact_chunk=False):
     """The chunked form: shared scalar preparation, then ``core`` (the PyTorch or the fused chunk core).
 
-    Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed); lengths: None or
-    the segment lengths of ``cu_seqlens``. The chunk is chunk_size tokens, or the longest sequence when
+    Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed); lengths: None or,
+    per row, the lengths of its sequences. The chunk is chunk_size tokens, or the longest sequence when
     that is shorter, unless exact_chunk. Returns o (B, T, H, d_v) and the final state (one row per
     sequence).
     """
     B, T, H, _ = q.shape
     acc = state.kv.dtype
-    longest = T if lengths is None else max(max(lengths), 1)
+    longest = T if lengths is None else max(max(n for row in lengths for n in row), 1)
     C = chunk_size if exact_chunk else min(chunk_size, longest)
     layout = _ChunkLayout.build(B, T, valid, lengths, C, q.device)
     N, C = layout.num_chunks, layout.chunk_size
