@@ -17,16 +17,23 @@ modelling on the embedded standard-library corpus) and writes a Markdown report 
                                                     # 4 layers x 128 wide, 95 minutes on 2 cores; on a
                                                     # GPU 4 layers x 256 wide, bf16-mixed (not yet run to the end)
     python benchmarks/report.py --sections lm,extrapolation --lm-tokens 1e6 --out /tmp/lm_only
+    python benchmarks/report.py --sections mqar --models zeros,softmax,linear   # one piece of the full report
 
 Sections run in the order lm, extrapolation, contrast, ablations, mqar, and the report is rewritten
-after every model, so an interrupted run leaves a valid (marked incomplete) report. Every number in
-the report comes from the run that wrote it (results.json holds them all).
+after every model, so an interrupted run leaves a valid (marked incomplete) report. Sections may run
+in separate invocations into the same --out (each under two hours on a 2-core CPU): an invocation
+keeps the other sections' results from its results.json and rewrites the report from all of them;
+the lm section saves its models under <out>/models/ so that extrapolation can run later. The
+models compared are the rows of benchmarks/evidence/presets.py MODEL_ROWS (a label + config
+overrides); a row the installed model cannot build is skipped with a note. Every number in the
+report comes from the invocation named next to its section (results.json holds them all).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -40,10 +47,12 @@ if str(REPO) not in sys.path:  # run as a script: python benchmarks/report.py
 
 import torch  # noqa: E402
 
-from benchmarks.evidence.experiments import HANDLERS  # noqa: E402
+from benchmarks.evidence import presets as evidence_presets  # noqa: E402
+from benchmarks.evidence.experiments import HANDLERS, saved_lm_models  # noqa: E402
 from benchmarks.evidence.harness import Run, _quiet_lightning, default_precision, environment, log  # noqa: E402
 from benchmarks.evidence.markdown import write_report  # noqa: E402
-from benchmarks.evidence.presets import ABLATIONS, CONTRAST_MODELS, MAIN_TYPES, PRESETS, SECTIONS  # noqa: E402,F401
+from benchmarks.evidence.presets import (ABLATIONS, CONTRAST_MODELS, MAIN_TYPES, MODEL_ROWS, PRESETS,  # noqa: E402,F401
+                                        SECTIONS)
 
 
 def parse_args(argv=None):
@@ -59,10 +68,41 @@ def parse_args(argv=None):
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--lm-tokens", type=float, default=None, help="training tokens per LM model (overrides the mode)")
     ap.add_argument("--mqar-steps", type=int, default=None, help="training steps per MQAR model (overrides the mode)")
+    ap.add_argument("--mqar-lrs", default=None, help="comma-separated MQAR learning-rate sweep (overrides the mode)")
+    ap.add_argument("--models", default=None, help="comma-separated subset of the model rows to train in the lm and mqar "
+                    f"sections ({','.join(r.key for r in MODEL_ROWS)}; default all)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--cache-dir", default=None, help="tokenizer/data cache (default: $ZEROS_LM_CACHE or ~/.cache/zeros_lm)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return ap.parse_args(argv)
+
+
+def earlier_results(out: Path, mode: str) -> dict:
+    """The results an earlier invocation left in ``out/results.json`` (empty when there are none),
+    so that sections run separately add up to one report. Raises ValueError when the file is
+    unreadable or holds another mode's results (their settings differ: mixing them would mislead)."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read ({err}); move it away or choose another --out") from err
+    if not isinstance(earlier, dict):
+        raise ValueError(f"{path} is not a results file of this report; move it away or choose another --out")
+    their_mode = (earlier.get("preset") or {}).get("name")
+    if their_mode != mode:
+        raise ValueError(f"{path} holds results of the {their_mode!r} mode, this run is {mode!r}: run the same mode into "
+                         "it, or choose another --out")
+    earlier.pop("preset", None)
+    runs = earlier.setdefault("section_runs", {})
+    for section in earlier.get("sections_done", []):  # a results file from before sections ran separately
+        if section not in runs:
+            env = earlier.get("environment") or {}
+            runs[section] = {"command": earlier.get("command"), "git_commit": env.get("git_commit"),
+                             "git_dirty": env.get("git_dirty"), "device": env.get("device"),
+                             "precision": env.get("precision"), "preset": (json.loads(path.read_text()).get("preset"))}
+    return earlier
 
 
 def main(argv=None) -> int:
@@ -84,29 +124,58 @@ def main(argv=None) -> int:
     if bad:
         print(f"error: unknown section(s) {bad}; choose from {SECTIONS}", file=sys.stderr)
         return 2
-    if "extrapolation" in sections and "lm" not in sections:
-        print("error: the extrapolation section evaluates the models of the lm section; add 'lm'", file=sys.stderr)
+    if args.mqar_lrs is not None:
+        try:
+            preset.mqar_lrs = tuple(float(x) for x in args.mqar_lrs.split(",") if x.strip())
+        except ValueError:
+            preset.mqar_lrs = ()
+        if not preset.mqar_lrs or not all(x > 0 for x in preset.mqar_lrs):
+            print(f"error: --mqar-lrs {args.mqar_lrs!r}: give positive numbers separated by commas, e.g. 1e-3,3e-3",
+                  file=sys.stderr)
+            return 2
+    models = None
+    if args.models is not None:
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        keys = [r.key for r in evidence_presets.MODEL_ROWS]
+        unknown = [m for m in models if m not in keys]
+        if unknown or not models:
+            print(f"error: unknown model(s) {unknown or args.models!r}; choose from {','.join(keys)}", file=sys.stderr)
+            return 2
+    out = Path(args.out) if args.out else REPO / "reports" / ("" if name.startswith("full") else name)
+    try:
+        earlier = earlier_results(out, name)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if "extrapolation" in sections and "lm" not in sections and not saved_lm_models(out):
+        print(f"error: the extrapolation section evaluates the lm section's models, and {out / 'models'} holds none: "
+              "add 'lm' (or run it first into the same --out)", file=sys.stderr)
         return 2
     precision = args.precision or default_precision(device, name)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device == "cuda":
         torch.set_float32_matmul_precision("high")
-    out = Path(args.out) if args.out else REPO / "reports" / ("" if name.startswith("full") else name)
     _quiet_lightning()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     with tempfile.TemporaryDirectory(prefix="zeros_report_") as scratch:
         run = Run(preset=preset, device=device, precision=precision, out=out, seed=args.seed, cache_dir=args.cache_dir,
                   scratch=scratch, sections=sections, argv=list(argv if argv is not None else sys.argv[1:]),
-                  writer=write_report)
+                  writer=write_report, models=models)
         rel = os.path.relpath(Path(__file__).resolve(), Path.cwd()) if Path.cwd() in Path(__file__).resolve().parents else __file__
+        run.results.update(earlier)
         run.results["command"] = "python " + shlex.join([rel, *run.argv])
         run.results["environment"] = environment(run)
-        run.results["sections_done"] = []
-        run.results["section_seconds"] = {}
-        log(f"{name} mode on {device} ({precision}); sections {', '.join(sections)}; writing to {out}")
+        run.results.setdefault("sections_done", [])
+        run.results.setdefault("section_seconds", {})
+        run.results.setdefault("section_runs", {})
+        kept = [s for s in run.results["sections_done"] if s not in sections]
+        log(f"{name} mode on {device} ({precision}); sections {', '.join(sections)}; writing to {out}"
+            + (f" (keeping the earlier results of {', '.join(kept)})" if kept else ""))
+        run.results["sections_done"] = kept
         run.save()
+        env = run.results["environment"]
         for section in SECTIONS:
             if section not in sections:
                 continue
@@ -114,6 +183,11 @@ def main(argv=None) -> int:
             log(f"section {section}")
             HANDLERS[section](run)
             run.results["section_seconds"][section] = time.time() - t0
+            run.results["section_runs"][section] = {
+                "command": run.results["command"], "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
+                "device": device + (f" ({env['gpu']})" if env.get("gpu") else ""), "precision": precision,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t0)), "preset": dataclasses.asdict(preset),
+            }
             run.results["sections_done"].append(section)
             run.save()
     log(f"done in {(time.time() - run.started) / 60:.1f} min: {out / 'report.md'}")

@@ -17,7 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import report  # noqa: E402
-from benchmarks.tasks import IGNORE, contrast_examples, mqar_examples  # noqa: E402
+from benchmarks.evidence import presets  # noqa: E402
+from benchmarks.evidence.harness import RowSkipped, build_row, row_overrides  # noqa: E402
+from benchmarks.evidence.presets import ModelRow  # noqa: E402
+from benchmarks.tasks import IGNORE, contrast_examples, mqar_default_pairs, mqar_examples, recall_accuracy  # noqa: E402
 
 PLOTS = ("lm_val_loss.png", "extrapolation.png", "mqar.png", "contrast.png")
 
@@ -39,6 +42,46 @@ def test_mqar_examples_are_associative_recall():
             assert lab[t] == pairs[seq[t]] == seq[t + 1]  # the label is the value paired with the query key
         others = [x for t, x in enumerate(seq[2 * D :], start=2 * D) if t not in scored and t - 1 not in scored]
         assert set(others) <= {0}
+
+
+class _LookupModel:
+    """A perfect MQAR solver: at every position it predicts the value paired with the current token
+    among the key-value pairs opening the sequence (``shift`` moves its answer that many positions later)."""
+
+    def __init__(self, num_pairs: int, vocab: int, shift: int = 0):
+        self.num_pairs, self.vocab, self.shift = num_pairs, vocab, shift
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids, use_cache=False):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for b, seq in enumerate(input_ids.tolist()):
+            pairs = dict(zip(seq[0 : 2 * self.num_pairs : 2], seq[1 : 2 * self.num_pairs : 2]))
+            for t in range(input_ids.shape[1] - self.shift):
+                if seq[t] in pairs:
+                    logits[b, t + self.shift, pairs[seq[t]]] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_a_perfect_lookup_scores_one_and_a_shifted_one_scores_zero():
+    """The label sits at the query key's position (the model predicts the next token, the value):
+    a perfect lookup scores 1.0 through recall_accuracy, the same lookup one position late 0."""
+    T, V = 64, 64
+    D = mqar_default_pairs(T)
+    inputs, labels = mqar_examples(20, T, D, V, torch.Generator().manual_seed(3))
+    assert recall_accuracy(_LookupModel(D, V), inputs, labels, batch_size=8, device="cpu") == 1.0
+    assert recall_accuracy(_LookupModel(D, V, shift=1), inputs, labels, batch_size=8, device="cpu") == 0.0
+
+
+def test_mqar_query_gaps_follow_a_power_law():
+    """Queries favour short gaps: the first query slot is used far more often than a late one."""
+    T, V = 256, 512
+    D = mqar_default_pairs(T)
+    _, labels = mqar_examples(400, T, D, V, torch.Generator().manual_seed(4))
+    slots = ((labels != IGNORE).nonzero()[:, 1] - 2 * D) // 2
+    counts = torch.bincount(slots, minlength=(T - 2 * D) // 2)
+    assert counts[0] > 3 * counts[-20:].float().mean()
 
 
 def test_mqar_rejects_impossible_settings():
@@ -91,15 +134,20 @@ def test_smoke_report_end_to_end(tmp_path):
     assert results["sections_done"] == list(report.SECTIONS)
     assert results["environment"]["device"] == "cpu" and results["wall_s"] > 0
     lm = results["lm"]
-    assert set(lm) == set(report.MAIN_TYPES) | set(report.ABLATIONS)
+    rows = {r.key for r in report.MODEL_ROWS}
+    assert set(lm) == (rows - set(results["lm_skipped"])) | set(report.ABLATIONS)
+    assert set(report.MAIN_TYPES) <= set(lm)  # the smoke model has one layer: the hybrid rows are skipped
+    assert {"hybrid", "hybrid_conv"} <= set(results["lm_skipped"]) and "Not run: hybrid (1 softmax layer in 4)" in md
     for r in lm.values():
         assert math.isfinite(r["final_val_loss"]) and r["tokens_per_s"] > 0 and len(r["curve"]) >= 2
         assert f"{r['final_val_ppl']:.2f}" in md  # the table shows the run's numbers
     extrap = results["extrapolation"]
-    assert set(extrap["models"]) == set(report.MAIN_TYPES)
+    assert set(extrap["models"]) == rows - set(results["lm_skipped"])
     assert all(len(m["per_position"]) == extrap["eval_length"] for m in extrap["models"].values())
     preset = report.PRESETS["smoke"]
-    assert len(results["mqar"]["cells"]) == len(preset.mqar_lengths) * len(preset.mqar_widths) * 3
+    mq_rows = rows - set(results["mqar"]["skipped"])
+    assert len(results["mqar"]["cells"]) == len(preset.mqar_lengths) * len(preset.mqar_widths) * len(mq_rows)
+    assert all(len(m["sweep"]) == len(preset.mqar_lrs) for m in results["mqar"]["models"].values())
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in results["mqar"]["cells"])
     assert len(results["contrast"]["models"]) == len(report.CONTRAST_MODELS)
     assert all(math.isfinite(m["final_relative_error"]) for m in results["contrast"]["models"].values())
@@ -133,3 +181,83 @@ def test_cpu_precision_follows_the_bf16_probe(monkeypatch, mkldnn, probe, expect
     for mode in ("quick", "smoke"):  # the short modes stay in float32 whatever the CPU
         assert report.default_precision("cpu", mode) == "32-true"
     assert report.default_precision("cuda", "quick") == "bf16-mixed"
+
+
+def _tiny_builder(**fixed):
+    from zeros_lm.training import ZeroSLitModule
+
+    def build(**kwargs):
+        return ZeroSLitModule(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, **{**fixed, **kwargs})
+    return build
+
+
+def test_model_rows_expand_hybrids_and_skip_unsupported_fields():
+    every4 = ModelRow("h", "hybrid", "zeros", {"softmax_every": 4})
+    assert row_overrides(every4, 8)["layer_types"] == ["linear_attention"] * 3 + ["full_attention"] + \
+        ["linear_attention"] * 3 + ["full_attention"]
+    with pytest.raises(RowSkipped, match="at least 4 layers"):
+        row_overrides(every4, 2)
+    with pytest.raises(RowSkipped, match="`no_such_field`"):
+        build_row(ModelRow("x", "X", "zeros", {"no_such_field": 4}), 4, _tiny_builder())
+    with pytest.raises(RowSkipped, match="refused"):  # a field the model takes, with a value it refuses
+        build_row(ModelRow("x", "X", "zeros", {"logit_type": "nonsense"}), 4, _tiny_builder())
+
+
+def test_parameter_counts_are_matched_through_the_mlp_width():
+    build = _tiny_builder()
+    plain, _ = build_row(ModelRow("s", "softmax", "softmax"), 4, build)
+    n = plain.num_parameters()
+    for reference in (int(1.3 * n), int(0.8 * n)):  # far off either way: the MLP width moves to match
+        module, overrides = build_row(ModelRow("s", "softmax", "softmax"), 4, build, reference)
+        assert abs(module.num_parameters() - reference) <= presets.PARAM_TOLERANCE * reference
+        assert overrides["intermediate_size"] == module.model.config.intermediate_size != plain.model.config.intermediate_size
+    close, overrides = build_row(ModelRow("s", "softmax", "softmax"), 4, build, int(1.01 * n))
+    assert "intermediate_size" not in overrides and close.num_parameters() == n  # within 5%: left alone
+
+
+def _smoke(tmp_path, *args):
+    return report.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "out"),
+                        "--cache-dir", str(tmp_path / "cache"), *args])
+
+
+def test_sections_run_separately_add_up_to_one_report(tmp_path, monkeypatch):
+    """lm in one invocation, extrapolation and mqar in the next (the lm models are reloaded from
+    out/models); the first invocation's results survive, the rows are the data of MODEL_ROWS (a new
+    row reaches the tables, a row the model cannot build is skipped with a note), and another
+    mode's invocation into the same folder is refused without touching it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = (ModelRow("zeros", "ZeroS", "zeros"), ModelRow("softmax", "softmax", "softmax"),
+            ModelRow("plain_out", "ZeroS without output norm", "zeros", {"use_output_norm": False}),
+            ModelRow("future", "ZeroS + future field", "zeros", {"no_such_field": 4}))
+    monkeypatch.setattr(presets, "MODEL_ROWS", rows)
+    out = tmp_path / "out"
+    assert _smoke(tmp_path, "--sections", "lm", "--models", "zeros,softmax,future") == 0
+    first = json.loads((out / "results.json").read_text())
+    assert set(first["lm"]) == {"zeros", "softmax"} and "no_such_field" in first["lm_skipped"]["future"]
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["softmax", "zeros"]
+
+    assert _smoke(tmp_path, "--sections", "extrapolation,mqar", "--mqar-lrs", "3e-3") == 0
+    results = json.loads((out / "results.json").read_text())
+    md = (out / "report.md").read_text()
+    assert results["lm"] == first["lm"]  # kept from the first invocation
+    assert results["sections_done"] == ["lm", "extrapolation", "mqar"]
+    assert set(results["extrapolation"]["models"]) == {"zeros", "softmax"}  # reloaded from out/models
+    assert {c["model"] for c in results["mqar"]["cells"]} == {"zeros", "softmax", "plain_out"}
+    assert "| ZeroS without output norm |" in md.replace(" | ", " |\n| ")  # the new row is an MQAR column
+    assert "ZeroS + future field (the model does not accept `no_such_field`" in md
+    assert f"{first['lm']['zeros']['final_val_ppl']:.2f}" in md  # the first invocation's numbers are in the report
+    commands = {r["command"] for r in results["section_runs"].values()}
+    assert len(commands) == 2 and all(f"`{c}`" in md for c in commands)
+
+    before = (out / "results.json").read_bytes()
+    assert report.main(["--quick", "--sections", "mqar", "--out", str(out)]) == 2
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_extrapolation_alone_needs_saved_models(tmp_path, capsys):
+    assert _smoke(tmp_path, "--sections", "extrapolation") == 2
+    assert "holds none: add 'lm'" in capsys.readouterr().err
+    assert _smoke(tmp_path, "--sections", "mqar", "--models", "zeros,nonsense") == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert _smoke(tmp_path, "--sections", "mqar", "--mqar-lrs", "0.01,-1") == 2
+    assert "--mqar-lrs" in capsys.readouterr().err

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from .harness import Run, fit, lm_module, log
-from .presets import ABLATIONS, CONTRAST_MODELS, MAIN_TYPES
+from .harness import RowSkipped, Run, build_row, fit, lm_module, log, softmax_share
+from . import presets
+from .presets import ABLATIONS, CONTRAST_MODELS, REFERENCE_ROW, ModelRow
 
 
 def lm_data(run: Run):
@@ -30,40 +31,95 @@ def lm_data(run: Run):
     return run.datamodule
 
 
-def train_lm(run: Run, name: str, attention_type: str, extra: dict) -> dict:
+def _lm_result(run: Run, module, res: dict, attention_type: str, extra: dict) -> dict:
     p = run.preset
-    dm = lm_data(run)
-    steps = p.lm_steps
-    val_every = max(1, steps // p.lm_evals)
-    run.seed_all()
-    module = lm_module(p, dm, attention_type, p.lm_layers, p.lm_hidden, p.lm_heads, steps, **extra)
-    log(f"LM {name}: {module.num_parameters() / 1e6:.2f} M parameters, {steps} steps of {p.lm_batch}x{p.lm_seq} tokens")
-    res = fit(module, dm, steps=steps, val_every=val_every, run=run)
     tokens_per_step = p.lm_batch * p.lm_seq
     final = res["evals"][-1] if res["evals"] else {}
-    out = {
+    return {
         "attention_type": attention_type, "options": extra, "parameters": module.num_parameters(),
+        "intermediate_size": module.model.config.intermediate_size,
+        "softmax_share": softmax_share(attention_type, extra, p.lm_layers),
         "steps": res["steps"], "train_tokens": res["steps"] * tokens_per_step,
         "curve": [{"tokens": e["step"] * tokens_per_step, "val_loss": e.get("val/loss")} for e in res["evals"]],
         "final_val_loss": final.get("val/loss"), "final_val_ppl": math.exp(final["val/loss"]) if "val/loss" in final else None,
         "tokens_per_s": res["steps_per_s"] * tokens_per_step, "wall_s": res["wall_s"],
     }
+
+
+def _train_lm_module(run: Run, name: str, module, attention_type: str, extra: dict) -> dict:
+    p = run.preset
+    steps = p.lm_steps
+    log(f"LM {name}: {module.num_parameters() / 1e6:.2f} M parameters, {steps} steps of {p.lm_batch}x{p.lm_seq} tokens")
+    res = fit(module, lm_data(run), steps=steps, val_every=max(1, steps // p.lm_evals), run=run)
+    out = _lm_result(run, module, res, attention_type, extra)
     log(f"LM {name}: val loss {out['final_val_loss']:.4f}, {out['tokens_per_s']:.0f} tok/s, {res['wall_s']:.0f} s")
-    return out, module
+    return out
+
+
+def selected_rows(run: Run, skipped: dict, kept=()) -> list[ModelRow]:
+    """The model rows this invocation trains (``--models``); the others are noted in ``skipped``
+    unless ``kept`` holds an earlier invocation's result for them."""
+    rows = []
+    for row in presets.MODEL_ROWS:
+        if run.models is None or row.key in run.models:
+            rows.append(row)
+        elif row.key not in kept:
+            skipped[row.key] = "not selected in this run (--models)"
+    return rows
+
+
+def lm_builder(run: Run):
+    """``build(attention_type=..., **overrides)`` -> a fresh LM module at the preset's size."""
+    p = run.preset
+    dm = lm_data(run)
+
+    def build(attention_type: str, **overrides):
+        return lm_module(p, dm, attention_type, p.lm_layers, p.lm_hidden, p.lm_heads, p.lm_steps, **overrides)
+
+    return build
+
+
+def reference_parameters(build, num_layers: int) -> int:
+    """Parameter count of the reference row (the paper-exact ZeroS) at the same size."""
+    row = next(r for r in presets.MODEL_ROWS if r.key == REFERENCE_ROW)
+    return build_row(row, num_layers, build)[0].num_parameters()
+
+
+def models_dir(run: Run):
+    """Where the lm section saves its models (Hugging Face format), for the extrapolation section."""
+    return run.out / "models"
 
 
 def section_lm(run: Run) -> None:
+    p = run.preset
     lm = run.results.setdefault("lm", {})
-    for attention_type in MAIN_TYPES:
-        lm[attention_type], module = train_lm(run, attention_type, attention_type, {})
-        run.lm_models[attention_type] = module
+    skipped = run.results["lm_skipped"] = {}
+    build = lm_builder(run)
+    run.seed_all()
+    reference = reference_parameters(build, p.lm_layers)
+    for row in selected_rows(run, skipped, kept=lm):
+        run.seed_all()
+        try:
+            module, overrides = build_row(row, p.lm_layers, build, reference)
+        except RowSkipped as err:
+            skipped[row.key] = str(err)
+            lm.pop(row.key, None)
+            log(f"LM {row.label}: skipped ({err})")
+            run.save()
+            continue
+        lm[row.key] = _train_lm_module(run, row.label, module, row.attention_type, overrides)
+        module.model.save_pretrained(models_dir(run) / row.key)
+        run.lm_models[row.key] = module.model
         run.save()
 
 
 def section_ablations(run: Run) -> None:
+    p = run.preset
     lm = run.results.setdefault("lm", {})
     for name, extra in ABLATIONS.items():
-        lm[name], _ = train_lm(run, name, "zeros", extra)
+        run.seed_all()
+        module = lm_module(p, lm_data(run), "zeros", p.lm_layers, p.lm_hidden, p.lm_heads, p.lm_steps, **extra)
+        lm[name] = _train_lm_module(run, name, module, "zeros", extra)
         run.save()
 
 
@@ -81,6 +137,22 @@ def per_position_loss(model, windows: torch.Tensor, device: str) -> torch.Tensor
     return total / len(windows)
 
 
+def saved_lm_models(out) -> list[str]:
+    """Keys of the LM models saved under ``out/models`` by an earlier lm section."""
+    root = out / "models"
+    return [r.key for r in presets.MODEL_ROWS if (root / r.key / "config.json").is_file()]
+
+
+def lm_model(run: Run, key: str):
+    """The lm section's model ``key``: from this invocation, or saved by an earlier one."""
+    model = run.lm_models.get(key)
+    if model is None and (models_dir(run) / key / "config.json").is_file():
+        from zeros_lm import ZeroSForCausalLM
+
+        model = ZeroSForCausalLM.from_pretrained(str(models_dir(run) / key), dtype=torch.float32)
+    return model
+
+
 def section_extrapolation(run: Run) -> None:
     import numpy as np
 
@@ -96,46 +168,92 @@ def section_extrapolation(run: Run) -> None:
         run.save()
         return
     windows = torch.from_numpy(val[: n * (length + 1)].reshape(n, length + 1))
-    for attention_type in MAIN_TYPES:
-        module = run.lm_models.get(attention_type)
-        if module is None:
+    for row in presets.MODEL_ROWS:
+        model = lm_model(run, row.key)
+        if model is None:
             continue
         t0 = time.perf_counter()
-        loss = per_position_loss(module.model.float(), windows, run.device)
+        loss = per_position_loss(model.float(), windows, run.device)
         ranges = {}
         lo = 0
         hi = p.lm_seq
         while lo < length:
             ranges[f"{lo}-{hi}"] = float(loss[lo:hi].mean())
             lo, hi = hi, min(length, hi * 2)
-        res["models"][attention_type] = {"per_position": [round(float(x), 5) for x in loss], "ranges": ranges,
-                                         "seconds": time.perf_counter() - t0}
-        log(f"extrapolation {attention_type}: " + ", ".join(f"[{k}) {v:.3f}" for k, v in ranges.items()))
+        res["models"][row.key] = {"per_position": [round(float(x), 5) for x in loss], "ranges": ranges,
+                                  "seconds": time.perf_counter() - t0}
+        log(f"extrapolation {row.label}: " + ", ".join(f"[{k}) {v:.3f}" for k, v in ranges.items()))
     run.save()
 
 
 # 3. MQAR
 def train_task(run: Run, kind: str, dm, *, attention_type: str, layers: int, hidden: int, heads: int, vocab: int,
                steps: int, lr: float, evals: int, limit_val=None, **extra) -> tuple[dict, Any]:
-    from benchmarks.tasks import make_task_module
-
-    module = make_task_module(
-        kind, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        chunk_size=run.preset.chunk_size, attention_type=attention_type, learning_rate=lr,
-        warmup_steps=max(1, steps // 20), weight_decay=0.0 if kind == "contrast" else 0.1, **extra,
-    )
+    module = task_module(run, kind, attention_type=attention_type, layers=layers, hidden=hidden, heads=heads,
+                         vocab=vocab, steps=steps, lr=lr, **extra)
     res = fit(module, dm, steps=steps, val_every=max(1, steps // evals), run=run, limit_val=limit_val)
     return res, module
 
 
-def section_mqar(run: Run) -> None:
-    """Zoology's protocol: one model per (attention type, width), trained on a mixture of the
-    sequence lengths (one length per batch, in turn), then scored on held-out data at each length."""
-    from benchmarks.tasks import TaskDataModule, mqar_default_pairs, mqar_examples, recall_accuracy
+def task_module(run: Run, kind: str, *, attention_type: str, layers: int, hidden: int, heads: int, vocab: int,
+                steps: int, lr: float, warmup_frac: float = 0.05, weight_decay: Optional[float] = None, **extra):
+    from benchmarks.tasks import make_task_module
+
+    if weight_decay is None:
+        weight_decay = 0.0 if kind == "contrast" else 0.1
+    return make_task_module(
+        kind, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        chunk_size=run.preset.chunk_size, attention_type=attention_type, learning_rate=lr,
+        warmup_steps=max(1, round(warmup_frac * steps)), weight_decay=weight_decay, **extra,
+    )
+
+
+def mqar_row(run: Run, row: ModelRow, width: int, makers, tests) -> dict:
+    """Train ``row`` at ``width`` once per learning rate of the sweep; keep the best (the highest
+    mean accuracy over the lengths), as zoology reports the best of its learning-rate sweep."""
+    from benchmarks.tasks import TaskDataModule, recall_accuracy
 
     p = run.preset
-    res: dict = {"layers": 2, "heads": p.mqar_heads, "vocab": p.mqar_vocab, "steps": p.mqar_steps, "lr": p.mqar_lr,
-                 "lengths": list(p.mqar_lengths), "cells": []}
+    layers = p.mqar_layers
+
+    def builder(lr):
+        def build(attention_type: str, **overrides):
+            return task_module(run, "mqar", attention_type=attention_type, layers=layers, hidden=width, heads=p.mqar_heads,
+                               vocab=p.mqar_vocab, steps=p.mqar_steps, lr=lr, warmup_frac=p.mqar_warmup_frac,
+                               weight_decay=p.mqar_weight_decay, **overrides)
+        return build
+
+    run.seed_all(width)
+    reference = reference_parameters(builder(p.mqar_lrs[0]), layers)
+    sweep = []
+    for lr in p.mqar_lrs:
+        run.seed_all(width)
+        module, overrides = build_row(row, layers, builder(lr), reference)  # RowSkipped goes to the caller
+        dm = TaskDataModule(makers, seed=run.seed + width)
+        fitted = fit(module, dm, steps=p.mqar_steps, val_every=p.mqar_steps, run=run, limit_val=0)
+        model = module.model.to(run.device)
+        acc = {T: recall_accuracy(model, *tests[T], batch_size=max(8, p.mqar_batch_tokens // T), device=run.device)
+               for T in p.mqar_lengths}
+        sweep.append({"lr": lr, "accuracy": acc, "mean": sum(acc.values()) / len(acc), "wall_s": fitted["wall_s"],
+                      "parameters": module.num_parameters(), "overrides": overrides})
+        log(f"MQAR width {width} {row.label} lr {lr:g}: " + ", ".join(f"T={T} {a:.3f}" for T, a in acc.items())
+            + f" ({fitted['wall_s']:.0f} s)")
+    best = max(sweep, key=lambda r: r["mean"])
+    return {"best": best, "sweep": [{"lr": r["lr"], "mean": r["mean"], "wall_s": r["wall_s"]} for r in sweep],
+            "softmax_share": softmax_share(row.attention_type, best["overrides"], layers)}
+
+
+def section_mqar(run: Run) -> None:
+    """Zoology's protocol: one model per (model row, width, learning rate), trained on a mixture of
+    the sequence lengths (one length per batch, in turn, fresh data every step), scored on held-out
+    data at each length; the best learning rate of the sweep is reported."""
+    from benchmarks.tasks import mqar_default_pairs, mqar_examples
+
+    p = run.preset
+    res: dict = {"layers": p.mqar_layers, "heads": p.mqar_heads, "vocab": p.mqar_vocab, "steps": p.mqar_steps,
+                 "lrs": list(p.mqar_lrs), "lengths": list(p.mqar_lengths), "widths": list(p.mqar_widths),
+                 "batch_tokens": p.mqar_batch_tokens, "weight_decay": p.mqar_weight_decay, "cells": [], "models": {},
+                 "skipped": {}}
     run.results["mqar"] = res
 
     def maker(T):
@@ -146,21 +264,20 @@ def section_mqar(run: Run) -> None:
     makers = [(maker(T), max(8, p.mqar_batch_tokens // T)) for T in p.mqar_lengths]
     tests = {T: maker(T)(p.mqar_val, torch.Generator().manual_seed(run.seed + 99 + T)) for T in p.mqar_lengths}
     for width in p.mqar_widths:
-        for attention_type in MAIN_TYPES:
-            run.seed_all(width)
-            dm = TaskDataModule(makers, seed=run.seed + width)
-            fitted, module = train_task(run, "mqar", dm, attention_type=attention_type, layers=2, hidden=width,
-                                        heads=p.mqar_heads, vocab=p.mqar_vocab, steps=p.mqar_steps, lr=p.mqar_lr,
-                                        evals=1, limit_val=0)
-            model = module.model.to(run.device)
+        for row in selected_rows(run, res["skipped"]):
+            try:
+                out = mqar_row(run, row, width, makers, tests)
+            except RowSkipped as err:
+                res["skipped"][row.key] = str(err)
+                log(f"MQAR {row.label}: skipped ({err})")
+                run.save()
+                continue
+            best = out["best"]
             for T in p.mqar_lengths:
-                acc = recall_accuracy(model, *tests[T], batch_size=max(8, p.mqar_batch_tokens // T), device=run.device)
-                res["cells"].append({"attention_type": attention_type, "width": width, "seq_len": T,
-                                     "pairs": mqar_default_pairs(T), "accuracy": acc})
-            res.setdefault("wall_s", {})[f"{attention_type}/{width}"] = fitted["wall_s"]
-            log(f"MQAR width {width} {attention_type}: " + ", ".join(
-                f"T={c['seq_len']} {c['accuracy']:.3f}" for c in res["cells"][-len(p.mqar_lengths):])
-                + f" ({fitted['wall_s']:.0f} s)")
+                res["cells"].append({"model": row.key, "attention_type": row.attention_type, "width": width, "seq_len": T,
+                                     "pairs": mqar_default_pairs(T), "accuracy": best["accuracy"][T], "lr": best["lr"]})
+            res["models"][f"{row.key}/{width}"] = {"parameters": best["parameters"], "lr": best["lr"], "sweep": out["sweep"],
+                                                   "softmax_share": out["softmax_share"], "overrides": best["overrides"]}
             run.save()
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.pytorch import Callback
 
-from .presets import Preset
+from .presets import PARAM_TOLERANCE, ModelRow, Preset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,6 +119,80 @@ def lm_module(p: Preset, dm, attention_type: str, num_layers: int, hidden: int, 
     )
 
 
+# Model rows (presets.MODEL_ROWS): config overrides, support by the installed model, parameter matching
+SOFTMAX_EVERY = "softmax_every"  # the rows' shorthand for a hybrid stack
+LINEAR_LAYER, SOFTMAX_LAYER = "linear_attention", "full_attention"  # layer_types entries (HF vocabulary)
+
+
+class RowSkipped(Exception):
+    """A model row this model or this section cannot build; the message says why (shown in the report)."""
+
+
+def row_overrides(row: ModelRow, num_layers: int) -> dict:
+    """The row's config arguments for a model of ``num_layers`` layers: ``softmax_every: N`` becomes
+    ``layer_types`` (softmax at layers N, 2N, ...). Raises RowSkipped when the stack would hold no
+    softmax layer (fewer than N layers)."""
+    overrides = dict(row.overrides)
+    every = overrides.pop(SOFTMAX_EVERY, None)
+    if every is not None:
+        if num_layers < every:
+            raise RowSkipped(f"one softmax layer in {every} needs at least {every} layers; these models have {num_layers}")
+        overrides["layer_types"] = [SOFTMAX_LAYER if (i + 1) % every == 0 else LINEAR_LAYER for i in range(num_layers)]
+    return overrides
+
+
+def unsupported_fields(overrides: dict) -> list[str]:
+    """The override names that ``ZeroSConfig`` does not name as an argument (it would silently keep
+    an unknown keyword as an attribute, so ask its signature), or that ``ZeroSLitModule`` does not
+    take (by name, or through its ``**config``)."""
+    import inspect
+
+    from zeros_lm import ZeroSConfig
+    from zeros_lm.training import ZeroSLitModule
+
+    config_fields = set(inspect.signature(ZeroSConfig.__init__).parameters)
+    module_params = inspect.signature(ZeroSLitModule.__init__).parameters
+    module_takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in module_params.values())
+    return [name for name in overrides
+            if name not in config_fields or not (module_takes_any or name in module_params)]
+
+
+def softmax_share(attention_type: str, overrides: dict, num_layers: int) -> float:
+    """Share of the layers that are softmax (the ones whose state grows with the context)."""
+    types = overrides.get("layer_types")
+    if types is None:
+        return 1.0 if attention_type == "softmax" else 0.0
+    return sum(t == SOFTMAX_LAYER for t in types) / num_layers
+
+
+def build_row(row: ModelRow, num_layers: int, build: Callable[..., Any], reference_params: Optional[int] = None):
+    """Build a row's module with ``build(attention_type=..., **overrides)``, its parameter count
+    matched to ``reference_params`` within PARAM_TOLERANCE by the MLP width when it is further off.
+
+    Returns (module, overrides used). Raises RowSkipped (with the reason) when the installed model
+    does not accept the row's fields or refuses their values.
+    """
+    overrides = row_overrides(row, num_layers)
+    missing = unsupported_fields(overrides)
+    if missing:
+        raise RowSkipped(f"the model does not accept {', '.join(f'`{m}`' for m in missing)} yet "
+                         "(zeros_lm.ZeroSConfig / ZeroSLitModule)")
+    try:
+        module = build(attention_type=row.attention_type, **overrides)
+        if reference_params:
+            count = module.num_parameters()
+            if abs(count - reference_params) > PARAM_TOLERANCE * reference_params:
+                # the MLP's parameters are linear in its width: two points give the width that matches
+                inner = module.model.config.intermediate_size
+                wider = build(attention_type=row.attention_type, **overrides, intermediate_size=inner + 64).num_parameters()
+                width = inner + round(64 * (reference_params - count) / (wider - count))
+                overrides = {**overrides, "intermediate_size": max(8, width)}
+                module = build(attention_type=row.attention_type, **overrides)
+    except (TypeError, ValueError) as err:
+        raise RowSkipped(f"the model refused the row's settings {overrides}: {err}") from err
+    return module, overrides
+
+
 # Run state
 @dataclass
 class Run:
@@ -133,7 +207,8 @@ class Run:
     argv: list
     started: float = field(default_factory=time.time)
     results: dict = field(default_factory=dict)
-    lm_models: dict = field(default_factory=dict)  # attention type -> trained ZeroSLitModule
+    lm_models: dict = field(default_factory=dict)  # model row key -> trained ZeroSForCausalLM
+    models: Optional[tuple] = None  # model row keys to train (None: all of presets.MODEL_ROWS)
     datamodule: Any = None
     writer: Optional[Callable[["Run"], None]] = None  # (re)writes the report from what has run so far
 

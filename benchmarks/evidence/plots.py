@@ -5,10 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from .harness import Run
-from .presets import LABELS, MAIN_TYPES
+from . import presets
 
 PLOT_DPI = 110
-COLORS = {"zeros": "tab:blue", "softmax": "tab:orange", "linear": "tab:green"}
+PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown", "tab:pink", "tab:olive")
+
+
+def row_color(key: str):
+    """A model row's colour (by its place in presets.MODEL_ROWS), None for other keys (ablations)."""
+    keys = [row.key for row in presets.MODEL_ROWS]
+    return PALETTE[keys.index(key) % len(PALETTE)] if key in keys else None
+
+
+def row_label(key: str) -> str:
+    """The report's name for a results key: a model row's label, else the key (ablations) with ZeroS spelled out."""
+    labels = {row.key: row.label for row in presets.MODEL_ROWS}
+    return labels.get(key) or key.replace("zeros", "ZeroS")
 
 
 def _plt():
@@ -41,8 +53,8 @@ def plot_lm(run: Run, path: Path) -> bool:
         ys = [c["val_loss"] for c in r["curve"] if c["val_loss"] is not None]
         if not xs:
             continue
-        if name in MAIN_TYPES:
-            ax.plot(xs, ys, "-o", ms=3, color=COLORS[name], label=LABELS[name], lw=2)
+        if row_color(name):
+            ax.plot(xs, ys, "-o", ms=3, color=row_color(name), label=row_label(name), lw=2)
         else:
             ax.plot(xs, ys, styles[i % 3], marker=".", color="tab:blue", alpha=0.7, label=name.replace("zeros", "ZeroS"))
         finals.append(min(ys))
@@ -72,7 +84,7 @@ def plot_extrapolation(run: Run, path: Path) -> bool:
         per = r["per_position"]
         xs = [max(1.0, (a + b) / 2) for a, b in zip(edges[:-1], edges[1:])]
         ys = [sum(per[a:b]) / (b - a) for a, b in zip(edges[:-1], edges[1:])]
-        ax.plot(xs, ys, "-o", ms=3, color=COLORS[attention_type], label=LABELS[attention_type], lw=2)
+        ax.plot(xs, ys, "-o", ms=3, color=row_color(attention_type) or "k", label=row_label(attention_type), lw=2)
     ax.set_xscale("log")
     ax.axvline(ex["train_length"], color="k", ls="--", lw=1, label=f"training length {ex['train_length']}")
     ax.set_xlabel("position in the sequence")
@@ -92,10 +104,11 @@ def plot_mqar(run: Run, path: Path) -> bool:
     widths = sorted({c["width"] for c in cells})
     fig, axes = plt.subplots(1, len(widths), figsize=(4 * len(widths) + 0.5, 3.8), squeeze=False, sharey=True)
     for ax, width in zip(axes[0], widths):
-        for attention_type in MAIN_TYPES:
-            pts = sorted((c["seq_len"], c["accuracy"]) for c in cells if c["width"] == width and c["attention_type"] == attention_type)
+        for key in dict.fromkeys(c.get("model", c["attention_type"]) for c in cells):
+            pts = sorted((c["seq_len"], c["accuracy"]) for c in cells
+                         if c["width"] == width and c.get("model", c["attention_type"]) == key)
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "-o", color=COLORS[attention_type], label=LABELS[attention_type])
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "-o", color=row_color(key) or "k", label=row_label(key))
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({c["seq_len"] for c in cells}))
         ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
@@ -105,7 +118,7 @@ def plot_mqar(run: Run, path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("MQAR, 2 layers (key-value pairs = length / 16)")
+    fig.suptitle(f"MQAR, {mq.get('layers', 2)} layers (key-value pairs = length / 16)")
     return _save(fig, path)
 
 
