@@ -69,12 +69,45 @@ def parse_args(argv=None):
     ap.add_argument("--lm-tokens", type=float, default=None, help="training tokens per LM model (overrides the mode)")
     ap.add_argument("--mqar-steps", type=int, default=None, help="training steps per MQAR model (overrides the mode)")
     ap.add_argument("--mqar-lrs", default=None, help="comma-separated MQAR learning-rate sweep (overrides the mode)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override one setting of the mode (a field of benchmarks/evidence/presets.py Preset; tuples "
+                    "comma-separated), e.g. --set mqar_lengths=64,128,256; repeatable")
     ap.add_argument("--models", default=None, help="comma-separated subset of the model rows to train in the lm and mqar "
                     f"sections ({','.join(r.key for r in MODEL_ROWS)}; default all)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--cache-dir", default=None, help="tokenizer/data cache (default: $ZEROS_LM_CACHE or ~/.cache/zeros_lm)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return ap.parse_args(argv)
+
+
+def apply_setting(preset, item: str) -> None:
+    """Apply one ``FIELD=VALUE`` to ``preset``, the value read as the field's type (a tuple of
+    numbers or names comma-separated). Raises ValueError naming the problem."""
+    name, sep, text = item.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(preset)}
+    if not sep or name.strip() not in fields or name.strip() == "name":
+        raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of {', '.join(f for f in fields if f != 'name')}")
+    name = name.strip()
+    current = getattr(preset, name)
+
+    def scalar(kind, value: str):
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{item!r}: {value!r} is not true/false")
+            return value.lower() in ("true", "1")
+        try:
+            return kind(float(value)) if kind is int and "e" in value.lower() else kind(value)
+        except ValueError:
+            raise ValueError(f"{item!r}: {value!r} is not a {kind.__name__}") from None
+
+    if isinstance(current, tuple):
+        kind = type(current[0]) if current else str
+        value = tuple(scalar(kind, v.strip()) for v in text.split(",") if v.strip())
+        if not value:
+            raise ValueError(f"{item!r}: give at least one value")
+    else:
+        value = scalar(type(current), text.strip())
+    setattr(preset, name, value)
 
 
 def earlier_results(out: Path, mode: str) -> dict:
@@ -123,6 +156,12 @@ def main(argv=None) -> int:
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         print(f"error: unknown section(s) {bad}; choose from {SECTIONS}", file=sys.stderr)
+        return 2
+    try:
+        for item in args.set:
+            apply_setting(preset, item)
+    except ValueError as err:
+        print(f"error: --set {err}", file=sys.stderr)
         return 2
     if args.mqar_lrs is not None:
         try:

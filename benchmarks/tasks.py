@@ -181,13 +181,18 @@ class _TaskMetrics:
 class RecallLitModule(_TaskMetrics, ZeroSLitModule):
     """Next-token cross-entropy on the labelled positions only; validation reports accuracy there.
 
-    Batches are (input_ids, labels) of equal shape, labels -100 where a position is not scored.
+    Batches are (input_ids, labels) of equal shape (B, T), labels -100 where a position is not
+    scored. The label of position t is the token the model should predict there (the next one):
+    no further shift. Only the scored positions go through the LM head (the same loss as full
+    logits, a fraction of their cost: a few positions per sequence are scored).
     """
 
     def _loss_and_logits(self, batch):
         inputs, labels = batch
-        logits = self(inputs)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE)
+        hidden = self.model.model(input_ids=inputs, use_cache=False).last_hidden_state  # (B, T, hidden)
+        scored = labels != IGNORE
+        logits = self.model.lm_head(hidden[scored])  # (number of scored positions, vocab)
+        loss = F.cross_entropy(logits.float(), labels[scored])
         return loss, logits
 
     def _loss(self, batch):
@@ -196,11 +201,9 @@ class RecallLitModule(_TaskMetrics, ZeroSLitModule):
     @torch.no_grad()
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits = self._loss_and_logits(batch)
-        labels = batch[1]
-        scored = labels != IGNORE
-        n = int(scored.sum())
-        correct = (logits.argmax(-1) == labels) & scored
-        self._accumulate(n, loss=loss, accuracy=float(correct.sum()) / max(1, n))
+        target = batch[1][batch[1] != IGNORE]
+        n = int(target.numel())
+        self._accumulate(n, loss=loss, accuracy=float((logits.argmax(-1) == target).sum()) / max(1, n))
 
 
 class ContrastLitModule(_TaskMetrics, ZeroSLitModule):

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # on sys.path through pytest's pythonpath (pyproject.toml)
 
 from benchmarks import report  # noqa: E402
 from benchmarks.evidence import presets  # noqa: E402
@@ -72,6 +71,19 @@ def test_a_perfect_lookup_scores_one_and_a_shifted_one_scores_zero():
     inputs, labels = mqar_examples(20, T, D, V, torch.Generator().manual_seed(3))
     assert recall_accuracy(_LookupModel(D, V), inputs, labels, batch_size=8, device="cpu") == 1.0
     assert recall_accuracy(_LookupModel(D, V, shift=1), inputs, labels, batch_size=8, device="cpu") == 0.0
+
+
+def test_recall_loss_scores_the_labelled_positions_without_a_shift():
+    """RecallLitModule's loss (LM head on the scored positions only) is the next-token cross-entropy
+    of the full logits at the labelled positions, with no extra shift."""
+    from benchmarks.tasks import RecallLitModule
+
+    torch.manual_seed(0)
+    module = RecallLitModule(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    batch = mqar_examples(4, 32, 2, 64, torch.Generator().manual_seed(5))
+    logits = module.model(input_ids=batch[0], use_cache=False).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), batch[1].reshape(-1), ignore_index=IGNORE)
+    torch.testing.assert_close(module._loss(batch), expected)
 
 
 def test_mqar_query_gaps_follow_a_power_law():
@@ -236,18 +248,26 @@ def test_sections_run_separately_add_up_to_one_report(tmp_path, monkeypatch):
     assert set(first["lm"]) == {"zeros", "softmax"} and "no_such_field" in first["lm_skipped"]["future"]
     assert sorted(p.name for p in (out / "models").iterdir()) == ["softmax", "zeros"]
 
-    assert _smoke(tmp_path, "--sections", "extrapolation,mqar", "--mqar-lrs", "3e-3") == 0
+    assert _smoke(tmp_path, "--sections", "extrapolation,mqar", "--mqar-lrs", "3e-3", "--models", "zeros,future") == 0
+    second = json.loads((out / "results.json").read_text())
+    assert {c["model"] for c in second["mqar"]["cells"]} == {"zeros"}
+    assert second["mqar"]["skipped"]["softmax"].startswith("not selected")
+    # the MQAR section in two pieces: the second keeps the first's rows (same settings)
+    assert _smoke(tmp_path, "--sections", "mqar", "--mqar-lrs", "3e-3", "--models", "softmax,plain_out") == 0
     results = json.loads((out / "results.json").read_text())
     md = (out / "report.md").read_text()
     assert results["lm"] == first["lm"]  # kept from the first invocation
+    assert results["extrapolation"] == second["extrapolation"]
     assert results["sections_done"] == ["lm", "extrapolation", "mqar"]
     assert set(results["extrapolation"]["models"]) == {"zeros", "softmax"}  # reloaded from out/models
     assert {c["model"] for c in results["mqar"]["cells"]} == {"zeros", "softmax", "plain_out"}
+    assert [c for c in results["mqar"]["cells"] if c["model"] == "zeros"] == second["mqar"]["cells"]
+    assert set(results["mqar"]["skipped"]) == {"future"}
     assert "| ZeroS without output norm |" in md.replace(" | ", " |\n| ")  # the new row is an MQAR column
     assert "ZeroS + future field (the model does not accept `no_such_field`" in md
     assert f"{first['lm']['zeros']['final_val_ppl']:.2f}" in md  # the first invocation's numbers are in the report
     commands = {r["command"] for r in results["section_runs"].values()}
-    assert len(commands) == 2 and all(f"`{c}`" in md for c in commands)
+    assert len(commands) == 3 and all(f"`{c}`" in md for c in commands)
 
     before = (out / "results.json").read_bytes()
     assert report.main(["--quick", "--sections", "mqar", "--out", str(out)]) == 2

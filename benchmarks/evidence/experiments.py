@@ -243,6 +243,9 @@ def mqar_row(run: Run, row: ModelRow, width: int, makers, tests) -> dict:
             "softmax_share": softmax_share(row.attention_type, best["overrides"], layers)}
 
 
+MQAR_SETTINGS = ("layers", "heads", "vocab", "steps", "lrs", "lengths", "widths", "batch_tokens", "weight_decay")
+
+
 def section_mqar(run: Run) -> None:
     """Zoology's protocol: one model per (model row, width, learning rate), trained on a mixture of
     the sequence lengths (one length per batch, in turn, fresh data every step), scored on held-out
@@ -254,7 +257,14 @@ def section_mqar(run: Run) -> None:
                  "lrs": list(p.mqar_lrs), "lengths": list(p.mqar_lengths), "widths": list(p.mqar_widths),
                  "batch_tokens": p.mqar_batch_tokens, "weight_decay": p.mqar_weight_decay, "cells": [], "models": {},
                  "skipped": {}}
+    earlier = run.results.get("mqar") or {}
     run.results["mqar"] = res
+    if run.models is not None and all(earlier.get(k) == res[k] for k in MQAR_SETTINGS):
+        # a piece of the section (--models): the other rows keep an earlier invocation's results at the same settings
+        res["cells"] = [c for c in earlier.get("cells", []) if c.get("model") not in run.models]
+        res["models"] = {k: m for k, m in earlier.get("models", {}).items() if k.split("/")[0] not in run.models}
+        res["skipped"] = {k: why for k, why in earlier.get("skipped", {}).items() if k not in run.models}
+    kept = {c["model"] for c in res["cells"]} | set(res["skipped"])
 
     def maker(T):
         def make(n, g):
@@ -264,7 +274,7 @@ def section_mqar(run: Run) -> None:
     makers = [(maker(T), max(8, p.mqar_batch_tokens // T)) for T in p.mqar_lengths]
     tests = {T: maker(T)(p.mqar_val, torch.Generator().manual_seed(run.seed + 99 + T)) for T in p.mqar_lengths}
     for width in p.mqar_widths:
-        for row in selected_rows(run, res["skipped"]):
+        for row in selected_rows(run, res["skipped"], kept=kept):
             try:
                 out = mqar_row(run, row, width, makers, tests)
             except RowSkipped as err:
@@ -277,7 +287,8 @@ def section_mqar(run: Run) -> None:
                 res["cells"].append({"model": row.key, "attention_type": row.attention_type, "width": width, "seq_len": T,
                                      "pairs": mqar_default_pairs(T), "accuracy": best["accuracy"][T], "lr": best["lr"]})
             res["models"][f"{row.key}/{width}"] = {"parameters": best["parameters"], "lr": best["lr"], "sweep": out["sweep"],
-                                                   "softmax_share": out["softmax_share"], "overrides": best["overrides"]}
+                                                   "softmax_share": out["softmax_share"], "overrides": best["overrides"],
+                                                   "command": run.results.get("command")}
             run.save()
 
 

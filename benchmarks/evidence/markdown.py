@@ -303,9 +303,14 @@ def section_commands(run: Run) -> list[str]:
         if info:
             key = (info.get("command"), info.get("git_commit"), info.get("device"), info.get("precision"))
             by_command.setdefault(key, []).append(section)
+    mqar_pieces = {m.get("command") for m in ((run.results.get("mqar") or {}).get("models") or {}).values()}
+    listed = {cmd for cmd, *_ in by_command}
+    for cmd in sorted(c for c in mqar_pieces if c and c not in listed):
+        by_command[(cmd, None, None, None)] = ["mqar (some of its models)"]
     if not by_command:
         return [f"- Command: `{run.results.get('command')}`"]
-    return [f"- Command: `{cmd}` (sections {', '.join(secs)}; git {(commit or 'unknown')[:12]}, {device}, {precision})"
+    return [f"- Command: `{cmd}` (sections {', '.join(secs)}"
+            + (f"; git {(commit or 'unknown')[:12]}, {device}, {precision})" if device else ")")
             for (cmd, commit, device, precision), secs in by_command.items()]
 
 

@@ -104,13 +104,17 @@ class Preset:
 PRESETS = {
     # The full mode on a GPU: the sizes (4 layers x 256, 10M tokens per LM, two MQAR widths).
     "full-gpu": Preset("full-gpu"),
-    # The full mode on a CPU, sized to fit two hours on 2 cores (95 min measured): still 10M tokens per LM model
-    # (six of them), but 128 wide (the 256-wide models train at ~5k tok/s here, 3.5 h for six) and
-    # one MQAR width.
+    # The full mode on a CPU: still 10M tokens per LM model, but 128 wide (the 256-wide models train
+    # at ~5k tok/s here) and one MQAR width. It runs in pieces of under two hours on 2 cores
+    # (--sections / --models into the same --out): the three original LM models took 37 min, the
+    # ablations 50 min. MQAR is sized from single-model measurements on a shared 2-core machine:
+    # softmax at T=64 alone needs ~400-600 steps of 8192 tokens to pass 0.85 (1200 steps over four
+    # lengths, the previous setting, left it at 0.47), so 4000 steps over four lengths; about
+    # 0.15-0.4 s a step on 2 cores, i.e. 10-25 min per model and learning rate: run it per model.
     "full": Preset(
         "full",
         lm_vocab=2048, lm_hidden=128, lm_heads=2, lm_batch=16,
-        mqar_widths=(64,), mqar_steps=1200, mqar_batch_tokens=8192, mqar_val=256,
+        mqar_widths=(64,), mqar_steps=4000, mqar_batch_tokens=8192, mqar_lrs=(1e-3, 3e-3), mqar_val=256,
     ),
     "quick": Preset(
         "quick",
