@@ -677,3 +677,11 @@ def test_sequence_starts_keep_the_rows_parallel_in_the_core(spy_core):
     assert store.tolist() == [[-1, 0, -1, 1], [-1, 2, -1, 3], [-1, 4, -1, 5]]
     expected, _ = run(inputs[:6] + [None], "chunked", chunk_size=16, sequence_starts=starts)
     assert rel_err(out, expected) <= 1e-6
+
+
+def test_chunked_form_traces_as_one_graph():
+    """torch.compile(fullgraph=True) of the chunked op: no host synchronisation in the plain path (the
+    chunk plan is known on the host), so a compiled model has no graph break in its ZeroS layers."""
+    inputs = make_inputs(2, 32, 2, dtype=torch.float32, seed=43)[:6]
+    compiled = torch.compile(lambda *x: zeros_attention(*x, chunk_size=16)[0], fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(*inputs), zeros_attention(*inputs, chunk_size=16)[0], rtol=0, atol=0)

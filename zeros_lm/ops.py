@@ -448,6 +448,7 @@ class _ChunkLayout:
     valid: (B', N, C) bool, real tokens. chunk_load, chunk_store: (B', N) long, the core's contract
     (the state a chunk starts from / the row of out_states that receives the state after it).
     last: (S,) long, the flat position (row * N C + t) of each sequence's last aligned position.
+    plan: (chunk_load, chunk_store) as lists, known on the host.
     Segments only (else None): dest (B T,) long, the flat aligned position of each token;
     chunk_segment and chunk_first (B', N) long, the sequence of each chunk and the index of that
     sequence's first chunk in the row (a row's trailing padding chunks belong to its last sequence).
@@ -462,6 +463,7 @@ class _ChunkLayout:
     chunk_load: torch.Tensor
     chunk_store: torch.Tensor
     last: torch.Tensor
+    plan: tuple = ()
     dest: Optional[torch.Tensor] = None
     chunk_segment: Optional[torch.Tensor] = None
     chunk_first: Optional[torch.Tensor] = None
@@ -479,8 +481,9 @@ class _ChunkLayout:
             chunk_store = torch.full((B, N), -1, dtype=torch.long, device=device)
             chunk_load[:, 0] = rows
             chunk_store[:, -1] = rows
+            plan = ([[r] + [-1] * (N - 1) for r in range(B)], [[-1] * (N - 1) + [r] for r in range(B)])
             return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=B, tokens=T, valid=valid,
-                       chunk_load=chunk_load, chunk_store=chunk_store, last=rows * (N * C) + N * C - 1)
+                       chunk_load=chunk_load, chunk_store=chunk_store, last=rows * (N * C) + N * C - 1, plan=plan)
         # Host-side index arithmetic over the S sequences (listed row by row), then one copy to the device.
         lengths = torch.tensor([n for row in row_lengths for n in row], dtype=torch.long)            # (S,)
         per_row = torch.tensor([len(r) for r in row_lengths])                                        # (B,)
@@ -511,6 +514,7 @@ class _ChunkLayout:
         to = lambda x: x.to(device)  # noqa: E731
         return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=S, tokens=T, valid=aligned_valid.view(B, N, C),
                    chunk_load=to(chunk_load.view(B, N)), chunk_store=to(chunk_store.view(B, N)),
+                   plan=(chunk_load.view(B, N).tolist(), chunk_store.view(B, N).tolist()),
                    last=to((row * N + first + chunks) * C - 1), dest=to(dest), chunk_segment=to(chunk_segment),
                    chunk_first=to(first[chunk_segment]))
 
@@ -637,13 +641,14 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, ex
     (m, a, b, hc), (m0, m1, sb0, sb1), (E, m_end, sbar_end, n_end) = _chunk_scalars(
         aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
     flat = lambda x: x.flatten(2)  # noqa: E731  (B', H, N, C) -> (B', H, N C)
+    plan = {"plan": layout.plan} if core is _chunk_core_torch else {}
     o, kv = core(layout.pack(q), layout.pack(k), layout.pack(v), flat(aligned(s)), flat(m), flat(a), flat(b), flat(hc),
-                 m0, m1, sb0, sb1, state.kv, layout.chunk_load, layout.chunk_store, layout.num_sequences, C)
+                 m0, m1, sb0, sb1, state.kv, layout.chunk_load, layout.chunk_store, layout.num_sequences, C, **plan)
     return layout.unpack(o), ZeroSState(kv=kv, E=E, m=m_end, sbar=sbar_end, n=n_end)
 
 
 def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-                      num_out_states, chunk_size):
+                      num_out_states, chunk_size, plan=None):
     """The chunk core in PyTorch; same contract as ``ops_fused.chunk_core_fused``.
 
     Chunk-aligned inputs (T = N C; padding has zero k, v and coefficients):
@@ -658,6 +663,9 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
         F' = exp(m0_j - m1_j) F + sum_i exp(min(s_i - m1_j, 0)) k_i v_i^T,
         G' = G + (sb0_j - sb1_j) H + sum_i (s_i - sb1_j) k_i v_i^T,  H' = H + sum_i k_i v_i^T.
     Returns o (B, T, H, d_v) and out_states (num_out_states, H, 3, d_k, d_v), in start_states' dtype.
+
+    plan: chunk_load and chunk_store as lists when the caller knows them on the host (no device sync,
+    and torch.compile traces one graph); else they are read from the tensors.
     """
     B, T, H, d_k = q.shape
     d_v, C = v.shape[-1], chunk_size
@@ -675,7 +683,7 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
     # Scan over chunks: the state at each chunk's start, O(N d^2), through the same transition as the
     # recurrent form. Per-chunk slices are taken once with unbind: indexing inside the loop would make
     # autograd materialise a full-size gradient per slice. Loads and stores are planned on the host.
-    load, store = chunk_load.tolist(), chunk_store.tolist()
+    load, store = plan if plan is not None else (chunk_load.tolist(), chunk_store.tolist())
     steps = zip((m0 - m1).exp().unbind(-1), (sb0 - sb1).unbind(-1), added_kv.unbind(2))
     kv, kv_starts, stored = None, [], []
     for j, (decay, shift, added) in enumerate(steps):
