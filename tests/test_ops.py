@@ -507,6 +507,7 @@ class SpyCore:
     """Stands in for ops_fused: the PyTorch chunk core behind the fused contract, recording its calls."""
 
     MIN_CHUNK_SIZE = 16
+    MAX_HEAD_DIM = 128
 
     def __init__(self):
         self.calls = []
@@ -569,6 +570,9 @@ def test_auto_picks_fused_on_cuda(spy_core):
     run(inputs, "auto", chunk_size=16)
     assert len(spy_core.calls) == 1
     run([x.double() for x in inputs], "auto", chunk_size=16)  # float64: the PyTorch path
+    assert len(spy_core.calls) == 1
+    wide = [x.cuda() for x in make_inputs(1, 40, 1, 256, dtype=torch.float32, seed=33)[:6]]
+    run(wide, "auto", chunk_size=16)  # heads wider than the kernels take: the PyTorch path
     assert len(spy_core.calls) == 1
 
 

@@ -279,7 +279,7 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
     _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size,
                   B if lengths is None else sum(len(row) for row in lengths))
     if mode == "auto":
-        mode = "fused" if _fused_applies(q) else "chunked"
+        mode = "fused" if _fused_applies(q, v) else "chunked"
     # Under autocast the products below would run in bfloat16/float16: the op accumulates in float32
     # itself, and only the chunk core's q.k and (weights) V products take autocast's 16-bit dtype (CUDA).
     low = _autocast_product_dtype(q)
@@ -289,19 +289,24 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
 
 
 def _load_fused_core():
-    """The fused chunk core (``ops_fused.py``, Triton kernels) and its smallest chunk, imported on first
+    """The fused chunk core (``ops_fused.py``, Triton kernels) and its limits, imported on first
     use so that CPU installs need no Triton; None when it or Triton is missing. (A ``from .ops_fused``
     import, so that ``save_pretrained`` copies the kernels next to ops.py for trust_remote_code.)"""
     try:
-        from .ops_fused import HAS_TRITON, MIN_CHUNK_SIZE, chunk_core_fused
+        from .ops_fused import HAS_TRITON, MAX_HEAD_DIM, MIN_CHUNK_SIZE, chunk_core_fused
     except ImportError:
         return None
-    return SimpleNamespace(chunk_core_fused=chunk_core_fused, MIN_CHUNK_SIZE=MIN_CHUNK_SIZE) if HAS_TRITON else None
+    if not HAS_TRITON:
+        return None
+    return SimpleNamespace(chunk_core_fused=chunk_core_fused, MIN_CHUNK_SIZE=MIN_CHUNK_SIZE, MAX_HEAD_DIM=MAX_HEAD_DIM)
 
 
-def _fused_applies(q: torch.Tensor) -> bool:
-    """mode="auto": the fused kernels for CUDA tensors of a supported dtype, when Triton is there."""
-    return q.device.type == "cuda" and q.dtype in _FUSED_DTYPES and _load_fused_core() is not None
+def _fused_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """mode="auto": the fused kernels for CUDA tensors of a supported dtype and head size, when Triton is there."""
+    if q.device.type != "cuda" or q.dtype not in _FUSED_DTYPES:
+        return False
+    fused = _load_fused_core()
+    return fused is not None and max(q.shape[-1], v.shape[-1]) <= fused.MAX_HEAD_DIM
 
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
