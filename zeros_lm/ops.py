@@ -252,8 +252,10 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
         q, k: (B, T, H, d_k), used as given (the layer L2-normalises them first). v: (B, T, H, d_v).
         s: (B, T, H) radial logits. g1, gh: (B, T, H) gates in (0, 1).
         g0: (B, T, H) zero-order gate in (-1, 1) on the first layer, else None.
-        mode: "chunked" (training, prefill), "recurrent" (token by token) or "reference" (T x T).
-        chunk_size: tokens per chunk in chunked mode.
+        mode: "chunked" (training, prefill), "recurrent" (token by token), "reference" (T x T),
+            "fused" (the chunked form in Triton kernels; not float64) or "auto" ("fused" for CUDA
+            tensors when Triton is installed, else "chunked").
+        chunk_size: tokens per chunk in chunked mode (fused: rounded up to a power of two >= 16).
         valid: (B, T) bool, False marks padding: it is not read, does not enter the state, does
             not advance t, and its output is exactly 0.
         initial_state: the ``ZeroSState`` after the preceding tokens (not in reference mode), one row
