@@ -23,7 +23,8 @@ Chunked and fused share everything but the chunk core: the per-token scalars bel
 once in PyTorch (cumulative ops, autograd through them), the tokens are laid out chunk by chunk
 (``_ChunkLayout``), and the core (``_chunk_core_torch`` or ``ops_fused.chunk_core_fused``, one
 contract) does the (C, C) blocks and the state recurrence. ``cu_seqlens`` packs several sequences
-into one row; every form restarts at each segment.
+into one row (flash-linear-attention's convention), ``sequence_starts`` several into each row; every
+form restarts at each sequence, and no chunk straddles two.
 
 Precision on GPU: the PyTorch core multiplies q.k and (weights) V in 16 bits on CUDA when the inputs
 are float16/bfloat16 (or autocast asks for them), with the weights formed in float32; the state
