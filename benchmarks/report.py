@@ -18,6 +18,7 @@ modelling on the embedded standard-library corpus) and writes a Markdown report 
                                                     # GPU 4 layers x 256 wide, bf16-mixed (not yet run to the end)
     python benchmarks/report.py --sections lm,extrapolation --lm-tokens 1e6 --out /tmp/lm_only
     python benchmarks/report.py --sections mqar --models zeros,softmax,linear   # one piece of the full report
+    python benchmarks/report.py --sections ''      # rewrite report.md and the plots from results.json
 
 Sections run in the order lm, extrapolation, contrast, ablations, mqar, and the report is rewritten
 after every model, so an interrupted run leaves a valid (marked incomplete) report. Sections may run
@@ -133,7 +134,8 @@ def earlier_results(out: Path, mode: str) -> dict:
         if section not in runs:
             env = earlier.get("environment") or {}
             runs[section] = {"command": earlier.get("command"), "git_commit": env.get("git_commit"),
-                             "git_dirty": env.get("git_dirty"), "device": env.get("device"),
+                             "git_dirty": env.get("git_dirty"), "device": env.get("device"), "cpu": env.get("cpu"),
+                             "cpu_count": env.get("cpu_count"),
                              "precision": env.get("precision"), "preset": (json.loads(path.read_text()).get("preset"))}
     return earlier
 
@@ -225,6 +227,7 @@ def main(argv=None) -> int:
             run.results["section_runs"][section] = {
                 "command": run.results["command"], "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
                 "device": device + (f" ({env['gpu']})" if env.get("gpu") else ""), "precision": precision,
+                "cpu": env.get("cpu"), "cpu_count": env.get("cpu_count"),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t0)), "preset": dataclasses.asdict(preset),
             }
             run.results["sections_done"].append(section)

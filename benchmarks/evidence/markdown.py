@@ -301,7 +301,10 @@ def section_commands(run: Run) -> list[str]:
     for section in SECTIONS:
         info = run.results.get("section_runs", {}).get(section)
         if info:
-            key = (info.get("command"), info.get("git_commit"), info.get("device"), info.get("precision"))
+            machine = info.get("device") or ""
+            if info.get("cpu"):
+                machine += f", {info['cpu']} x {info.get('cpu_count')}"
+            key = (info.get("command"), info.get("git_commit"), machine, info.get("precision"))
             by_command.setdefault(key, []).append(section)
     mqar_pieces = {m.get("command") for m in ((run.results.get("mqar") or {}).get("models") or {}).values()}
     listed = {cmd for cmd, *_ in by_command}
@@ -338,20 +341,21 @@ def write_report(run: Run) -> None:
     head = [
         "# ZeroS vs softmax vs linear attention: evidence report",
         "",
-        f"Written by `benchmarks/report.py` ({p.name} mode). Every number below comes from this run; "
-        "the raw numbers are in `results.json`."
+        f"Written by `benchmarks/report.py` ({p.name} mode). Every number below comes from the invocation that a "
+        "Command line names for its section (sections may run separately into one folder); the raw numbers are in "
+        "`results.json`."
         + ("" if p.name.startswith("full") else f" **{p.name.capitalize()} mode trains tiny models briefly: it checks that the "
            "pipeline works and shows its shape; it is not evidence. Use the full mode for that.**"),
         "",
         *section_commands(run),
-        f"- Started {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(run.started))}; wall time "
+        f"- Last invocation: started {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(run.started))}; wall time "
         f"{run.results['wall_s'] / 60:.1f} min" + (f" (**incomplete**: {', '.join(pending)} still to run)" if pending else ""),
-        f"- Device: {run.device}" + (f" ({env.get('gpu')}, CUDA {env.get('cuda')})" if env.get("gpu") else "")
+        f"- Its machine: {run.device}" + (f" ({env.get('gpu')}, CUDA {env.get('cuda')})" if env.get("gpu") else "")
         + f", precision {run.precision}; CPU: {env.get('cpu')}, {env.get('cpu_count')} cores "
         f"({env.get('torch_threads')} torch threads), {env.get('memory_gib')} GiB memory",
         f"- Platform: {env.get('platform')}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- Code: git {env.get('git_commit') or 'unknown'}" + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
+        f"- Its code: git {env.get('git_commit') or 'unknown'}" + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
         "- Seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in run.results.get("section_seconds", {}).items()),
         "",
         "## Findings",
