@@ -5,7 +5,7 @@ import torch
 from conftest import ATTENTION_TYPES, tiny_model
 
 from zeros_lm import ZeroSCache, ZeroSConfig
-from zeros_lm.modeling_zeros import PackedDocuments
+from zeros_lm.modeling_zeros import PackedDocuments, packed_position_ids
 
 # chunk_size 4 (tiny_config): in row 0 the documents 4 | 3 | 1 | 6 put a boundary on a chunk edge (4),
 # inside a chunk (7) and a one-token document (at 7); row 1 is two documents after two padding tokens.
@@ -112,3 +112,18 @@ def test_documents_stay_in_their_rows():
     assert documents.row_lengths == [[4, 3, 1, 6], [9, 5]]
     assert documents.counts[0].tolist() == [1, 2, 3, 4, 1, 2, 3, 1, 1, 2, 3, 4, 5, 6]
     assert documents.counts[1].tolist() == [0, 0, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_position_ids_from_separators(attention_type):
+    """A pre-training block (doc SEP doc SEP ...): each separator opens the next document."""
+    eos = 0
+    block = torch.tensor([[5, 6, 7, eos, 8, 9, eos, 10, 11, 12, 13, eos, 14]])
+    positions = packed_position_ids(block, eos)
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
+    model = tiny_model(attention_type).double()
+    with torch.no_grad():
+        packed = model(block, position_ids=positions, use_cache=False).logits
+        for lo, hi in [(0, 3), (3, 6), (6, 11), (11, 13)]:
+            alone = model(block[:, lo:hi], use_cache=False).logits
+            torch.testing.assert_close(packed[:, lo:hi], alone, rtol=0, atol=1e-10)

@@ -381,6 +381,18 @@ class PackedDocuments:
         return (total - before).view(x.shape)
 
 
+def packed_position_ids(input_ids: torch.Tensor, separator_id: int) -> torch.LongTensor:
+    """position_ids (B, T) for blocks packed as ``doc SEP doc SEP ...``: they restart at 0 at every separator.
+
+    Each separator then opens the next document (as a BOS would), so every next-token target stays
+    inside its document: the separator predicts the document's first token, its last token predicts
+    the separator. Pass them to the model's forward to keep the documents apart.
+    """
+    B, T = input_ids.shape
+    columns = torch.arange(T, device=input_ids.device).expand(B, T)
+    return columns - torch.where(input_ids == separator_id, columns, 0).cummax(dim=1).values  # since the last start
+
+
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
@@ -918,4 +930,4 @@ class ZeroSForCausalLM(ZeroSPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["PackedDocuments", "ZeroSCache", "ZeroSForCausalLM", "ZeroSModel", "ZeroSPreTrainedModel"]
+__all__ = ["PackedDocuments", "packed_position_ids", "ZeroSCache", "ZeroSForCausalLM", "ZeroSModel", "ZeroSPreTrainedModel"]
