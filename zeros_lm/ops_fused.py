@@ -26,7 +26,7 @@ Kernels (one program per (batch row x head) or per (chunk, batch row x head)):
 Precision: products of two input-dtype tensors (Q K^T) use tensor cores; a float32 weight matrix
 (the (C, C) weights, formed in float32) times an input-dtype tensor is rounded, row-scaled, to the
 input dtype: a relative error of each weight, never a difference of rounded sums. Every product that touches a
-state, a gradient of the output or a cancelling combination is float32 (``input_precision="ieee"``).
+state, a gradient of the output or a cancelling combination is float32 (``input_precision=F32``).
 Float32 inputs run every product in IEEE float32.
 
 Triton is optional: this module imports without it (``HAS_TRITON`` is then False and the entry
@@ -57,9 +57,18 @@ MIN_CHUNK_SIZE = 16
 _MIN_BLOCK = 16
 # Block sizes: the states kernels split d_k and d_v into blocks (more programs in flight, smaller
 # tiles), the output kernel splits d_v, the per-chunk backward loops over d_v blocks. Those that hold
-# a whole d_k (Q K^T sums over it) take it in one block of up to MAX_HEAD_DIM.
-SPLIT_BLOCK_K = 64
-SPLIT_BLOCK_V = 64
+# a whole d_k (Q K^T sums over it) take it in one block of up to MAX_HEAD_DIM. Chosen without a GPU to
+# time them, from compiling for sm_90 (Triton's ahead-of-time compiler): the fewest register spills
+# at d = 64, C = 64 within 80 KiB of shared memory (A100 / H100 both fit).
+SPLIT_BLOCK_K = 32
+SPLIT_BLOCK_V = 32
+# The per-chunk backward: 8 warps, no software pipelining of its d_v loop (that would multiply its
+# shared memory), d_v blocks of SPLIT_BLOCK_V.
+_CHUNK_BWD_LAUNCH = dict(num_warps=8, num_stages=1)
+# The products that must be float32-grade (states, readouts, output gradients): tl.dot's
+# input_precision. "tf32x3" (three TF32 tensor-core products, about float32's accuracy) or "ieee"
+# (CUDA-core FMAs). The interpreter computes both in float32.
+FLOAT32_DOT = "tf32x3"
 
 
 def _interpreting() -> bool:
@@ -78,7 +87,7 @@ def _interpreter_consistent() -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _weights_dot(w, x, LOWP: tl.constexpr):
+    def _weights_dot(w, x, LOWP: tl.constexpr, F32: tl.constexpr):
         """w (M, L) float32 weights times x (L, N): float32 (M, N).
 
         With LOWP (16-bit x) each row of w is scaled to max |w| = 1 and rounded to x's dtype (tensor
@@ -90,12 +99,12 @@ if HAS_TRITON:
             scale = tl.where(scale > 0, scale, 1.0)
             return tl.dot((w / scale[:, None]).to(x.dtype), x) * scale[:, None]
         else:
-            return tl.dot(w, x.to(tl.float32), input_precision="ieee")
+            return tl.dot(w, x.to(tl.float32), input_precision=F32)
 
     @triton.jit
     def _states_fwd_kernel(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, kv_starts,
                            out_states, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                           BK: tl.constexpr, BV: tl.constexpr, STORE_OUT: tl.constexpr):
+                           BK: tl.constexpr, BV: tl.constexpr, STORE_OUT: tl.constexpr, F32: tl.constexpr):
         """Grid (d_k blocks, d_v blocks, B H). Writes the state at each chunk start to kv_starts (B, H, N, 3, K, V)."""
         i_k = tl.program_id(0)
         i_v = tl.program_id(1)
@@ -139,9 +148,9 @@ if HAS_TRITON:
             sb1_j = tl.load(sb1 + p)
             k_t = tl.trans(k_c)
             F = tl.exp(m0_j - m1_j) * F + tl.dot(k_t, v_c * tl.exp(tl.minimum(s_c - m1_j, 0.0))[:, None],
-                                                 input_precision="ieee")
-            G = G + (sb0_j - sb1_j) * Hs + tl.dot(k_t, v_c * (s_c - sb1_j)[:, None], input_precision="ieee")
-            Hs = Hs + tl.dot(k_t, v_c, input_precision="ieee")
+                                                 input_precision=F32)
+            G = G + (sb0_j - sb1_j) * Hs + tl.dot(k_t, v_c * (s_c - sb1_j)[:, None], input_precision=F32)
+            Hs = Hs + tl.dot(k_t, v_c, input_precision=F32)
             if STORE_OUT:
                 st = tl.load(chunk_store + i_b * N + j)
                 stores = (zero_kv + st) >= 0
@@ -153,7 +162,7 @@ if HAS_TRITON:
     @triton.jit
     def _output_fwd_kernel(q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, T, H, N, K: tl.constexpr,
                            V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           DOT_PREC: tl.constexpr, LOWP: tl.constexpr):
+                           DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr):
         """Grid (d_v blocks, N, B H). o (B, T, H, V) float32."""
         i_v = tl.program_id(0)
         i_n = tl.program_id(1)
@@ -186,21 +195,21 @@ if HAS_TRITON:
         r = (a_c[:, None] * tl.exp(tl.minimum(s_c[None, :] - m_c[:, None], 0.0))
              + b_c[:, None] * (s_c - sb0_j)[None, :] + hc_c[:, None])
         w = tl.where(o_c[:, None] >= o_c[None, :], qk * r, 0.0)
-        acc = _weights_dot(w, v_c, LOWP)
+        acc = _weights_dot(w, v_c, LOWP, F32)
 
         # Before the chunk: the start state, read in float32 (a F + hc H cancels for uniform logits).
         src = kv_starts + (i_bh * N + i_n) * 3 * KV + o_k[:, None] * V + o_v[None, :]
         q_f = q_c.to(tl.float32)
         alpha = a_c * tl.exp(m0_j - m_c)
-        acc += tl.dot(q_f * alpha[:, None], tl.load(src, mask=mask_kv, other=0.0), input_precision="ieee")
-        acc += tl.dot(q_f * b_c[:, None], tl.load(src + KV, mask=mask_kv, other=0.0), input_precision="ieee")
-        acc += tl.dot(q_f * hc_c[:, None], tl.load(src + 2 * KV, mask=mask_kv, other=0.0), input_precision="ieee")
+        acc += tl.dot(q_f * alpha[:, None], tl.load(src, mask=mask_kv, other=0.0), input_precision=F32)
+        acc += tl.dot(q_f * b_c[:, None], tl.load(src + KV, mask=mask_kv, other=0.0), input_precision=F32)
+        acc += tl.dot(q_f * hc_c[:, None], tl.load(src + 2 * KV, mask=mask_kv, other=0.0), input_precision=F32)
         tl.store(o + row * V + o_v[None, :], acc, mask=mask_v[None, :])
 
     @triton.jit
     def _states_bwd_kernel(q, do, m, a, b, hc, m0, m1, sb0, sb1, chunk_load, chunk_store, load_slot, d_out,
                            dkv_ends, d_starts, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                           BK: tl.constexpr, BV: tl.constexpr):
+                           BK: tl.constexpr, BV: tl.constexpr, F32: tl.constexpr):
         """Grid (d_k blocks, d_v blocks, B H). Writes the gradient of the state after each chunk to
         dkv_ends (B, H, N, 3, K, V) and that of each loaded start state to d_starts (loads, H, 3, K, V)."""
         i_k = tl.program_id(0)
@@ -246,9 +255,9 @@ if HAS_TRITON:
             # Transposed transition, then what the chunk's own readout of its start state adds.
             dH += (tl.load(sb0 + p) - tl.load(sb1 + p)) * dG
             dF = tl.exp(m0_j - tl.load(m1 + p)) * dF
-            dF += tl.dot(tl.trans(q_c * alpha[:, None]), do_c, input_precision="ieee")
-            dG += tl.dot(tl.trans(q_c * tl.load(b + tok)[:, None]), do_c, input_precision="ieee")
-            dH += tl.dot(tl.trans(q_c * tl.load(hc + tok)[:, None]), do_c, input_precision="ieee")
+            dF += tl.dot(tl.trans(q_c * alpha[:, None]), do_c, input_precision=F32)
+            dG += tl.dot(tl.trans(q_c * tl.load(b + tok)[:, None]), do_c, input_precision=F32)
+            dH += tl.dot(tl.trans(q_c * tl.load(hc + tok)[:, None]), do_c, input_precision=F32)
 
             ld = tl.load(chunk_load + i_b * N + j)
             loads = (zero_kv + ld) >= 0
@@ -263,7 +272,7 @@ if HAS_TRITON:
     @triton.jit
     def _chunk_bwd_kernel(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, kv_starts, dkv_ends, do, dq, dk, dv, ds,
                           da, db, dhc, dsb0, dsb1, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr):
+                          BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr):
         """Grid (N, B H): the whole d_k per program, d_v in blocks of BV (a loop). Gradients in float32."""
         i_n = tl.program_id(0)
         i_bh = tl.program_id(1).to(tl.int64)
@@ -291,14 +300,14 @@ if HAS_TRITON:
         sb0_j = tl.load(sb0 + p)
         sb1_j = tl.load(sb1 + p)
 
-        # Inside the chunk: the weights R and W = (Q K^T) * R, as in the forward.
+        # Inside the chunk: W = (Q K^T) * R, as in the forward (R is formed again after the loop below,
+        # rather than kept alive through it: fewer (C, C) tiles in registers).
         causal = o_c[:, None] >= o_c[None, :]
         qk = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC)
-        diff = s_c[None, :] - m_c[:, None]
-        e = tl.exp(tl.minimum(diff, 0.0))
         centred = s_c - sb0_j
-        r = a_c[:, None] * e + b_c[:, None] * centred[None, :] + hc_c[:, None]
-        w = tl.where(causal, r * qk, 0.0)
+        w = (a_c[:, None] * tl.exp(tl.minimum(s_c[None, :] - m_c[:, None], 0.0)) + b_c[:, None] * centred[None, :]
+             + hc_c[:, None])
+        w = tl.where(causal, w * qk, 0.0)
         decay = tl.exp(m0_j - m_c)
         e1 = tl.exp(tl.minimum(s_c - m1_j, 0.0))   # the keys' weights in the state after the chunk
         centred1 = s_c - sb1_j
@@ -330,30 +339,33 @@ if HAS_TRITON:
             dG = tl.load(end + KV, mask=mask_kv, other=0.0)
             dH = tl.load(end + 2 * KV, mask=mask_kv, other=0.0)
 
-            dov += tl.dot(do_c, tl.trans(v_f), input_precision="ieee")
-            dq_c += tl.dot(do_c * (a_c * decay)[:, None], tl.trans(F0), input_precision="ieee")
-            dq_c += tl.dot(do_c * b_c[:, None], tl.trans(G0), input_precision="ieee")
-            dq_c += tl.dot(do_c * hc_c[:, None], tl.trans(H0), input_precision="ieee")
-            dk_c += tl.dot(v_f * e1[:, None], tl.trans(dF), input_precision="ieee")
-            dk_c += tl.dot(v_f * centred1[:, None], tl.trans(dG), input_precision="ieee")
-            dk_c += tl.dot(v_f, tl.trans(dH), input_precision="ieee")
-            kdF = tl.dot(k_f, dF, input_precision="ieee")
-            kdG = tl.dot(k_f, dG, input_precision="ieee")
-            dv_c = tl.dot(tl.trans(w), do_c, input_precision="ieee")
-            dv_c += e1[:, None] * kdF + centred1[:, None] * kdG + tl.dot(k_f, dH, input_precision="ieee")
+            dov += tl.dot(do_c, tl.trans(v_f), input_precision=F32)
+            dq_c += tl.dot(do_c * (a_c * decay)[:, None], tl.trans(F0), input_precision=F32)
+            dq_c += tl.dot(do_c * b_c[:, None], tl.trans(G0), input_precision=F32)
+            dq_c += tl.dot(do_c * hc_c[:, None], tl.trans(H0), input_precision=F32)
+            dk_c += tl.dot(v_f * e1[:, None], tl.trans(dF), input_precision=F32)
+            dk_c += tl.dot(v_f * centred1[:, None], tl.trans(dG), input_precision=F32)
+            dk_c += tl.dot(v_f, tl.trans(dH), input_precision=F32)
+            kdF = tl.dot(k_f, dF, input_precision=F32)
+            kdG = tl.dot(k_f, dG, input_precision=F32)
+            dv_c = tl.dot(tl.trans(w), do_c, input_precision=F32)
+            dv_c += e1[:, None] * kdF + centred1[:, None] * kdG + tl.dot(k_f, dH, input_precision=F32)
             tl.store(dv + row * V + o_v[None, :], dv_c, mask=mask_v[None, :])
-            read_F += tl.sum(tl.dot(q_f, F0, input_precision="ieee") * do_c, axis=1)
-            read_G += tl.sum(tl.dot(q_f, G0, input_precision="ieee") * do_c, axis=1)
-            read_H += tl.sum(tl.dot(q_f, H0, input_precision="ieee") * do_c, axis=1)
+            read_F += tl.sum(tl.dot(q_f, F0, input_precision=F32) * do_c, axis=1)
+            read_G += tl.sum(tl.dot(q_f, G0, input_precision=F32) * do_c, axis=1)
+            read_H += tl.sum(tl.dot(q_f, H0, input_precision=F32) * do_c, axis=1)
             key_F += tl.sum(kdF * v_f, axis=1)
             key_G += tl.sum(kdG * v_f, axis=1)
             shift_k += tl.sum(dG * H0, axis=1)
 
         # With D[t, i] = (q_t . k_i)(do_t . v_i), the gradient of R[t, i].
+        diff = s_c[None, :] - m_c[:, None]
+        e = tl.exp(tl.minimum(diff, 0.0))
+        r = a_c[:, None] * e + b_c[:, None] * centred[None, :] + hc_c[:, None]
         D = tl.where(causal, qk * dov, 0.0)
         rdov = tl.where(causal, r * dov, 0.0)
-        dq_c += _weights_dot(rdov, k_c, LOWP)
-        dk_c += _weights_dot(tl.trans(rdov), q_c, LOWP)
+        dq_c += _weights_dot(rdov, k_c, LOWP, F32)
+        dk_c += _weights_dot(tl.trans(rdov), q_c, LOWP, F32)
         tl.store(dq + row * K + o_k[None, :], dq_c, mask=mask_k[None, :])
         tl.store(dk + row * K + o_k[None, :], dk_c, mask=mask_k[None, :])
 
@@ -383,7 +395,8 @@ def _meta(q, v, chunk_size):
     V = v.shape[-1]
     return dict(B=B, T=T, H=H, N=T // chunk_size, K=K, V=V, C=chunk_size, BK=_block(K),
                 BK_SPLIT=min(_block(K), max(_MIN_BLOCK, SPLIT_BLOCK_K)), BV=min(_block(V), max(_MIN_BLOCK, SPLIT_BLOCK_V)),
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", LOWP=q.dtype != torch.float32)
+                DOT_PREC=FLOAT32_DOT if q.dtype == torch.float32 else "tf32", LOWP=q.dtype != torch.float32,
+                F32=FLOAT32_DOT)
 
 
 def _states_grid(z):
@@ -397,7 +410,7 @@ def _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_sto
     _states_fwd_kernel[_states_grid(z)](
         k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, kv_starts,
         out_states if store_out else kv_starts, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
-        BK=z["BK_SPLIT"], BV=z["BV"], STORE_OUT=store_out)
+        BK=z["BK_SPLIT"], BV=z["BV"], STORE_OUT=store_out, F32=z["F32"])
     return kv_starts
 
 
@@ -424,7 +437,7 @@ def _forward_impl(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk
     o = torch.empty(z["B"], z["T"], z["H"], z["V"], dtype=torch.float32, device=q.device)
     _output_fwd_kernel[(triton.cdiv(z["V"], z["BV"]), z["N"], z["B"] * z["H"])](
         q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
-        BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"])
+        BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"], F32=z["F32"])
     return o, out_states[:num_out_states]
 
 
@@ -449,7 +462,7 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
     dkv_ends = torch.empty_like(kv_starts)
     _states_bwd_kernel[_states_grid(z)](
         q, do, m, a, b, hc, m0, m1, sb0, sb1, chunk_load, chunk_store, load_slot, d_out_states, dkv_ends, d_starts,
-        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK_SPLIT"], BV=z["BV"])
+        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK_SPLIT"], BV=z["BV"], F32=z["F32"])
 
     dq = torch.empty(q.shape, dtype=torch.float32, device=dev)
     dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
@@ -459,7 +472,7 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
     _chunk_bwd_kernel[(z["N"], z["B"] * z["H"])](
         q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, kv_starts, dkv_ends, do, dq, dk, dv, ds, da, db, dhc, dsb0, dsb1,
         z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"],
-        LOWP=z["LOWP"])
+        LOWP=z["LOWP"], F32=z["F32"], **_CHUNK_BWD_LAUNCH)
     d_start_states = torch.zeros(num_in, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
     d_start_states.index_add_(0, load_rows, d_starts[:load_rows.numel()])
     dq, dk, dv = (x.to(dtype) for x, dtype in zip((dq, dk, dv), dtypes))
