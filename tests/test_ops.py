@@ -689,3 +689,25 @@ def test_chunked_form_traces_as_one_graph():
     inputs = make_inputs(2, 32, 2, dtype=torch.float32, seed=43)[:6]
     compiled = torch.compile(lambda *x: zeros_attention(*x, chunk_size=16)[0], fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(*inputs), zeros_attention(*inputs, chunk_size=16)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("second", ["fused", "chunked", "recurrent"])
+def test_fused_mode_hands_over_state_and_respects_padding(second):
+    """Real kernels (Triton's interpreter on CPU): fused on [0, n), then another form on [n, T) == one
+    chunked call; left padding gives the unpadded row's outputs on real tokens and 0 elsewhere."""
+    if ops._load_fused_core() is None:
+        pytest.skip("Triton or ops_fused.py is not available")
+    B, T, split, pad = 2, 45, 21, 6
+    inputs = make_inputs(B, T, 2, 16, first_layer=True, dtype=torch.float32, seed=44)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :pad] = False
+    whole, whole_state = run(inputs, "chunked", chunk_size=16, valid=valid, output_final_state=True)
+    head = [x[:, :split] for x in inputs]
+    tail = [x[:, split:] for x in inputs]
+    o1, state = run(head, "fused", chunk_size=16, valid=valid[:, :split], output_final_state=True)
+    o2, end = run(tail, second, chunk_size=16, valid=valid[:, split:], initial_state=state, output_final_state=True)
+    out = torch.cat([o1, o2], dim=1)
+    assert rel_err(out, whole) <= 1e-4 and rel_err(end.kv, whole_state.kv) <= 1e-4
+    assert torch.equal(out[1, :pad], torch.zeros_like(out[1, :pad]))
+    alone, _ = run([x[1:, pad:] for x in inputs], "chunked", chunk_size=16)
+    assert rel_err(out[1:, pad:], alone) <= 1e-4
