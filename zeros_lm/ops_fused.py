@@ -25,9 +25,9 @@ Kernels (one program per (batch row x head) or per (chunk, batch row x head)):
 
 Precision: products of two input-dtype tensors (Q K^T) use tensor cores; a float32 weight matrix
 (the (C, C) weights, formed in float32) times an input-dtype tensor is rounded, row-scaled, to the
-input dtype: a relative error of each weight, never a difference of rounded sums. Every product that touches a
-state, a gradient of the output or a cancelling combination is float32 (``input_precision=F32``).
-Float32 inputs run every product in IEEE float32.
+input dtype: a relative error of each weight, never a difference of rounded sums. Every product that
+touches a state, a gradient of the output or a cancelling combination is float32-grade
+(``FLOAT32_DOT``), and so is every product for float32 inputs.
 
 Triton is optional: this module imports without it (``HAS_TRITON`` is then False and the entry
 raises). With TRITON_INTERPRET=1 in the environment before Triton is first imported (transformers
@@ -50,7 +50,7 @@ except ImportError:  # CPU installs without Triton: the other modes of ops.py ke
 __all__ = ["chunk_core_fused", "HAS_TRITON", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MIN_CHUNK_SIZE"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# One program holds whole (C, d_k) / (C, d_v) tiles and three (d_k, d_v) float32 states.
+# The output and backward kernels hold a whole (C, d_k) tile (Q K^T sums over d_k).
 MAX_HEAD_DIM = 128
 # tl.dot needs every dimension >= 16 on a GPU; tl.arange needs powers of two.
 MIN_CHUNK_SIZE = 16
@@ -583,9 +583,10 @@ def _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, 
                          f"got {tuple(start_states.shape)}")
     if num_out_states < 0:
         raise ValueError(f"{name}: num_out_states must be >= 0, got {num_out_states}")
-    for key, x in expected.items():
-        if x[0].device != q.device:
-            raise ValueError(f"{name}: {key} is on {x[0].device}, q on {q.device}: put all inputs on one device")
+    tensors = {key: x for key, (x, _) in expected.items()} | {"k": k, "v": v, "start_states": start_states}
+    for key, x in tensors.items():
+        if x.device != q.device:
+            raise ValueError(f"{name}: {key} is on {x.device}, q on {q.device}: put all inputs on one device")
     if not _interpreter_consistent():
         raise RuntimeError(f"{name}: Triton was imported before TRITON_INTERPRET=1 was set, so its interpreter "
                            "cannot run; set TRITON_INTERPRET=1 in the environment before starting Python")
