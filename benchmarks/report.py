@@ -228,6 +228,8 @@ def main(argv=None) -> int:
                 "command": run.results["command"], "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
                 "device": device + (f" ({env['gpu']})" if env.get("gpu") else ""), "precision": precision,
                 "cpu": env.get("cpu"), "cpu_count": env.get("cpu_count"),
+                "changed": {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)
+                            if getattr(preset, f.name) != getattr(PRESETS[name], f.name)},
                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t0)), "preset": dataclasses.asdict(preset),
             }
             run.results["sections_done"].append(section)

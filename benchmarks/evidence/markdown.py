@@ -36,6 +36,13 @@ def section_preset(run: Run, section: str) -> Preset:
     return dataclasses.replace(run.preset, **{k: v for k, v in saved.items() if k in known})
 
 
+def changed_settings(run: Run, section: str) -> str:
+    """'field=value, ...' for the settings an invocation changed from its mode's preset (--set,
+    --lm-tokens, ...) when it ran ``section``; '' when none."""
+    changed = (run.results.get("section_runs", {}).get(section) or {}).get("changed") or {}
+    return ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in changed.items())
+
+
 def section_precision(run: Run, section: str) -> str:
     return (run.results.get("section_runs", {}).get(section) or {}).get("precision") or run.precision
 
@@ -170,7 +177,10 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
         f"{mq.get('weight_decay', 0.1):g}, warmup then cosine decay; learning rates swept over "
         f"{', '.join(f'{x:g}' for x in lrs)}, and each model's best (highest mean accuracy over the lengths) is "
         "reported, as zoology reports the best of its sweep. One seed per model. Parameter counts are matched to the "
-        "paper-exact ZeroS at the same width within 5%.", "",
+        "paper-exact ZeroS at the same width within 5%."
+        + (f" **This run changed the {p.name} mode's settings ({changed_settings(run, 'mqar')})**, to fit the machine's "
+           "time; the mode's own settings are in benchmarks/evidence/presets.py." if changed_settings(run, "mqar") else ""),
+        "",
         "![MQAR](mqar.png)", "",
     ]
     cells = mq["cells"]
@@ -305,6 +315,8 @@ def section_commands(run: Run) -> list[str]:
             if info.get("cpu"):
                 machine += f", {info['cpu']} x {info.get('cpu_count')}"
             key = (info.get("command"), info.get("git_commit"), machine, info.get("precision"))
+            if changed_settings(run, section):
+                key = key[:3] + (f"{info.get('precision')}; settings changed from the mode: {changed_settings(run, section)}",)
             by_command.setdefault(key, []).append(section)
     mqar_pieces = {m.get("command") for m in ((run.results.get("mqar") or {}).get("models") or {}).values()}
     listed = {cmd for cmd, *_ in by_command}
