@@ -11,7 +11,7 @@ def _cli(*args):
 def test_usage_and_unknown_command():
     res = _cli()
     assert res.returncode == 2 and "usage: zeros-lm <command>" in res.stdout
-    for name in ("generate", "export"):
+    for name in ("train", "generate", "export"):
         assert f"  {name} " in res.stdout
     res = _cli("bogus")
     assert res.returncode == 2 and res.stderr.strip() == "error: unknown command 'bogus'; choose one of " + ", ".join(
@@ -22,6 +22,8 @@ def test_commands_reach_their_modules():
     res = _cli("generate", "--help")
     assert res.returncode == 0 and res.stdout.startswith("usage: zeros-lm generate") and "--save-state" in res.stdout
     res = _cli("export", "--help")
-    assert res.returncode == 0 and "checkpoint" in res.stdout and "--dtype" in res.stdout
+    assert res.returncode == 0 and res.stdout.startswith("usage: zeros-lm export") and "--dtype" in res.stdout
+    res = _cli("train", "--help")
+    assert res.returncode == 0 and res.stdout.startswith("usage: zeros-lm train") and "--model.hidden_size" in res.stdout
     res = _cli("generate", "/nonexistent-model-dir", "--prompt", "x")
     assert res.returncode == 2 and "does not exist" in res.stderr

@@ -4,7 +4,6 @@ feeds every token through the model once (the state is kept, the history is not 
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import sys
 from pathlib import Path
@@ -16,20 +15,11 @@ from conftest import tiny_model
 from transformers import AutoTokenizer, GenerationConfig
 
 from zeros_lm import ZeroSCache, ZeroSForCausalLM
+from zeros_lm.cli import generate as cli  # what generate.py and zeros-lm generate run
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "def wrap(text, width=70, **kwargs):"
 LOGIT_SCALE = 40.0  # sharpens the random model's next-token distribution, so every option matters
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = load_cli()
 
 
 @pytest.fixture(scope="module")

@@ -200,8 +200,8 @@ def test_second_run_loads_from_cache(tmp_path: Path, corpus: Path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the second run must not tokenise or train a tokenizer again")
 
-    monkeypatch.setattr(D, "_tokenize_batch", boom)
-    monkeypatch.setattr(D, "train_tokenizer", boom)
+    monkeypatch.setattr(D.corpus, "_tokenize_batch", boom)  # where the pipeline looks them up
+    monkeypatch.setattr(D.tokenizer, "train_tokenizer", boom)
     second = TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path))
     assert second.from_cache
     assert len(second.corpus.train) == len(first.corpus.train)
@@ -272,11 +272,11 @@ def test_streaming_shards_across_ranks(tmp_path: Path, corpus: Path):
     dm = TextDataModule(train_files=str(corpus), streaming=True, shuffle_buffer=0, val_docs=0, **dm_kwargs(tmp_path))
     ranks = []
     for rank in range(2):
-        blocks = list(dm._streaming_blocks(dm._stream_documents(), rank, 2))
+        blocks = list(dm.pipeline.blocks(dm.pipeline.documents(), rank, 2))
         ranks.append({tuple(b["input_ids"]) for b in blocks})
         assert blocks and all(len(b["input_ids"]) == dm.seq_len + 1 for b in blocks)
     assert not (ranks[0] & ranks[1])  # each rank reads its own documents
-    whole = {tuple(b["input_ids"]) for b in dm._streaming_blocks(dm._stream_documents(), 0, 1)}
+    whole = {tuple(b["input_ids"]) for b in dm.pipeline.blocks(dm.pipeline.documents(), 0, 1)}
     assert len(ranks[0]) + len(ranks[1]) <= len(whole) + 2
     batch = next(iter(dm.train_dataloader()))
     assert batch.shape == (dm.batch_size, dm.seq_len + 1) and batch.dtype == torch.long
@@ -333,8 +333,9 @@ def test_num_proc_above_one_gives_the_same_blocks(tmp_path: Path, monkeypatch):
 class FakeTrainer:
     """What the data module reads from a trainer: rank, world size and the restored batch count."""
 
-    def __init__(self, batches_done: int):
+    def __init__(self, batches_done: int, epoch: int = 0):
         count = SimpleNamespace(processed=batches_done)
+        self.current_epoch = epoch
         progress = SimpleNamespace(current=count, total=count)
         self.fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
         self.global_rank, self.world_size = 0, 1
@@ -375,7 +376,7 @@ def test_streaming_shuffles_and_resumes_at_the_right_block(tmp_path: Path, corpu
     assert set(shuffled) <= everything  # ... of the same stream
     loader = dm.train_dataloader()
     assert block_rows(loader) == shuffled  # seeded: the same order again
-    dm.set_epoch(1)  # (the training module calls this at every epoch start)
+    dm.trainer = FakeTrainer(batches_done=0, epoch=1)  # the stream reads the trainer's epoch
     assert block_rows(loader) != shuffled  # a new order every epoch
     # Resumed after 3 batches of this epoch: the loader continues with batch 3.
     dm.trainer = FakeTrainer(batches_done=3)

@@ -433,11 +433,8 @@ def test_generate_cli_help():
 
 def test_generation_benchmark_runs(capsys):
     """benchmarks/generation.py at toy contexts: it prints the markdown table and the target lines."""
-    import importlib.util
+    from benchmarks import generation as bench
 
-    spec = importlib.util.spec_from_file_location("bench_generation", REPO / "benchmarks" / "generation.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     assert bench.main(["--contexts", "8", "24", "--steps", "2", "--warmup", "1", "--prefill-chunk", "16"]) == 0
     out = capsys.readouterr().out
     assert "| context | zeros ms/token | zeros cache | softmax ms/token | softmax cache |" in out

@@ -36,8 +36,9 @@ def test_config_rejects_bad_values(kwargs, match):
 
 def test_config_defaults_and_round_trip(tmp_path):
     config = ZeroSConfig()
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (384, 6, 6)
-    assert config.intermediate_size == 1024 and config.head_dim == 64
+    # the embedded default run's model (configs/default.yaml)
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (4096, 256, 4, 4)
+    assert config.intermediate_size == 704 and config.head_dim == 64
     assert config.attention_type == "zeros" and config.first_layer_zero_order and config.tie_word_embeddings
     assert config.logit_type == "deviation" and config.use_gates and config.use_output_norm
     assert not config.zero_order_all_layers

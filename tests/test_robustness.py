@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from zeros_lm.cli import train  # what train.py and zeros-lm train run
 from zeros_lm.training import ZeroSCheckpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,16 +352,6 @@ def test_export_of_an_unreadable_checkpoint_names_the_newest_readable_one(checkp
 # ------------------------------------------------------------------------------------------
 # train.py: a run owns its directory; every bad input is one error line before any data work
 # ------------------------------------------------------------------------------------------
-def _load_train():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("zeros_train_robustness", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train()
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 

@@ -5,7 +5,6 @@ the same; every config file parses."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -19,20 +18,13 @@ from lightning.pytorch import Callback
 
 import zeros_lm  # noqa: F401  (registers the Auto classes)
 from zeros_lm import ZeroSForCausalLM
+from zeros_lm.cli import train  # what train.py and zeros-lm train run
 from zeros_lm.training import AtomicCheckpointIO, ZeroSLitModule, lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("zeros_train", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = load_train_module()
 
 
 @pytest.fixture(scope="session")

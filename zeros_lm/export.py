@@ -42,7 +42,6 @@ __all__ = [
     "main",
 ]
 
-CHECKPOINT_KEY = "zeros_lm"
 MODEL_PREFIX = "model."
 
 
@@ -202,27 +201,12 @@ def _model_state_dict(checkpoint: dict) -> dict:
 
 
 def _config_from_checkpoint(checkpoint: dict):
-    from zeros_lm import ZeroSConfig
+    from .checkpoint import read_config
 
-    extra = checkpoint.get(CHECKPOINT_KEY) or {}
-    if extra.get("config"):
-        cfg = dict(extra["config"])
-        for k in ("auto_map", "architectures", "transformers_version", "model_type"):
-            cfg.pop(k, None)
-        return ZeroSConfig(**cfg)
-    hp = dict(checkpoint.get("hyper_parameters") or {})
-    if not hp:
-        raise ExportError("the checkpoint holds neither a zeros-lm config nor hyper-parameters")
-    keys = ZeroSConfig.__init__.__code__.co_varnames
-    return ZeroSConfig(**{k: v for k, v in hp.items() if k in keys and k not in ("self", "kwargs")})
-
-
-def _tokenizer_from_checkpoint(checkpoint: dict):
-    from .data import tokenizer_from_json
-
-    extra = checkpoint.get(CHECKPOINT_KEY) or {}
-    js = extra.get("tokenizer_json")
-    return tokenizer_from_json(js) if js else None
+    try:
+        return read_config(checkpoint)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def build_model(checkpoint: dict):
@@ -370,7 +354,9 @@ def export_from_checkpoint(
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint)
     if tokenizer is None:
-        tokenizer = _tokenizer_from_checkpoint(checkpoint)
+        from .checkpoint import read_tokenizer
+
+        tokenizer = read_tokenizer(checkpoint)
     if tokenizer is None:
         raise ExportError("the checkpoint holds no tokenizer; pass one with --tokenizer DIR")
     if len(tokenizer) != model.config.vocab_size:
@@ -396,8 +382,10 @@ def compare_logits(out_dir: str, input_ids: torch.Tensor, reference: torch.Tenso
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    # "zeros-lm export" when run by the zeros-lm command (it sets sys.argv[0]), else the module.
+    invoked_as = os.path.basename(sys.argv[0])
     parser = argparse.ArgumentParser(
-        prog="python -m zeros_lm.export",
+        prog=invoked_as if invoked_as.startswith("zeros-lm") else "python -m zeros_lm.export",
         description="Export a train.py checkpoint (a .ckpt file or a DeepSpeed checkpoint directory) "
         "as a Hugging Face model directory.",
     )

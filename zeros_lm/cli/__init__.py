@@ -1,10 +1,11 @@
 """The command line: ``zeros-lm <command> [options]`` (one entry point, as litgpt and the HF CLIs have).
 
+    zeros-lm train    [--config FILE.yaml ...] [--model.hidden_size 384 ...]     pretrain (train.py)
     zeros-lm generate MODEL_DIR [--prompt TEXT ...]                               stream text (generate.py)
     zeros-lm export   CHECKPOINT OUT_DIR [...]                                    checkpoint -> HF directory
 
 ``zeros-lm <command> --help`` lists a command's options. The root scripts ``train.py`` and
-``generate.py`` and ``python -m zeros_lm.export`` run the same code.
+``generate.py`` and ``python -m zeros_lm.export`` are thin wrappers of the same code.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 # command -> (module, one-line description); each module has main(argv) -> exit status
 COMMANDS = {
+    "train": ("zeros_lm.cli.train", "pretrain a model (LightningCLI: --config, --model.*, --data.*, --trainer.*)"),
     "generate": ("zeros_lm.cli.generate", "stream text from a model directory, with its recurrent state"),
     "export": ("zeros_lm.export", "export a training checkpoint as a Hugging Face directory"),
 }

@@ -1,6 +1,7 @@
-#!/usr/bin/env python
 """Pretrain a ZeroS language model (or the softmax / linear-attention baseline) and export it as a
 Hugging Face directory.
+
+``zeros-lm train`` and ``python train.py`` (the root wrapper) run this; the examples use the latter.
 
     python train.py                                   # the embedded default (configs/default.yaml):
                                                       # a BPE + a small ZeroS LM on Python's stdlib, CPU, ~10 min
@@ -25,28 +26,22 @@ data is prepared where they can be; Ctrl-C exits with status 130.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningCLI
 
+from zeros_lm.callbacks import HFExport, ModelSummaryWithoutFlops, StepProgressBar, ThroughputLogger, ZeroSCheckpoint
 from zeros_lm.data import DataError, TextDataModule
 from zeros_lm.export import ExportError, check_checkpoint, newest_readable_checkpoint
-from zeros_lm.training import (
-    HFExport,
-    RunError,
-    StepProgressBar,
-    ThroughputLogger,
-    ZeroSCheckpoint,
-    ZeroSLitModule,
-    check_model_arguments,
-    claim_root_dir,
-    remove_previous_run,
-)
+from zeros_lm.rundir import RunError, claim_root_dir, remove_previous_run
+from zeros_lm.training import ZeroSLitModule, check_model_arguments
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -185,11 +180,13 @@ class ZeroSCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        from lightning.pytorch.callbacks import ProgressBar
+        from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
         configured = list(callbacks) + list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks = list(callbacks) + [StepProgressBar()]
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in configured):
+            callbacks = list(callbacks) + [ModelSummaryWithoutFlops()]
         return super()._instantiate_trainer(config, callbacks)
 
 
@@ -208,7 +205,34 @@ def default_loggers(root: str) -> list:
     return loggers
 
 
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(self.prefixes)
+
+
+# Printed on every run and of no use to it: Lightning's advertisement for its cloud logger, and a
+# FutureWarning that Lightning's own pytree helper triggers in torch (nothing a user can act on).
+LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+PYTREE_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def quiet_known_noise() -> None:
+    """Silence exactly the messages above; every other warning and log line stays."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(LITLOGGER_TIP))
+    warnings.filterwarnings("ignore", message=PYTREE_LEAFSPEC_WARNING, category=FutureWarning)
+
+
 def make_cli(args=None, run: bool = False) -> ZeroSCLI:
+    quiet_known_noise()
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, (list, tuple)):
         check_config_files([str(a) for a in argv])

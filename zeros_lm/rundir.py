@@ -1,0 +1,89 @@
+"""A run owns its output directory (``--trainer.default_root_dir``): the run lock, refusing a
+directory that holds another run unless it is continued or replaced, and removing a replaced run
+once the new one is ready to train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+__all__ = ["RunError", "claim_root_dir", "remove_previous_run", "RUN_LOCK_NAME", "EXPORT_CHECK_NAME"]
+
+
+class RunError(ValueError):
+    """A problem with a run's arguments or its output directory, found before any data is prepared."""
+
+
+RUN_LOCK_NAME = ".run.lock"
+EXPORT_CHECK_NAME = "export_check.json"
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _checkpoint_entries(checkpoint_dir: Path) -> list[Path]:
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoint_dir.iterdir() if p.name.endswith(".ckpt"))
+
+
+def claim_root_dir(
+    root: str, checkpoint_dir: str, export_dir: Optional[str], resume: bool, overwrite: bool
+) -> list[Path]:
+    """Make ``root`` this run's own, before any data is prepared.
+
+    Takes the run lock ``<root>/.run.lock`` (held until the process exits: a second live run in the
+    same directory is refused at once), then refuses a directory that holds another run (checkpoints,
+    or an export in ``export_dir``) unless this run continues it (``resume``) or replaces it
+    (``overwrite``). Returns what a replacing run must remove once it is ready to train (see
+    :func:`remove_previous_run`). Raises :class:`RunError`.
+    """
+    from ._locks import LockBusy, acquire, describe_holder
+
+    root_path = Path(root)
+    if resume and overwrite:
+        raise RunError("--ckpt_path continues the run in the directory and --overwrite replaces it: give one of them")
+    root_path.mkdir(parents=True, exist_ok=True)
+    lock = root_path / RUN_LOCK_NAME
+    try:
+        acquire(lock, timeout=0)
+    except LockBusy as e:
+        raise RunError(
+            f"another run ({describe_holder(e.holder)}) is using {root_path} right now; wait for it to finish, "
+            "or give this one another --trainer.default_root_dir"
+        ) from None
+    checkpoints = _checkpoint_entries(Path(checkpoint_dir))
+    export = Path(export_dir) if export_dir else None
+    exported = export is not None and _non_empty(export)
+    if resume or not (checkpoints or exported):
+        return []
+    held = []
+    if checkpoints:
+        files = [p for p in checkpoints if not p.is_symlink()] or checkpoints
+        held.append(f"{len(files)} checkpoint(s) in {checkpoint_dir}")
+    if exported:
+        held.append(f"an export in {export}")
+    if not overwrite:
+        raise RunError(
+            f"{root_path} holds another run ({' and '.join(held)}); continue it with --ckpt_path last, "
+            "start a new run in another --trainer.default_root_dir, or replace it with --overwrite"
+        )
+    return [Path(checkpoint_dir)] + ([export] if exported else []) + [root_path / EXPORT_CHECK_NAME]
+
+
+def remove_previous_run(paths: list[Path]) -> None:
+    """Delete what :func:`claim_root_dir` listed (an overwritten run's checkpoints and export; its
+    logs stay, in their own ``logs/version_N``)."""
+    import shutil
+
+    removed = [p for p in paths if p.exists() or p.is_symlink()]
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if removed:
+        rank_zero_info(f"Replacing the earlier run: removed {', '.join(str(p) for p in removed)}")
