@@ -1,25 +1,18 @@
 """Configuration of ZeroS language models (and of the softmax / linear-attention baselines).
 
-This is the one place where the model's fields, their types and their defaults are written: the
-training command (``--model.<field>``, the YAML ``model:`` section) takes its options from this
-signature, checkpoints and exports store ``to_dict()``, and both rebuild the config from it. A new
-field added here reaches all of them. The defaults are those of the embedded default run
-(``configs/default.yaml``).
-
 This file is copied next to the weights by ``save_pretrained`` (it is imported relatively by
 ``modeling_zeros.py``), so it must import nothing from the ``zeros_lm`` package.
 """
 
-from typing import Literal, get_args
-
 from transformers import PreTrainedConfig
 
-AttentionType = Literal["zeros", "softmax", "linear"]
-LogitType = Literal["deviation", "norm"]
-AttentionBackend = Literal["auto", "torch"]  # ZeroS: "auto" = fused kernels on CUDA when Triton is there
-ATTENTION_TYPES = get_args(AttentionType)
-LOGIT_TYPES = get_args(LogitType)
-ATTENTION_BACKENDS = get_args(AttentionBackend)
+ATTENTION_TYPES = ("zeros", "softmax", "linear")
+LOGIT_TYPES = ("deviation", "norm")
+ATTENTION_BACKENDS = ("auto", "torch")  # ZeroS: "auto" = fused kernels on CUDA when Triton is there
+# Hybrid stacks: entries of ``layer_types``, in transformers' own vocabulary (which it validates).
+LINEAR_LAYER, FULL_LAYER = "linear_attention", "full_attention"
+LAYER_TYPES = (LINEAR_LAYER, FULL_LAYER)
+
 
 
 class ZeroSConfig(PreTrainedConfig):
@@ -39,7 +32,7 @@ class ZeroSConfig(PreTrainedConfig):
         num_attention_heads: heads per attention layer; must divide ``hidden_size`` and give an even
             head dimension (RoPE rotates pairs of channels).
         intermediate_size: width of the SwiGLU MLP; ``None`` picks 8/3 * hidden_size rounded up to a
-            multiple of 64 (704 for hidden_size 256, 1024 for 384).
+            multiple of 64 (1024 for hidden_size 384).
         rope_theta: RoPE base.
         chunk_size: chunk length of the chunked (training / prefill) forms.
         attention_type: ``"zeros"``, ``"softmax"`` or ``"linear"``.
@@ -58,6 +51,17 @@ class ZeroSConfig(PreTrainedConfig):
         initializer_range: std of the normal init; the output projections of attention and MLP use
             ``initializer_range / sqrt(2 * num_hidden_layers)``.
         use_cache: whether ``forward`` returns a :class:`ZeroSCache` by default (in eval mode).
+        layer_types: hybrid stacks: one entry per layer, ``"linear_attention"`` (the mixer of
+            ``attention_type``: ZeroS, or the linear baseline) or ``"full_attention"`` (softmax attention
+            with a KV cache). The Hugging Face convention of hybrid configs, in the vocabulary transformers
+            validates, so the config loads in stock transformers. ``None``: every layer is ``attention_type``.
+        softmax_every: shorthand for ``layer_types``: every N-th layer (N-1, 2N-1, ...) is softmax
+            attention, the others ``attention_type`` ("one softmax layer in 4": 4). 0: off. The zero-order
+            term stays on the first ZeroS layer of the stack.
+        conv_size: width of a short causal depthwise convolution (then SiLU) on the projected q, k, v (and
+            u, which feeds the logit) of the ZeroS and linear-attention layers, as in GLA / DeltaNet /
+            Mamba; its generation state is the last ``conv_size - 1`` inputs. 0 (default): off. Softmax
+            layers have none.
         attention_backend: ZeroS only: ``"auto"`` (default) runs the fused Triton kernels for CUDA tensors
             when Triton is installed, else the PyTorch chunked form; ``"torch"`` always the PyTorch form
             (debugging, comparisons).
@@ -69,23 +73,26 @@ class ZeroSConfig(PreTrainedConfig):
 
     def __init__(
         self,
-        vocab_size: int = 4096,
-        hidden_size: int = 256,
-        num_hidden_layers: int = 4,
-        num_attention_heads: int = 4,
+        vocab_size: int = 8192,
+        hidden_size: int = 384,
+        num_hidden_layers: int = 6,
+        num_attention_heads: int = 6,
         intermediate_size: int | None = None,
         rope_theta: float = 10000.0,
         chunk_size: int = 64,
-        attention_type: AttentionType = "zeros",
+        attention_type: str = "zeros",
         first_layer_zero_order: bool = True,
-        logit_type: LogitType = "deviation",
+        logit_type: str = "deviation",
         use_gates: bool = True,
         zero_order_all_layers: bool = False,
         use_output_norm: bool = True,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         use_cache: bool = True,
-        attention_backend: AttentionBackend = "auto",
+        attention_backend: str = "auto",
+        layer_types: list[str] | None = None,
+        softmax_every: int = 0,
+        conv_size: int = 0,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
@@ -111,23 +118,30 @@ class ZeroSConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.attention_backend = attention_backend
+        self.softmax_every = softmax_every
+        self.conv_size = conv_size
+        if softmax_every and layer_types is None and isinstance(num_hidden_layers, int):
+            layer_types = [FULL_LAYER if (i + 1) % softmax_every == 0 else LINEAR_LAYER for i in range(num_hidden_layers)]
+        self.layer_types = list(layer_types) if layer_types is not None else None
         self._check()
-        # Passed on through a copy: the signature resolver of jsonargparse (which builds the training
-        # command's --model.* options from this signature) follows a plain ``**kwargs`` into
-        # PreTrainedConfig and would offer transformers' own keys (id2label, problem_type, ...) as
-        # training options.
-        extra = dict(kwargs)
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
-            **extra,
+            **kwargs,
         )
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mixer_types(self) -> tuple:
+        """The token mixer of each layer: "zeros", "softmax" or "linear"."""
+        if self.layer_types is None:
+            return (self.attention_type,) * self.num_hidden_layers
+        return tuple("softmax" if kind == FULL_LAYER else self.attention_type for kind in self.layer_types)
 
     def _check(self) -> None:
         """Raise a ValueError naming the first bad field."""
@@ -169,6 +183,27 @@ class ZeroSConfig(PreTrainedConfig):
         for name in ("first_layer_zero_order", "use_gates", "zero_order_all_layers", "use_output_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ZeroSConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("softmax_every", "conv_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ZeroSConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.conv_size == 1:
+            raise ValueError("ZeroSConfig.conv_size must be 0 (off) or at least 2 (a width-1 convolution only rescales)")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ValueError(
+                    f"ZeroSConfig.layer_types must list {self.num_hidden_layers} entries (num_hidden_layers), each "
+                    f"of {LAYER_TYPES}, got {self.layer_types!r}"
+                )
+            if self.softmax_every and self.layer_types != [
+                FULL_LAYER if (i + 1) % self.softmax_every == 0 else LINEAR_LAYER for i in range(self.num_hidden_layers)
+            ]:
+                raise ValueError("ZeroSConfig: softmax_every and layer_types disagree; give one of them")
+            if self.attention_type == "softmax" and LINEAR_LAYER in self.layer_types:
+                raise ValueError(
+                    'ZeroSConfig: "linear_attention" layers run attention_type, which is "softmax"; set '
+                    'attention_type to "zeros" or "linear" for a hybrid stack'
+                )
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

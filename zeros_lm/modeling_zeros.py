@@ -36,12 +36,11 @@ except ImportError:  # pragma: no cover - older transformers
     from torch.nn import init
 
 from .configuration_zeros import ZeroSConfig
-from .ops import ZeroSState, _ChunkLayout, zeros_attention
+from .ops import ZeroSState, linear_attention_chunked, linear_attention_packed, zeros_attention
 
 logger = logging.get_logger(__name__)
 
 OUTPUT_NORM_EPS = 1e-5  # per-head LayerNorm of the ZeroS output
-LINEAR_ATTENTION_EPS = 1e-6  # denominator floor of the linear-attention baseline
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -75,7 +74,7 @@ def _nbytes(x) -> int:
 STATE_FILE_FORMAT = "zeros-lm-state/1"
 STATE_CONFIG_FIELDS = (
     "model_type", "attention_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "logit_type",
-    "vocab_size", "first_layer_zero_order", "zero_order_all_layers",
+    "vocab_size", "first_layer_zero_order", "zero_order_all_layers", "layer_types", "conv_size",
 )
 _FINGERPRINT_ELEMENTS = 256  # leading elements of each weight that enter the fingerprint
 
@@ -101,16 +100,18 @@ def _state_identity(config_fields: dict, model: nn.Module | None) -> dict:
 class ZeroSCache(Cache):
     """Generation cache of a :class:`ZeroSForCausalLM`.
 
-    Per layer it holds, for ``attention_type``
+    Per layer it holds what that layer's mixer needs (``config.mixer_types``; hybrid stacks mix them):
 
-    - ``"zeros"``: the core ``ZeroSState`` of :func:`zeros_attention` and the running sum of u (float32,
-      (B, H, d)) of the deviation logit;
-    - ``"linear"``: the running sums S = sum phi(k) v^T (B, H, d, d) and z = sum phi(k) (B, H, d), float32;
-    - ``"softmax"``: the keys and values (B, H, S, d) — the usual KV cache, for the baseline.
+    - ``"zeros"``: the core ``ZeroSState`` of :func:`zeros_attention`, the running sum of u (float32,
+      (B, H, d)) of the deviation logit, and the short convolution's last inputs (or None);
+    - ``"linear"``: the running sums S = sum phi(k) v^T (B, H, d, d) and z = sum phi(k) (B, H, d), float32,
+      and the short convolution's last inputs (or None);
+    - ``"softmax"``: the keys and values (B, H, S, d) — the usual KV cache — and which of its S keys are
+      real (B, S) bool.
 
     and, shared by all layers, the number of real (non-padding) tokens consumed in each row, which
-    gives the RoPE positions and the counts t of the running means. For ZeroS and linear attention
-    the size does not depend on the context length (see :attr:`nbytes`).
+    gives the RoPE positions and the counts t of the running means. The size grows with the context
+    only through softmax layers (see :attr:`nbytes`).
 
     A recurrent state cannot be rolled back, so :meth:`crop` raises. It can be saved to a file and loaded
     again (:meth:`save`, :meth:`load`): a prompt read once is reused by any number of later generations,
@@ -122,18 +123,17 @@ class ZeroSCache(Cache):
 
     def __init__(self, config: ZeroSConfig):
         super().__init__(layers=[])
-        self.attention_type = config.attention_type
+        self.layer_kinds = config.mixer_types
         self.num_layers = config.num_hidden_layers
         self.layer_states: list = [None] * self.num_layers
         self.num_tokens: torch.Tensor | None = None  # (B,) long: real tokens consumed per row
-        self.key_valid: torch.Tensor | None = None  # (B, S) bool: softmax only, which cached keys are real
         self.seen_tokens = 0  # columns consumed, padding included (= the KV length for softmax)
         self.config_fields = {name: getattr(config, name, None) for name in STATE_CONFIG_FIELDS}
         self.metadata: dict[str, str] = {}  # what load() read besides the state (see save)
 
     def __repr__(self):
         return (
-            f"ZeroSCache(attention_type={self.attention_type!r}, layers={self.num_layers}, "
+            f"ZeroSCache(layers={list(self.layer_kinds)}, "
             f"seen_tokens={self.seen_tokens}, nbytes={self.nbytes})"
         )
 
@@ -151,9 +151,6 @@ class ZeroSCache(Cache):
         else:
             added = valid.sum(dim=1, dtype=torch.long)
         self.num_tokens = added if self.num_tokens is None else self.num_tokens + added
-        if self.attention_type == "softmax":
-            new = valid if valid is not None else torch.ones(batch_size, num_new, dtype=torch.bool, device=device)
-            self.key_valid = new if self.key_valid is None else torch.cat([self.key_valid, new], dim=1)
         self.seen_tokens += num_new
 
     # -- transformers Cache API -------------------------------------------------------------------
@@ -167,7 +164,7 @@ class ZeroSCache(Cache):
     @property
     def is_linear(self) -> list[bool]:
         # generate() slices the prompt by get_seq_length() only for non-linear (KV) caches
-        return [self.attention_type != "softmax"] * self.num_layers
+        return [kind != "softmax" for kind in self.layer_kinds]
 
     @property
     def batch_size(self) -> int:
@@ -176,7 +173,7 @@ class ZeroSCache(Cache):
     @property
     def nbytes(self) -> int:
         """Size of everything the cache holds, in bytes."""
-        return sum(_nbytes(s) for s in self.layer_states) + _nbytes(self.num_tokens) + _nbytes(self.key_valid)
+        return sum(_nbytes(s) for s in self.layer_states) + _nbytes(self.num_tokens)
 
     def get_nbytes(self) -> int:
         return self.nbytes
@@ -187,7 +184,6 @@ class ZeroSCache(Cache):
 
         self.layer_states = [None if s is None else tuple(op(x) for x in s) for s in self.layer_states]
         self.num_tokens = op(self.num_tokens)
-        self.key_valid = op(self.key_valid)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep only the rows ``indices`` (in that order)."""
@@ -203,7 +199,6 @@ class ZeroSCache(Cache):
     def reset(self) -> None:
         self.layer_states = [None] * self.num_layers
         self.num_tokens = None
-        self.key_valid = None
         self.seen_tokens = 0
 
     def crop(self, max_length: int) -> None:
@@ -246,8 +241,6 @@ class ZeroSCache(Cache):
                     kinds.append("none")
             layout.append(None if layer is None else kinds)
         tensors["num_tokens"] = self.num_tokens
-        if self.key_valid is not None:
-            tensors["key_valid"] = self.key_valid
         header = {
             "format": STATE_FILE_FORMAT,
             "layout": json.dumps(layout),
@@ -316,7 +309,6 @@ class ZeroSCache(Cache):
                     items.append(tensors[key].to(device) if kind == "tensor" else None)
             cache.layer_states[i] = tuple(items)
         cache.num_tokens = tensors["num_tokens"].to(device)
-        cache.key_valid = tensors["key_valid"].to(device) if "key_valid" in tensors else None
         cache.seen_tokens = seen_tokens
         cache.metadata = user
         return cache
@@ -338,7 +330,8 @@ class PackedDocuments:
     Fields: starts (B, T) bool, where a segment begins (column 0 included); row_lengths, per row the
     lengths of its segments; segment (B, T) long, the segment of each token (numbered row by row);
     first (B T,) long, the flat position of each token's segment start; counts (B, T) long, the real
-    tokens of the document up to and including each column (the t of ZEROS.md; RoPE position counts - 1).
+    tokens of the document up to and including each column (the t of ZEROS.md; RoPE position counts - 1);
+    position (B, T) long, each column's offset from its segment's start.
     """
 
     starts: torch.Tensor
@@ -346,6 +339,7 @@ class PackedDocuments:
     segment: torch.Tensor
     first: torch.Tensor
     counts: torch.Tensor
+    position: torch.Tensor
 
     @classmethod
     def from_position_ids(cls, position_ids, valid, B: int, T: int, device) -> "PackedDocuments | None":
@@ -367,8 +361,10 @@ class PackedDocuments:
         row_lengths = [[] for _ in range(B)]
         for lo, hi in zip(bounds, bounds[1:]):
             row_lengths[lo // T].append(hi - lo)
-        documents = cls(starts=starts, row_lengths=row_lengths, segment=segment.view(B, T), first=begin[segment],
-                        counts=real)
+        first = begin[segment]
+        position = (torch.arange(B * T, device=device) - first).view(B, T)
+        documents = cls(starts=starts, row_lengths=row_lengths, segment=segment.view(B, T), first=first,
+                        counts=real, position=position)
         documents.counts = documents.running_sum(real)
         return documents
 
@@ -447,13 +443,55 @@ class ZeroSMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class ShortConvolution(nn.Module):
+    """Depthwise causal convolution over time of width ``conv_size``, then SiLU (as in GLA, DeltaNet, Mamba).
+
+    Applied to a mixer's projected inputs x (B, T, C) before RoPE / normalisation. Its generation state is
+    the last ``conv_size - 1`` real inputs of each row (B, conv_size - 1, C): constant memory. Padding
+    inputs are zeroed (left padding then reads as the zero history of an unpadded row) and never enter the
+    state; with packed ``documents`` a token's window stops at its document's start.
+    """
+
+    def __init__(self, channels: int, conv_size: int):
+        super().__init__()
+        self.conv_size = conv_size
+        self.weight = nn.Parameter(torch.empty(channels, conv_size))  # [:, -1] multiplies the current token
+
+    def forward(self, x, *, valid=None, state=None, documents=None):
+        """x (B, T, C); valid (B, T) bool or None; state (B, K - 1, C) or None. Returns y (B, T, C), new state."""
+        B, T, C = x.shape
+        K = self.conv_size
+        if valid is not None:
+            x = x * valid[:, :, None].to(x.dtype)
+        history = x.new_zeros(B, K - 1, C) if state is None else state.to(x.dtype)
+        window = torch.cat([history, x], dim=1)  # (B, K - 1 + T, C)
+        weight = self.weight.to(x.dtype)
+        y = x * weight[:, -1]
+        for lag in range(1, K):
+            term = window[:, K - 1 - lag : K - 1 - lag + T] * weight[:, -1 - lag]
+            if documents is not None:  # only lags inside the token's own document
+                term = term * (documents.position >= lag)[:, :, None].to(x.dtype)
+            y = y + term
+        real = torch.ones(B, K - 1 + T, dtype=torch.bool, device=x.device)
+        if valid is not None:
+            real[:, K - 1 :] = valid
+        # the last K - 1 real inputs of each row (the history counts as real: it holds earlier real inputs)
+        order = torch.where(real, torch.arange(K - 1 + T, device=x.device), -1)
+        last = order.topk(K - 1, dim=1).values.flip(1)  # (B, K - 1), ascending positions
+        new_state = window.gather(1, last[:, :, None].expand(B, K - 1, C))
+        return F.silu(y), new_state
+
+
 class ZeroSAttention(nn.Module):
     """ZeroS zero-sum linear attention (ZEROS.md section 2).
 
-    q, k, v, u projections (one fused matrix); a gate projection with two gates per head (g1, gh),
-    three on layers that carry the zero-order term (g0); RoPE on q and k at the positions of the real
-    tokens, then L2 normalisation; the radial logit s; the core op; a per-head LayerNorm without
+    q, k, v, u projections (one fused matrix, optionally through a short causal convolution); a gate
+    projection with two gates per head (g1, gh), three on the layer that carries the zero-order term
+    (g0: the first ZeroS layer of the stack, as in the paper); RoPE on q and k at the positions of the
+    real tokens, then L2 normalisation; the radial logit s; the core op; a per-head LayerNorm without
     affine parameters; the output projection.
+
+    Cache slot: (ZeroSState, running sum of u or None, convolution state or None).
     """
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
@@ -462,9 +500,11 @@ class ZeroSAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.has_zero_order = config.zero_order_all_layers or (config.first_layer_zero_order and layer_idx == 0)
+        first_zeros = config.mixer_types.index("zeros")
+        self.has_zero_order = config.zero_order_all_layers or (config.first_layer_zero_order and layer_idx == first_zeros)
         self.num_gates = 3 if self.has_zero_order else 2
         self.qkvu_proj = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=False)
+        self.conv = ShortConvolution(4 * config.hidden_size, config.conv_size) if config.conv_size else None
         if config.use_gates:
             self.gate_proj = nn.Linear(config.hidden_size, self.num_heads * self.num_gates, bias=True)
         if config.logit_type == "deviation":
@@ -494,13 +534,15 @@ class ZeroSAttention(nn.Module):
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
         acc = _acc(x.dtype)
-        qkvu = self.qkvu_proj(x).view(B, T, 4, H, d)
+        state = cache.layer_state(self.layer_idx) if cache is not None else None
+        core_state, usum, conv_state = state if state is not None else (None, None, None)
+        qkvu = self.qkvu_proj(x)
+        if self.conv is not None:
+            qkvu, conv_state = self.conv(qkvu, valid=valid, state=conv_state, documents=documents)
+        qkvu = qkvu.view(B, T, 4, H, d)
         # q and k together: RoPE, then L2 normalisation
         q, k = F.normalize(apply_rope(qkvu[:, :, :2], cos, sin).to(acc), dim=-1).to(x.dtype).unbind(dim=2)
         v, u = qkvu[:, :, 2], qkvu[:, :, 3]
-
-        state = cache.layer_state(self.layer_idx) if cache is not None else None
-        core_state, usum = state if state is not None else (None, None)
         s, usum = self._logits(u, valid, counts, usum, documents)
 
         if self.config.use_gates:
@@ -512,33 +554,34 @@ class ZeroSAttention(nn.Module):
             g0 = g1 if self.has_zero_order else None
 
         mode = "auto" if self.config.attention_backend == "auto" else "chunked"
-        if documents is not None:  # every document from an empty state
-            o, _ = zeros_attention(q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
-                                   sequence_starts=documents.starts)
-        else:
-            o, core_state = zeros_attention(
-                q,
-                k,
-                v,
-                s,
-                g1,
-                gh,
-                g0,
-                mode="recurrent" if (T == 1 and cache is not None) else mode,
-                chunk_size=self.config.chunk_size,
-                valid=valid,
-                initial_state=core_state,
-                output_final_state=cache is not None,
-            )
+        if T == 1 and cache is not None and documents is None:
+            mode = "recurrent"
+        o, core_state = zeros_attention(
+            q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
+            initial_state=core_state, output_final_state=cache is not None,
+            sequence_starts=None if documents is None else documents.starts,  # every document from an empty state
+        )
         if cache is not None:
-            cache.update_layer_state(self.layer_idx, (core_state, usum))
+            cache.update_layer_state(self.layer_idx, (core_state, usum, conv_state))
         if self.config.use_output_norm:
             o = F.layer_norm(o.to(acc), (d,), eps=OUTPUT_NORM_EPS)
         return self.o_proj(o.to(x.dtype).reshape(B, T, H * d))
 
 
+def _diag(T: int, S: int, device) -> torch.Tensor:
+    """(T, S+T) boolean mask that is True where query i meets its own key S+i."""
+    mask = torch.zeros(T, S + T, dtype=torch.bool, device=device)
+    idx = torch.arange(T, device=device)
+    mask[idx, S + idx] = True
+    return mask[None]
+
+
 class SoftmaxAttention(nn.Module):
-    """Causal softmax attention (SDPA) with RoPE and a KV cache: the baseline."""
+    """Causal softmax attention (SDPA) with RoPE and a KV cache: the baseline, and the "full_attention"
+    layers of hybrid stacks.
+
+    Cache slot: (keys, values, which keys are real): (B, H, S, d), (B, H, S, d), (B, S) bool.
+    """
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
         super().__init__()
@@ -549,80 +592,61 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
-    def forward(self, x, *, cos, sin, valid, attn_mask=None, cache=None, **kwargs):
+    @staticmethod
+    def _mask(valid, past_valid, B, T, device, documents=None):
+        """Boolean SDPA mask (B, 1, T, S+T), or None where plain causal attention is exact. past_valid (B, S):
+        the cached keys that are real. With packed ``documents`` (no cache) it is block-diagonal: a query
+        sees the earlier keys of its document."""
+        if documents is not None:
+            keys = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            same = documents.segment[:, :, None] == documents.segment[:, None, :]
+            mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & same & keys[:, None, :]
+            return (mask | _diag(T, 0, device))[:, None]
+        S = 0 if past_valid is None else past_valid.shape[1]
+        past_all_valid = past_valid is None or bool(past_valid.all())
+        if valid is None and past_all_valid and (S == 0 or T == 1):
+            return None  # is_causal (S == 0) or attend to everything (one new token)
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=device)
+        keys = valid if past_valid is None else torch.cat([past_valid.to(device), valid], dim=1)
+        causal = torch.ones(T, S + T, dtype=torch.bool, device=device).tril(diagonal=S)
+        mask = causal[None] & keys[:, None, :]
+        # A padding query would otherwise see no key at all (SDPA gives NaN); let it see itself.
+        mask |= _diag(T, S, device)
+        return mask[:, None]
+
+    def forward(self, x, *, cos, sin, valid, cache=None, documents=None, **kwargs):
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
         qkv = self.qkv_proj(x).view(B, T, 3, H, d)
         q, k = apply_rope(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(dim=2)  # (B, H, T, d) each
         v = qkv[:, :, 2].transpose(1, 2)
+        past = cache.layer_state(self.layer_idx) if cache is not None else None
+        past_valid = None
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+            past_valid = past[2]
+        mask = self._mask(valid, past_valid, B, T, x.device, documents)
         if cache is not None:
-            past = cache.layer_state(self.layer_idx)
-            if past is not None:
-                k = torch.cat([past[0], k], dim=2)
-                v = torch.cat([past[1], v], dim=2)
-            cache.update_layer_state(self.layer_idx, (k, v))
+            new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            keys_valid = new_valid if past_valid is None else torch.cat([past_valid, new_valid], dim=1)
+            cache.update_layer_state(self.layer_idx, (k, v, keys_valid))
         S = k.shape[2] - T
-        if attn_mask is None:
+        if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=(T > 1 and S == 0))
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         o = o.transpose(1, 2)
         if valid is not None:
             o = o * valid[:, :, None, None].to(o.dtype)
         return self.o_proj(o.reshape(B, T, H * d))
 
 
-def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torch.Tensor | None = None):
-    """Causal normalised linear attention on feature-mapped q, k (B, H, T, d) and v (B, H, T, dv).
-
-    Inside a chunk of C tokens the C x C block is formed explicitly; across chunks the running sums
-    S (d x dv) and z (d) are carried (prefix sums over chunks). Returns o, S_T, z_T.
-
-    chunk_first: (B, N) long, for documents laid out chunk by chunk (no chunk holds two): the first
-    chunk of each chunk's document in its row; the sums then restart there (S0, z0 must be zero).
-    """
-    B, H, T, d = q.shape
-    dv = v.shape[-1]
-    C = max(1, min(chunk_size, T))
-    N = -(-T // C)
-    pad = N * C - T
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # zero keys add nothing to the sums
-    q, k, v = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v))
-    scores = (q @ k.transpose(-1, -2)).tril()  # (B, H, N, C, C), includes the diagonal
-    kv = k.transpose(-1, -2) @ v  # per-chunk sums (B, H, N, d, dv)
-    ks = k.sum(dim=-2)  # (B, H, N, d)
-    if chunk_first is None:
-        S_before = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2).cumsum(dim=2) + S0[:, :, None]
-        z_before = torch.cat([torch.zeros_like(ks[:, :, :1]), ks[:, :, :-1]], dim=2).cumsum(dim=2) + z0[:, :, None]
-    else:  # sums of the earlier chunks of the same document: a difference of float64 prefix sums
-        def before(x):
-            total = torch.cat([torch.zeros_like(x[:, :, :1]), x], dim=2).to(torch.float64).cumsum(dim=2)
-            index = chunk_first.view(B, 1, N, *([1] * (x.dim() - 3))).expand(-1, x.shape[1], -1, *x.shape[3:])
-            return (total[:, :, :-1] - total.gather(2, index)).to(x.dtype)
-
-        S_before, z_before = before(kv), before(ks)
-    num = scores @ v + q @ S_before
-    den = scores.sum(-1) + (q * z_before[:, :, :, None, :]).sum(-1)
-    o = num / den.clamp_min(LINEAR_ATTENTION_EPS)[..., None]
-    o = o.reshape(B, H, N * C, dv)[:, :, :T]
-    return o, S_before[:, :, -1] + kv[:, :, -1], z_before[:, :, -1] + ks[:, :, -1]
-
-
-def _linear_attention_packed(q, k, v, documents: PackedDocuments, chunk_size: int):
-    """linear_attention_chunked over packed documents, q, k (B, H, T, d), v (B, H, T, dv): in each row every
-    document is padded to whole chunks (the ZeroS op's layout) and its sums start empty. Returns o (B, H, T, dv)."""
-    B, H, T, _ = q.shape
-    longest = max(n for row in documents.row_lengths for n in row)
-    layout = _ChunkLayout.build(B, T, None, documents.row_lengths, min(chunk_size, longest), q.device)
-    packed = [layout.pack(x.transpose(1, 2)).transpose(1, 2) for x in (q, k, v)]   # (B, H, N C, d)
-    zeros = q.new_zeros(B, H, q.shape[-1], v.shape[-1]), q.new_zeros(B, H, q.shape[-1])
-    o, _, _ = linear_attention_chunked(*packed, *zeros, layout.chunk_size, chunk_first=layout.chunk_first)
-    return layout.unpack(o.transpose(1, 2)).transpose(1, 2)
-
-
 class LinearAttention(nn.Module):
-    """Plain causal linear attention (Katharopoulos et al.): phi = elu + 1, normalised. Weak baseline."""
+    """Plain causal linear attention (Katharopoulos et al.): phi = elu + 1, normalised. Weak baseline.
+
+    Cache slot: (S, z, convolution state or None)."""
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
         super().__init__()
@@ -631,6 +655,7 @@ class LinearAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.conv = ShortConvolution(3 * config.hidden_size, config.conv_size) if config.conv_size else None
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
@@ -638,23 +663,24 @@ class LinearAttention(nn.Module):
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
         acc = _acc(x.dtype)
-        q, k, v = self.qkv_proj(x).view(B, T, 3, H, d).to(acc).permute(2, 0, 3, 1, 4).unbind(dim=0)  # (B, H, T, d)
+        state = cache.layer_state(self.layer_idx) if cache is not None else None
+        S0, z0, conv_state = state if state is not None else (None, None, None)
+        qkv = self.qkv_proj(x)
+        if self.conv is not None:
+            qkv, conv_state = self.conv(qkv, valid=valid, state=conv_state, documents=documents)
+        q, k, v = qkv.view(B, T, 3, H, d).to(acc).permute(2, 0, 3, 1, 4).unbind(dim=0)  # (B, H, T, d)
         q, k = F.elu(q) + 1, F.elu(k) + 1
         if valid is not None:
             k = k * valid[:, None, :, None]
             v = v * valid[:, None, :, None]
-        state = cache.layer_state(self.layer_idx) if cache is not None else None
-        if state is None:
-            S0 = q.new_zeros(B, H, d, d)
-            z0 = q.new_zeros(B, H, d)
-        else:
-            S0, z0 = state
         if documents is not None:
-            o = _linear_attention_packed(q, k, v, documents, self.config.chunk_size)
+            o = linear_attention_packed(q, k, v, documents.row_lengths, self.config.chunk_size)
         else:
+            if S0 is None:
+                S0, z0 = q.new_zeros(B, H, d, d), q.new_zeros(B, H, d)
             o, S1, z1 = linear_attention_chunked(q, k, v, S0, z0, self.config.chunk_size)
             if cache is not None:
-                cache.update_layer_state(self.layer_idx, (S1, z1))
+                cache.update_layer_state(self.layer_idx, (S1, z1, conv_state))
         o = o.transpose(1, 2)
         if valid is not None:
             o = o * valid[:, :, None, None]
@@ -665,12 +691,12 @@ ATTENTION_CLASSES = {"zeros": ZeroSAttention, "softmax": SoftmaxAttention, "line
 
 
 class ZeroSBlock(GradientCheckpointingLayer):
-    """RMSNorm -> attention -> residual; RMSNorm -> SwiGLU -> residual."""
+    """RMSNorm -> token mixer (this layer's entry of ``config.mixer_types``) -> residual; RMSNorm -> SwiGLU -> residual."""
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn = ATTENTION_CLASSES[config.attention_type](config, layer_idx)
+        self.attn = ATTENTION_CLASSES[config.mixer_types[layer_idx]](config, layer_idx)
         self.mlp_norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = ZeroSMLP(config)
 
@@ -708,17 +734,12 @@ class ZeroSPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, ZeroSRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, ShortConvolution):  # as nn.Conv1d's default for a depthwise kernel
+            bound = 1.0 / math.sqrt(module.conv_size)
+            init.uniform_(module.weight, -bound, bound)
         elif isinstance(module, ZeroSAttention) and hasattr(module, "mu"):
             init.zeros_(module.mu)
             init.zeros_(module.log_tau)  # tau = 1: the prior counts as one token
-
-
-def _diag(T: int, S: int, device) -> torch.Tensor:
-    """(T, S+T) boolean mask that is True where query i meets its own key S+i."""
-    mask = torch.zeros(T, S + T, dtype=torch.bool, device=device)
-    idx = torch.arange(T, device=device)
-    mask[idx, S + idx] = True
-    return mask[None]
 
 
 class ZeroSModel(ZeroSPreTrainedModel):
@@ -737,28 +758,6 @@ class ZeroSModel(ZeroSPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
-
-    def _softmax_mask(self, valid, cache, B, T, device, documents=None):
-        """Boolean SDPA mask (B, 1, T, S+T), or None where plain causal attention is exact. With packed
-        ``documents`` (no cache) it is block-diagonal: a query sees the earlier keys of its document."""
-        if documents is not None:
-            keys = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-            same = documents.segment[:, :, None] == documents.segment[:, None, :]
-            mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & same & keys[:, None, :]
-            return (mask | _diag(T, 0, device))[:, None]
-        key_valid = cache.key_valid if cache is not None else None
-        S = 0 if key_valid is None else key_valid.shape[1]
-        past_all_valid = key_valid is None or bool(key_valid.all())
-        if valid is None and past_all_valid and (S == 0 or T == 1):
-            return None  # is_causal (S == 0) or attend to everything (one new token)
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=device)
-        keys = valid if key_valid is None else torch.cat([key_valid.to(device), valid], dim=1)
-        causal = torch.ones(T, S + T, dtype=torch.bool, device=device).tril(diagonal=S)
-        mask = causal[None] & keys[:, None, :]
-        # A padding query would otherwise see no key at all (SDPA gives NaN); let it see itself.
-        mask |= _diag(T, S, device)
-        return mask[:, None]
 
     def forward(
         self,
@@ -837,8 +836,6 @@ class ZeroSModel(ZeroSPreTrainedModel):
             counts = counts + cache.num_tokens.to(device)[:, None]
         cos, sin = rope_cos_sin((counts - 1).clamp_min(0), self.config.head_dim, self.config.rope_theta)
         ctx = {"cos": cos, "sin": sin, "counts": counts, "valid": valid, "documents": documents}
-        if self.config.attention_type == "softmax":
-            ctx["attn_mask"] = self._softmax_mask(valid, cache, B, T, device, documents)
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None

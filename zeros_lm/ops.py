@@ -56,7 +56,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["zeros_attention", "ZeroSState", "MODES"]
+__all__ = ["zeros_attention", "ZeroSState", "MODES", "linear_attention_chunked", "linear_attention_packed"]
 
 MODES = ("chunked", "recurrent", "reference", "fused", "auto")
 
@@ -783,3 +783,60 @@ def _step(state, q, k, v, s, g1, gh, g0, w):
     a = gh / E.clamp(min=_E_FLOOR)
     o = _readout(q.unsqueeze(-2), kv, a.unsqueeze(-1), b.unsqueeze(-1), c.unsqueeze(-1)).squeeze(-2)
     return o, ZeroSState(kv=kv, E=E, m=m, sbar=sbar, n=n)
+
+
+# ----------------------------------------------------------------------------------------------
+# The linear-attention baseline's op (normalised causal linear attention), on the same chunk layout
+# ----------------------------------------------------------------------------------------------
+
+LINEAR_ATTENTION_EPS = 1e-6  # denominator floor of the linear-attention baseline
+
+
+def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torch.Tensor | None = None):
+    """Causal normalised linear attention on feature-mapped q, k (B, H, T, d) and v (B, H, T, dv).
+
+    Inside a chunk of C tokens the C x C block is formed explicitly; across chunks the running sums
+    S (d x dv) and z (d) are carried (prefix sums over chunks). Returns o, S_T, z_T.
+
+    chunk_first: (B, N) long, for documents laid out chunk by chunk (no chunk holds two): the first
+    chunk of each chunk's document in its row; the sums then restart there (S0, z0 must be zero).
+    """
+    B, H, T, d = q.shape
+    dv = v.shape[-1]
+    C = max(1, min(chunk_size, T))
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # zero keys add nothing to the sums
+    q, k, v = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)).tril()  # (B, H, N, C, C), includes the diagonal
+    kv = k.transpose(-1, -2) @ v  # per-chunk sums (B, H, N, d, dv)
+    ks = k.sum(dim=-2)  # (B, H, N, d)
+    if chunk_first is None:
+        S_before = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2).cumsum(dim=2) + S0[:, :, None]
+        z_before = torch.cat([torch.zeros_like(ks[:, :, :1]), ks[:, :, :-1]], dim=2).cumsum(dim=2) + z0[:, :, None]
+    else:  # sums of the earlier chunks of the same document: a difference of float64 prefix sums
+        def before(x):
+            total = torch.cat([torch.zeros_like(x[:, :, :1]), x], dim=2).to(torch.float64).cumsum(dim=2)
+            index = chunk_first.view(B, 1, N, *([1] * (x.dim() - 3))).expand(-1, x.shape[1], -1, *x.shape[3:])
+            return (total[:, :, :-1] - total.gather(2, index)).to(x.dtype)
+
+        S_before, z_before = before(kv), before(ks)
+    num = scores @ v + q @ S_before
+    den = scores.sum(-1) + (q * z_before[:, :, :, None, :]).sum(-1)
+    o = num / den.clamp_min(LINEAR_ATTENTION_EPS)[..., None]
+    o = o.reshape(B, H, N * C, dv)[:, :, :T]
+    return o, S_before[:, :, -1] + kv[:, :, -1], z_before[:, :, -1] + ks[:, :, -1]
+
+
+def linear_attention_packed(q, k, v, row_lengths: list, chunk_size: int):
+    """linear_attention_chunked over packed documents, q, k (B, H, T, d), v (B, H, T, dv); row_lengths: per row,
+    the lengths of its documents. In each row every document is padded to whole chunks (the ZeroS op's layout)
+    and its sums start empty. Returns o (B, H, T, dv)."""
+    B, H, T, _ = q.shape
+    longest = max(n for row in row_lengths for n in row)
+    layout = _ChunkLayout.build(B, T, None, row_lengths, min(chunk_size, longest), q.device)
+    packed = [layout.pack(x.transpose(1, 2)).transpose(1, 2) for x in (q, k, v)]   # (B, H, N C, d)
+    zeros = q.new_zeros(B, H, q.shape[-1], v.shape[-1]), q.new_zeros(B, H, q.shape[-1])
+    o, _, _ = linear_attention_chunked(*packed, *zeros, layout.chunk_size, chunk_first=layout.chunk_first)
+    return layout.unpack(o.transpose(1, 2)).transpose(1, 2)
