@@ -140,7 +140,7 @@ class ModelSummaryWithoutFlops(ModelSummary):
     def summarize(summary_data, *args: Any, **kwargs: Any) -> None:
         def empty_flops(column) -> bool:
             name, values = column
-            return name == ModelSummaryWithoutFlops.FLOPS_COLUMN and all(str(v) == "0" for v in values)
+            return name == ModelSummaryWithoutFlops.FLOPS_COLUMN and all(str(v).strip() == "0" for v in values)
 
         ModelSummary.summarize([c for c in summary_data if not empty_flops(c)], *args, **kwargs)
 

@@ -38,5 +38,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return EXIT_USAGE
     module = importlib.import_module(COMMANDS[command][0])
-    sys.argv[0] = f"zeros-lm {command}"  # what the command's --help and errors call it
+    sys.argv = [f"zeros-lm {command}", *rest]  # what the command's --help and errors call it; its own arguments
     return module.main(rest)

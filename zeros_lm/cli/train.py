@@ -216,9 +216,11 @@ class _DropMessages(logging.Filter):
         return not str(record.getMessage()).lstrip().startswith(self.prefixes)
 
 
-# Printed on every run and of no use to it: Lightning's advertisement for its cloud logger, and a
+# Printed on every run and of no use to it: Lightning's advertisement for its cloud logger, its note
+# that our model summary (the one without the empty FLOPs column) replaces its default one, and a
 # FutureWarning that Lightning's own pytree helper triggers in torch (nothing a user can act on).
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+OUR_SUMMARY_NOTE = f"Trainer already configured with model summary callbacks: [{ModelSummaryWithoutFlops!r}]"
 PYTREE_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
@@ -227,7 +229,7 @@ def quiet_known_noise() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
-            logger.addFilter(_DropMessages(LITLOGGER_TIP))
+            logger.addFilter(_DropMessages(LITLOGGER_TIP, OUR_SUMMARY_NOTE))
     warnings.filterwarnings("ignore", message=PYTREE_LEAFSPEC_WARNING, category=FutureWarning)
 
 
