@@ -1,18 +1,28 @@
 """Configuration of ZeroS language models (and of the softmax / linear-attention baselines).
 
+This is the one place where the model's fields, their types and their defaults are written: the
+training command (``--model.<field>``, the YAML ``model:`` section) takes its options from this
+signature, checkpoints and exports store ``to_dict()``, and both rebuild the config from it. A new
+field added here reaches all of them. The defaults are those of the embedded default run
+(``configs/default.yaml``).
+
 This file is copied next to the weights by ``save_pretrained`` (it is imported relatively by
 ``modeling_zeros.py``), so it must import nothing from the ``zeros_lm`` package.
 """
 
+from typing import Literal, get_args
+
 from transformers import PreTrainedConfig
 
-ATTENTION_TYPES = ("zeros", "softmax", "linear")
-LOGIT_TYPES = ("deviation", "norm")
-ATTENTION_BACKENDS = ("auto", "torch")  # ZeroS: "auto" = fused kernels on CUDA when Triton is there
+AttentionType = Literal["zeros", "softmax", "linear"]
+LogitType = Literal["deviation", "norm"]
+AttentionBackend = Literal["auto", "torch"]  # ZeroS: "auto" = fused kernels on CUDA when Triton is there
+ATTENTION_TYPES = get_args(AttentionType)
+LOGIT_TYPES = get_args(LogitType)
+ATTENTION_BACKENDS = get_args(AttentionBackend)
 # Hybrid stacks: entries of ``layer_types``, in transformers' own vocabulary (which it validates).
 LINEAR_LAYER, FULL_LAYER = "linear_attention", "full_attention"
 LAYER_TYPES = (LINEAR_LAYER, FULL_LAYER)
-
 
 
 class ZeroSConfig(PreTrainedConfig):
@@ -32,7 +42,7 @@ class ZeroSConfig(PreTrainedConfig):
         num_attention_heads: heads per attention layer; must divide ``hidden_size`` and give an even
             head dimension (RoPE rotates pairs of channels).
         intermediate_size: width of the SwiGLU MLP; ``None`` picks 8/3 * hidden_size rounded up to a
-            multiple of 64 (1024 for hidden_size 384).
+            multiple of 64 (704 for hidden_size 256, 1024 for 384).
         rope_theta: RoPE base.
         chunk_size: chunk length of the chunked (training / prefill) forms.
         attention_type: ``"zeros"``, ``"softmax"`` or ``"linear"``.
@@ -73,23 +83,23 @@ class ZeroSConfig(PreTrainedConfig):
 
     def __init__(
         self,
-        vocab_size: int = 8192,
-        hidden_size: int = 384,
-        num_hidden_layers: int = 6,
-        num_attention_heads: int = 6,
+        vocab_size: int = 4096,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
         intermediate_size: int | None = None,
         rope_theta: float = 10000.0,
         chunk_size: int = 64,
-        attention_type: str = "zeros",
+        attention_type: AttentionType = "zeros",
         first_layer_zero_order: bool = True,
-        logit_type: str = "deviation",
+        logit_type: LogitType = "deviation",
         use_gates: bool = True,
         zero_order_all_layers: bool = False,
         use_output_norm: bool = True,
         rms_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         use_cache: bool = True,
-        attention_backend: str = "auto",
+        attention_backend: AttentionBackend = "auto",
         layer_types: list[str] | None = None,
         softmax_every: int = 0,
         conv_size: int = 0,
@@ -124,12 +134,17 @@ class ZeroSConfig(PreTrainedConfig):
             layer_types = [FULL_LAYER if (i + 1) % softmax_every == 0 else LINEAR_LAYER for i in range(num_hidden_layers)]
         self.layer_types = list(layer_types) if layer_types is not None else None
         self._check()
+        # Passed on through a copy: the signature resolver of jsonargparse (which builds the training
+        # command's --model.* options from this signature) follows a plain ``**kwargs`` into
+        # PreTrainedConfig and would offer transformers' own keys (id2label, problem_type, ...) as
+        # training options.
+        extra = dict(kwargs)
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
-            **kwargs,
+            **extra,
         )
 
     @property
