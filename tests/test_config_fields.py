@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 import typing
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from test_train import print_config as print_train_config  # the training command's --print_config
 
 from zeros_lm import ZeroSConfig
 from zeros_lm import training
 from zeros_lm.checkpoint import CHECKPOINT_KEY, config_fields, read_config, read_tokenizer
-from zeros_lm.cli import train
 from zeros_lm.export import export_from_checkpoint
 
 # The fields the training command links from the data module's tokenizer (not options of their own).
@@ -71,14 +70,7 @@ def changed_values(config_class=ZeroSConfig) -> dict:
 
 
 def print_config(args: list[str], capsys) -> dict:
-    saved, sys.argv = sys.argv, ["train.py"]
-    try:
-        with pytest.raises(SystemExit) as e:
-            train.make_cli(args + ["--print_config"])
-    finally:
-        sys.argv = saved
-    assert e.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(print_train_config(args, capsys))
 
 
 def export_config(lit_module, tokenizer, tmp_path: Path) -> dict:

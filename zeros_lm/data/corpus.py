@@ -133,17 +133,10 @@ def _pack_documents(docs, tokenizer_json: str, block_size: int, eos_id: int, num
     nproc = num_proc if (num_proc and num_proc > 1 and n_docs >= 8 * num_proc) else None
     if nproc:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    tokenized = docs.map(
-        _tokenize_batch,
-        batched=True,
-        batch_size=256,
-        num_proc=nproc,
-        remove_columns=docs.column_names,
-        fn_kwargs={"tokenizer_json": tokenizer_json, "parent_pid": os.getpid() if nproc else None},
-        features=datasets.Features(
-            {"ids": datasets.Sequence(datasets.Value("int32")), "n_tokens": datasets.Value("int64")}
-        ),
-        desc=f"Tokenising {what}",
+    tokenized = _batched_map(
+        docs, _tokenize_batch, 256, nproc, {"tokenizer_json": tokenizer_json},
+        datasets.Features({"ids": datasets.Sequence(datasets.Value("int32")), "n_tokens": datasets.Value("int64")}),
+        f"Tokenising {what}",
     )
     n_tokens = int(np.sum(tokenized.with_format("numpy")["n_tokens"])) if len(tokenized) else 0
     if n_tokens == 0:
@@ -151,17 +144,26 @@ def _pack_documents(docs, tokenizer_json: str, block_size: int, eos_id: int, num
     # Pack in few large batches so little is lost at batch ends; several processes only when there
     # is enough for every one of them to fill many blocks.
     pack_proc = nproc if (nproc and n_tokens > 2000 * block_size * nproc) else None
-    blocks = tokenized.map(
-        _pack_batch,
-        batched=True,
-        batch_size=2000,
-        num_proc=pack_proc,
-        remove_columns=tokenized.column_names,
-        fn_kwargs={"block_size": block_size, "eos_id": eos_id, "parent_pid": os.getpid() if pack_proc else None},
-        features=_block_features(block_size),
-        desc=f"Packing {what}",
+    blocks = _batched_map(
+        tokenized, _pack_batch, 2000, pack_proc, {"block_size": block_size, "eos_id": eos_id},
+        _block_features(block_size), f"Packing {what}",
     )
     return blocks, n_docs, n_tokens
+
+
+def _batched_map(ds, fn, batch_size: int, num_proc: Optional[int], fn_kwargs: dict, features, desc: str):
+    """``ds.map(fn)`` in batches, replacing the columns; worker processes (``num_proc``) die with
+    this one (``parent_pid``, see :func:`~zeros_lm.data.cache._die_with`)."""
+    return ds.map(
+        fn,
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        remove_columns=ds.column_names,
+        fn_kwargs={**fn_kwargs, "parent_pid": os.getpid() if num_proc else None},
+        features=features,
+        desc=desc,
+    )
 
 
 def prepare_corpus(
