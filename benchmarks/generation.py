@@ -18,12 +18,10 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zeros_lm import ZeroSCache, ZeroSConfig, ZeroSForCausalLM  # noqa: E402
+from zeros_lm import ZeroSCache, ZeroSConfig, ZeroSForCausalLM  # the installed package (scripts/setup.sh)
 
 FULL = {"zeros": [128, 1024, 4096, 8192, 32768], "softmax": [128, 1024, 4096, 8192]}
 QUICK = {"zeros": [128, 1024, 2048], "softmax": [128, 1024, 2048]}

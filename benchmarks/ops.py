@@ -29,8 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from zeros_lm.ops import zeros_attention  # noqa: E402
+from zeros_lm.ops import zeros_attention  # the installed package (scripts/setup.sh: pip install -e .)
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 NAIVE_MAX_T = 4096  # the naive form holds a (d, d) matrix per token: beyond this it does not fit usefully

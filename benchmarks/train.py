@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def run_point(args) -> dict:
     import resource
@@ -29,7 +27,6 @@ def run_point(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(REPO))
     from zeros_lm import ZeroSConfig, ZeroSForCausalLM
 
     torch.manual_seed(0)
