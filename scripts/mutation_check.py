@@ -74,7 +74,7 @@ MUTATIONS = [
       ("tests/test_data.py", "-k", "streaming")),
     # 4. val_files
     M("val_files: validation built from the training documents", "zeros_lm/data/corpus.py",
-      "val, vd, vt = _pack_documents(val_docs, ", "val, vd, vt = _pack_documents(get_docs(), ",
+      "val, vd, vt = _pack_documents(val_docs, ", "val, vd, vt = _pack_documents(docs, ",
       ("tests/test_data.py", "-k", "validation")),
     # other data promises
     M("data: sample_by paragraph splits lines", "zeros_lm/data/sources.py",

@@ -177,30 +177,14 @@ def prepare_corpus(
 ) -> PreparedCorpus:
     """Tokenise and pack a corpus, or load it from the cache if this was done before.
 
-    ``options`` are the fields of :class:`CorpusOptions` (``seq_len=``, ``tokenizer=``, ...)."""
-    import datasets
-
+    ``options`` are the fields of :class:`CorpusOptions` (``seq_len=``, ``tokenizer=``, ...). Two
+    cached stages: the tokenizer (keyed by the sources and the BPE settings) and the blocks (keyed
+    by the sources, the validation files, the tokenizer and the cutting)."""
     o = CorpusOptions(**options)
-
-    if o.seq_len < 1:
-        raise DataError(f"seq_len must be positive, got {o.seq_len}")
-    if not 0.0 <= o.val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {o.val_fraction}")
-    if o.tokenizer is None:
-        check_vocab_size(o.tokenizer_vocab_size)
-    if not train_files and not o.dataset_name:
-        raise DataError("no training data: give --data.train_files or --data.dataset_name")
-    block_size = o.seq_len + 1
+    _check_options(o, train_files)
     cache_root = Path(cache_dir or default_cache_dir())
     cache_root.mkdir(parents=True, exist_ok=True)
-
-    if o.dataset_name:
-        source_fp = _hash("hub", o.dataset_name, o.dataset_config, o.dataset_split, o.text_column)
-        if os.path.isdir(o.dataset_name):  # a local dataset directory: its files' state counts
-            source_fp = _hash(source_fp, _files_fingerprint(resolve_files(o.dataset_name)))
-    else:
-        source_fp = _hash("files", _files_fingerprint(train_files), o.text_column, o.sample_by)
-    val_fp = _files_fingerprint(val_files) if val_files else None
+    source_fp = _source_fingerprint(o, train_files)
 
     with _cache_lock(cache_root), _work_dir(cache_root) as work:
         docs = None
@@ -223,109 +207,151 @@ def prepare_corpus(
                 docs = docs.shuffle(seed=o.seed).flatten_indices()
             return docs
 
-        # 1. Tokenizer
-        if o.tokenizer is not None:
-            tok = load_tokenizer(o.tokenizer)
-        else:
-            tok_dir = cache_root / "tokenizers" / _hash(
-                _CACHE_VERSION, source_fp, o.tokenizer_vocab_size, o.tokenizer_train_chars, o.seed
-            )
-            if use_cache and (tok_dir / "tokenizer.json").is_file():
-                tok = load_tokenizer(str(tok_dir))
-                rank_zero_info(f"Tokenizer: loaded from the cache {tok_dir}")
-            else:
-                t0 = time.time()
-                tok = _train_tokenizer_on(get_docs(), o.tokenizer_vocab_size, o.tokenizer_train_chars)
-                rank_zero_info(
-                    f"Tokenizer: trained a byte-level BPE of {len(tok)} entries in {time.time() - t0:.1f} s"
-                )
-                if use_cache:
-                    _atomic_save_dir(lambda d: tok.save_pretrained(d), tok_dir)
+        tok = _corpus_tokenizer(o, cache_root / "tokenizers", source_fp, get_docs, use_cache)
         tokenizer_json = tok.backend_tokenizer.to_str()
-        eos_id = tok.eos_token_id
-
-        # 2. Blocks
+        block_size = o.seq_len + 1
         data_dir = cache_root / "data" / _hash(
             _CACHE_VERSION,
             source_fp,
-            val_fp,
+            _files_fingerprint(val_files) if val_files else None,
             hashlib.sha256(tokenizer_json.encode()).hexdigest(),
             block_size,
             o.val_fraction,
             o.seed,
         )
         if use_cache and (data_dir / "meta.json").is_file():
-            train = datasets.load_from_disk(str(data_dir / "train"))
-            val = datasets.load_from_disk(str(data_dir / "val")) if (data_dir / "val").is_dir() else None
-            stats = json.loads((data_dir / "meta.json").read_text())
-            rank_zero_info(
-                f"Data: loaded {len(train)} training and {len(val) if val is not None else 0} validation "
-                f"blocks of {block_size} tokens from the cache {data_dir}"
-            )
-            return PreparedCorpus(train, val, tok, stats, True, str(data_dir))
+            return _load_blocks(data_dir, tok)
 
-        t0 = time.time()
-        blocks, n_docs, n_tokens = _pack_documents(
-            get_docs(), tokenizer_json, block_size, eos_id, num_proc, "the training data"
-        )
-        n_blocks = len(blocks)
-        if n_blocks == 0:
-            raise DataError(
-                f"corpus too small: {n_tokens} tokens in {n_docs} documents make no block of "
-                f"seq_len + 1 = {block_size} tokens; give more data or a smaller --data.seq_len"
-            )
-        val = None
-        val_stats: dict = {}
-        if val_files:
-            val_docs = load_documents(
+        def val_docs():
+            return load_documents(
                 val_files, text_column=o.text_column, sample_by=o.sample_by, cache_dir=str(work), num_proc=num_proc
             )
-            val, vd, vt = _pack_documents(val_docs, tokenizer_json, block_size, eos_id, num_proc, "the validation data")
-            if len(val) == 0:
-                raise DataError(
-                    f"validation data too small: {vt} tokens make no block of seq_len + 1 = {block_size} tokens"
-                )
-            train = blocks
-            val_stats = {"val_documents": vd, "val_tokens": vt}
-        elif o.val_fraction > 0:
-            n_val = max(1, int(round(o.val_fraction * n_blocks)))
-            if n_blocks - n_val < 1:
-                raise DataError(
-                    f"corpus too small: {n_blocks} block(s) of {block_size} tokens cannot be split into "
-                    f"training and validation (val_fraction={o.val_fraction}); give more data, a smaller "
-                    "--data.seq_len, --data.val_files, or --data.val_fraction 0"
-                )
-            train = blocks.select(range(n_blocks - n_val))
-            val = blocks.select(range(n_blocks - n_val, n_blocks))
-        else:
-            train = blocks
-        stats = {
-            "documents": n_docs,
-            "tokens": n_tokens,
-            "block_size": block_size,
-            "train_blocks": len(train),
-            "val_blocks": len(val) if val is not None else 0,
-            "vocab_size": len(tok),
-            "seconds": round(time.time() - t0, 2),
-            **val_stats,
-        }
+
+        train, val, stats = _cut_blocks(o, get_docs(), val_docs if val_files else None, tok, num_proc)
         if use_cache:
-
-            def write(d):
-                train.save_to_disk(os.path.join(d, "train"))
-                if val is not None:
-                    val.save_to_disk(os.path.join(d, "val"))
-                Path(d, "meta.json").write_text(json.dumps(stats, indent=1))
-
-            _atomic_save_dir(write, data_dir)
-            train = datasets.load_from_disk(str(data_dir / "train"))
-            val = datasets.load_from_disk(str(data_dir / "val")) if val is not None else None
+            train, val = _save_blocks(data_dir, train, val, stats)
         rank_zero_info(
-            f"Data: {n_docs} documents, {n_tokens:,} tokens -> {len(train)} training and "
+            f"Data: {stats['documents']} documents, {stats['tokens']:,} tokens -> {len(train)} training and "
             f"{len(val) if val is not None else 0} validation blocks of {block_size} tokens "
             f"({stats['seconds']} s)"
         )
         return PreparedCorpus(train, val, tok, stats, False, str(data_dir) if use_cache else None)
+
+
+def _check_options(o: CorpusOptions, train_files) -> None:
+    if o.seq_len < 1:
+        raise DataError(f"seq_len must be positive, got {o.seq_len}")
+    if not 0.0 <= o.val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {o.val_fraction}")
+    if o.tokenizer is None:
+        check_vocab_size(o.tokenizer_vocab_size)
+    if not train_files and not o.dataset_name:
+        raise DataError("no training data: give --data.train_files or --data.dataset_name")
+
+
+def _source_fingerprint(o: CorpusOptions, train_files) -> str:
+    """What the training documents are: the hub dataset's name (and a local one's files), or the
+    files' paths, sizes and modification times; with how they are read."""
+    if o.dataset_name:
+        source_fp = _hash("hub", o.dataset_name, o.dataset_config, o.dataset_split, o.text_column)
+        if os.path.isdir(o.dataset_name):  # a local dataset directory: its files' state counts
+            source_fp = _hash(source_fp, _files_fingerprint(resolve_files(o.dataset_name)))
+        return source_fp
+    return _hash("files", _files_fingerprint(train_files), o.text_column, o.sample_by)
+
+
+def _corpus_tokenizer(o: CorpusOptions, cache: Path, source_fp: str, get_docs, use_cache: bool):
+    """The tokenizer given by ``o.tokenizer``, else a BPE from the cache or trained on the documents."""
+    if o.tokenizer is not None:
+        return load_tokenizer(o.tokenizer)
+    tok_dir = cache / _hash(_CACHE_VERSION, source_fp, o.tokenizer_vocab_size, o.tokenizer_train_chars, o.seed)
+    if use_cache and (tok_dir / "tokenizer.json").is_file():
+        tok = load_tokenizer(str(tok_dir))
+        rank_zero_info(f"Tokenizer: loaded from the cache {tok_dir}")
+        return tok
+    t0 = time.time()
+    tok = _train_tokenizer_on(get_docs(), o.tokenizer_vocab_size, o.tokenizer_train_chars)
+    rank_zero_info(f"Tokenizer: trained a byte-level BPE of {len(tok)} entries in {time.time() - t0:.1f} s")
+    if use_cache:
+        _atomic_save_dir(lambda d: tok.save_pretrained(d), tok_dir)
+    return tok
+
+
+def _cut_blocks(o: CorpusOptions, docs, get_val_docs, tok, num_proc: Optional[int]):
+    """Pack the training documents (and the validation documents from ``get_val_docs``, if given,
+    else the last ``val_fraction`` of the blocks); returns (train, val, stats)."""
+    t0 = time.time()
+    tokenizer_json, eos_id, block_size = tok.backend_tokenizer.to_str(), tok.eos_token_id, o.seq_len + 1
+    blocks, n_docs, n_tokens = _pack_documents(docs, tokenizer_json, block_size, eos_id, num_proc, "the training data")
+    n_blocks = len(blocks)
+    if n_blocks == 0:
+        raise DataError(
+            f"corpus too small: {n_tokens} tokens in {n_docs} documents make no block of "
+            f"seq_len + 1 = {block_size} tokens; give more data or a smaller --data.seq_len"
+        )
+    val = None
+    val_stats: dict = {}
+    if get_val_docs is not None:
+        val_docs = get_val_docs()
+        val, vd, vt = _pack_documents(val_docs, tokenizer_json, block_size, eos_id, num_proc, "the validation data")
+        if len(val) == 0:
+            raise DataError(
+                f"validation data too small: {vt} tokens make no block of seq_len + 1 = {block_size} tokens"
+            )
+        train = blocks
+        val_stats = {"val_documents": vd, "val_tokens": vt}
+    elif o.val_fraction > 0:
+        n_val = max(1, int(round(o.val_fraction * n_blocks)))
+        if n_blocks - n_val < 1:
+            raise DataError(
+                f"corpus too small: {n_blocks} block(s) of {block_size} tokens cannot be split into "
+                f"training and validation (val_fraction={o.val_fraction}); give more data, a smaller "
+                "--data.seq_len, --data.val_files, or --data.val_fraction 0"
+            )
+        train = blocks.select(range(n_blocks - n_val))
+        val = blocks.select(range(n_blocks - n_val, n_blocks))
+    else:
+        train = blocks
+    stats = {
+        "documents": n_docs,
+        "tokens": n_tokens,
+        "block_size": block_size,
+        "train_blocks": len(train),
+        "val_blocks": len(val) if val is not None else 0,
+        "vocab_size": len(tok),
+        "seconds": round(time.time() - t0, 2),
+        **val_stats,
+    }
+    return train, val, stats
+
+
+def _save_blocks(data_dir: Path, train, val, stats: dict):
+    """Write the blocks into the cache (atomically) and return them memory-mapped from there."""
+    import datasets
+
+    def write(d):
+        train.save_to_disk(os.path.join(d, "train"))
+        if val is not None:
+            val.save_to_disk(os.path.join(d, "val"))
+        Path(d, "meta.json").write_text(json.dumps(stats, indent=1))
+
+    _atomic_save_dir(write, data_dir)
+    train = datasets.load_from_disk(str(data_dir / "train"))
+    val = datasets.load_from_disk(str(data_dir / "val")) if val is not None else None
+    return train, val
+
+
+def _load_blocks(data_dir: Path, tok) -> PreparedCorpus:
+    import datasets
+
+    train = datasets.load_from_disk(str(data_dir / "train"))
+    val = datasets.load_from_disk(str(data_dir / "val")) if (data_dir / "val").is_dir() else None
+    stats = json.loads((data_dir / "meta.json").read_text())
+    rank_zero_info(
+        f"Data: loaded {len(train)} training and {len(val) if val is not None else 0} validation "
+        f"blocks of {stats.get('block_size')} tokens from the cache {data_dir}"
+    )
+    return PreparedCorpus(train, val, tok, stats, True, str(data_dir))
 
 
 __all__ = ["CorpusOptions", "PreparedCorpus", "prepare_corpus"]
