@@ -6,9 +6,12 @@ that DeepSpeed writes), or from a model in memory. The directory holds ``model.s
 ``trust_remote_code=True`` where ``zeros_lm`` is not installed), the tokenizer and
 ``generation_config.json``.
 
-Command line::
+Command line (``zeros-lm export`` runs the same)::
 
     python -m zeros_lm.export CHECKPOINT OUT_DIR [--tokenizer DIR] [--dtype bfloat16] [--overwrite]
+
+What the checkpoint holds besides its weights (the model's config, the tokenizer) is read through
+:mod:`zeros_lm.checkpoint`.
 
 A directory that is not empty is only replaced with ``--overwrite`` (``overwrite=True``), and then
 as a whole: the export is written to a temporary directory beside it and swapped in, so the
