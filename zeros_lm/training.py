@@ -12,13 +12,13 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategy names)
 from .callbacks import AtomicCheckpointIO, HFExport, StepProgressBar, ThroughputLogger, ZeroSCheckpoint  # noqa: F401
 from .checkpoint import CHECKPOINT_KEY, config_fields, model_state
 from .configuration_zeros import ZeroSConfig
-from .modeling_zeros import ZeroSForCausalLM
+from .modeling_zeros import ZeroSForCausalLM, packed_position_ids
 from .rundir import RunError, claim_root_dir, remove_previous_run  # noqa: F401  (re-exported)
 from .strategies import deepspeed_offloads_optimizer, uses_deepspeed
 
@@ -98,6 +98,30 @@ def check_model_arguments(arguments: dict) -> None:
         message = " ".join(str(e).split()).replace("ZeroSConfig: ", "").replace("ZeroSConfig.", "--model.")
         raise bad(message) from None
 
+COMPILE_KWARGS: dict = {}  # passed to torch.compile for each block (tests use a cheaper backend)
+
+
+def model_flops_per_token(model: ZeroSForCausalLM, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward) of ``model`` on sequences of ``seq_len``:
+    6 per weight that multiplies activations (all but the input embedding; the LM head counts, tied or not),
+    plus each layer's token mixing, per head:
+
+    - softmax: causal Q K^T and (weights) V over T / 2 keys on average: 2 * 2 * (T / 2) * d;
+    - ZeroS: the same two products over C / 2 keys in a chunk of C, plus the state readout and update
+      (three d x d matrices each): 2 * 2 * (C / 2) * d + 2 * 2 * 3 * d * d;
+    - linear: as ZeroS with one d x d state.
+    """
+    config = model.config
+    H, d, C = config.num_attention_heads, config.head_dim, min(config.chunk_size, seq_len)
+    mixing = {"softmax": 2 * seq_len * d, "zeros": 2 * C * d + 12 * d * d, "linear": 2 * C * d + 4 * d * d}
+    forward = sum(H * mixing[kind] for kind in config.mixer_types)
+    embedding = model.get_input_embeddings().weight
+    weights = sum(p.numel() for p in model.parameters() if p is not embedding)
+    if config.tie_word_embeddings:
+        weights += embedding.numel()  # the tied head still multiplies
+    return 6 * weights + 3 * forward
+
+
 class ZeroSLitModule(LightningModule):
     """Causal-LM pretraining of a ``ZeroSForCausalLM`` (ZeroS, or the softmax / linear baselines).
 
@@ -121,6 +145,19 @@ class ZeroSLitModule(LightningModule):
             optimizer), ``"adamw"``, ``"cpu_adam"`` (DeepSpeedCPUAdam) or ``"fused_adam"`` (DeepSpeed
             FusedAdam, CUDA).
         gradient_checkpointing: recompute activations in the backward pass (less memory).
+        compile: compile every block with ``torch.compile`` (as nanoGPT and flame offer): on a GPU the
+            elementwise work around the attention fuses; the fused ZeroS op is a registered custom op,
+            so it does not break the graph. The first steps are slow while it compiles.
+        document_resets: the training blocks are packed as ``doc EOS doc EOS ...``; keep their
+            documents apart (``position_ids`` restarting at each EOS, see
+            :func:`~zeros_lm.modeling_zeros.packed_position_ids`: ZeroS and linear-attention states
+            reset, softmax attention is block-diagonal, RoPE restarts), in training and validation
+            alike. The option describes the blocks, so the training command sets it from
+            ``--data.document_resets`` (a link, like the vocabulary): this module never looks at the
+            data module. It needs the model's ``eos_token_id`` (the separator); without one a block
+            is one document. The exported ``config.json`` says what was used:
+            ``trained_with_document_resets``. Generation reads one document per row, so it is the
+            same either way.
         config: the fields of ``ZeroSConfig`` (``hidden_size``, ``attention_type``, ...).
     """
 
@@ -136,6 +173,8 @@ class ZeroSLitModule(LightningModule):
         eps: float = 1e-8,
         optimizer: Literal["auto", "adamw", "cpu_adam", "fused_adam"] = "auto",
         gradient_checkpointing: bool = False,
+        compile: bool = False,
+        document_resets: bool = True,
         **config: Any,
     ):
         unknown = sorted(set(config) - set(config_fields(ZeroSConfig)))
@@ -161,8 +200,13 @@ class ZeroSLitModule(LightningModule):
             # The model's fields are ZeroSConfig's own: the command line and the YAML ``model:``
             # section offer exactly its parameters (jsonargparse follows **config into it).
             self.model = ZeroSForCausalLM(ZeroSConfig(**config))
+        # Recorded in the model's config: the checkpoint and the exported config.json carry it.
+        self.model.config.trained_with_document_resets = self.document_separator is not None
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile:
+            for block in self.model.model.layers:  # in place: parameter names (and checkpoints) unchanged
+                block.compile(**COMPILE_KWARGS)
         self._val_sum: Optional[torch.Tensor] = None
         self._val_count: Optional[torch.Tensor] = None
         self._last_ds_step = -1
@@ -175,12 +219,22 @@ class ZeroSLitModule(LightningModule):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    @property
+    def document_separator(self) -> Optional[int]:
+        """The token that separates the documents of a training block (the model's EOS), or None when
+        the documents are not kept apart (``document_resets=False``, or no EOS)."""
+        eos = self.model.config.eos_token_id
+        return eos if self.hparams.document_resets and isinstance(eos, int) else None
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of a batch of packed blocks (B, T + 1), each document on its own
+        (see ``document_resets``)."""
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = self(inputs)
+        separator = self.document_separator
+        logits = self(inputs, None if separator is None else packed_position_ids(inputs, separator))
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -276,6 +330,16 @@ class ZeroSLitModule(LightningModule):
     # -- checkpoints carry the model's config (the data module's state carries the tokenizer) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = model_state(self.model.config)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A run resumed with the other setting goes on, but says so (checkpoints written before the
+        # option existed were trained without resets).
+        stored = bool((checkpoint.get("hyper_parameters") or {}).get("document_resets", False))
+        if stored != bool(self.hparams.document_resets):
+            rank_zero_warn(
+                f"resuming a run trained with document_resets={stored} with document_resets="
+                f"{self.hparams.document_resets}; pass --data.document_resets {str(stored).lower()} to keep it"
+            )
 
     @torch.no_grad()
     def probe_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

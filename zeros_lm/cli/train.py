@@ -149,6 +149,8 @@ class ZeroSCLI(LightningCLI):
         # The model's vocabulary and special tokens follow the tokenizer that the data module owns.
         for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+        # Whether the packed documents are kept apart describes the blocks: a data option.
+        parser.link_arguments("data.document_resets", "model.document_resets")
 
     def before_instantiate_classes(self) -> None:
         config = self.config

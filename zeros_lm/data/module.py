@@ -191,6 +191,12 @@ class TextDataModule(LightningDataModule):
         shuffle_buffer: streaming only: size of the block shuffle buffer.
         val_docs: streaming only, without ``val_files``: this many documents at the start of the
             stream are held out for validation.
+        document_resets: the blocks hold several documents (``doc EOS doc EOS ...``); with ``True``
+            (the default) training keeps them apart: each EOS opens a new document, whose tokens see
+            nothing before it (the model's state resets, softmax attention stays inside it). ``False``
+            is the old behaviour: a block is read as one sequence across its documents. It changes
+            how the blocks are read, not how they are cut (the packed cache is shared); the training
+            command passes it on to the model's ``document_resets``.
         batch_size: sequences per device and step.
         num_workers: DataLoader worker processes.
         num_proc: processes for ``datasets.map`` (default: all cores, up to 8).
@@ -210,6 +216,7 @@ class TextDataModule(LightningDataModule):
         streaming: bool = False,
         shuffle_buffer: int = 10_000,
         val_docs: int = 100,
+        document_resets: bool = True,
         batch_size: int = 8,
         num_workers: int = 0,
         num_proc: Optional[int] = None,
@@ -228,6 +235,7 @@ class TextDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = self.options.seed
         self.streaming = streaming
+        self.document_resets = document_resets
         self.num_proc = num_proc if num_proc is not None else max(1, min(8, os.cpu_count() or 1))
         self.cache_dir = cache_dir or default_cache_dir()
 
