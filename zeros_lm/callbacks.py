@@ -31,14 +31,36 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
+# Dense bfloat16 tensor-core peak of one device, FLOP/s, for model FLOPs utilisation (MFU).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def peak_flops_of(device: torch.device) -> Optional[float]:
+    """The bf16 peak of a known CUDA device (by name), else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 class ThroughputLogger(Callback):
     """Logs training tokens per second (all ranks together, averaged over the last ``window``
-    batches, validation time left out) and the number of training tokens seen."""
+    batches, validation time left out), the number of training tokens seen, and on a GPU the model
+    FLOPs utilisation ``mfu``: tokens/s x training FLOPs per token (``model_flops_per_token``) over the
+    devices' peak.
 
-    def __init__(self, window: int = 20):
+    Args:
+        window: batches in the moving average.
+        peak_flops: peak FLOP/s of one device (default: the bf16 peak of a known GPU, see
+            ``PEAK_BF16_FLOPS``; no MFU where it is unknown, e.g. on a CPU).
+    """
+
+    def __init__(self, window: int = 20, peak_flops: Optional[float] = None):
         self.window = window
+        self.peak_flops = peak_flops
         self._times: deque = deque(maxlen=window)
         self._last: Optional[float] = None
+        self._flops_per_token: Optional[float] = None
         self.tokens_seen = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -56,6 +78,14 @@ class ThroughputLogger(Callback):
         if elapsed > 0:
             tok_s = sum(n for _, n in self._times) / elapsed
             pl_module.log("tok_s", tok_s, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+            peak = self.peak_flops or peak_flops_of(pl_module.device)
+            if peak:
+                if self._flops_per_token is None:
+                    from .training import model_flops_per_token
+
+                    self._flops_per_token = model_flops_per_token(pl_module.model, seq_len=int(batch.shape[1]) - 1)
+                mfu = tok_s * self._flops_per_token / (peak * trainer.world_size)
+                pl_module.log("mfu", mfu, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
         pl_module.log("train/tokens", float(self.tokens_seen), on_step=True, on_epoch=False, rank_zero_only=True)
 
     def on_validation_end(self, trainer, pl_module) -> None:
