@@ -122,30 +122,6 @@ def model_flops_per_token(model: ZeroSForCausalLM, seq_len: int) -> float:
     return 6 * weights + 3 * forward
 
 
-COMPILE_KWARGS: dict = {}  # passed to torch.compile for each block (tests use a cheaper backend)
-
-
-def model_flops_per_token(model: ZeroSForCausalLM, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward) of ``model`` on sequences of ``seq_len``:
-    6 per weight that multiplies activations (all but the input embedding; the LM head counts, tied or not),
-    plus each layer's token mixing, per head:
-
-    - softmax: causal Q K^T and (weights) V over T / 2 keys on average: 2 * 2 * (T / 2) * d;
-    - ZeroS: the same two products over C / 2 keys in a chunk of C, plus the state readout and update
-      (three d x d matrices each): 2 * 2 * (C / 2) * d + 2 * 2 * 3 * d * d;
-    - linear: as ZeroS with one d x d state.
-    """
-    config = model.config
-    H, d, C = config.num_attention_heads, config.head_dim, min(config.chunk_size, seq_len)
-    mixing = {"softmax": 2 * seq_len * d, "zeros": 2 * C * d + 12 * d * d, "linear": 2 * C * d + 4 * d * d}
-    forward = sum(H * mixing[kind] for kind in config.mixer_types)
-    embedding = model.get_input_embeddings().weight
-    weights = sum(p.numel() for p in model.parameters() if p is not embedding)
-    if config.tie_word_embeddings:
-        weights += embedding.numel()  # the tied head still multiplies
-    return 6 * weights + 3 * forward
-
-
 class ZeroSLitModule(LightningModule):
     """Causal-LM pretraining of a ``ZeroSForCausalLM`` (ZeroS, or the softmax / linear baselines).
 
@@ -169,9 +145,6 @@ class ZeroSLitModule(LightningModule):
             optimizer), ``"adamw"``, ``"cpu_adam"`` (DeepSpeedCPUAdam) or ``"fused_adam"`` (DeepSpeed
             FusedAdam, CUDA).
         gradient_checkpointing: recompute activations in the backward pass (less memory).
-        compile: compile every block with ``torch.compile`` (as nanoGPT and flame offer): on a GPU the
-            elementwise work around the attention fuses; the fused ZeroS op is a registered custom op,
-            so it does not break the graph. The first steps are slow while it compiles.
         compile: compile every block with ``torch.compile`` (as nanoGPT and flame offer): on a GPU the
             elementwise work around the attention fuses; the fused ZeroS op is a registered custom op,
             so it does not break the graph. The first steps are slow while it compiles.
@@ -200,7 +173,6 @@ class ZeroSLitModule(LightningModule):
         eps: float = 1e-8,
         optimizer: Literal["auto", "adamw", "cpu_adam", "fused_adam"] = "auto",
         gradient_checkpointing: bool = False,
-        compile: bool = False,
         compile: bool = False,
         document_resets: bool = True,
         **config: Any,
@@ -232,9 +204,6 @@ class ZeroSLitModule(LightningModule):
         self.model.config.trained_with_document_resets = self.document_separator is not None
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if compile:
-            for block in self.model.model.layers:  # in place: parameter names (and checkpoints) unchanged
-                block.compile(**COMPILE_KWARGS)
         if compile:
             for block in self.model.model.layers:  # in place: parameter names (and checkpoints) unchanged
                 block.compile(**COMPILE_KWARGS)
