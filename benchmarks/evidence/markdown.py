@@ -158,6 +158,24 @@ def mqar_means(mq: dict) -> dict:
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
+MQAR_FIELDS = {"layers": "mqar_layers", "heads": "mqar_heads", "vocab": "mqar_vocab", "steps": "mqar_steps",
+               "lrs": "mqar_lrs", "lengths": "mqar_lengths", "widths": "mqar_widths", "batch_tokens": "mqar_batch_tokens",
+               "weight_decay": "mqar_weight_decay"}
+
+
+def mqar_changes(mq: dict, mode: str) -> str:
+    """'field=value, ...' where the MQAR results' settings differ from the mode's preset."""
+    base = presets.PRESETS.get(mode)
+    out = []
+    for key, name in MQAR_FIELDS.items():
+        if base is None or key not in mq:
+            continue
+        value, default = mq[key], getattr(base, name)
+        if (list(value) if isinstance(value, (list, tuple)) else value) != (list(default) if isinstance(default, tuple) else default):
+            out.append(f"{name}={','.join(f'{v:g}' for v in value) if isinstance(value, (list, tuple)) else value}")
+    return ", ".join(out)
+
+
 def md_mqar(run: Run, findings: list[str]) -> list[str]:
     mq = run.results.get("mqar")
     p = section_preset(run, "mqar")
@@ -172,14 +190,17 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
         "filler token. Only the value after each query key is scored (the label sits at the query key's position: the "
         "model predicts the next token). As in zoology, one model per model row and width is trained on a mixture of "
         f"the lengths {', '.join(map(str, mq['lengths']))} (one length per batch, in turn; fresh data every step, "
-        f"about {p.mqar_batch_tokens} tokens per batch) and then scored on {p.mqar_val} held-out sequences of each "
+        f"about {mq.get('batch_tokens', p.mqar_batch_tokens)} tokens per batch) and then scored on {p.mqar_val} held-out "
+        "sequences of each "
         f"length. {mq.get('layers', 2)} layers, {mq['heads']} heads, {mq['steps']} steps, AdamW with weight decay "
-        f"{mq.get('weight_decay', 0.1):g}, warmup then cosine decay; learning rates swept over "
-        f"{', '.join(f'{x:g}' for x in lrs)}, and each model's best (highest mean accuracy over the lengths) is "
-        "reported, as zoology reports the best of its sweep. One seed per model. Parameter counts are matched to the "
+        f"{mq.get('weight_decay', 0.1):g}, warmup then cosine decay; "
+        + (f"learning rates swept over {', '.join(f'{x:g}' for x in lrs)}, and each model's best (highest mean accuracy "
+           "over the lengths) is reported, as zoology reports the best of its sweep." if len(lrs) > 1 else
+           f"one learning rate, {lrs[0]:g} (**no sweep in this run**: a model can fail from optimisation alone).")
+        + " One seed per model. Parameter counts are matched to the "
         "paper-exact ZeroS at the same width within 5%."
-        + (f" **This run changed the {p.name} mode's settings ({changed_settings(run, 'mqar')})**, to fit the machine's "
-           "time; the mode's own settings are in benchmarks/evidence/presets.py." if changed_settings(run, "mqar") else ""),
+        + (f" **This run changed the {p.name} mode's settings ({mqar_changes(mq, p.name)})**, to fit the machine's "
+           "time; the mode's own settings are in benchmarks/evidence/presets.py." if mqar_changes(mq, p.name) else ""),
         "",
         "![MQAR](mqar.png)", "",
     ]
@@ -202,6 +223,10 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
         lines += ["Learning-rate sweep (mean accuracy over the lengths at each learning rate):", ""]
         lines += _table(["model", "width", "parameters", "best lr", "sweep"], mrows) + [""]
     lines += _skipped_notes(mq.get("skipped") or {})
+    if "mqar" not in run.results.get("sections_done", []) and "mqar" not in run.sections:
+        missing = [r.label for r in presets.MODEL_ROWS if r.key not in keys_in and r.key not in (mq.get("skipped") or {})]
+        if missing:
+            lines += [f"Not reached: {', '.join(missing)} (the invocation was stopped before these models).", ""]
     mean = mqar_means(mq)
     findings.append("MQAR mean accuracy over the grid: " + ", ".join(f"{row_label(k)} {mean[k]:.3f}" for k in keys_in) + ".")
     soft = [c["accuracy"] for c in cells if c.get("model", c["attention_type"]) == BASELINE_ROW]
@@ -350,6 +375,7 @@ def write_report(run: Run) -> None:
     done = [s for s in SECTIONS if s in run.results.get("sections_done", [])]  # this run's and earlier runs'
 
     pending = [s for s in run.sections if s not in done]
+    interrupted = [s for s in SECTIONS if s not in done and s not in run.sections and run.results.get(s)]
     head = [
         "# ZeroS vs softmax vs linear attention: evidence report",
         "",
@@ -361,7 +387,9 @@ def write_report(run: Run) -> None:
         "",
         *section_commands(run),
         f"- Last invocation: started {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(run.started))}; wall time "
-        f"{run.results['wall_s'] / 60:.1f} min" + (f" (**incomplete**: {', '.join(pending)} still to run)" if pending else ""),
+        f"{run.results['wall_s'] / 60:.1f} min" + (f" (**incomplete**: {', '.join(pending)} still to run)" if pending else "")
+        + (f" (**an earlier invocation of {', '.join(interrupted)} was stopped before the end**: its results are partial)"
+           if interrupted else ""),
         f"- Its machine: {run.device}" + (f" ({env.get('gpu')}, CUDA {env.get('cuda')})" if env.get("gpu") else "")
         + f", precision {run.precision}; CPU: {env.get('cpu')}, {env.get('cpu_count')} cores "
         f"({env.get('torch_threads')} torch threads), {env.get('memory_gib')} GiB memory",
