@@ -5,6 +5,7 @@ checkpoint and the export say which one was used."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -162,3 +163,18 @@ def test_training_command_trains_and_resumes_exactly_with_resets_on_and_off(tmp_
         first_losses[resets] = [whole[k] for k in sorted(whole)]
     # The same first batch and weights: the option reached the model (the smoke blocks hold several files).
     assert first_losses["true"] != first_losses["false"], first_losses
+
+
+def test_the_cost_benchmark_runs_at_a_tiny_size(tmp_path):
+    from benchmarks.packed import EOS as BENCH_EOS
+    from benchmarks.packed import main, packed_blocks
+
+    blocks, separators = packed_blocks(4, 63, 50, 8, torch.Generator().manual_seed(0))
+    assert blocks.shape == (4, 64) and int((blocks == BENCH_EOS).sum()) == separators > 4 * 64 // 8 // 2
+    out = tmp_path / "packed.json"
+    main(["--seq-lens", "16", "--attentions", "zeros", "--tokens-per-step", "32", "--hidden-size", "32", "--layers",
+          "1", "--heads", "2", "--vocab-size", "64", "--chunk-size", "8", "--mean-document", "5", "--warmup", "1",
+          "--steps", "1", "--repeats", "1", "--json", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["batch"] == 2 and result["documents_per_step"] > result["batch"]
+    assert result["tokens_per_s_on"] > 0 and result["tokens_per_s_off"] > 0
