@@ -105,7 +105,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
 
-    results = [measure(args, attention, seq_len) for seq_len in args.seq_lens for attention in args.attentions]
+    results = []
+    for seq_len in args.seq_lens:
+        for attention in args.attentions:
+            results.append(measure(args, attention, seq_len))
+            r = results[-1]
+            print(f"  {attention:8s} seq_len {seq_len:6d}: {r['tokens_per_s_off']:10.0f} -> {r['tokens_per_s_on']:10.0f} "
+                  f"tok/s ({100 * r['cost']:+.1f}%)", file=sys.stderr, flush=True)
     if args.device.startswith("cuda"):
         import torch
 
