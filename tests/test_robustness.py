@@ -129,13 +129,13 @@ from zeros_lm import data as D
 
 corpus_dir, tokenizer_dir, cache_dir, mode = sys.argv[1:5]
 if mode == "slow":  # each batch takes a while, so that the preparation can be killed mid-way
-    tokenize = D._tokenize_batch
+    tokenize = D.corpus._tokenize_batch  # patched where the corpus stage looks it up
 
     def slow_tokenize(*args, **kwargs):
         time.sleep(0.3)
         return tokenize(*args, **kwargs)
 
-    D._tokenize_batch = slow_tokenize
+    D.corpus._tokenize_batch = slow_tokenize
 corpus = D.prepare_corpus(
     train_files=D.resolve_files(corpus_dir), tokenizer=tokenizer_dir, cache_dir=cache_dir,
     seq_len=32, sample_by="line", num_proc=2, val_fraction=0.1,
