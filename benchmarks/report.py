@@ -221,6 +221,8 @@ def main(argv=None) -> int:
             if section not in sections:
                 continue
             t0 = time.time()
+            run.results["section_seconds"].pop(section, None)  # an earlier invocation's, no longer true
+            run.results["section_runs"].pop(section, None)
             log(f"section {section}")
             HANDLERS[section](run)
             run.results["section_seconds"][section] = time.time() - t0

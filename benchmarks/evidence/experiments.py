@@ -288,7 +288,8 @@ def section_mqar(run: Run) -> None:
                                      "pairs": mqar_default_pairs(T), "accuracy": best["accuracy"][T], "lr": best["lr"]})
             res["models"][f"{row.key}/{width}"] = {"parameters": best["parameters"], "lr": best["lr"], "sweep": out["sweep"],
                                                    "softmax_share": out["softmax_share"], "overrides": best["overrides"],
-                                                   "command": run.results.get("command")}
+                                                   "command": run.results.get("command"),
+                                                   "git_commit": (run.results.get("environment") or {}).get("git_commit")}
             run.save()
 
 

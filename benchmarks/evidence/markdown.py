@@ -335,7 +335,7 @@ def section_commands(run: Run) -> list[str]:
     by_command: dict = {}
     for section in SECTIONS:
         info = run.results.get("section_runs", {}).get(section)
-        if info:
+        if info and section in run.results.get("sections_done", []):  # an interrupted section's entry is stale
             machine = info.get("device") or ""
             if info.get("cpu"):
                 machine += f", {info['cpu']} x {info.get('cpu_count')}"
@@ -346,11 +346,13 @@ def section_commands(run: Run) -> list[str]:
     mqar_pieces = {m.get("command") for m in ((run.results.get("mqar") or {}).get("models") or {}).values()}
     listed = {cmd for cmd, *_ in by_command}
     for cmd in sorted(c for c in mqar_pieces if c and c not in listed):
-        by_command[(cmd, None, None, None)] = ["mqar (some of its models)"]
+        commit = next((m.get("git_commit") for m in run.results["mqar"]["models"].values() if m.get("command") == cmd), None)
+        by_command[(cmd, commit, None, None)] = ["mqar (some of its models)"]
     if not by_command:
         return [f"- Command: `{run.results.get('command')}`"]
     return [f"- Command: `{cmd}` (sections {', '.join(secs)}"
-            + (f"; git {(commit or 'unknown')[:12]}, {device}, {precision})" if device else ")")
+            + (f"; git {(commit or 'unknown')[:12]}, {device}, {precision})" if device else
+               f"; git {commit[:12]})" if commit else ")")
             for (cmd, commit, device, precision), secs in by_command.items()]
 
 
@@ -396,7 +398,8 @@ def write_report(run: Run) -> None:
         f"- Platform: {env.get('platform')}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- Its code: git {env.get('git_commit') or 'unknown'}" + (" (with uncommitted changes)" if env.get("git_dirty") else ""),
-        "- Seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in run.results.get("section_seconds", {}).items()),
+        "- Seconds per section: " + ", ".join(f"{k} {v:.0f}" for k, v in run.results.get("section_seconds", {}).items()
+                                              if k in done),
         "",
         "## Findings",
         "",
