@@ -176,6 +176,8 @@ def test_generate_py_state_errors_overwrite_nothing(tiny_model_dir, tmp_path):
     res = _generate_py(tiny_model_dir, "--load-state", tmp_path / "missing.state", "--prompt", "x")
     assert res.returncode != 0 and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr
+    res = _generate_py(tiny_model_dir, "--interactive", "--save-state", tmp_path / "s.state", stdin="/quit\n")
+    assert res.returncode == 2 and "/save FILE" in res.stderr and not (tmp_path / "s.state").exists()
 
 
 def test_generate_py_interactive_save_and_load(tiny_model_dir, tmp_path):

@@ -325,6 +325,9 @@ def run(args) -> None:
     prompt = read_prompt(args)
     if prompt is not None and not prompt.strip() and args.load_state is None:
         raise CLIError("empty prompt: give some text with --prompt, --prompt-file or on stdin")
+    if args.save_state is not None and prompt is None:
+        raise CLIError("--save-state saves the state after the prompt: give one with --prompt or --prompt-file "
+                       "(in --interactive mode, /save FILE saves between turns)")
     session = Session(args)
     first = True
     if args.load_state is not None:
