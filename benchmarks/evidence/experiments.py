@@ -43,6 +43,7 @@ def _lm_result(run: Run, module, res: dict, attention_type: str, extra: dict) ->
         "curve": [{"tokens": e["step"] * tokens_per_step, "val_loss": e.get("val/loss")} for e in res["evals"]],
         "final_val_loss": final.get("val/loss"), "final_val_ppl": math.exp(final["val/loss"]) if "val/loss" in final else None,
         "tokens_per_s": res["steps_per_s"] * tokens_per_step, "wall_s": res["wall_s"],
+        "document_resets": module.document_separator is not None,  # packed documents kept apart
     }
 
 

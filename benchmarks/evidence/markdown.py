@@ -84,6 +84,20 @@ def md_lm(run: Run, findings: list[str]) -> list[str]:
         "![validation loss](lm_val_loss.png)",
         "",
     ]
+    # Results written before packed training existed carry no "document_resets": their documents
+    # flowed into each other inside a block.
+    resets = {name: bool(r.get("document_resets", False)) for name, r in lm.items()}
+    if all(resets.values()):
+        lines += ["Every block packs several documents; each model keeps them apart (document resets, "
+                  "the framework's default), in training and validation.", ""]
+    elif not any(resets.values()):
+        lines += ["Every block packs several documents, which these runs let flow into each other "
+                  "(no document resets).", ""]
+    else:
+        lines += ["**Not all rows were trained alike**: " + ", ".join(row_label(n) for n, on in resets.items() if on)
+                  + " kept the packed documents of a block apart (document resets, the framework's default); "
+                  + ", ".join(row_label(n) for n, on in resets.items() if not on)
+                  + " come from an earlier run in which they flowed into each other. Compare within a group.", ""]
     rows = []
     for name, r in lm.items():
         rows.append([row_label(name), f"{r['parameters'] / 1e6:.3f} M", str(r.get("intermediate_size", "")),
