@@ -139,6 +139,28 @@ MUTATIONS = [
        "        past = 0\n",
        "        self.pending = out[:, -1:]\n        self.consumed = out[:, :-1]\n"),
       ("tests/test_cli_options.py", "-k", "interactive")),
+    # 9. packed documents sharing a chunk (the training layout of the chunked forms)
+    M("shared chunks: ZeroS weights not block-diagonal", "zeros_lm/ops.py",
+      "mask = mask & (seg.unsqueeze(-1) == seg.unsqueeze(-2))", "mask = mask",
+      ("tests/test_ops.py", "-k", "share_chunks")),
+    M("shared chunks: a later sequence reads the chunk's start state", "zeros_lm/ops.py",
+      "readout_coefficients = tuple(x * readers for x in (a, b, hc))", "pass",
+      ("tests/test_ops.py", "-k", "share_chunks")),
+    M("shared chunks: state carried across a sequence start", "zeros_lm/ops.py",
+      "kv = (moved if kept is None else moved * kept[:, None, None, None, None]) + added", "kv = moved + added",
+      ("tests/test_ops.py", "-k", "share_chunks")),
+    M("shared chunks: exponents not masked across sequences", "zeros_lm/ops.py",
+      "decay_exponent = decay_exponent.masked_fill(~carry, 0.0)", "pass",
+      ("tests/test_ops.py", "-k", "shared_chunks")),
+    M("shared chunks: running maximum crosses sequences", "zeros_lm/ops.py",
+      "out = torch.where(back >= shift, combine(out, earlier), out)", "out = combine(out, earlier)",
+      ("tests/test_ops.py", "-k", "share_chunks")),
+    M("packed: linear attention not block-diagonal", "zeros_lm/ops.py",
+      "scores = scores.masked_fill(seg.unsqueeze(-1) != seg.unsqueeze(-2), 0.0)", "pass",
+      ("tests/test_packed.py", "-k", "alone and linear")),
+    M("packed: softmax per-document calls not causal", "zeros_lm/modeling_zeros.py",
+      "v[r:r + 1, :, lo:hi], is_causal=True)", "v[r:r + 1, :, lo:hi], is_causal=False)",
+      ("tests/test_packed.py", "-k", "alone and softmax")),
 ]
 
 

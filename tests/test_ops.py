@@ -660,6 +660,69 @@ def test_sequence_starts_equal_separate_calls(mode):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.fixture
+def torch_core_calls(monkeypatch):
+    """The inputs of every call of the PyTorch chunk core."""
+    calls, core = [], ops._chunk_core_torch
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return core(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "_chunk_core_torch", recording)
+    return calls
+
+
+@pytest.mark.parametrize("chunk_size", [4, 8, 64])
+@pytest.mark.parametrize("lengths", PACKINGS + [[1] * 9, [7, 9, 3, 13, 2, 8]])
+def test_packed_segments_share_chunks_without_states(lengths, chunk_size, torch_core_calls):
+    """Training's case (no initial state, no final state): the sequences share chunks, with no alignment
+    padding, and the core keeps them apart; outputs and gradients == separate reference calls (float64)."""
+    T = sum(lengths)
+    inputs = make_inputs(1, T, 2, first_layer=True, seed=T + chunk_size, requires_grad=True)
+    out, state = run(inputs, "chunked", chunk_size=chunk_size, cu_seqlens=offsets(lengths))
+    assert state is None
+    (args, kwargs), = torch_core_calls
+    C = min(chunk_size, T)
+    assert args[0].shape[1] == -(-T // C) * C and kwargs["segments"] is not None    # the row as it is
+    got = torch.autograd.grad(weighted_sum(out), inputs)
+    alone = [run(piece, "reference")[0] if piece[0].shape[1] else piece[2]
+             for piece in segments_of(inputs, lengths)]
+    expected_out = torch.cat(alone, dim=1)
+    torch.testing.assert_close(out, expected_out, rtol=1e-9, atol=1e-10)
+    expected = torch.autograd.grad(weighted_sum(expected_out), inputs)
+    for name, a, b in zip(["q", "k", "v", "s", "g1", "gh", "g0"], got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("logit_mean,logit_scale", [(0.0, 2.0), (500.0, 300.0), (-400.0, 300.0)])
+def test_shared_chunks_with_padding_and_extreme_logits(logit_mean, logit_scale):
+    """Rows of several sequences (sequence_starts) with padding inside, float32, logits far apart across
+    the sequences of a chunk: finite, == the float64 reference, and == the chunk-aligned layout (which
+    the same call takes when it also returns the final states)."""
+    T, row_lengths = 30, [[16, 5, 1, 8], [12, 18], [3, 27]]
+    starts = torch.zeros(3, T, dtype=torch.bool)
+    for r, row in enumerate(row_lengths):
+        starts[r, torch.tensor(row).cumsum(0)[:-1]] = True
+    valid = torch.ones(3, T, dtype=torch.bool)
+    valid[0, :3] = valid[1, 10:11] = valid[2, 4] = False
+    inputs64 = make_inputs(3, T, 2, first_layer=True, seed=44, logit_mean=logit_mean, logit_scale=logit_scale)
+    # Row 1's second sequence starts inside the chunk [8, 16) 1000 below the first one's logits: exp of
+    # the difference of their maxima would overflow float32 (and its gradient would be NaN).
+    inputs64[3][1, 12:] -= 1000.0
+    inputs64 = [x.requires_grad_() if x is not None else None for x in inputs64]
+    ref, _ = run(inputs64, "reference", sequence_starts=starts, valid=valid)
+    ref_grads = torch.autograd.grad(weighted_sum(ref), inputs64)
+    inputs = [x.detach().float().requires_grad_() for x in inputs64]
+    shared, _ = run(inputs, "chunked", chunk_size=8, sequence_starts=starts, valid=valid)
+    grads = torch.autograd.grad(weighted_sum(shared), inputs)
+    assert rel_err(shared.double(), ref) <= 1e-5
+    for name, a, b in zip(["q", "k", "v", "s", "g1", "gh", "g0"], grads, ref_grads):
+        assert torch.isfinite(a).all() and rel_err(a.double(), b) <= 5e-5, name
+    aligned, _ = run(inputs, "chunked", chunk_size=8, sequence_starts=starts, valid=valid, output_final_state=True)
+    assert rel_err(shared, aligned) <= 1e-5
+
+
 def test_sequence_starts_errors():
     inputs = make_inputs(2, 8, 1)
     with pytest.raises(ValueError, match="sequence_starts must be a"):

@@ -8,20 +8,22 @@ from zeros_lm import ZeroSCache, ZeroSConfig
 from zeros_lm.modeling_zeros import PackedDocuments, packed_position_ids
 
 # chunk_size 4 (tiny_config): in row 0 the documents 4 | 3 | 1 | 6 put a boundary on a chunk edge (4),
-# inside a chunk (7) and a one-token document (at 7); row 1 is two documents after two padding tokens.
+# inside a chunk (7) and a one-token document (at 7); row 1 is two documents after two padding tokens
+# (or, unpadded, a third document of two tokens: without an attention mask softmax takes its varlen path).
 ROWS = [[4, 3, 1, 6], [7, 5]]
 LEFT_PAD = [0, 2]
+UNPADDED_ROWS = [[4, 3, 1, 6], [7, 5, 2]]
 WIDTH = 14
 
 
-def packed_batch(seed=0):
+def packed_batch(seed=0, rows=ROWS, left_pad=LEFT_PAD):
     """input_ids, attention_mask, position_ids (B, WIDTH) and, per row, (column, length, ids) of its documents."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.ones(len(ROWS), WIDTH, dtype=torch.long)                 # pad id 1
-    mask = torch.zeros(len(ROWS), WIDTH, dtype=torch.long)
-    positions = torch.zeros(len(ROWS), WIDTH, dtype=torch.long)          # padding at 0, as generate() numbers it
+    ids = torch.ones(len(rows), WIDTH, dtype=torch.long)                 # pad id 1
+    mask = torch.zeros(len(rows), WIDTH, dtype=torch.long)
+    positions = torch.zeros(len(rows), WIDTH, dtype=torch.long)          # padding at 0, as generate() numbers it
     documents = []
-    for row, (lengths, pad) in enumerate(zip(ROWS, LEFT_PAD)):
+    for row, (lengths, pad) in enumerate(zip(rows, left_pad)):
         column, docs = pad, []
         for n in lengths:
             doc = torch.randint(2, 320, (n,), generator=g)
@@ -41,14 +43,16 @@ def logits_and_grads(model, weight, **inputs):
     return logits, torch.autograd.grad((logits * weight).sum(), params, allow_unused=True)
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_packed_documents_equal_each_document_alone(attention_type):
+def test_packed_documents_equal_each_document_alone(attention_type, padded):
     """Logits of every real token and the gradients of every parameter, float64."""
     model = tiny_model(attention_type).double()
-    ids, mask, positions, documents = packed_batch()
+    ids, mask, positions, documents = packed_batch() if padded else packed_batch(rows=UNPADDED_ROWS, left_pad=[0, 0])
     weight = torch.randn(len(ROWS), WIDTH, model.config.vocab_size, dtype=torch.float64)
     weight = weight * mask[..., None]                                    # padding's logits are not compared
-    packed, packed_grads = logits_and_grads(model, weight, input_ids=ids, attention_mask=mask, position_ids=positions)
+    packed, packed_grads = logits_and_grads(model, weight, input_ids=ids, attention_mask=mask if padded else None,
+                                            position_ids=positions)
 
     grads = None
     for row, docs in enumerate(documents):

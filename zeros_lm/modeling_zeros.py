@@ -14,6 +14,7 @@ Shapes: B batch, T new tokens, S tokens already in the cache, H heads, d head di
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -369,12 +370,12 @@ class PackedDocuments:
         return documents
 
     def running_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Inclusive running sum of x (B, T, ...) over each document (float64 for floating x)."""
-        flat = x.flatten(0, 1)
-        flat = flat.to(torch.float64) if flat.is_floating_point() else flat
-        total = flat.cumsum(0)
-        before = torch.cat([torch.zeros_like(total[:1]), total])[self.first]         # sum before the segment
-        return (total - before).view(x.shape)
+        """Inclusive running sum of x (B, T, ...) over each document, in x's dtype: the row's running sum
+        less its value before the document's start (the rounding of a sum over one row, as without
+        documents)."""
+        total = x.cumsum(1)
+        before = F.pad(total[:, :-1], (0, 0) * (x.dim() - 2) + (1, 0)).flatten(0, 1)   # sums before each column
+        return total - before.index_select(0, self.first).view(x.shape)
 
 
 def packed_position_ids(input_ids: torch.Tensor, separator_id: int) -> torch.LongTensor:
@@ -522,7 +523,7 @@ class ZeroSAttention(nn.Module):
             return uf.pow(2).sum(-1) / d, None
         um = uf if valid is None else uf * valid[:, :, None, None]
         # sum_{j<=t} u_j over this call's tokens (of the document)
-        csum = um.cumsum(dim=1) if documents is None else documents.running_sum(um).to(uf.dtype)
+        csum = um.cumsum(dim=1) if documents is None else documents.running_sum(um)
         if usum is not None:
             csum = csum + usum[:, None]
         tau = self.log_tau.to(uf.dtype).exp()  # (H,)
@@ -566,6 +567,18 @@ class ZeroSAttention(nn.Module):
         if self.config.use_output_norm:
             o = F.layer_norm(o.to(acc), (d,), eps=OUTPUT_NORM_EPS)
         return self.o_proj(o.to(x.dtype).reshape(B, T, H * d))
+
+
+def _attention_per_document(q, k, v, row_lengths: list) -> torch.Tensor:
+    """Causal SDPA over packed documents, q, k, v (B, H, T, d), one call per document; row_lengths: per row,
+    the lengths of its documents. Returns (B, H, T, d)."""
+    rows = []
+    for r, lengths in enumerate(row_lengths):
+        bounds = [0, *itertools.accumulate(lengths)]
+        rows.append(torch.cat([F.scaled_dot_product_attention(q[r:r + 1, :, lo:hi], k[r:r + 1, :, lo:hi],
+                                                               v[r:r + 1, :, lo:hi], is_causal=True)
+                               for lo, hi in zip(bounds, bounds[1:])], dim=2))
+    return torch.cat(rows, dim=0)
 
 
 def _diag(T: int, S: int, device) -> torch.Tensor:
@@ -627,6 +640,11 @@ class SoftmaxAttention(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
             past_valid = past[2]
+        if documents is not None and valid is None and x.device.type == "cpu":
+            # Varlen attention: one causal call per document. On a CPU this beats a block-diagonal
+            # mask, which leaves SDPA's causal kernel and computes every (query, key) pair of the row.
+            o = _attention_per_document(q, k, v, documents.row_lengths)
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
         mask = self._mask(valid, past_valid, B, T, x.device, documents)
         if cache is not None:
             new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)

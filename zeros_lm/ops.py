@@ -24,7 +24,9 @@ once in PyTorch (cumulative ops, autograd through them), the tokens are laid out
 (``_ChunkLayout``), and the core (``_chunk_core_torch`` or ``ops_fused.chunk_core_fused``, one
 contract) does the (C, C) blocks and the state recurrence. ``cu_seqlens`` packs several sequences
 into one row (flash-linear-attention's convention), ``sequence_starts`` several into each row; every
-form restarts at each sequence, and no chunk straddles two.
+form restarts at each sequence. Where a state per sequence goes in or out (and in the fused kernels)
+each sequence gets chunks of its own; otherwise (training) sequences share chunks and the PyTorch
+core keeps them apart inside the chunk.
 
 Precision on GPU: the PyTorch core multiplies q.k and (weights) V in 16 bits on CUDA when the inputs
 are float16/bfloat16 (or autocast asks for them), with the weights formed in float32; the state
@@ -375,8 +377,10 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
             low = low or q.dtype
         if low is not None:
             q, k, v = (x.to(low) for x in (q, k, v))
+        # Packed sequences share chunks (no alignment padding) where nothing needs a state per sequence.
+        shared = lengths is not None and fused is None and initial_state is None and not output_final_state
         o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core,
-                            exact_chunk=fused is not None)
+                            exact_chunk=fused is not None, shared=shared)
     elif lengths is None:
         o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state)
     else:  # one sequence after the other, each from its own state
@@ -445,21 +449,34 @@ def _reference_final_state(k, v, s, valid, segments, num_sequences, acc):
 class _ChunkLayout:
     """Where the tokens sit in the chunk-aligned layout (B', N C) that the chunk core works on.
 
-    Every sequence is padded at its end to whole chunks of C tokens (at least one), so no chunk holds
-    tokens of two sequences. Without segments the sequences are the B rows. With segments (per row, the
-    lengths of the sequences packed into it, from ``cu_seqlens`` or ``sequence_starts``) each row's
-    sequences are laid out one after the other in that row (less than C tokens of padding each), rows
-    being filled up with padding chunks to the longest: B' = B, and the rows stay parallel. Padding is
-    not valid: it has zero q, k, v, logit and coefficients and carries the running statistics forward.
+    Without segments the sequences are the B rows, each padded at its end to whole chunks of C tokens.
+    With segments (per row, the lengths of the sequences packed into it, from ``cu_seqlens`` or
+    ``sequence_starts``) there are two layouts; the rows stay parallel rows (B' = B) in both:
+
+    - aligned (the default): every sequence is padded at its end to whole chunks (at least one), so no
+      chunk holds tokens of two sequences, and a row's sequences follow each other in that row (rows
+      filled up with padding chunks to the longest). Each sequence's state is loaded at its first
+      chunk and stored after its last: any ``initial_state`` and a final state per sequence. The fused
+      kernels take this one.
+    - shared: the row as it is (padding only at its end), so one chunk may hold the end of one sequence
+      and the start of the next; the core then keeps them apart inside the chunk (``segments``) and
+      starts each sequence from an empty state. No alignment padding (a document of 200 tokens costs
+      200 tokens, not 256 at C = 64), but no initial state and no per-sequence final state: the
+      training path.
+
+    Padding is not valid: it has zero q, k, v, logit and coefficients and carries the running
+    statistics forward.
 
     rows, num_chunks, chunk_size: B', N, C. num_sequences: S, the rows of the states (row by row).
     valid: (B', N, C) bool, real tokens. chunk_load, chunk_store: (B', N) long, the core's contract
     (the state a chunk starts from / the row of out_states that receives the state after it).
     last: (S,) long, the flat position (row * N C + t) of each sequence's last aligned position.
-    plan: (chunk_load, chunk_store) as lists, known on the host.
-    Segments only (else None): dest (B T,) long, the flat aligned position of each token;
-    chunk_segment and chunk_first (B', N) long, the sequence of each chunk and the index of that
-    sequence's first chunk in the row (a row's trailing padding chunks belong to its last sequence).
+    plan: (chunk_load, chunk_store) as lists, known on the host. shared: which layout.
+    Segments only (else None): dest (B T,) long, the flat aligned position of each token (None in the
+    shared layout: the row as it is); segment (B', N, C) long, the sequence of each position (padding:
+    the sequence it follows); first (B', N C) long, the position in its row where that sequence's first
+    token sits; chunk_first (B', N) long, the chunk holding that first token for each chunk's first
+    position; reach: 1 + the largest distance of a position from its sequence's first, a host int.
     """
 
     rows: int
@@ -472,18 +489,23 @@ class _ChunkLayout:
     chunk_store: torch.Tensor
     last: torch.Tensor
     plan: tuple = ()
+    shared: bool = False
     dest: Optional[torch.Tensor] = None
-    chunk_segment: Optional[torch.Tensor] = None
+    segment: Optional[torch.Tensor] = None
+    first: Optional[torch.Tensor] = None
     chunk_first: Optional[torch.Tensor] = None
+    reach: int = 0
 
     @classmethod
     def build(cls, B: int, T: int, valid: Optional[torch.Tensor], row_lengths: Optional[list], C: int,
-              device) -> "_ChunkLayout":
-        """row_lengths: None (each row one sequence) or, per row, the lengths of its sequences (sum T)."""
-        if row_lengths is None:
+              device, shared: bool = False) -> "_ChunkLayout":
+        """row_lengths: None (each row one sequence) or, per row, the lengths of its sequences (sum T);
+        shared: chunks may hold several sequences (see the class)."""
+        if row_lengths is None or shared:
             N = -(-T // C)
             valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid
             valid = F.pad(valid, (0, N * C - T), value=False).view(B, N, C)
+        if row_lengths is None:
             rows = torch.arange(B, device=device)
             chunk_load = torch.full((B, N), -1, dtype=torch.long, device=device)
             chunk_store = torch.full((B, N), -1, dtype=torch.long, device=device)
@@ -498,33 +520,52 @@ class _ChunkLayout:
         row = torch.repeat_interleave(torch.arange(B), per_row)                                      # (S,)
         S = len(lengths)
         sequences = torch.arange(S)
-        chunks = torch.clamp(-(-lengths // C), min=1)                               # (S,) chunks per sequence
-        row_chunks = torch.zeros(B, dtype=torch.long).index_add_(0, row, chunks)   # (B,)
-        N = int(row_chunks.max())
-        # First chunk of each sequence in its row: chunks of the sequences before it, less the earlier rows'.
-        first = chunks.cumsum(0) - chunks - (row_chunks.cumsum(0) - row_chunks)[row]
+        row_last = per_row.cumsum(0) - 1                                            # (B,) each row's last sequence
         # Tokens are row-major, so the sequences' tokens follow each other in the order listed.
         token_seq = sequences.repeat_interleave(lengths)                            # (B T,)
         starts = lengths.cumsum(0) - lengths                                        # flat start of each sequence
-        dest = (row * N + first)[token_seq] * C + torch.arange(B * T) - starts[token_seq]
-        # Chunks: each sequence's own, then a row's padding chunks continue its last sequence.
-        chunk_segment = (per_row.cumsum(0) - 1).repeat_interleave(N)                # (B N,): each row's last
-        chunk_seq = sequences.repeat_interleave(chunks)
-        within = torch.arange(len(chunk_seq)) - (chunks.cumsum(0) - chunks)[chunk_seq]
-        chunk_segment[(row * N + first)[chunk_seq] + within] = chunk_seq
-        chunk_segment = chunk_segment.view(B, N)
-        chunk_load = torch.full((B * N,), -1, dtype=torch.long)
-        chunk_store = torch.full((B * N,), -1, dtype=torch.long)
-        chunk_load[row * N + first] = sequences
-        chunk_store[row * N + first + chunks - 1] = sequences
-        aligned_valid = torch.zeros(B * N * C, dtype=torch.bool, device=device)
-        aligned_valid[dest.to(device)] = True if valid is None else valid.flatten()
-        to = lambda x: x.to(device)  # noqa: E731
-        return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=S, tokens=T, valid=aligned_valid.view(B, N, C),
-                   chunk_load=to(chunk_load.view(B, N)), chunk_store=to(chunk_store.view(B, N)),
-                   plan=(chunk_load.view(B, N).tolist(), chunk_store.view(B, N).tolist()),
-                   last=to((row * N + first + chunks) * C - 1), dest=to(dest), chunk_segment=to(chunk_segment),
-                   chunk_first=to(first[chunk_segment]))
+        if shared:
+            L = N * C
+            start_in_row = starts - row * T                                         # (S,)
+            segment = torch.cat([token_seq.view(B, T), row_last[:, None].expand(B, L - T)], dim=1)   # (B, L)
+            first = start_in_row[segment]
+            chunk_load = torch.full((B, N), -1, dtype=torch.long)
+            begins = (start_in_row % C == 0) & (start_in_row < L) & (lengths > 0)   # sequences opening a chunk
+            chunk_load[row[begins], start_in_row[begins] // C] = sequences[begins]
+            chunk_load[:, 0] = segment[:, 0]
+            chunk_store = torch.full((B, N), -1, dtype=torch.long)                  # no per-sequence final states
+            last = row * L + (start_in_row + lengths - 1).clamp(min=0, max=L - 1)
+            dest = None
+        else:
+            chunks = torch.clamp(-(-lengths // C), min=1)                           # (S,) chunks per sequence
+            row_chunks = torch.zeros(B, dtype=torch.long).index_add_(0, row, chunks)   # (B,)
+            N = int(row_chunks.max())
+            L = N * C
+            # First chunk of each sequence in its row: chunks of the sequences before it, less the earlier rows'.
+            first_chunk = chunks.cumsum(0) - chunks - (row_chunks.cumsum(0) - row_chunks)[row]
+            dest = (row * N + first_chunk)[token_seq] * C + torch.arange(B * T) - starts[token_seq]
+            # Chunks: each sequence's own, then a row's padding chunks continue its last sequence.
+            chunk_segment = row_last.repeat_interleave(N)                          # (B N,)
+            chunk_seq = sequences.repeat_interleave(chunks)
+            within = torch.arange(len(chunk_seq)) - (chunks.cumsum(0) - chunks)[chunk_seq]
+            chunk_segment[(row * N + first_chunk)[chunk_seq] + within] = chunk_seq
+            segment = chunk_segment.view(B, N, 1).expand(B, N, C).reshape(B, L)
+            first = (first_chunk * C)[segment]
+            chunk_load = torch.full((B * N,), -1, dtype=torch.long)
+            chunk_store = torch.full((B * N,), -1, dtype=torch.long)
+            chunk_load[row * N + first_chunk] = sequences
+            chunk_store[row * N + first_chunk + chunks - 1] = sequences
+            chunk_load, chunk_store = chunk_load.view(B, N), chunk_store.view(B, N)
+            last = (row * N + first_chunk + chunks) * C - 1
+            valid_flat = torch.zeros(B * L, dtype=torch.bool, device=device)
+            valid_flat[dest.to(device)] = True if valid is None else valid.flatten()
+            valid = valid_flat.view(B, N, C)
+        reach = int((torch.arange(L) - first).max()) + 1
+        to = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=S, tokens=T, valid=valid,
+                   chunk_load=to(chunk_load), chunk_store=to(chunk_store), plan=(chunk_load.tolist(), chunk_store.tolist()),
+                   last=to(last), shared=shared, dest=to(dest), segment=to(segment.view(B, N, C)), first=to(first),
+                   chunk_first=to(first[:, ::C] // C), reach=reach)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (B', N C, ...), zeros on alignment padding."""
@@ -541,13 +582,13 @@ class _ChunkLayout:
 
     def per_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """A per-sequence value (S, H) as a (B', H, N, C)-broadcastable tensor."""
-        if self.chunk_segment is None:
+        if self.segment is None:
             return x[:, :, None, None]
-        return x[self.chunk_segment].transpose(1, 2).unsqueeze(-1)
+        return x[self.segment].permute(0, 3, 1, 2)
 
     def at_chunk_starts(self, ends: torch.Tensor, loaded: torch.Tensor) -> torch.Tensor:
         """The value at each chunk's start (B', H, N): the previous chunk's end value ``ends`` (B', H, N),
-        or at a sequence's first chunk the incoming state's value ``loaded`` (S, H)."""
+        or where a chunk opens a sequence the incoming state's value ``loaded`` (S, H)."""
         before = F.pad(ends[..., :-1], (1, 0))
         loaded = loaded[self.chunk_load.clamp(min=0)].transpose(1, 2)               # (B', H, N)
         return torch.where((self.chunk_load >= 0).unsqueeze(1), loaded, before)
@@ -559,32 +600,27 @@ class _ChunkLayout:
     def running(self, x: torch.Tensor, op: str) -> torch.Tensor:
         """Inclusive running sum / max / log-sum-exp of x (B', H or 1, N, C) over each sequence.
 
-        Inside a chunk this is the plain cumulative op (no chunk straddles two sequences); across
-        chunks the chunk totals are scanned, restarting at each segment's first chunk.
+        Over the whole row when it is one sequence; else the sum is a difference of prefix sums (exact
+        enough in float64, which the callers use) and max / log-sum-exp a log-step (Hillis-Steele) scan
+        that stops at each sequence's first position.
         """
-        within = {"sum": lambda: x.cumsum(-1), "max": lambda: x.cummax(-1).values,
-                  "lse": lambda: x.logcumsumexp(-1)}[op]()
-        totals = within[..., -1]                                                    # (B', H, N)
-        if op == "sum":
-            sums = F.pad(totals.cumsum(-1), (1, 0))                                 # sums[j]: chunks before j
-            before = sums[..., :-1]
-            if self.chunk_first is not None:  # float64 here: the difference of two prefix sums stays exact enough
-                index = self.chunk_first.unsqueeze(1).expand(-1, sums.shape[1], -1)
-                before = before - sums.gather(-1, index)
-            return within + before.unsqueeze(-1)
-        combine = torch.maximum if op == "max" else torch.logaddexp
-        if self.chunk_first is None:
-            scanned = totals.cummax(-1).values if op == "max" else totals.logcumsumexp(-1)
-            before = F.pad(scanned[..., :-1], (1, 0), value=_NO_MAX)
-        else:  # a log-step (Hillis-Steele) scan over the chunks that stays inside each segment
-            reach = (torch.arange(self.num_chunks, device=x.device) - self.chunk_first).unsqueeze(1)  # earlier chunks
-            scanned, shift = totals, 1
-            while shift < self.num_chunks:
-                earlier = F.pad(scanned[..., :-shift], (shift, 0), value=_NO_MAX)
-                scanned = torch.where(reach >= shift, combine(scanned, earlier), scanned)
+        flat = x.flatten(2)                                                         # (B', H, L)
+        if self.first is None:
+            out = {"sum": lambda: flat.cumsum(-1), "max": lambda: flat.cummax(-1).values,
+                   "lse": lambda: flat.logcumsumexp(-1)}[op]()
+        elif op == "sum":
+            total = flat.cumsum(-1)
+            before = F.pad(total, (1, 0))[..., :-1]                                 # sums before each position
+            out = total - before.gather(-1, self.first.unsqueeze(1).expand_as(flat))
+        else:
+            combine = torch.maximum if op == "max" else torch.logaddexp
+            back = (torch.arange(flat.shape[-1], device=x.device) - self.first).unsqueeze(1)  # (B', 1, L)
+            out, shift = flat, 1
+            while shift < self.reach:
+                earlier = F.pad(out[..., :-shift], (shift, 0), value=_NO_MAX)
+                out = torch.where(back >= shift, combine(out, earlier), out)
                 shift *= 2
-            before = F.pad(scanned[..., :-1], (1, 0), value=_NO_MAX).masked_fill(reach == 0, _NO_MAX)
-        return combine(within, before.unsqueeze(-1))
+        return out.view(x.shape)
 
 
 def _chunk_scalars(s, g1, gh, g0, state, layout):
@@ -628,19 +664,20 @@ def _chunk_scalars(s, g1, gh, g0, state, layout):
     return (m, a, b, hc), (m0, m1, sb0, sb1), final
 
 
-def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, exact_chunk=False):
+def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, exact_chunk=False, shared=False):
     """The chunked form: shared scalar preparation, then ``core`` (the PyTorch or the fused chunk core).
 
     Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed); lengths: None or,
-    per row, the lengths of its sequences. The chunk is chunk_size tokens, or the longest sequence when
-    that is shorter, unless exact_chunk. Returns o (B, T, H, d_v) and the final state (one row per
-    sequence).
+    per row, the lengths of its sequences; shared: sequences may share a chunk (``_ChunkLayout``;
+    PyTorch core, empty initial state, no final state). The chunk is chunk_size tokens, or the longest
+    sequence (the row, when shared) when that is shorter, unless exact_chunk. Returns o (B, T, H, d_v)
+    and the final state (one row per sequence; None when shared).
     """
     B, T, H, _ = q.shape
     acc = state.kv.dtype
-    longest = T if lengths is None else max(max(n for row in lengths for n in row), 1)
+    longest = T if lengths is None or shared else max(max(n for row in lengths for n in row), 1)
     C = chunk_size if exact_chunk else min(chunk_size, longest)
-    layout = _ChunkLayout.build(B, T, valid, lengths, C, q.device)
+    layout = _ChunkLayout.build(B, T, valid, lengths, C, q.device, shared=shared)
     N, C = layout.num_chunks, layout.chunk_size
 
     def aligned(x):  # (B, T, H) -> (B', H, N, C) in the accumulation dtype
@@ -649,14 +686,16 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, ex
     (m, a, b, hc), (m0, m1, sb0, sb1), (E, m_end, sbar_end, n_end) = _chunk_scalars(
         aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
     flat = lambda x: x.flatten(2)  # noqa: E731  (B', H, N, C) -> (B', H, N C)
-    plan = {"plan": layout.plan} if core is _chunk_core_torch else {}
+    extra = {"plan": layout.plan} if core is _chunk_core_torch else {}
+    if shared:
+        extra["segments"] = layout.segment.flatten(1)
     o, kv = core(layout.pack(q), layout.pack(k), layout.pack(v), flat(aligned(s)), flat(m), flat(a), flat(b), flat(hc),
-                 m0, m1, sb0, sb1, state.kv, layout.chunk_load, layout.chunk_store, layout.num_sequences, C, **plan)
-    return layout.unpack(o), ZeroSState(kv=kv, E=E, m=m_end, sbar=sbar_end, n=n_end)
+                 m0, m1, sb0, sb1, state.kv, layout.chunk_load, layout.chunk_store, layout.num_sequences, C, **extra)
+    return layout.unpack(o), (None if shared else ZeroSState(kv=kv, E=E, m=m_end, sbar=sbar_end, n=n_end))
 
 
 def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-                      num_out_states, chunk_size, plan=None):
+                      num_out_states, chunk_size, plan=None, segments=None):
     """The chunk core in PyTorch; same contract as ``ops_fused.chunk_core_fused``.
 
     Chunk-aligned inputs (T = N C; padding has zero k, v and coefficients):
@@ -674,6 +713,11 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
 
     plan: chunk_load and chunk_store as lists when the caller knows them on the host (no device sync,
     and torch.compile traces one graph); else they are read from the tensors.
+    segments: (B, T) long, the sequence of each position when a chunk may hold several (the shared
+    layout of ``_ChunkLayout``; this core only). Then R[t, i] = 0 across sequences, only the tokens
+    of a chunk's first sequence read its start state, only those of its last write the state after
+    it, and a chunk in which a sequence starts drops the state it started from (later sequences start
+    empty). Without it every chunk is one sequence.
     """
     B, T, H, d_k = q.shape
     d_v, C = v.shape[-1], chunk_size
@@ -683,24 +727,42 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
     heads_first = lambda x, dtype: x.to(dtype).transpose(1, 2).reshape(B, H, N, C, -1)  # noqa: E731
     q_acc, k_acc, v_acc = (heads_first(x, acc) for x in (q, k, v))                  # (B, H, N, C, d)
     s, m, a, b, hc = (x.reshape(B, H, N, C) for x in (s, m, a, b, hc))
+    decay_exponent = m0 - m1                                                        # (B, H, N), <= 0
+    readout_exponent = m0.unsqueeze(-1) - m                                         # (B, H, N, C), <= 0
+    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()               # causal
+    writers, readout_coefficients, carry = k_acc, (a, b, hc), None
+    if segments is not None:
+        seg = segments.view(B, 1, N, C)
+        readers = seg == seg[..., :1]                       # (B, 1, N, C): the chunk's first sequence
+        carry = readers[..., -1]                            # (B, 1, N): the chunk is one sequence
+        writers = k_acc * (seg == seg[..., -1:]).unsqueeze(-1)  # the keys of the chunk's last sequence
+        # Masked before exp (where the exponent would compare two sequences' maxima) so that no
+        # gradient meets an inf.
+        decay_exponent = decay_exponent.masked_fill(~carry, 0.0)
+        readout_exponent = readout_exponent.masked_fill(~readers, 0.0)
+        readout_coefficients = tuple(x * readers for x in (a, b, hc))
+        mask = mask & (seg.unsqueeze(-1) == seg.unsqueeze(-2))  # (B, 1, N, C, C): block-diagonal
+        carry = carry.to(acc).squeeze(1)                    # (B, N)
 
     # What each chunk adds to the state, expressed at its own end point.
-    key_aug = _augment(k_acc, torch.exp((s - m1.unsqueeze(-1)).clamp(max=0.0)), s - sb1.unsqueeze(-1), None)
+    key_aug = _augment(writers, torch.exp((s - m1.unsqueeze(-1)).clamp(max=0.0)), s - sb1.unsqueeze(-1), None)
     added_kv = (key_aug.transpose(-1, -2) @ v_acc).reshape(B, H, N, 3, d_k, d_v)
 
     # Scan over chunks: the state at each chunk's start, O(N d^2), through the same transition as the
     # recurrent form. Per-chunk slices are taken once with unbind: indexing inside the loop would make
     # autograd materialise a full-size gradient per slice. Loads and stores are planned on the host.
     load, store = plan if plan is not None else (chunk_load.tolist(), chunk_store.tolist())
-    steps = zip((m0 - m1).exp().unbind(-1), (sb0 - sb1).unbind(-1), added_kv.unbind(2))
+    steps = zip(decay_exponent.exp().unbind(-1), (sb0 - sb1).unbind(-1), added_kv.unbind(2),
+                carry.unbind(-1) if carry is not None else itertools.repeat(None))
     kv, kv_starts, stored = None, [], []
-    for j, (decay, shift, added) in enumerate(steps):
+    for j, (decay, shift, added, kept) in enumerate(steps):
         rows = [r for r in range(B) if load[r][j] >= 0]
         if rows:
             loaded = start_states.index_select(0, torch.tensor([load[r][j] for r in rows], device=q.device))
             kv = loaded if len(rows) == B else kv.index_copy(0, torch.tensor(rows, device=q.device), loaded)
         kv_starts.append(kv)
-        kv = _move_reference(kv, decay, shift) + added
+        moved = _move_reference(kv, decay, shift)
+        kv = (moved if kept is None else moved * kept[:, None, None, None, None]) + added
         stored += [(store[r][j], kv[r]) for r in range(B) if store[r][j] >= 0]
     kv_starts = torch.stack(kv_starts, dim=2)                                       # (B, H, N, 3, d_k, d_v)
     out_states = start_states.new_zeros(num_out_states, H, 3, d_k, d_v)
@@ -709,24 +771,25 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
         out_states = out_states.index_copy(0, index, torch.stack([x for _, x in stored]))
 
     # Inside each chunk: explicit (C, C) weights R[t, i] formed in the accumulation dtype, times q.k,
-    # causal. Padding keys have k = 0; exp(min(., 0)) <= 1 keeps every weight finite.
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    # causal (and block-diagonal across sequences). Padding keys have k = 0; exp(min(., 0)) <= 1 keeps
+    # every weight finite.
     p = torch.exp((s.unsqueeze(-2) - m.unsqueeze(-1)).clamp(max=0.0))              # (B, H, N, C, C)
     weights = torch.addcmul(hc.unsqueeze(-1), b.unsqueeze(-1), (s - sb0.unsqueeze(-1)).unsqueeze(-2))
     weights = torch.addcmul(weights, a.unsqueeze(-1), p)
     if prod == acc:
         scores = q_acc @ k_acc.transpose(-1, -2)
-        o = (weights * scores.masked_fill(~causal, 0.0)) @ v_acc
+        o = (weights * scores.masked_fill(~mask, 0.0)) @ v_acc
     else:  # tensor cores: q.k and (weights) V in 16 bits, the weights themselves formed in float32
         scores = (heads_first(q, prod) @ heads_first(k, prod).transpose(-1, -2)).to(acc)
-        weighted = weights * scores.masked_fill(~causal, 0.0)
+        weighted = weights * scores.masked_fill(~mask, 0.0)
         # Each row scaled to max |w| = 1 before rounding: a relative error per weight, and no float16
         # underflow of the small weights (~1/t) of a long context.
         scale = weighted.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(acc).tiny)
         o = ((weighted / scale).to(prod) @ heads_first(v, prod)).to(acc) * scale
     # Everything before the chunk, through the state at its start (kept in the accumulation dtype:
     # the three terms of the readout cancel).
-    o = o + _readout(q_acc, kv_starts, a * torch.exp(m0.unsqueeze(-1) - m), b, hc)
+    ra, rb, rhc = readout_coefficients
+    o = o + _readout(q_acc, kv_starts, ra * torch.exp(readout_exponent), rb, rhc)
     return o.reshape(B, H, T, d_v).transpose(1, 2), out_states
 
 
@@ -792,14 +855,18 @@ def _step(state, q, k, v, s, g1, gh, g0, w):
 LINEAR_ATTENTION_EPS = 1e-6  # denominator floor of the linear-attention baseline
 
 
-def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torch.Tensor | None = None):
+def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torch.Tensor | None = None,
+                             segments: torch.Tensor | None = None):
     """Causal normalised linear attention on feature-mapped q, k (B, H, T, d) and v (B, H, T, dv).
 
     Inside a chunk of C tokens the C x C block is formed explicitly; across chunks the running sums
     S (d x dv) and z (d) are carried (prefix sums over chunks). Returns o, S_T, z_T.
 
-    chunk_first: (B, N) long, for documents laid out chunk by chunk (no chunk holds two): the first
-    chunk of each chunk's document in its row; the sums then restart there (S0, z0 must be zero).
+    Packed documents (``_ChunkLayout``, S0 and z0 zero; S_T and z_T are then meaningless): chunk_first
+    (B, N) long, the chunk where the document of each chunk's first token starts; segments (B, N, C)
+    long, the document of each position when a chunk may hold several. The sums restart at every
+    document: inside a chunk the block is block-diagonal, only a chunk's first document reads the sums
+    before it, and only its last one adds to the sums after it.
     """
     B, H, T, d = q.shape
     dv = v.shape[-1]
@@ -810,8 +877,14 @@ def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torc
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # zero keys add nothing to the sums
     q, k, v = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v))
     scores = (q @ k.transpose(-1, -2)).tril()  # (B, H, N, C, C), includes the diagonal
-    kv = k.transpose(-1, -2) @ v  # per-chunk sums (B, H, N, d, dv)
-    ks = k.sum(dim=-2)  # (B, H, N, d)
+    readers, writers = q, k
+    if segments is not None:
+        seg = segments.view(B, 1, N, C)
+        scores = scores.masked_fill(seg.unsqueeze(-1) != seg.unsqueeze(-2), 0.0)
+        readers = q * (seg == seg[..., :1]).unsqueeze(-1)
+        writers = k * (seg == seg[..., -1:]).unsqueeze(-1)
+    kv = writers.transpose(-1, -2) @ v  # per-chunk sums (B, H, N, d, dv)
+    ks = writers.sum(dim=-2)  # (B, H, N, d)
     if chunk_first is None:
         S_before = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2).cumsum(dim=2) + S0[:, :, None]
         z_before = torch.cat([torch.zeros_like(ks[:, :, :1]), ks[:, :, :-1]], dim=2).cumsum(dim=2) + z0[:, :, None]
@@ -822,8 +895,8 @@ def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torc
             return (total[:, :, :-1] - total.gather(2, index)).to(x.dtype)
 
         S_before, z_before = before(kv), before(ks)
-    num = scores @ v + q @ S_before
-    den = scores.sum(-1) + (q * z_before[:, :, :, None, :]).sum(-1)
+    num = scores @ v + readers @ S_before
+    den = scores.sum(-1) + (readers * z_before[:, :, :, None, :]).sum(-1)
     o = num / den.clamp_min(LINEAR_ATTENTION_EPS)[..., None]
     o = o.reshape(B, H, N * C, dv)[:, :, :T]
     return o, S_before[:, :, -1] + kv[:, :, -1], z_before[:, :, -1] + ks[:, :, -1]
@@ -831,12 +904,11 @@ def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torc
 
 def linear_attention_packed(q, k, v, row_lengths: list, chunk_size: int):
     """linear_attention_chunked over packed documents, q, k (B, H, T, d), v (B, H, T, dv); row_lengths: per row,
-    the lengths of its documents. In each row every document is padded to whole chunks (the ZeroS op's layout)
-    and its sums start empty. Returns o (B, H, T, dv)."""
+    the lengths of its documents. The rows as they are, chunks shared by documents (``_ChunkLayout``'s shared
+    layout), every document's sums starting empty. Returns o (B, H, T, dv)."""
     B, H, T, _ = q.shape
-    longest = max(n for row in row_lengths for n in row)
-    layout = _ChunkLayout.build(B, T, None, row_lengths, min(chunk_size, longest), q.device)
-    packed = [layout.pack(x.transpose(1, 2)).transpose(1, 2) for x in (q, k, v)]   # (B, H, N C, d)
+    layout = _ChunkLayout.build(B, T, None, row_lengths, max(1, min(chunk_size, T)), q.device, shared=True)
     zeros = q.new_zeros(B, H, q.shape[-1], v.shape[-1]), q.new_zeros(B, H, q.shape[-1])
-    o, _, _ = linear_attention_chunked(*packed, *zeros, layout.chunk_size, chunk_first=layout.chunk_first)
-    return layout.unpack(o.transpose(1, 2)).transpose(1, 2)
+    o, _, _ = linear_attention_chunked(q, k, v, *zeros, layout.chunk_size, chunk_first=layout.chunk_first,
+                                       segments=layout.segment)
+    return o
