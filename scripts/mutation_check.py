@@ -47,7 +47,7 @@ M = Mutation
 MUTATIONS = [
     # 1. gradient checkpointing
     M("checkpointing: LightningModule never enables it", "zeros_lm/training.py",
-      'self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})', "pass",
+      'enable(activation_checkpointing_kwargs={"use_reentrant": False})', "pass",
       ("tests/test_train.py", "-k", "checkpointing")),
     M("checkpointing: block is a plain nn.Module", "zeros_lm/modeling_zeros.py",
       "class ZeroSBlock(GradientCheckpointingLayer):", "class ZeroSBlock(nn.Module):",

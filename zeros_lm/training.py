@@ -203,7 +203,12 @@ class ZeroSLitModule(LightningModule):
         # Recorded in the model's config: the checkpoint and the exported config.json carry it.
         self.model.config.trained_with_document_resets = self.document_separator is not None
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.x names it activation checkpointing (the old name warns); earlier 5.x lack it.
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if compile:
             for block in self.model.model.layers:  # in place: parameter names (and checkpoints) unchanged
                 block.compile(**COMPILE_KWARGS)
