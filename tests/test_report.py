@@ -281,3 +281,30 @@ def test_extrapolation_alone_needs_saved_models(tmp_path, capsys):
     assert "unknown model" in capsys.readouterr().err
     assert _smoke(tmp_path, "--sections", "mqar", "--mqar-lrs", "0.01,-1") == 2
     assert "--mqar-lrs" in capsys.readouterr().err
+
+
+def test_target_verdicts_met_not_met_and_open():
+    """The issue's target per O(1)-state-dominant row: met only when perplexity and MQAR are both measured
+    and within bounds; a measured miss is "not met"; a row with a part unmeasured is open, not failed."""
+    from types import SimpleNamespace
+
+    from benchmarks.evidence.markdown import target_findings
+
+    def lm_row(ppl, share=0.0):
+        return {"final_val_ppl": ppl, "softmax_share": share}
+
+    def cells(key, accuracy):
+        return [{"model": key, "attention_type": "zeros", "width": 64, "seq_len": 64, "accuracy": accuracy}]
+
+    results = {
+        "lm": {"softmax": lm_row(20.0, 1.0), "zeros": lm_row(30.0), "zeros_conv": lm_row(20.5),
+               "hybrid_conv": lm_row(20.9, 0.25)},
+        "mqar": {"cells": cells("softmax", 0.99) + cells("zeros", 0.97) + cells("zeros_conv", 0.96), "models": {}},
+    }
+    lines = target_findings(SimpleNamespace(results=results))
+    verdict = {line.split(":")[0]: line for line in lines}
+    assert "**not met**" in verdict["Target (100% ZeroS layers) ZeroS"]               # perplexity 50% off
+    assert "met: perplexity 20.50" in verdict["Target (100% ZeroS layers) ZeroS + short conv"]
+    assert "**not met**" not in verdict["Target (75% ZeroS layers) hybrid + short conv"]
+    assert "open (not all of it measured)" in verdict["Target (75% ZeroS layers) hybrid + short conv"]
+    assert "MQAR not measured" in verdict["Target (75% ZeroS layers) hybrid + short conv"]
