@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import ATTENTION_TYPES, tiny_model
 
-from zeros_lm import ZeroSCache, ZeroSConfig
+from zeros_lm import ZeroSCache, ZeroSConfig, modeling_zeros
 from zeros_lm.modeling_zeros import PackedDocuments, packed_position_ids
 
 # chunk_size 4 (tiny_config): in row 0 the documents 4 | 3 | 1 | 6 put a boundary on a chunk edge (4),
@@ -45,8 +45,10 @@ def logits_and_grads(model, weight, **inputs):
 
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-def test_packed_documents_equal_each_document_alone(attention_type, padded):
-    """Logits of every real token and the gradients of every parameter, float64."""
+def test_packed_documents_equal_each_document_alone(attention_type, padded, monkeypatch):
+    """Logits of every real token and the gradients of every parameter, float64. Softmax: padded rows
+    take the block-diagonal mask, unpadded ones (made to) one SDPA call per document."""
+    monkeypatch.setattr(modeling_zeros, "_SDPA_CALL_PAIRS", 0)
     model = tiny_model(attention_type).double()
     ids, mask, positions, documents = packed_batch() if padded else packed_batch(rows=UNPADDED_ROWS, left_pad=[0, 0])
     weight = torch.randn(len(ROWS), WIDTH, model.config.vocab_size, dtype=torch.float64)
@@ -131,3 +133,14 @@ def test_position_ids_from_separators(attention_type):
         for lo, hi in [(0, 3), (3, 6), (6, 11), (11, 13)]:
             alone = model(block[:, lo:hi], use_cache=False).logits
             torch.testing.assert_close(packed[:, lo:hi], alone, rtol=0, atol=1e-10)
+
+
+def test_softmax_calls_sdpa_per_document_where_that_is_cheaper():
+    """The CPU choice between per-document calls and one masked call: long rows of short documents go per
+    document, short rows keep the mask, and off the CPU the mask always stays."""
+    cheaper = modeling_zeros._per_document_is_cheaper
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert cheaper([[200] * 10 + [48]], 2048, cpu)
+    assert not cheaper([[200, 56]] * 8, 256, cpu)
+    assert not cheaper([[2048]], 2048, cpu)                      # one document: nothing to save
+    assert not cheaper([[200] * 10 + [48]], 2048, cuda)

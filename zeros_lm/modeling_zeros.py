@@ -569,6 +569,23 @@ class ZeroSAttention(nn.Module):
         return self.o_proj(o.to(x.dtype).reshape(B, T, H * d))
 
 
+# On a CPU one SDPA call (forward and backward) costs about as much as this many more (query, key) pairs
+# (measured at head size 64 with benchmarks/packed.py's batches: 200-token documents gain from one call
+# each in rows of 1024 tokens and more, and lose in rows of 256).
+_SDPA_CALL_PAIRS = 256 * 256
+
+
+def _per_document_is_cheaper(row_lengths: list, T: int, device) -> bool:
+    """Softmax over packed documents: one causal SDPA call per document (varlen attention; it computes
+    sum l^2 pairs) rather than one call with a block-diagonal mask (which leaves SDPA's causal kernel and
+    computes all T^2 pairs of each row)? On a CPU, when the pairs saved outweigh the calls' overhead;
+    elsewhere the mask (many small calls would starve a GPU)."""
+    if device.type != "cpu":
+        return False
+    per_document = sum(n * n + _SDPA_CALL_PAIRS for row in row_lengths for n in row)
+    return per_document < len(row_lengths) * T * T
+
+
 def _attention_per_document(q, k, v, row_lengths: list) -> torch.Tensor:
     """Causal SDPA over packed documents, q, k, v (B, H, T, d), one call per document; row_lengths: per row,
     the lengths of its documents. Returns (B, H, T, d)."""
@@ -640,9 +657,7 @@ class SoftmaxAttention(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
             past_valid = past[2]
-        if documents is not None and valid is None and x.device.type == "cpu":
-            # Varlen attention: one causal call per document. On a CPU this beats a block-diagonal
-            # mask, which leaves SDPA's causal kernel and computes every (query, key) pair of the row.
+        if documents is not None and valid is None and _per_document_is_cheaper(documents.row_lengths, T, x.device):
             o = _attention_per_document(q, k, v, documents.row_lengths)
             return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
         mask = self._mask(valid, past_valid, B, T, x.device, documents)
