@@ -855,18 +855,16 @@ def _step(state, q, k, v, s, g1, gh, g0, w):
 LINEAR_ATTENTION_EPS = 1e-6  # denominator floor of the linear-attention baseline
 
 
-def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torch.Tensor | None = None,
-                             segments: torch.Tensor | None = None):
+def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, segments: torch.Tensor | None = None):
     """Causal normalised linear attention on feature-mapped q, k (B, H, T, d) and v (B, H, T, dv).
 
     Inside a chunk of C tokens the C x C block is formed explicitly; across chunks the running sums
     S (d x dv) and z (d) are carried (prefix sums over chunks). Returns o, S_T, z_T.
 
-    Packed documents (``_ChunkLayout``, S0 and z0 zero; S_T and z_T are then meaningless): chunk_first
-    (B, N) long, the chunk where the document of each chunk's first token starts; segments (B, N, C)
-    long, the document of each position when a chunk may hold several. The sums restart at every
-    document: inside a chunk the block is block-diagonal, only a chunk's first document reads the sums
-    before it, and only its last one adds to the sums after it.
+    segments: (B, N, C) long, packed documents (``_ChunkLayout``'s shared layout): the document of each
+    position, T padded to N C. The sums restart at every document: inside a chunk the block is
+    block-diagonal, only a chunk's first document reads the sums before it, only its last one adds to
+    the sums after it, and a chunk where a document starts drops the sums it started from.
     """
     B, H, T, d = q.shape
     dv = v.shape[-1]
@@ -885,16 +883,23 @@ def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, chunk_first: torc
         writers = k * (seg == seg[..., -1:]).unsqueeze(-1)
     kv = writers.transpose(-1, -2) @ v  # per-chunk sums (B, H, N, d, dv)
     ks = writers.sum(dim=-2)  # (B, H, N, d)
-    if chunk_first is None:
+    if segments is None:
         S_before = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2).cumsum(dim=2) + S0[:, :, None]
         z_before = torch.cat([torch.zeros_like(ks[:, :, :1]), ks[:, :, :-1]], dim=2).cumsum(dim=2) + z0[:, :, None]
-    else:  # sums of the earlier chunks of the same document: a difference of float64 prefix sums
-        def before(x):
-            total = torch.cat([torch.zeros_like(x[:, :, :1]), x], dim=2).to(torch.float64).cumsum(dim=2)
-            index = chunk_first.view(B, 1, N, *([1] * (x.dim() - 3))).expand(-1, x.shape[1], -1, *x.shape[3:])
-            return (total[:, :, :-1] - total.gather(2, index)).to(x.dtype)
-
-        S_before, z_before = before(kv), before(ks)
+    else:  # a scan over the chunks (N steps) that restarts with the documents
+        # carry[j]: chunk j's sums reach chunk j + 1 (one document through chunk j, going on in chunk j + 1)
+        one_document = seg[..., 0] == seg[..., -1]                                          # (B, 1, N)
+        goes_on = F.pad(seg[..., 1:, 0] == seg[..., :-1, -1], (0, 1), value=True)
+        carry = (one_document & goes_on).to(q.dtype).unbind(-1)
+        # added[j] reaches chunk j + 1 unless a document starts at its first position
+        reach = goes_on.to(q.dtype).unbind(-1)
+        S_starts, z_starts, S, z = [], [], S0, z0
+        for j, (S_j, z_j) in enumerate(zip(kv.unbind(2), ks.unbind(2))):
+            S_starts.append(S)
+            z_starts.append(z)
+            S = S * carry[j][..., None, None] + S_j * reach[j][..., None, None]
+            z = z * carry[j][..., None] + z_j * reach[j][..., None]
+        S_before, z_before = torch.stack(S_starts, dim=2), torch.stack(z_starts, dim=2)
     num = scores @ v + readers @ S_before
     den = scores.sum(-1) + (readers * z_before[:, :, :, None, :]).sum(-1)
     o = num / den.clamp_min(LINEAR_ATTENTION_EPS)[..., None]
@@ -909,6 +914,5 @@ def linear_attention_packed(q, k, v, row_lengths: list, chunk_size: int):
     B, H, T, _ = q.shape
     layout = _ChunkLayout.build(B, T, None, row_lengths, max(1, min(chunk_size, T)), q.device, shared=True)
     zeros = q.new_zeros(B, H, q.shape[-1], v.shape[-1]), q.new_zeros(B, H, q.shape[-1])
-    o, _, _ = linear_attention_chunked(q, k, v, *zeros, layout.chunk_size, chunk_first=layout.chunk_first,
-                                       segments=layout.segment)
+    o, _, _ = linear_attention_chunked(q, k, v, *zeros, layout.chunk_size, segments=layout.segment)
     return o
