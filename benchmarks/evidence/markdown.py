@@ -109,6 +109,17 @@ def md_lm(run: Run, findings: list[str]) -> list[str]:
     lines.append("")
     lines += _skipped_notes(run.results.get("lm_skipped") or {})
     z, s, l = lm.get("zeros"), lm.get("softmax"), lm.get("linear")
+    incomparable = set()
+    for name, other in (("softmax", s), ("linear", l), *((n, lm.get(n)) for n in ABLATIONS)):
+        if z and other and resets[name] != resets["zeros"]:  # no finding compares the two groups
+            findings.append(f"LM: {row_label(name)} is not compared with ZeroS: one was trained with document "
+                            "resets, the other without (see the note above the table).")
+            if name == "softmax":
+                s = None
+            elif name == "linear":
+                l = None
+            else:
+                incomparable.add(name)
     if z and s and z["final_val_ppl"] and s["final_val_ppl"]:
         verdict = "better than" if z["final_val_ppl"] < s["final_val_ppl"] else "**worse than**"
         findings.append(f"LM: ZeroS validation perplexity {z['final_val_ppl']:.2f} is {verdict} softmax "
@@ -123,7 +134,7 @@ def md_lm(run: Run, findings: list[str]) -> list[str]:
                         f"{faster} than softmax {s['tokens_per_s']:,.0f} tok/s (x{z['tokens_per_s'] / s['tokens_per_s']:.2f}).")
     for name in ABLATIONS:
         a = lm.get(name)
-        if a and z and a["final_val_ppl"] and z["final_val_ppl"]:
+        if a and z and name not in incomparable and a["final_val_ppl"] and z["final_val_ppl"]:
             if a["final_val_ppl"] > z["final_val_ppl"]:
                 findings.append(f"Ablation '{name}': perplexity {a['final_val_ppl']:.2f} vs {z['final_val_ppl']:.2f} "
                                 f"for full ZeroS ({_pct(a['final_val_ppl'], z['final_val_ppl'])}): the component helps here.")
