@@ -21,6 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+try:  # benchmarks.packed (tests) or python benchmarks/packed.py (a script beside train.py)
+    from .train import add_model_options, model_fields
+except ImportError:
+    from train import add_model_options, model_fields
+
 EOS = 0
 
 
@@ -46,9 +51,7 @@ def measure(args, attention: str, seq_len: int) -> dict:
     batch = max(1, args.tokens_per_step // seq_len)
     g = torch.Generator().manual_seed(0)
     blocks = [packed_blocks(batch, seq_len, args.vocab_size, args.mean_document, g)[0].to(device) for _ in range(4)]
-    fields = dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                  num_attention_heads=args.heads, chunk_size=args.chunk_size, attention_type=attention,
-                  eos_token_id=EOS)
+    fields = dict(model_fields(args, attention), eos_token_id=EOS)
     runs = {}
     for resets in (False, True):
         torch.manual_seed(0)
@@ -94,11 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--attentions", nargs="+", default=["zeros", "softmax", "linear"])
     p.add_argument("--mean-document", type=int, default=200, help="mean document length in tokens")
     p.add_argument("--tokens-per-step", type=int, default=2048, help="batch = tokens_per_step // seq_len")
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--chunk-size", type=int, default=64)
+    add_model_options(p)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)

@@ -31,14 +31,7 @@ def run_point(args) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    cfg = ZeroSConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        attention_type=args.attention,
-        chunk_size=args.chunk_size,
-    )
+    cfg = ZeroSConfig(**model_fields(args, args.attention))
     model = ZeroSForCausalLM(cfg).to(device).train()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -86,6 +79,21 @@ def run_point(args) -> dict:
     }
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The model-size options of the training benchmarks (this one and packed.py); defaults: the default run's model."""
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--chunk-size", type=int, default=64)
+
+
+def model_fields(args, attention: str) -> dict:
+    """ZeroSConfig fields from the options of add_model_options."""
+    return dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                num_attention_heads=args.heads, chunk_size=args.chunk_size, attention_type=attention)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -93,11 +101,7 @@ def main() -> int:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--attentions", nargs="+", default=["zeros", "softmax"])
     p.add_argument("--tokens-per-step", type=int, default=4096, help="batch = tokens_per_step // seq_len")
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--chunk-size", type=int, default=64)
+    add_model_options(p)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
