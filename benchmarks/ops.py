@@ -8,7 +8,7 @@ On CUDA the table also has the fused Triton kernels (mode="fused") and, when fla
 is installed (a yardstick, not a dependency), its ``chunk_simple_gla`` at the same shape: a
 scalar-gated linear attention, the floor that a ZeroS kernel can approach.
 
-B=1, H=8, d=64, float32 (bfloat16 with --dtype bf16). Each cell runs in a fresh subprocess, so the
+B=1, H=8, d=64 by default (--batch, --heads, --head-dim), float32 (bfloat16 with --dtype bf16). Each cell runs in a fresh subprocess, so the
 peak-memory column is that run's own, taken on its first call: on CUDA torch.cuda.max_memory_allocated,
 on CPU the growth of the process's peak resident set over its state just before. Prints Markdown.
 """
@@ -36,14 +36,15 @@ NAIVE_MAX_T = 4096  # the naive form holds a (d, d) matrix per token: beyond thi
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def make_inputs(T, device, dtype, requires_grad):
+def make_inputs(T, device, dtype, requires_grad, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM):
+    """q, k, v (B, T, H, d), s, g1, gh (B, T, H): unit-norm q and k, sigmoid gates."""
     g = torch.Generator(device="cpu").manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    q = F.normalize(rand(BATCH, T, HEADS, HEAD_DIM), dim=-1)
-    k = F.normalize(rand(BATCH, T, HEADS, HEAD_DIM), dim=-1)
-    v = rand(BATCH, T, HEADS, HEAD_DIM)
-    s = rand(BATCH, T, HEADS)
-    g1, gh = torch.sigmoid(rand(BATCH, T, HEADS)), torch.sigmoid(rand(BATCH, T, HEADS))
+    q = F.normalize(rand(batch, T, heads, head_dim), dim=-1)
+    k = F.normalize(rand(batch, T, heads, head_dim), dim=-1)
+    v = rand(batch, T, heads, head_dim)
+    s = rand(batch, T, heads)
+    g1, gh = torch.sigmoid(rand(batch, T, heads)), torch.sigmoid(rand(batch, T, heads))
     return [x.requires_grad_(requires_grad) for x in (q, k, v, s, g1, gh)]
 
 
@@ -76,10 +77,10 @@ def sdpa(q, k, v, *_):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
-def measure(method, T, backward, device, dtype, chunk_size, repeats, compile_op):
-    """Runs in a subprocess: returns tokens/s and peak bytes for one cell."""
+def measure(method, T, backward, device, dtype, chunk_size, repeats, compile_op, shape=(BATCH, HEADS, HEAD_DIM)):
+    """One cell (in a subprocess on CPU): tokens/s and peak bytes; shape = (B, H, d)."""
     torch.manual_seed(0)
-    inputs = make_inputs(T, device, dtype, backward)
+    inputs = make_inputs(T, device, dtype, backward, *shape)
     if method in ("zeros", "fused"):
         mode = "chunked" if method == "zeros" else "fused"
         op = lambda *x: zeros_attention(*x, mode=mode, chunk_size=chunk_size)[0]  # noqa: E731
@@ -115,7 +116,7 @@ def measure(method, T, backward, device, dtype, chunk_size, repeats, compile_op)
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"tok_s": BATCH * T / statistics.median(times), "peak": max(peak, 0)}
+    return {"tok_s": shape[0] * T / statistics.median(times), "peak": max(peak, 0)}
 
 
 def recurrent_step_latency(device, dtype, repeats=200):
@@ -138,7 +139,7 @@ def run_cell(args, method, T, backward, compile_op=False):
     if args.device.startswith("cuda"):  # CUDA peak memory can be reset in-process
         try:
             return measure(method, T, backward, torch.device(args.device), DTYPES[args.dtype], args.chunk_size,
-                           args.repeats, compile_op)
+                           args.repeats, compile_op, args.shape)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return {"error": "OOM"}
@@ -195,6 +196,9 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--heads", type=int, default=HEADS)
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd chunked ZeroS column")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -204,13 +208,15 @@ def main():
     dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.shape = (args.batch, args.heads, args.head_dim)
     args.passthrough = ["--device", args.device, "--dtype", args.dtype, "--chunk-size", str(args.chunk_size),
-                        "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+                        "--repeats", str(args.repeats), "--batch", str(args.batch), "--heads", str(args.heads),
+                        "--head-dim", str(args.head_dim)] + (["--threads", str(args.threads)] if args.threads else [])
 
     if args.cell:
         cell = json.loads(args.cell)
         print(json.dumps(measure(cell["method"], cell["T"], cell["backward"], device, dtype,
-                                 args.chunk_size, args.repeats, cell["compile"])))
+                                 args.chunk_size, args.repeats, cell["compile"], args.shape)))
         return
 
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (
@@ -218,8 +224,9 @@ def main():
     methods = ["zeros"] + (["zeros_compiled"] if args.compile else [])
     if device.type == "cuda":  # the Triton kernels, and the simple-GLA yardstick when fla is installed
         methods += ["fused"] + (["fla"] if importlib.util.find_spec("fla") else [])
-    methods += ["sdpa", "naive"]
-    print(f"# ZeroS op benchmark: B={BATCH}, H={HEADS}, d={HEAD_DIM}, {args.dtype}, chunk {args.chunk_size}")
+    methods += ["sdpa"] + (["naive"] if device.type == "cpu" else [])  # naive: the memory contrast, CPU only
+    print(f"# ZeroS op benchmark: B={args.batch}, H={args.heads}, d={args.head_dim}, {args.dtype}, "
+          f"chunk {args.chunk_size}, median of {args.repeats}")
     print(f"# {machine_line(device)}\n")
     for backward in (True, False):
         results = {}

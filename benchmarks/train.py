@@ -8,6 +8,10 @@ peak of allocated tensor memory. Prints a Markdown table.
 
     python benchmarks/train.py                         # CPU, seq_len 512 and 2048
     python benchmarks/train.py --device cuda --precision bf16 --seq-lens 512 2048 8192
+    python benchmarks/train.py --device cuda --precision bf16 --compile    # every block torch.compile'd
+
+On CUDA the table also gives model FLOPs utilisation (MFU: zeros_lm.training.model_flops_per_token x
+tokens/s over the card's bf16 peak, where the card is known), as the training log does.
 """
 
 from __future__ import annotations
@@ -28,11 +32,16 @@ def run_point(args) -> dict:
     import torch.nn.functional as F
 
     from zeros_lm import ZeroSConfig, ZeroSForCausalLM
+    from zeros_lm.callbacks import peak_flops_of
+    from zeros_lm.training import compile_blocks, model_flops_per_token
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     cfg = ZeroSConfig(**model_fields(args, args.attention))
     model = ZeroSForCausalLM(cfg).to(device).train()
+    flops_per_token = model_flops_per_token(model, args.seq_len)
+    if args.compile:
+        compile_blocks(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -76,6 +85,7 @@ def run_point(args) -> dict:
         "peak_bytes": peak,
         "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
+        "mfu": (flops_per_token * batch * args.seq_len / dt / peak) if (peak := peak_flops_of(device)) else None,
     }
 
 
@@ -86,12 +96,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--attention-backend", choices=["auto", "torch"], default="auto",
+                   help="ZeroS: auto = the fused Triton kernels on CUDA; torch = the PyTorch chunked form")
 
 
 def model_fields(args, attention: str) -> dict:
     """ZeroSConfig fields from the options of add_model_options."""
     return dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                num_attention_heads=args.heads, chunk_size=args.chunk_size, attention_type=attention)
+                num_attention_heads=args.heads, chunk_size=args.chunk_size, attention_type=attention,
+                attention_backend=args.attention_backend)
 
 
 def main() -> int:
@@ -103,6 +116,7 @@ def main() -> int:
     p.add_argument("--tokens-per-step", type=int, default=4096, help="batch = tokens_per_step // seq_len")
     add_model_options(p)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile every decoder block (as --model.compile)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--json", help="also write the results to this file")
@@ -120,10 +134,9 @@ def main() -> int:
         for attention in args.attentions:
             cmd = [sys.executable, __file__, "--point", "--attention", attention, "--seq-len", str(seq_len)]
             for key in ("device", "precision", "tokens_per_step", "hidden_size", "layers", "heads", "vocab_size",
-                        "chunk_size", "warmup", "steps"):
+                        "chunk_size", "attention_backend", "warmup", "steps"):
                 cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
-            if args.gradient_checkpointing:
-                cmd.append("--gradient-checkpointing")
+            cmd += [f"--{flag.replace('_', '-')}" for flag in ("gradient_checkpointing", "compile") if getattr(args, flag)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -146,21 +159,23 @@ def main() -> int:
     print(
         f"\nTraining throughput, {args.layers} layers x {args.hidden_size}, {args.heads} heads, vocab "
         f"{args.vocab_size} ({params / 1e6:.1f} M parameters), {args.tokens_per_step} tokens per step, "
-        f"{args.precision}, AdamW, on {device}"
+        f"{args.precision}, AdamW, {'compiled blocks' if args.compile else 'eager'}, ZeroS backend "
+        f"{args.attention_backend}, on {device}"
         + ("; memory = peak process RSS" if not args.device.startswith("cuda") else "; memory = peak allocated")
         + "\n"
     )
-    print("| seq_len | attention | batch | tokens/s | peak memory (MiB) | tokens/s vs softmax |")
-    print("|---:|---|---:|---:|---:|---:|")
+    mfu = any(r.get("mfu") for r in results)
+    print("| seq_len | attention | batch | tokens/s | peak memory (MiB) | tokens/s vs softmax |" + (" MFU |" if mfu else ""))
+    print("|---:|---|---:|---:|---:|---:|" + ("---:|" if mfu else ""))
     for seq_len in args.seq_lens:
         base = next((r for r in results if r["seq_len"] == seq_len and r["attention"] == "softmax" and "error" not in r), None)
         for r in (r for r in results if r["seq_len"] == seq_len):
             if "error" in r:
-                print(f"| {seq_len} | {r['attention']} | | failed: {r['error']} | | |")
+                print(f"| {seq_len} | {r['attention']} | | failed: {r['error']} | | |" + (" |" if mfu else ""))
                 continue
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
             print(f"| {seq_len} | {r['attention']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['peak_bytes'] / 2**20:,.0f} | {ratio} |")
+                  f"{r['peak_bytes'] / 2**20:,.0f} | {ratio} |" + (f" {100 * r['mfu']:.1f}% |" if mfu else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "results": results}, indent=1))
     return 0

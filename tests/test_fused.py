@@ -408,3 +408,83 @@ def test_torch_compile_fullgraph():
         results.append([value.detach()] + [x.grad for x in inputs if x.requires_grad])
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole model: the fused path (attention_backend="auto" on CUDA) against the PyTorch path
+# ----------------------------------------------------------------------------------------------
+
+def _logits_and_grads(model, ids, mask, autocast_dtype=None):
+    """Logits (B, T, V) and the flattened parameter gradients of a next-token loss over real tokens."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    return logits.detach().float() * mask[..., None], grads
+
+
+def _norm_rel(x, ref):
+    """||x - ref|| / ||ref|| over the whole tensor (a model's logits or all its gradients at once)."""
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _model_case(device, hidden, heads, chunk_size, T):
+    from conftest import tiny_model
+
+    model = tiny_model("zeros", hidden_size=hidden, num_attention_heads=heads, intermediate_size=2 * hidden,
+                       chunk_size=chunk_size).to(device).train()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, model.config.vocab_size, (2, T), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, : T // 3] = 0  # row 1 left-padded
+    return model, ids, mask
+
+
+def _count_fused_calls(monkeypatch):
+    calls = []
+    real = ops_fused.chunk_core_fused
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops_fused, "chunk_core_fused", counted)
+    return calls
+
+
+def test_model_fused_matches_torch_backend(monkeypatch):
+    """A 2-layer model with left padding, float32: logits and every parameter gradient of the fused path
+    == the PyTorch chunked path (on CPU the fused path is forced and runs in the interpreter)."""
+    from zeros_lm import ops
+
+    model, ids, mask = _model_case(DEVICE, hidden=32, heads=2, chunk_size=MIN_CHUNK_SIZE, T=40)
+    model.config.attention_backend = "torch"
+    ref_logits, ref_grads = _logits_and_grads(model, ids, mask)
+    model.config.attention_backend = "auto"
+    calls = _count_fused_calls(monkeypatch)
+    if DEVICE == "cpu":
+        monkeypatch.setattr(ops, "_fused_applies", lambda q, v: True)
+    logits, grads = _logits_and_grads(model, ids, mask)
+    assert len(calls) == model.config.num_hidden_layers
+    assert _norm_rel(logits, ref_logits) <= F32_TOL
+    assert _norm_rel(grads, ref_grads) <= F32_TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 model activations need a GPU")
+def test_model_fused_bfloat16_within_bf16_noise(monkeypatch):
+    """bf16 autocast (as training runs): the fused path's logits and gradients are as close to the float32
+    PyTorch path as the PyTorch path's own bf16 run is (within 1.5x of its error, plus a floor)."""
+    model, ids, mask = _model_case(DEVICE, hidden=256, heads=4, chunk_size=64, T=300)
+    model.config.attention_backend = "torch"
+    ref = _logits_and_grads(model, ids, mask)
+    torch_bf16 = _logits_and_grads(model, ids, mask, torch.bfloat16)
+    model.config.attention_backend = "auto"
+    calls = _count_fused_calls(monkeypatch)
+    fused_bf16 = _logits_and_grads(model, ids, mask, torch.bfloat16)
+    assert len(calls) == model.config.num_hidden_layers
+    for what, got, noise, exact in zip(("logits", "gradients"), fused_bf16, torch_bf16, ref):
+        err, noise_err = _norm_rel(got, exact), _norm_rel(noise, exact)
+        print(f"bf16 {what}: fused {err:.2e}, PyTorch path {noise_err:.2e} (relative to the float32 PyTorch path)")
+        assert err <= 1.5 * noise_err + 1e-3, (what, err, noise_err)

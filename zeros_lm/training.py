@@ -101,6 +101,12 @@ def check_model_arguments(arguments: dict) -> None:
 COMPILE_KWARGS: dict = {}  # passed to torch.compile for each block (tests use a cheaper backend)
 
 
+def compile_blocks(model: ZeroSForCausalLM) -> None:
+    """``torch.compile`` each decoder block in place, so parameter names (and checkpoints) stay unchanged."""
+    for block in model.model.layers:
+        block.compile(**COMPILE_KWARGS)
+
+
 def model_flops_per_token(model: ZeroSForCausalLM, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward) of ``model`` on sequences of ``seq_len``:
     6 per weight that multiplies activations (all but the input embedding; the LM head counts, tied or not),
@@ -210,8 +216,7 @@ class ZeroSLitModule(LightningModule):
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if compile:
-            for block in self.model.model.layers:  # in place: parameter names (and checkpoints) unchanged
-                block.compile(**COMPILE_KWARGS)
+            compile_blocks(self.model)
         self._val_sum: Optional[torch.Tensor] = None
         self._val_count: Optional[torch.Tensor] = None
         self._last_ds_step = -1
