@@ -25,21 +25,19 @@ import time
 from pathlib import Path
 
 
-def run_point(args) -> dict:
-    import resource
-
+def training_step(args):
+    """(model, step, sync, batch) for one benchmark point: ``step()`` runs forward + backward + AdamW on
+    random tokens (the loss train.py uses), ``sync()`` waits for the device. Shared with profile_step.py."""
     import torch
     import torch.nn.functional as F
 
     from zeros_lm import ZeroSConfig, ZeroSForCausalLM
-    from zeros_lm.callbacks import peak_flops_of
-    from zeros_lm.training import compile_blocks, model_flops_per_token
+    from zeros_lm.training import compile_blocks
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     cfg = ZeroSConfig(**model_fields(args, args.attention))
     model = ZeroSForCausalLM(cfg).to(device).train()
-    flops_per_token = model_flops_per_token(model, args.seq_len)
     if args.compile:
         compile_blocks(model)
     if args.gradient_checkpointing:
@@ -62,6 +60,20 @@ def run_point(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    return model, step, sync, batch
+
+
+def run_point(args) -> dict:
+    import resource
+
+    import torch
+
+    from zeros_lm.callbacks import peak_flops_of
+    from zeros_lm.training import model_flops_per_token
+
+    model, step, sync, batch = training_step(args)
+    device = torch.device(args.device)
+    flops_per_token = model_flops_per_token(model, args.seq_len)
     for _ in range(args.warmup):
         step()
     sync()

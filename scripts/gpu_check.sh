@@ -23,7 +23,7 @@ fi
 MODEL=(--hidden-size 768 --layers 12 --heads 12 --vocab-size 32000 --tokens-per-step 16384)
 OP_SHAPE=(--batch 2 --heads 12 --head-dim 64)
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests ops train packed compiled)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests profile ops train packed compiled)
 
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
 
@@ -55,12 +55,16 @@ EOF
         fi
         ;;
     tests)  # the compiled kernels against the reference, and the model in bf16 (-s prints its error figures)
-        stage tests 240 $PY -m pytest -q -s -p no:cacheprovider tests/test_fused.py \
-            "tests/test_ops.py::test_auto_picks_fused_on_cuda" "tests/test_ops.py::test_fused_mode_with_the_real_kernels"
+        stage tests 240 $PY -m pytest -q -s -p no:cacheprovider ${TESTS:-tests/test_fused.py \
+            tests/test_ops.py::test_auto_picks_fused_on_cuda tests/test_ops.py::test_fused_mode_with_the_real_kernels}
+        ;;
+    profile)  # where the 117M ZeroS training step spends its time
+        stage profile 120 $PY benchmarks/profile_step.py --device cuda --precision bf16 --seq-len 2048 \
+            --warmup 3 --steps 3 --rows 40 "${MODEL[@]}"
         ;;
     ops)
         wait  # the fla warm-up
-        stage ops 240 $PY benchmarks/ops.py --device cuda --dtype bf16 --lengths 2048,4096,8192,16384 \
+        stage ops 240 $PY benchmarks/ops.py --device cuda --dtype bf16 --lengths ${OP_LENGTHS:-2048,4096,8192,16384} \
             --repeats 10 "${OP_SHAPE[@]}"
         ;;
     train)
@@ -77,8 +81,8 @@ EOF
             --tokens-per-step 16384
         ;;
     compiled)
-        stage compiled 300 $PY benchmarks/train.py --device cuda --precision bf16 --seq-lens 2048 8192 \
-            --warmup 3 --steps 6 --compile "${MODEL[@]}"
+        stage compiled 300 $PY benchmarks/train.py --device cuda --precision bf16 --seq-lens ${COMPILED_SEQ_LENS:-2048 8192} \
+            --attentions ${COMPILED_ATTENTIONS:-zeros softmax} --warmup 3 --steps 6 --compile "${MODEL[@]}"
         ;;
     *)
         summary "unknown stage $s"

@@ -580,10 +580,12 @@ def test_fused_mode_with_the_real_kernels():
     """zeros_attention(mode="fused") through ops_fused (Triton's interpreter on CPU) == chunked, with gradients."""
     if ops._load_fused_core() is None:
         pytest.skip("Triton or ops_fused.py is not available")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernels on a GPU, else the interpreter
     lengths = [20, 1, 11]
-    inputs = make_inputs(1, sum(lengths), 2, 16, first_layer=True, dtype=torch.float32, seed=34, requires_grad=True)
-    _, state = run([x.detach() for x in make_inputs(3, 9, 2, 16, dtype=torch.float32, seed=35)[:6]] + [None],
-                   "chunked", output_final_state=True)
+    inputs = [x.to(device) for x in make_inputs(1, sum(lengths), 2, 16, first_layer=True, dtype=torch.float32,
+                                                 seed=34, requires_grad=True)]
+    _, state = run([x.detach().to(device) for x in make_inputs(3, 9, 2, 16, dtype=torch.float32, seed=35)[:6]]
+                   + [None], "chunked", output_final_state=True)
     results = {}
     for mode in ("fused", "chunked"):
         out, end = run(inputs, mode, chunk_size=16, cu_seqlens=offsets(lengths), initial_state=state,

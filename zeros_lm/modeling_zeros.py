@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.profiler import record_function
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -557,11 +558,12 @@ class ZeroSAttention(nn.Module):
         mode = "auto" if self.config.attention_backend == "auto" else "chunked"
         if T == 1 and cache is not None and documents is None:
             mode = "recurrent"
-        o, core_state = zeros_attention(
-            q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
-            initial_state=core_state, output_final_state=cache is not None,
-            sequence_starts=None if documents is None else documents.starts,  # every document from an empty state
-        )
+        with record_function("zeros_lm.op"):  # (a named range for benchmarks/profile_step.py)
+            o, core_state = zeros_attention(
+                q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
+                initial_state=core_state, output_final_state=cache is not None,
+                sequence_starts=None if documents is None else documents.starts,  # every document from an empty state
+            )
         if cache is not None:
             cache.update_layer_state(self.layer_idx, (core_state, usum, conv_state))
         if self.config.use_output_norm:

@@ -57,6 +57,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 __all__ = ["zeros_attention", "ZeroSState", "MODES", "linear_attention_chunked", "linear_attention_packed"]
 
@@ -683,14 +684,17 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, ex
     def aligned(x):  # (B, T, H) -> (B', H, N, C) in the accumulation dtype
         return layout.pack(x.to(acc)).transpose(1, 2).reshape(layout.rows, H, N, C)
 
-    (m, a, b, hc), (m0, m1, sb0, sb1), (E, m_end, sbar_end, n_end) = _chunk_scalars(
-        aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
+    with record_function("zeros_lm.scalars"):  # (named ranges for benchmarks/profile_step.py)
+        (m, a, b, hc), (m0, m1, sb0, sb1), (E, m_end, sbar_end, n_end) = _chunk_scalars(
+            aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
     flat = lambda x: x.flatten(2)  # noqa: E731  (B', H, N, C) -> (B', H, N C)
     extra = {"plan": layout.plan} if core is _chunk_core_torch else {}
     if shared:
         extra["segments"] = layout.segment.flatten(1)
-    o, kv = core(layout.pack(q), layout.pack(k), layout.pack(v), flat(aligned(s)), flat(m), flat(a), flat(b), flat(hc),
-                 m0, m1, sb0, sb1, state.kv, layout.chunk_load, layout.chunk_store, layout.num_sequences, C, **extra)
+    with record_function("zeros_lm.core"):
+        o, kv = core(layout.pack(q), layout.pack(k), layout.pack(v), flat(aligned(s)), flat(m), flat(a), flat(b),
+                     flat(hc), m0, m1, sb0, sb1, state.kv, layout.chunk_load, layout.chunk_store, layout.num_sequences,
+                     C, **extra)
     return layout.unpack(o), (None if shared else ZeroSState(kv=kv, E=E, m=m_end, sbar=sbar_end, n=n_end))
 
 

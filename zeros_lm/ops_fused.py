@@ -518,9 +518,11 @@ def _chunk_core_backward_op(do: _Tensor, d_out_states: _Tensor, q: _Tensor, k: _
 @_chunk_core_backward_op.register_fake
 def _(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
       chunk_size):
-    f32 = lambda x: torch.empty_like(x, dtype=torch.float32)  # noqa: E731
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), f32(s), f32(a), f32(b), f32(hc),
-            f32(sb0), f32(sb1), f32(start_states))
+    # Contiguous, as _backward_impl returns them whatever the inputs' strides (the model passes (B, H, T)
+    # views of (B, T, H) tensors; compiled code checks the real strides against these).
+    new = lambda x, dtype=torch.float32: x.new_empty(x.shape, dtype=dtype)  # noqa: E731
+    return (new(q, q.dtype), new(k, k.dtype), new(v, v.dtype), new(s), new(a), new(b), new(hc), new(sb0), new(sb1),
+            new(start_states))
 
 
 def _setup_context(ctx, inputs, output):
@@ -587,10 +589,12 @@ def _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, 
     for key, x in tensors.items():
         if x.device != q.device:
             raise ValueError(f"{name}: {key} is on {x.device}, q on {q.device}: put all inputs on one device")
+    if q.device.type == "cuda":  # (the interpreter checks below are not traceable by torch.compile)
+        return
     if not _interpreter_consistent():
         raise RuntimeError(f"{name}: Triton was imported before TRITON_INTERPRET=1 was set, so its interpreter "
                            "cannot run; set TRITON_INTERPRET=1 in the environment before starting Python")
-    if q.device.type != "cuda" and not _interpreting():
+    if not _interpreting():
         raise ValueError(f"{name}: the Triton kernels need CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
                          "in the environment before starting Python to run them on CPU in Triton's interpreter")
 
