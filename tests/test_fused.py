@@ -389,11 +389,16 @@ def _compile_case(dtype=torch.float32):
     return [x.requires_grad_(n in DIFFERENTIABLE) for n, x in zip(CORE_ARGS, inputs)], num_out
 
 
+def _num_loads(inputs):
+    """The custom ops' num_loads argument: how many chunks load a start state."""
+    return int((inputs[CORE_ARGS.index("chunk_load")] >= 0).sum())
+
+
 def test_custom_op_registration():
     """torch.library's own checks: schema, fake (meta) kernel, autograd registration (fp16 inputs, so
     that the fake kernel's float32 outputs are checked against the real ones)."""
     inputs, num_out = _compile_case(torch.float16)
-    torch.library.opcheck(ops_fused._chunk_core_op, (*inputs, num_out, 16),
+    torch.library.opcheck(ops_fused._chunk_core_op, (*inputs, num_out, 16, _num_loads(inputs)),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -403,9 +408,10 @@ def test_torch_compile_fullgraph():
     results = []
     for compiled in (False, True):
         inputs, num_out = _compile_case()
+        plan = tuple(inputs[CORE_ARGS.index(n)].tolist() for n in ("chunk_load", "chunk_store"))  # as ops.py passes it
 
         def loss(*xs):
-            o, out = chunk_core_fused(*xs, num_out, 16)
+            o, out = chunk_core_fused(*xs, num_out, 16, plan=plan)
             return (o * o).sum() + out.sum()
 
         fn = torch.compile(loss, fullgraph=True) if compiled else loss
@@ -505,10 +511,11 @@ def test_fake_kernels_give_the_real_strides(op):
     inputs, num_out = _compile_case(torch.float16)
     inputs = [x.detach() for x in inputs]
     if op == "forward":
-        fn, args = ops_fused._chunk_core_op, (*inputs, num_out, 16)
+        fn, args = ops_fused._chunk_core_op, (*inputs, num_out, 16, _num_loads(inputs))
     else:
         o, out = chunk_core_fused(*inputs, num_out, 16)
-        fn, args = ops_fused._chunk_core_backward_op, (torch.randn_like(o), torch.randn_like(out), *inputs, 16)
+        fn, args = ops_fused._chunk_core_backward_op, (torch.randn_like(o), torch.randn_like(out), *inputs, 16,
+                                                      _num_loads(inputs))
     real = fn(*args)
     with FakeTensorMode() as mode:
         fake = fn(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in args))

@@ -193,7 +193,7 @@ def test_padding_inside_a_stream_does_not_enter_the_state():
 
 def grads(inputs, mode, **kw):
     out, _ = run(inputs, mode, **kw)
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     return torch.autograd.grad((out * weight).sum(), [x for x in inputs if x is not None])
 
 
@@ -218,7 +218,7 @@ def test_gradients_through_initial_state():
     o1, state = run(head, "chunked", chunk_size=8, output_final_state=True)
     o2, _ = run(tail, "chunked", chunk_size=8, initial_state=state)
     out = torch.cat([o1, o2], dim=1)
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     got = torch.autograd.grad((out * weight).sum(), inputs)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
@@ -408,7 +408,7 @@ def segments_of(inputs, lengths):
 
 
 def weighted_sum(out):
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
     return (out * weight).sum()
 
 
@@ -512,9 +512,9 @@ class SpyCore:
     def __init__(self):
         self.calls = []
 
-    def chunk_core_fused(self, *args):
+    def chunk_core_fused(self, *args, plan=None):
         self.calls.append(args)
-        return ops._chunk_core_torch(*args)
+        return ops._chunk_core_torch(*args, plan=plan)
 
 
 @pytest.fixture

@@ -688,7 +688,7 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, ex
         (m, a, b, hc), (m0, m1, sb0, sb1), (E, m_end, sbar_end, n_end) = _chunk_scalars(
             aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
     flat = lambda x: x.flatten(2)  # noqa: E731  (B', H, N, C) -> (B', H, N C)
-    extra = {"plan": layout.plan} if core is _chunk_core_torch else {}
+    extra = {"plan": layout.plan}  # (host lists: neither core waits for the device to read the chunk tables)
     if shared:
         extra["segments"] = layout.segment.flatten(1)
     with record_function("zeros_lm.core"):

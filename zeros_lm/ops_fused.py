@@ -36,6 +36,7 @@ imports it early, through torch._dynamo), the kernels run in Triton's interprete
 """
 
 import re
+from typing import Optional
 
 import torch
 
@@ -442,7 +443,7 @@ def _forward_impl(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk
 
 
 def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load,
-                   chunk_store, chunk_size):
+                   chunk_store, chunk_size, num_loads):
     dtypes = (q.dtype, k.dtype, v.dtype)
     num_in = start_states.shape[0]
     q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1, do, d_out_states), start_states, chunk_load, chunk_store = _prepare(
@@ -452,11 +453,15 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
     kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, None, z)
 
     # Each loading chunk gets its own slot for its start-state gradient; rows loaded by several chunks
-    # are summed afterwards.
+    # are summed afterwards. The number of slots comes from the host (num_loads), so nothing here waits
+    # for the device: the slot -> row table is a scatter, with the chunks that load nothing sent to an
+    # extra slot that is dropped.
     loads = chunk_load >= 0
-    load_slot = torch.where(loads, loads.flatten().cumsum(0).view_as(loads) - 1, -1).to(torch.int32).contiguous()
-    load_rows = chunk_load[loads].long()
-    d_starts = torch.empty(max(load_rows.numel(), 1), z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
+    slots = loads.flatten().cumsum(0).view_as(loads) - 1
+    load_slot = torch.where(loads, slots, -1).to(torch.int32).contiguous()
+    load_rows = torch.zeros(num_loads + 1, dtype=torch.long, device=dev).scatter_(
+        0, torch.where(loads, slots, num_loads).flatten().long(), chunk_load.flatten().long().clamp(min=0))[:num_loads]
+    d_starts = torch.empty(max(num_loads, 1), z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
     if d_out_states.shape[0] == 0:  # a real pointer for the kernel; chunk_store never points into it then
         d_out_states = torch.zeros(1, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
     dkv_ends = torch.empty_like(kv_starts)
@@ -474,7 +479,7 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
         z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"],
         LOWP=z["LOWP"], F32=z["F32"], **_CHUNK_BWD_LAUNCH)
     d_start_states = torch.zeros(num_in, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
-    d_start_states.index_add_(0, load_rows, d_starts[:load_rows.numel()])
+    d_start_states.index_add_(0, load_rows, d_starts[:num_loads])
     dq, dk, dv = (x.to(dtype) for x, dtype in zip((dq, dk, dv), dtypes))
     return dq, dk, dv, ds, da, db, dhc, dsb0, dsb1, d_start_states
 
@@ -492,13 +497,14 @@ _Tensor = torch.Tensor
 @torch.library.custom_op(f"{_NAMESPACE}::chunk_core_fused", mutates_args=())
 def _chunk_core_op(q: _Tensor, k: _Tensor, v: _Tensor, s: _Tensor, m: _Tensor, a: _Tensor, b: _Tensor, hc: _Tensor,
                    m0: _Tensor, m1: _Tensor, sb0: _Tensor, sb1: _Tensor, start_states: _Tensor, chunk_load: _Tensor,
-                   chunk_store: _Tensor, num_out_states: int, chunk_size: int) -> tuple[_Tensor, _Tensor]:
+                   chunk_store: _Tensor, num_out_states: int, chunk_size: int, num_loads: int) -> tuple[_Tensor, _Tensor]:
     return _forward_impl(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
                          num_out_states, chunk_size)
 
 
 @_chunk_core_op.register_fake
-def _(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states, chunk_size):
+def _(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states, chunk_size,
+      num_loads):
     B, T, H, K = q.shape
     V = v.shape[-1]
     return (q.new_empty(B, T, H, V, dtype=torch.float32),
@@ -509,15 +515,15 @@ def _(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk
 def _chunk_core_backward_op(do: _Tensor, d_out_states: _Tensor, q: _Tensor, k: _Tensor, v: _Tensor, s: _Tensor,
                             m: _Tensor, a: _Tensor, b: _Tensor, hc: _Tensor, m0: _Tensor, m1: _Tensor, sb0: _Tensor,
                             sb1: _Tensor, start_states: _Tensor, chunk_load: _Tensor, chunk_store: _Tensor,
-                            chunk_size: int) -> tuple[_Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor,
-                                                      _Tensor, _Tensor, _Tensor]:
+                            chunk_size: int, num_loads: int) -> tuple[_Tensor, _Tensor, _Tensor, _Tensor, _Tensor,
+                                                                      _Tensor, _Tensor, _Tensor, _Tensor, _Tensor]:
     return _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load,
-                          chunk_store, chunk_size)
+                          chunk_store, chunk_size, num_loads)
 
 
 @_chunk_core_backward_op.register_fake
 def _(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-      chunk_size):
+      chunk_size, num_loads):
     # Contiguous, as _backward_impl returns them whatever the inputs' strides (the model passes (B, H, T)
     # views of (B, T, H) tensors; compiled code checks the real strides against these).
     new = lambda x, dtype=torch.float32: x.new_empty(x.shape, dtype=dtype)  # noqa: E731
@@ -526,9 +532,9 @@ def _(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states,
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, _num_out_states, chunk_size = inputs
+    *tensors, _num_out_states, chunk_size, num_loads = inputs
     ctx.save_for_backward(*tensors)
-    ctx.chunk_size = chunk_size
+    ctx.chunk_size, ctx.num_loads = chunk_size, num_loads
 
 
 def _backward(ctx, do, d_out_states):
@@ -539,8 +545,8 @@ def _backward(ctx, do, d_out_states):
         d_out_states = torch.zeros(0, *start_states.shape[1:], dtype=torch.float32, device=q.device)
     dq, dk, dv, ds, da, db, dhc, dsb0, dsb1, d_start = _chunk_core_backward_op(
         do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-        ctx.chunk_size)
-    return dq, dk, dv, ds, None, da, db, dhc, None, None, dsb0, dsb1, d_start, None, None, None, None
+        ctx.chunk_size, ctx.num_loads)
+    return dq, dk, dv, ds, None, da, db, dhc, None, None, dsb0, dsb1, d_start, None, None, None, None, None
 
 
 _chunk_core_op.register_autograd(_backward, setup_context=_setup_context)
@@ -600,7 +606,7 @@ def _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, 
 
 
 def chunk_core_fused(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-                     num_out_states: int, chunk_size: int):
+                     num_out_states: int, chunk_size: int, plan: Optional[tuple] = None):
     """The chunk core of ZeroS in Triton, differentiable (see the module docstring for the math).
 
     Args:
@@ -614,11 +620,14 @@ def chunk_core_fused(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, ch
             (chunk_load[:, 0] >= 0).
         chunk_store: (B, N) int: -1, or the row of out_states that receives the state after the chunk.
         num_out_states: rows of out_states. chunk_size: C, a power of two >= 16.
+        plan: optional (chunk_load, chunk_store) as host lists: the backward then sizes its buffers
+            without waiting for the device (ops.py passes it; without it chunk_load is read once).
 
     Returns:
         o: (B, T, H, d_v) float32; out_states: (num_out_states, H, 3, d_k, d_v) float32 (unwritten rows 0).
     """
     _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states,
            chunk_size)
+    num_loads = int((chunk_load >= 0).sum()) if plan is None else sum(x >= 0 for row in plan[0] for x in row)
     return _chunk_core_op(q, k, v, s, m.detach(), a, b, hc, m0.detach(), m1.detach(), sb0, sb1, start_states,
-                          chunk_load, chunk_store, num_out_states, chunk_size)
+                          chunk_load, chunk_store, num_out_states, chunk_size, num_loads)
