@@ -3,7 +3,7 @@
 
 Prints the wall time per step, the device's busy time (the sum of its kernels) against it, the
 ranges the ZeroS layer marks (``zeros_lm.*``: the per-token scalars, the chunk core), and the top
-operators and kernels by self device time and by self CPU time.
+operators and kernels by self device time and by self CPU time (all per step).
 
     python benchmarks/profile_step.py                                      # CPU, the default run's model
     python benchmarks/profile_step.py --device cuda --precision bf16 --seq-len 2048 \\
@@ -52,6 +52,7 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     model, step, sync, batch = training_step(args)
@@ -67,7 +68,10 @@ def main() -> int:
         sync()
         wall = (time.perf_counter() - t0) / args.steps
     averages = prof.key_averages()
-    busy = sum(_self_device_us(e) for e in averages) / args.steps / 1e3      # ms per step
+    # Kernels: device-side events whose name is no CPU-side event's (a named range has one of each side).
+    cpu_side = {e.key: e for e in averages if e.device_type == DeviceType.CPU}
+    gpu_side = {e.key: e for e in averages if e.device_type != DeviceType.CPU}
+    busy = sum(_self_device_us(e) for k, e in gpu_side.items() if k not in cpu_side) / args.steps / 1e3  # ms / step
 
     print(f"# Profile: {args.attention}, {args.layers} layers x {args.hidden_size}, {args.heads} heads, seq_len "
           f"{args.seq_len}, batch {batch}, {args.precision}, {'compiled' if args.compile else 'eager'}, "
@@ -75,12 +79,16 @@ def main() -> int:
           f"{torch.cuda.get_device_name(0) if cuda else 'CPU'} ({args.steps} profiled steps)\n")
     print(f"wall {wall * 1e3:.1f} ms per step (profiler on)"
           + (f"; device busy {busy:.1f} ms per step ({100 * busy / (wall * 1e3):.0f}%)" if cuda else ""))
-    marked = sorted((e for e in averages if e.key.startswith("zeros_lm.")), key=lambda e: e.key)
+    marked = sorted(k for k in cpu_side if k.startswith("zeros_lm."))
     if marked:
-        print("\n| range | calls per step | CPU ms per step | device ms per step |\n|---|---:|---:|---:|")
-        for e in marked:
-            print(f"| {e.key} | {e.count // args.steps} | {e.cpu_time_total / args.steps / 1e3:.2f} | "
-                  f"{_device_us(e) / args.steps / 1e3:.2f} |")
+        # kernels: the device time of the kernels launched inside the range; span: the range's extent on
+        # the device's timeline (longer than its kernels where the device waits for the host to launch).
+        print("\n| range | calls per step | CPU ms | kernels ms | device span ms |\n|---|---:|---:|---:|---:|")
+        for k in marked:
+            e, span = cpu_side[k], gpu_side.get(k)
+            span_ms = f"{_device_us(span) / args.steps / 1e3:.2f}" if span else "-"
+            print(f"| {k} | {e.count // args.steps} | {e.cpu_time_total / args.steps / 1e3:.2f} | "
+                  f"{_device_us(e) / args.steps / 1e3:.2f} | {span_ms} |")
     sort_keys = (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]
     for key in sort_keys:
         print(f"\n## by {key.replace('_total', '').replace('_', ' ')}\n")

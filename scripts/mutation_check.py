@@ -164,6 +164,17 @@ MUTATIONS = [
     M("packed: softmax per-document calls not causal", "zeros_lm/modeling_zeros.py",
       "v[r:r + 1, :, lo:hi], is_causal=True)", "v[r:r + 1, :, lo:hi], is_causal=False)",
       ("tests/test_packed.py", "-k", "alone and softmax")),
+    # 10. GPU-speed changes (the H200 profile of this work)
+    M("blocked running sum: earlier blocks not added", "zeros_lm/ops.py",
+      "before = totals.cumsum(1) - totals", "before = totals * 0",
+      ("tests/test_ops.py", "-k", "blocked_running")),
+    M("fused backward: start-state gradients to the wrong rows", "zeros_lm/ops_fused.py",
+      "chunk_load.flatten().long().clamp(min=0))[:num_loads]", "torch.zeros_like(chunk_load.flatten().long()))[:num_loads]",
+      ("tests/test_fused.py", "-k", "varlen or prefix or plain")),
+    M("fused fake backward: the inputs' strides", "zeros_lm/ops_fused.py",
+      "new = lambda x, dtype=torch.float32: x.new_empty(x.shape, dtype=dtype)",
+      "new = lambda x, dtype=torch.float32: torch.empty_like(x, dtype=dtype)",
+      ("tests/test_fused.py", "-k", "fake_kernels")),
 ]
 
 

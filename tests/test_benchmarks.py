@@ -63,3 +63,15 @@ def test_training_benchmark_at_a_tiny_size(clean_env, tmp_path):
     rows = table_rows(out, "16")
     assert [r[1] for r in rows] == ["zeros", "softmax"]
     assert rows[1][-1] == "1.00x"  # softmax against itself
+
+
+def test_profile_of_a_training_step(clean_env):
+    """benchmarks/profile_step.py: the ZeroS layer's named ranges, once per layer and step, and the tables."""
+    out = run("profile_step.py", ["--seq-len", 16, "--tokens-per-step", 32, "--hidden-size", 32, "--layers", 2,
+                                  "--heads", 2, "--vocab-size", 64, "--chunk-size", 8, "--warmup", 1, "--steps", 2,
+                                  "--rows", 5], clean_env)
+    ranges = {row[0]: row for row in (r for name in ("zeros_lm.op", "zeros_lm.scalars", "zeros_lm.core")
+                                      for r in table_rows(out, name))}
+    assert set(ranges) == {"zeros_lm.op", "zeros_lm.scalars", "zeros_lm.core"}
+    assert all(row[1] == "2" and number(row[2]) > 0 for row in ranges.values()), ranges  # 2 layers, CPU time
+    assert "## by self cpu time" in out and "aten::" in out

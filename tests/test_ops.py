@@ -776,3 +776,18 @@ def test_fused_mode_hands_over_state_and_respects_padding(second):
     assert torch.equal(out[1, :pad], torch.zeros_like(out[1, :pad]))
     alone, _ = run([x[1:, pad:] for x in inputs], "chunked", chunk_size=16)
     assert rel_err(out[1:, pad:], alone) <= 1e-4
+
+
+@pytest.mark.parametrize("T", [1, ops.SCAN_BLOCK - 1, ops.SCAN_BLOCK, ops.SCAN_BLOCK + 1, 3 * ops.SCAN_BLOCK + 7])
+def test_blocked_running_sum_equals_cumsum(T):
+    """cumsum_tokens' two-level scan (the CUDA path) == cumsum over the tokens, values and gradients;
+    integer counts exactly."""
+    x = torch.randn(2, T, 3, 5, dtype=torch.float64, requires_grad=True)
+    got, expected = ops.cumsum_tokens(x, blocked=True), x.cumsum(1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(expected)
+    (g_got,), (g_expected,) = torch.autograd.grad(got, x, w), torch.autograd.grad(expected, x, w)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-12)
+    counts = torch.randint(0, 2, (2, T))
+    assert torch.equal(ops.cumsum_tokens(counts, blocked=True), counts.cumsum(1))
+    assert torch.equal(ops.cumsum_tokens(x.detach(), blocked=False), expected.detach())

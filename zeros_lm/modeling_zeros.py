@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - older transformers
     from torch.nn import init
 
 from .configuration_zeros import ZeroSConfig
-from .ops import ZeroSState, linear_attention_chunked, linear_attention_packed, zeros_attention
+from .ops import ZeroSState, cumsum_tokens, linear_attention_chunked, linear_attention_packed, zeros_attention
 
 logger = logging.get_logger(__name__)
 
@@ -374,7 +374,7 @@ class PackedDocuments:
         """Inclusive running sum of x (B, T, ...) over each document, in x's dtype: the row's running sum
         less its value before the document's start (the rounding of a sum over one row, as without
         documents)."""
-        total = x.cumsum(1)
+        total = cumsum_tokens(x)
         before = F.pad(total[:, :-1], (0, 0) * (x.dim() - 2) + (1, 0)).flatten(0, 1)   # sums before each column
         return total - before.index_select(0, self.first).view(x.shape)
 
@@ -524,7 +524,7 @@ class ZeroSAttention(nn.Module):
             return uf.pow(2).sum(-1) / d, None
         um = uf if valid is None else uf * valid[:, :, None, None]
         # sum_{j<=t} u_j over this call's tokens (of the document)
-        csum = um.cumsum(dim=1) if documents is None else documents.running_sum(um)
+        csum = cumsum_tokens(um) if documents is None else documents.running_sum(um)
         if usum is not None:
             csum = csum + usum[:, None]
         tau = self.log_tau.to(uf.dtype).exp()  # (H,)

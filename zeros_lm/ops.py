@@ -147,6 +147,28 @@ class ZeroSState:
 # Shared pieces
 # ----------------------------------------------------------------------------------------------
 
+SCAN_BLOCK = 64  # tokens per block of cumsum_tokens' two-level scan
+
+
+def cumsum_tokens(x: torch.Tensor, blocked: Optional[bool] = None) -> torch.Tensor:
+    """Inclusive running sum over the tokens (dim 1) of x (B, T, ...), in x's dtype.
+
+    On CUDA as a two-level scan (within blocks of SCAN_BLOCK tokens, then the blocks' totals): torch's
+    scan along a middle dimension runs one thread per (B, feature) column over all T tokens, which on
+    an H200 took 0.74 ms for the (8, 2048, 12, 64) running sum of u, a tenth of a layer's time.
+    ``blocked`` forces the choice (tests); the two agree up to float rounding.
+    """
+    T = x.shape[1]
+    if not (x.is_cuda if blocked is None else blocked) or T <= SCAN_BLOCK:
+        return x.cumsum(1)
+    N = -(-T // SCAN_BLOCK)
+    padded = F.pad(x, (0, 0) * (x.dim() - 2) + (0, N * SCAN_BLOCK - T))
+    within = padded.view(x.shape[0], N, SCAN_BLOCK, *x.shape[2:]).cumsum(2)     # (B, N, SCAN_BLOCK, ...)
+    totals = within[:, :, -1]                                                   # (B, N, ...)
+    before = totals.cumsum(1) - totals                                          # the blocks before each block
+    return (within + before.unsqueeze(2)).flatten(1, 2)[:, :T]
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
