@@ -321,39 +321,10 @@ def test_no_out_states_and_no_grad():
 # The compiled (GPU) kernels, built without a GPU
 # ----------------------------------------------------------------------------------------------
 
-# Runs in a fresh interpreter without TRITON_INTERPRET: compiles each kernel for sm_90 (ptxas included)
-# at the largest supported head dimension, bf16, the default chunk, with the launchers' block sizes and
-# launch options, and prints each kernel's shared memory. Exit 3: this Triton's compile API differs.
-_AOT_SCRIPT = """
-import sys, torch, triton
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError:
-    sys.exit(3)
-from zeros_lm import ops_fused as of
-d, C = of.MAX_HEAD_DIM, 64
-q = torch.empty(1, C, 1, d, dtype=torch.bfloat16)
-z = of._meta(q, q, C)
-pointer_types = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "chunk_load": "*i32", "chunk_store": "*i32",
-                 "load_slot": "*i32"}
-consts = {"K": z["K"], "V": z["V"], "C": C, "DOT_PREC": z["DOT_PREC"], "LOWP": z["LOWP"], "F32": z["F32"]}
-kernels = [(of._states_fwd_kernel, dict(BK=z["BK_SPLIT"], BV=z["BV"], STORE_OUT=True), {}),
-           (of._output_fwd_kernel, dict(BK=z["BK"], BV=z["BV"]), {}),
-           (of._states_bwd_kernel, dict(BK=z["BK_SPLIT"], BV=z["BV"]), {}),
-           (of._chunk_bwd_kernel, dict(BK=z["BK"], BV=z["BV"]), of._CHUNK_BWD_LAUNCH)]
-for kernel, blocks, launch in kernels:
-    names = [p.name for p in kernel.params]
-    constexprs = {n: v for n, v in {**consts, **blocks}.items() if n in names}
-    signature = {n: "constexpr" if n in constexprs else "i32" if n in ("T", "H", "N") else pointer_types.get(n, "*fp32")
-                 for n in names}
-    try:
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    except TypeError:
-        sys.exit(3)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(launch))
-    print(kernel.__name__, compiled.metadata.shared)
-"""
+# benchmarks/kernel_stats.py, in a fresh interpreter without TRITON_INTERPRET, compiles each kernel for
+# sm_90 (ptxas included) at the largest supported head dimension, bf16, the default chunk, with the
+# launchers' block sizes and launch options, and prints each kernel's shared memory. Exit 3: this
+# Triton's compile API differs.
 # A100's shared memory per block (H100 / H200 have more): the kernels must fit the smaller.
 MAX_SHARED_BYTES = 163 * 1024
 
@@ -363,13 +334,15 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter runs kernels as Python and misses what only the compiler rejects (tl.dot shapes,
     loop-carried types, shared memory); Triton's ahead-of-time compiler checks them on CPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env,
-                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "kernel_stats.py"), "--no-ptxas",
+                           "--head-dim", str(ops_fused.MAX_HEAD_DIM)], capture_output=True, text=True, env=env, cwd=repo)
     if proc.returncode == 3:
         pytest.skip("this Triton version's ahead-of-time compile API differs")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    shared = dict(line.split() for line in proc.stdout.splitlines())
-    assert len(shared) == 4
+    shared = {row[0]: row[2] for row in (line.strip("| ").split(" | ") for line in proc.stdout.splitlines())
+              if row[0].startswith("_") and row[0].endswith("_kernel")}
+    assert len(shared) == 5, proc.stdout
     assert all(int(x) <= MAX_SHARED_BYTES for x in shared.values()), shared
 
 

@@ -21,7 +21,8 @@ Kernels (one program per (batch row x head) or per (chunk, batch row x head)):
   start state with float32 products (its a/b/hc combination cancels when the logits are nearly uniform).
 - ``_states_bwd_kernel``: the reverse recurrence of the state gradients (``out_states`` gradients
   enter where a chunk stores, loaded chunks hand theirs to ``start_states``).
-- ``_chunk_bwd_kernel``: parallel over chunks; dq, dk, dv, ds, da, db, dhc and dsb0 / dsb1 per chunk.
+- ``_chunk_bwd_q_kernel`` then ``_chunk_bwd_kv_kernel``: parallel over chunks; the query side (dq, da, db,
+  dhc, dsb0) and the key / value side (dk, dv), each adding its share of ds and dsb1.
 
 Precision: products of two input-dtype tensors (Q K^T) use tensor cores; a float32 weight matrix
 (the (C, C) weights, formed in float32) times an input-dtype tensor is rounded, row-scaled, to the
@@ -271,10 +272,12 @@ if HAS_TRITON:
             dH = tl.where(loads, 0.0, dH)
 
     @triton.jit
-    def _chunk_bwd_kernel(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, kv_starts, dkv_ends, do, dq, dk, dv, ds,
-                          da, db, dhc, dsb0, dsb1, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr):
-        """Grid (N, B H): the whole d_k per program, d_v in blocks of BV (a loop). Gradients in float32."""
+    def _chunk_bwd_q_kernel(q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, dkv_ends, do, dq, da, db, dhc, ds, dsb0,
+                            dsb1, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr):
+        """Grid (N, B H), the query side of the per-chunk backward: dq, the gradients of a, b, hc, the part
+        of ds that comes through the chunk's own weights, and the transition's share of dsb0 / dsb1.
+        The whole d_k per program, d_v in blocks of BV (a loop). Gradients in float32."""
         i_n = tl.program_id(0)
         i_bh = tl.program_id(1).to(tl.int64)
         i_b = i_bh // H
@@ -288,7 +291,6 @@ if HAS_TRITON:
         q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
         k_c = tl.load(k + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
         q_f = q_c.to(tl.float32)
-        k_f = k_c.to(tl.float32)
         tok = i_bh * T + t
         s_c = tl.load(s + tok)
         m_c = tl.load(m + tok)
@@ -297,32 +299,17 @@ if HAS_TRITON:
         hc_c = tl.load(hc + tok)
         p = i_bh * N + i_n
         m0_j = tl.load(m0 + p)
-        m1_j = tl.load(m1 + p)
         sb0_j = tl.load(sb0 + p)
-        sb1_j = tl.load(sb1 + p)
-
-        # Inside the chunk: W = (Q K^T) * R, as in the forward (R is formed again after the loop below,
-        # rather than kept alive through it: fewer (C, C) tiles in registers).
         causal = o_c[:, None] >= o_c[None, :]
         qk = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC)
-        centred = s_c - sb0_j
-        w = (a_c[:, None] * tl.exp(tl.minimum(s_c[None, :] - m_c[:, None], 0.0)) + b_c[:, None] * centred[None, :]
-             + hc_c[:, None])
-        w = tl.where(causal, w * qk, 0.0)
         decay = tl.exp(m0_j - m_c)
-        e1 = tl.exp(tl.minimum(s_c - m1_j, 0.0))   # the keys' weights in the state after the chunk
-        centred1 = s_c - sb1_j
 
-        # Sums over d_v, block by block: do v^T, the readout of the start state (float32), and what the
-        # chunk's keys receive from the gradient of the state after it.
+        # Sums over d_v, block by block: do v^T, and the readout of the start state (float32).
         dov = tl.zeros([C, C], dtype=tl.float32)
         dq_c = tl.zeros([C, BK], dtype=tl.float32)
-        dk_c = tl.zeros([C, BK], dtype=tl.float32)
         read_F = tl.zeros([C], dtype=tl.float32)     # q_t^T F do_t, and likewise for G and H
         read_G = tl.zeros([C], dtype=tl.float32)
         read_H = tl.zeros([C], dtype=tl.float32)
-        key_F = tl.zeros([C], dtype=tl.float32)      # k_i^T dF' v_i, and likewise for G
-        key_G = tl.zeros([C], dtype=tl.float32)
         shift_k = tl.zeros([BK], dtype=tl.float32)   # <dG', H> row sums: the gradient of sb0 - sb1
         for v0 in range(0, V, BV):
             o_v = v0 + tl.arange(0, BV)
@@ -335,15 +322,94 @@ if HAS_TRITON:
             F0 = tl.load(start, mask=mask_kv, other=0.0)
             G0 = tl.load(start + KV, mask=mask_kv, other=0.0)
             H0 = tl.load(start + 2 * KV, mask=mask_kv, other=0.0)
-            end = dkv_ends + p * 3 * KV + kv_off
-            dF = tl.load(end, mask=mask_kv, other=0.0)
-            dG = tl.load(end + KV, mask=mask_kv, other=0.0)
-            dH = tl.load(end + 2 * KV, mask=mask_kv, other=0.0)
-
+            dG = tl.load(dkv_ends + p * 3 * KV + KV + kv_off, mask=mask_kv, other=0.0)
             dov += tl.dot(do_c, tl.trans(v_f), input_precision=F32)
             dq_c += tl.dot(do_c * (a_c * decay)[:, None], tl.trans(F0), input_precision=F32)
             dq_c += tl.dot(do_c * b_c[:, None], tl.trans(G0), input_precision=F32)
             dq_c += tl.dot(do_c * hc_c[:, None], tl.trans(H0), input_precision=F32)
+            read_F += tl.sum(tl.dot(q_f, F0, input_precision=F32) * do_c, axis=1)
+            read_G += tl.sum(tl.dot(q_f, G0, input_precision=F32) * do_c, axis=1)
+            read_H += tl.sum(tl.dot(q_f, H0, input_precision=F32) * do_c, axis=1)
+            shift_k += tl.sum(dG * H0, axis=1)
+
+        # With D[t, i] = (q_t . k_i)(do_t . v_i), the gradient of R[t, i].
+        centred = s_c - sb0_j
+        diff = s_c[None, :] - m_c[:, None]
+        e = tl.exp(tl.minimum(diff, 0.0))
+        r = a_c[:, None] * e + b_c[:, None] * centred[None, :] + hc_c[:, None]
+        D = tl.where(causal, qk * dov, 0.0)
+        rdov = tl.where(causal, r * dov, 0.0)
+        dq_c += _weights_dot(rdov, k_c, LOWP, F32)
+        tl.store(dq + row * K + o_k[None, :], dq_c, mask=mask_k[None, :])
+
+        # Scalar gradients. min(x, 0) passes the gradient where x <= 0 (as torch.clamp does).
+        tl.store(da + tok, tl.sum(D * e, axis=1) + decay * read_F)
+        tl.store(db + tok, tl.sum(D * centred[None, :], axis=1) + read_G)
+        tl.store(dhc + tok, tl.sum(D, axis=1) + read_H)
+        tl.store(ds + tok, tl.sum(D * tl.where(diff <= 0.0, a_c[:, None] * e, 0.0), axis=0)
+                 + tl.sum(D * b_c[:, None], axis=0))
+        shift = tl.sum(shift_k, axis=0)
+        tl.store(dsb0 + p, shift - tl.sum(tl.sum(D * b_c[:, None], axis=1), axis=0))
+        tl.store(dsb1 + p, -shift)
+
+    @triton.jit
+    def _chunk_bwd_kv_kernel(q, k, v, s, m, a, b, hc, m1, sb0, sb1, dkv_ends, do, dk, dv, ds, dsb1, T, H, N,
+                             K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                             DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr):
+        """Grid (N, B H), the key / value side of the per-chunk backward: dk, dv, and what the keys receive
+        through the state after the chunk, added to the ds and dsb1 that _chunk_bwd_q_kernel wrote (it
+        runs first). Split from the query side so that neither holds both sides' tiles in registers."""
+        i_n = tl.program_id(0)
+        i_bh = tl.program_id(1).to(tl.int64)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        o_c = tl.arange(0, C)
+        o_k = tl.arange(0, BK)
+        mask_k = o_k < K
+        KV = K * V
+        t = i_n * C + o_c
+        row = (i_b * T + t[:, None]) * H + i_h
+        q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
+        k_c = tl.load(k + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
+        k_f = k_c.to(tl.float32)
+        tok = i_bh * T + t
+        s_c = tl.load(s + tok)
+        m_c = tl.load(m + tok)
+        a_c = tl.load(a + tok)
+        b_c = tl.load(b + tok)
+        hc_c = tl.load(hc + tok)
+        p = i_bh * N + i_n
+        m1_j = tl.load(m1 + p)
+        sb0_j = tl.load(sb0 + p)
+        sb1_j = tl.load(sb1 + p)
+
+        # W = (Q K^T) * R, as in the forward (R is formed again after the loop below, rather than kept
+        # alive through it: fewer (C, C) tiles in registers).
+        causal = o_c[:, None] >= o_c[None, :]
+        centred = s_c - sb0_j
+        w = (a_c[:, None] * tl.exp(tl.minimum(s_c[None, :] - m_c[:, None], 0.0)) + b_c[:, None] * centred[None, :]
+             + hc_c[:, None])
+        w = tl.where(causal, w * tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC), 0.0)
+        e1 = tl.exp(tl.minimum(s_c - m1_j, 0.0))   # the keys' weights in the state after the chunk
+        centred1 = s_c - sb1_j
+
+        # Sums over d_v, block by block: do v^T, and what the chunk's keys receive from the gradient of
+        # the state after it.
+        dov = tl.zeros([C, C], dtype=tl.float32)
+        dk_c = tl.zeros([C, BK], dtype=tl.float32)
+        key_F = tl.zeros([C], dtype=tl.float32)      # k_i^T dF' v_i, and likewise for G
+        key_G = tl.zeros([C], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            o_v = v0 + tl.arange(0, BV)
+            mask_v = o_v < V
+            mask_kv = mask_k[:, None] & mask_v[None, :]
+            v_f = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
+            do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+            end = dkv_ends + p * 3 * KV + o_k[:, None] * V + o_v[None, :]
+            dF = tl.load(end, mask=mask_kv, other=0.0)
+            dG = tl.load(end + KV, mask=mask_kv, other=0.0)
+            dH = tl.load(end + 2 * KV, mask=mask_kv, other=0.0)
+            dov += tl.dot(do_c, tl.trans(v_f), input_precision=F32)
             dk_c += tl.dot(v_f * e1[:, None], tl.trans(dF), input_precision=F32)
             dk_c += tl.dot(v_f * centred1[:, None], tl.trans(dG), input_precision=F32)
             dk_c += tl.dot(v_f, tl.trans(dH), input_precision=F32)
@@ -352,34 +418,16 @@ if HAS_TRITON:
             dv_c = tl.dot(tl.trans(w), do_c, input_precision=F32)
             dv_c += e1[:, None] * kdF + centred1[:, None] * kdG + tl.dot(k_f, dH, input_precision=F32)
             tl.store(dv + row * V + o_v[None, :], dv_c, mask=mask_v[None, :])
-            read_F += tl.sum(tl.dot(q_f, F0, input_precision=F32) * do_c, axis=1)
-            read_G += tl.sum(tl.dot(q_f, G0, input_precision=F32) * do_c, axis=1)
-            read_H += tl.sum(tl.dot(q_f, H0, input_precision=F32) * do_c, axis=1)
             key_F += tl.sum(kdF * v_f, axis=1)
             key_G += tl.sum(kdG * v_f, axis=1)
-            shift_k += tl.sum(dG * H0, axis=1)
 
-        # With D[t, i] = (q_t . k_i)(do_t . v_i), the gradient of R[t, i].
-        diff = s_c[None, :] - m_c[:, None]
-        e = tl.exp(tl.minimum(diff, 0.0))
-        r = a_c[:, None] * e + b_c[:, None] * centred[None, :] + hc_c[:, None]
-        D = tl.where(causal, qk * dov, 0.0)
+        r = a_c[:, None] * tl.exp(tl.minimum(s_c[None, :] - m_c[:, None], 0.0)) + b_c[:, None] * centred[None, :] \
+            + hc_c[:, None]
         rdov = tl.where(causal, r * dov, 0.0)
-        dq_c += _weights_dot(rdov, k_c, LOWP, F32)
         dk_c += _weights_dot(tl.trans(rdov), q_c, LOWP, F32)
-        tl.store(dq + row * K + o_k[None, :], dq_c, mask=mask_k[None, :])
         tl.store(dk + row * K + o_k[None, :], dk_c, mask=mask_k[None, :])
-
-        # Scalar gradients. min(x, 0) passes the gradient where x <= 0 (as torch.clamp does).
-        tl.store(da + tok, tl.sum(D * e, axis=1) + decay * read_F)
-        tl.store(db + tok, tl.sum(D * centred[None, :], axis=1) + read_G)
-        tl.store(dhc + tok, tl.sum(D, axis=1) + read_H)
-        ds_c = (tl.sum(D * tl.where(diff <= 0.0, a_c[:, None] * e, 0.0), axis=0) + tl.sum(D * b_c[:, None], axis=0)
-                + tl.where(s_c - m1_j <= 0.0, e1 * key_F, 0.0) + key_G)
-        tl.store(ds + tok, ds_c)
-        shift = tl.sum(shift_k, axis=0)
-        tl.store(dsb0 + p, shift - tl.sum(tl.sum(D * b_c[:, None], axis=1), axis=0))
-        tl.store(dsb1 + p, -shift - tl.sum(key_G, axis=0))
+        tl.store(ds + tok, tl.load(ds + tok) + tl.where(s_c - m1_j <= 0.0, e1 * key_F, 0.0) + key_G)
+        tl.store(dsb1 + p, tl.load(dsb1 + p) - tl.sum(key_G, axis=0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,10 +522,13 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
     dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
     ds, da, db, dhc = (torch.empty_like(s) for _ in range(4))
     dsb0, dsb1 = torch.empty_like(sb0), torch.empty_like(sb1)
-    _chunk_bwd_kernel[(z["N"], z["B"] * z["H"])](
-        q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, kv_starts, dkv_ends, do, dq, dk, dv, ds, da, db, dhc, dsb0, dsb1,
-        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"],
-        LOWP=z["LOWP"], F32=z["F32"], **_CHUNK_BWD_LAUNCH)
+    chunk_grid = (z["N"], z["B"] * z["H"])
+    sizes = dict(K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"],
+                 F32=z["F32"], **_CHUNK_BWD_LAUNCH)
+    _chunk_bwd_q_kernel[chunk_grid](q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, dkv_ends, do, dq, da, db, dhc, ds,
+                                    dsb0, dsb1, z["T"], z["H"], z["N"], **sizes)
+    _chunk_bwd_kv_kernel[chunk_grid](q, k, v, s, m, a, b, hc, m1, sb0, sb1, dkv_ends, do, dk, dv, ds, dsb1,
+                                     z["T"], z["H"], z["N"], **sizes)
     d_start_states = torch.zeros(num_in, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
     d_start_states.index_add_(0, load_rows, d_starts[:num_loads])
     dq, dk, dv = (x.to(dtype) for x, dtype in zip((dq, dk, dv), dtypes))

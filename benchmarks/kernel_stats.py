@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""The fused kernels compiled for a Hopper GPU (sm_90) without one: shared memory, registers and spills.
+
+Triton's ahead-of-time compiler builds each kernel of zeros_lm/ops_fused.py with the launchers' block
+sizes and launch options, and ptxas (the one Triton ships) reports registers and spills: a proxy for
+speed that needs no GPU (a kernel that spills is slow). Prints a Markdown table.
+
+    python benchmarks/kernel_stats.py                      # bf16, d = 64, chunk 64
+    python benchmarks/kernel_stats.py --head-dim 128 --dtype fp32
+
+Exit status 3 when this Triton's compile API differs (tests skip then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+
+import torch  # noqa: E402
+
+TRITON_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SM90 = 90
+
+
+def kernel_builds(head_dim: int, chunk: int, dtype: str):
+    """(kernel, compile-time constants, launch options) of each kernel, as the launchers use them."""
+    from zeros_lm import ops_fused as of
+
+    q = torch.empty(1, chunk, 1, head_dim, dtype=TRITON_DTYPES[dtype])
+    z = of._meta(q, q, chunk)
+    consts = {"K": z["K"], "V": z["V"], "C": chunk, "DOT_PREC": z["DOT_PREC"], "LOWP": z["LOWP"], "F32": z["F32"]}
+    split, whole = dict(BK=z["BK_SPLIT"], BV=z["BV"]), dict(BK=z["BK"], BV=z["BV"])
+    return consts, [(of._states_fwd_kernel, dict(split, STORE_OUT=True), {}),
+                    (of._output_fwd_kernel, whole, {}),
+                    (of._states_bwd_kernel, split, {}),
+                    (of._chunk_bwd_q_kernel, whole, of._CHUNK_BWD_LAUNCH),
+                    (of._chunk_bwd_kv_kernel, whole, of._CHUNK_BWD_LAUNCH)]
+
+
+def ptxas_report(ptx: str) -> str:
+    """ptxas -v on the PTX for sm_90a: 'R registers, S B spill stores, L B spill loads', or '-'."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):  # the newer one reads the newest PTX
+        ptxas = os.path.join(bin_dir, name)
+        if not os.path.exists(ptxas):
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        try:
+            out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+        finally:
+            os.unlink(f.name)
+        text = out.stdout + out.stderr
+        regs = re.search(r"Used (\d+) registers", text)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        if regs and spills:
+            return f"{regs.group(1)} | {spills.group(1)} | {spills.group(2)}"
+    return "- | - | -"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(TRITON_DTYPES), default="bf16")
+    p.add_argument("--no-ptxas", action="store_true", help="shared memory only (faster)")
+    args = p.parse_args()
+    import triton
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        return 3
+    pointers = {"q": args.dtype, "k": args.dtype, "v": args.dtype, "chunk_load": "i32", "chunk_store": "i32",
+                "load_slot": "i32"}
+    consts, builds = kernel_builds(args.head_dim, args.chunk_size, args.dtype)
+    print(f"# fused kernels for sm_90: d = {args.head_dim}, chunk {args.chunk_size}, {args.dtype}, Triton "
+          f"{triton.__version__}\n")
+    print("| kernel | warps | shared bytes | registers | spill stores B | spill loads B |\n|---|---:|---:|---:|---:|---:|")
+    for kernel, blocks, launch in builds:
+        names = [param.name for param in kernel.params]
+        constexprs = {n: v for n, v in {**consts, **blocks}.items() if n in names}
+        signature = {n: "constexpr" if n in constexprs else "i32" if n in ("T", "H", "N") else
+                     "*" + pointers.get(n, "fp32") for n in names}
+        try:
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        except TypeError:
+            return 3
+        compiled = triton.compile(source, target=GPUTarget("cuda", SM90, 32), options=dict(launch))
+        stats = "- | - | -" if args.no_ptxas else ptxas_report(compiled.asm["ptx"])
+        print(f"| {kernel.__name__} | {launch.get('num_warps', 4)} | {compiled.metadata.shared} | {stats} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
