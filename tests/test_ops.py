@@ -618,10 +618,12 @@ def test_tensor_core_products_stay_accurate_when_logits_are_nearly_uniform(monke
 # ------------------------------------------------------------------------------- per-row sequences (sequence_starts)
 
 
+@pytest.mark.parametrize("given", ["tensor", "lengths"])
 @pytest.mark.parametrize("mode", FORMS)
-def test_sequence_starts_equal_separate_calls(mode):
+def test_sequence_starts_equal_separate_calls(mode, given):
     """Rows of several sequences (a different number per row, so rows get padding chunks at the end),
-    from initial_state rows numbered row by row: == one call per sequence, with gradients."""
+    from initial_state rows numbered row by row: == one call per sequence, with gradients. The starts
+    given as a (B, T) bool tensor or as the rows' lengths (host lists)."""
     T, row_lengths = 30, [[16, 5, 1, 8], [30], [3, 27]]
     starts = torch.zeros(3, T, dtype=torch.bool)
     for r, row in enumerate(row_lengths):
@@ -636,8 +638,8 @@ def test_sequence_starts_equal_separate_calls(mode):
         return run([heads[0], heads[0], heads[1], heads[2]] + make_inputs(S, 7, 2, seed=41)[4:6] + [None],
                    "chunked", output_final_state=True)[1]
 
-    out, state = run(inputs, mode, chunk_size=8, sequence_starts=starts, initial_state=initial(),
-                     output_final_state=True)
+    out, state = run(inputs, mode, chunk_size=8, sequence_starts=starts if given == "tensor" else row_lengths,
+                     initial_state=initial(), output_final_state=True)
     got = torch.autograd.grad(weighted_sum(out), inputs + heads)
 
     outs, states, i, initial = [], [], 0, initial()
@@ -729,6 +731,9 @@ def test_sequence_starts_errors():
     inputs = make_inputs(2, 8, 1)
     with pytest.raises(ValueError, match="sequence_starts must be a"):
         run(inputs, "chunked", sequence_starts=torch.zeros(2, 8))
+    for lengths in ([[8]], [[8], [4, 3]], [[8], [8, 0]], [[8], [4.0, 4]], [[8], [True] * 8], [8, 8]):
+        with pytest.raises(ValueError, match="sequence_starts as lengths must be B = 2 lists"):
+            run(inputs, "chunked", sequence_starts=lengths)
     with pytest.raises(ValueError, match="not both"):
         run(inputs[:6] + [None], "chunked", sequence_starts=torch.zeros(2, 8, dtype=torch.bool),
             cu_seqlens=torch.tensor([0, 8]))

@@ -562,7 +562,8 @@ class ZeroSAttention(nn.Module):
             o, core_state = zeros_attention(
                 q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
                 initial_state=core_state, output_final_state=cache is not None,
-                sequence_starts=None if documents is None else documents.starts,  # every document from an empty state
+                # every document from an empty state; its lengths, known on the host (no device read per layer)
+                sequence_starts=None if documents is None else documents.row_lengths,
             )
         if cache is not None:
             cache.update_layer_state(self.layer_idx, (core_state, usum, conv_state))

@@ -226,7 +226,17 @@ def _segment_lengths(cu_seqlens, B: int, T: int) -> list:
 
 
 def _row_lengths_from_starts(sequence_starts, B: int, T: int) -> list:
-    """Per row, the lengths of the sequences that ``sequence_starts`` (B, T) bool begins."""
+    """Per row, the lengths of the sequences that ``sequence_starts`` (B, T) bool begins (or the lengths
+    themselves, checked)."""
+    if isinstance(sequence_starts, (list, tuple)):
+        rows = [list(row) for row in sequence_starts] if all(isinstance(r, (list, tuple)) for r in sequence_starts) \
+            else None
+        if rows is None or len(rows) != B or any(not row or sum(row) != T or any(
+                not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in row) for row in rows):
+            shown = sequence_starts if len(str(sequence_starts)) <= 200 else str(sequence_starts)[:200] + "..."
+            raise ValueError(f"zeros_attention: sequence_starts as lengths must be B = {B} lists of positive ints, "
+                             f"each summing to T = {T}, got {shown}")
+        return rows
     if not isinstance(sequence_starts, torch.Tensor) or sequence_starts.shape != (B, T) \
             or sequence_starts.dtype != torch.bool:
         got = f"{sequence_starts.dtype} tensor of shape {tuple(sequence_starts.shape)}" \
@@ -271,7 +281,7 @@ def _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size
 def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk_size: int = 64,
                     valid: Optional[torch.Tensor] = None, initial_state: Optional[ZeroSState] = None,
                     output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
-                    sequence_starts: Optional[torch.Tensor] = None):
+                    sequence_starts: Optional[torch.Tensor | list] = None):
     """Causal ZeroS attention.
 
     Args:
@@ -295,6 +305,9 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
         sequence_starts: (B, T) bool, the same per row: True where a new sequence begins (column 0
             always begins one). Sequences are numbered row by row, in order, for ``initial_state`` and
             the final state. Unlike ``cu_seqlens`` the rows stay parallel rows of the chunked form.
+            Or, when the caller knows them on the host, per row the lengths of its sequences (B lists
+            of positive ints, each summing to T): the same, without reading the tensor back from the
+            device at every call (a model passes its layers the lengths it found once).
 
     Returns:
         o: (B, T, H, d_v) in q's dtype; state: a ``ZeroSState`` (one row per sequence) or None.
