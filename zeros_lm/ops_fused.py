@@ -272,32 +272,34 @@ if HAS_TRITON:
             dH = tl.where(loads, 0.0, dH)
 
     @triton.jit
+    def _chunk_operands(q, k, s, m, a, b, hc, T, H, N, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+        """The per-chunk backward kernels' common operands, grid (N, B H): the chunk's offsets (o_c, o_k,
+        mask_k; row (C, 1) and tok (C,) index the (B, T, H, d) and (B, H, T) tensors, p the (B, H, N) ones),
+        its q and k tiles (C, BK) in their dtype and its per-token scalars (C,)."""
+        i_n = tl.program_id(0)
+        i_bh = tl.program_id(1).to(tl.int64)
+        o_c = tl.arange(0, C)
+        o_k = tl.arange(0, BK)
+        mask_k = o_k < K
+        t = i_n * C + o_c
+        row = ((i_bh // H) * T + t[:, None]) * H + i_bh % H
+        q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
+        k_c = tl.load(k + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
+        tok = i_bh * T + t
+        return (o_c, o_k, mask_k, row, tok, i_bh * N + i_n, q_c, k_c, tl.load(s + tok), tl.load(m + tok),
+                tl.load(a + tok), tl.load(b + tok), tl.load(hc + tok))
+
+    @triton.jit
     def _chunk_bwd_q_kernel(q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, dkv_ends, do, dq, da, db, dhc, ds, dsb0,
                             dsb1, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr):
         """Grid (N, B H), the query side of the per-chunk backward: dq, the gradients of a, b, hc, the part
         of ds that comes through the chunk's own weights, and the transition's share of dsb0 / dsb1.
         The whole d_k per program, d_v in blocks of BV (a loop). Gradients in float32."""
-        i_n = tl.program_id(0)
-        i_bh = tl.program_id(1).to(tl.int64)
-        i_b = i_bh // H
-        i_h = i_bh % H
-        o_c = tl.arange(0, C)
-        o_k = tl.arange(0, BK)
-        mask_k = o_k < K
+        o_c, o_k, mask_k, row, tok, p, q_c, k_c, s_c, m_c, a_c, b_c, hc_c = _chunk_operands(
+            q, k, s, m, a, b, hc, T, H, N, K, C, BK)
         KV = K * V
-        t = i_n * C + o_c
-        row = (i_b * T + t[:, None]) * H + i_h
-        q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
-        k_c = tl.load(k + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
         q_f = q_c.to(tl.float32)
-        tok = i_bh * T + t
-        s_c = tl.load(s + tok)
-        m_c = tl.load(m + tok)
-        a_c = tl.load(a + tok)
-        b_c = tl.load(b + tok)
-        hc_c = tl.load(hc + tok)
-        p = i_bh * N + i_n
         m0_j = tl.load(m0 + p)
         sb0_j = tl.load(sb0 + p)
         causal = o_c[:, None] >= o_c[None, :]
@@ -359,26 +361,10 @@ if HAS_TRITON:
         """Grid (N, B H), the key / value side of the per-chunk backward: dk, dv, and what the keys receive
         through the state after the chunk, added to the ds and dsb1 that _chunk_bwd_q_kernel wrote (it
         runs first). Split from the query side so that neither holds both sides' tiles in registers."""
-        i_n = tl.program_id(0)
-        i_bh = tl.program_id(1).to(tl.int64)
-        i_b = i_bh // H
-        i_h = i_bh % H
-        o_c = tl.arange(0, C)
-        o_k = tl.arange(0, BK)
-        mask_k = o_k < K
+        o_c, o_k, mask_k, row, tok, p, q_c, k_c, s_c, m_c, a_c, b_c, hc_c = _chunk_operands(
+            q, k, s, m, a, b, hc, T, H, N, K, C, BK)
         KV = K * V
-        t = i_n * C + o_c
-        row = (i_b * T + t[:, None]) * H + i_h
-        q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
-        k_c = tl.load(k + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
         k_f = k_c.to(tl.float32)
-        tok = i_bh * T + t
-        s_c = tl.load(s + tok)
-        m_c = tl.load(m + tok)
-        a_c = tl.load(a + tok)
-        b_c = tl.load(b + tok)
-        hc_c = tl.load(hc + tok)
-        p = i_bh * N + i_n
         m1_j = tl.load(m1 + p)
         sb0_j = tl.load(sb0 + p)
         sb1_j = tl.load(sb1 + p)
