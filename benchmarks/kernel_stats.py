@@ -28,13 +28,14 @@ TRITON_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 SM90 = 90
 
 
-def kernel_builds(head_dim: int, chunk: int, dtype: str):
+def kernel_builds(head_dim: int, chunk: int, dtype: str, has_seg: bool = False):
     """(kernel, compile-time constants, launch options) of each kernel, as the launchers use them."""
     from zeros_lm import ops_fused as of
 
     q = torch.empty(1, chunk, 1, head_dim, dtype=TRITON_DTYPES[dtype])
     z = of._meta(q, q, chunk)
-    consts = {"K": z["K"], "V": z["V"], "C": chunk, "DOT_PREC": z["DOT_PREC"], "LOWP": z["LOWP"], "F32": z["F32"]}
+    consts = {"K": z["K"], "V": z["V"], "C": chunk, "DOT_PREC": z["DOT_PREC"], "LOWP": z["LOWP"], "F32": z["F32"],
+              "HAS_SEG": has_seg}
     split, whole = dict(BK=z["BK_SPLIT"], BV=z["BV"]), dict(BK=z["BK"], BV=z["BV"])
     return consts, [(of._states_fwd_kernel, dict(split, STORE_OUT=True), {}),
                     (of._output_fwd_kernel, whole, {}),
@@ -71,6 +72,7 @@ def main() -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(TRITON_DTYPES), default="bf16")
+    p.add_argument("--packed", action="store_true", help="the variant for packed sequences sharing chunks")
     p.add_argument("--no-ptxas", action="store_true", help="shared memory only (faster)")
     args = p.parse_args()
     import triton
@@ -80,10 +82,10 @@ def main() -> int:
     except ImportError:
         return 3
     pointers = {"q": args.dtype, "k": args.dtype, "v": args.dtype, "chunk_load": "i32", "chunk_store": "i32",
-                "load_slot": "i32"}
-    consts, builds = kernel_builds(args.head_dim, args.chunk_size, args.dtype)
-    print(f"# fused kernels for sm_90: d = {args.head_dim}, chunk {args.chunk_size}, {args.dtype}, Triton "
-          f"{triton.__version__}\n")
+                "load_slot": "i32", "seg": "i32"}
+    consts, builds = kernel_builds(args.head_dim, args.chunk_size, args.dtype, args.packed)
+    print(f"# fused kernels for sm_90: d = {args.head_dim}, chunk {args.chunk_size}, {args.dtype}"
+          f"{', packed sequences' if args.packed else ''}, Triton {triton.__version__}\n")
     print("| kernel | warps | shared bytes | registers | spill stores B | spill loads B |\n|---|---:|---:|---:|---:|---:|")
     for kernel, blocks, launch in builds:
         names = [param.name for param in kernel.params]

@@ -371,7 +371,7 @@ def test_custom_op_registration():
     """torch.library's own checks: schema, fake (meta) kernel, autograd registration (fp16 inputs, so
     that the fake kernel's float32 outputs are checked against the real ones)."""
     inputs, num_out = _compile_case(torch.float16)
-    torch.library.opcheck(ops_fused._chunk_core_op, (*inputs, num_out, 16, _num_loads(inputs)),
+    torch.library.opcheck(ops_fused._chunk_core_op, (*inputs, num_out, 16, _num_loads(inputs), None),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -484,11 +484,11 @@ def test_fake_kernels_give_the_real_strides(op):
     inputs, num_out = _compile_case(torch.float16)
     inputs = [x.detach() for x in inputs]
     if op == "forward":
-        fn, args = ops_fused._chunk_core_op, (*inputs, num_out, 16, _num_loads(inputs))
+        fn, args = ops_fused._chunk_core_op, (*inputs, num_out, 16, _num_loads(inputs), None)
     else:
         o, out = chunk_core_fused(*inputs, num_out, 16)
         fn, args = ops_fused._chunk_core_backward_op, (torch.randn_like(o), torch.randn_like(out), *inputs, 16,
-                                                      _num_loads(inputs))
+                                                      _num_loads(inputs), None)
     real = fn(*args)
     with FakeTensorMode() as mode:
         fake = fn(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in args))

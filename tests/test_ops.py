@@ -510,11 +510,12 @@ class SpyCore:
     MAX_HEAD_DIM = 128
 
     def __init__(self):
-        self.calls = []
+        self.calls, self.segments = [], []
 
-    def chunk_core_fused(self, *args, plan=None):
+    def chunk_core_fused(self, *args, plan=None, segments=None):
         self.calls.append(args)
-        return ops._chunk_core_torch(*args, plan=plan)
+        self.segments.append(segments)
+        return ops._chunk_core_torch(*args, plan=plan, segments=segments)
 
 
 @pytest.fixture
@@ -699,11 +700,16 @@ def test_packed_segments_share_chunks_without_states(lengths, chunk_size, torch_
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("mode", ["chunked", "fused"])
 @pytest.mark.parametrize("logit_mean,logit_scale", [(0.0, 2.0), (500.0, 300.0), (-400.0, 300.0)])
-def test_shared_chunks_with_padding_and_extreme_logits(logit_mean, logit_scale):
+def test_shared_chunks_with_padding_and_extreme_logits(logit_mean, logit_scale, mode):
     """Rows of several sequences (sequence_starts) with padding inside, float32, logits far apart across
     the sequences of a chunk: finite, == the float64 reference, and == the chunk-aligned layout (which
-    the same call takes when it also returns the final states)."""
+    the same call takes when it also returns the final states). The PyTorch core and the fused kernels
+    (Triton's interpreter on CPU; their chunk is 16)."""
+    if mode == "fused" and ops._load_fused_core() is None:
+        pytest.skip("Triton or ops_fused.py is not available")
+    device = "cuda" if mode == "fused" and torch.cuda.is_available() else "cpu"
     T, row_lengths = 30, [[16, 5, 1, 8], [12, 18], [3, 27]]
     starts = torch.zeros(3, T, dtype=torch.bool)
     for r, row in enumerate(row_lengths):
@@ -717,14 +723,40 @@ def test_shared_chunks_with_padding_and_extreme_logits(logit_mean, logit_scale):
     inputs64 = [x.requires_grad_() if x is not None else None for x in inputs64]
     ref, _ = run(inputs64, "reference", sequence_starts=starts, valid=valid)
     ref_grads = torch.autograd.grad(weighted_sum(ref), inputs64)
-    inputs = [x.detach().float().requires_grad_() for x in inputs64]
-    shared, _ = run(inputs, "chunked", chunk_size=8, sequence_starts=starts, valid=valid)
+    inputs = [x.detach().float().to(device).requires_grad_() for x in inputs64]
+    starts, valid = starts.to(device), valid.to(device)
+    shared, _ = run(inputs, mode, chunk_size=8, sequence_starts=starts, valid=valid)
     grads = torch.autograd.grad(weighted_sum(shared), inputs)
-    assert rel_err(shared.double(), ref) <= 1e-5
+    assert rel_err(shared.double().cpu(), ref) <= 1e-5
     for name, a, b in zip(["q", "k", "v", "s", "g1", "gh", "g0"], grads, ref_grads):
-        assert torch.isfinite(a).all() and rel_err(a.double(), b) <= 5e-5, name
-    aligned, _ = run(inputs, "chunked", chunk_size=8, sequence_starts=starts, valid=valid, output_final_state=True)
+        assert torch.isfinite(a).all() and rel_err(a.double().cpu(), b) <= 5e-5, name
+    aligned, _ = run(inputs, mode, chunk_size=8, sequence_starts=starts, valid=valid, output_final_state=True)
     assert rel_err(shared, aligned) <= 1e-5
+
+
+@pytest.mark.parametrize("lengths", [[5, 20, 1, 30], [16, 16, 16], [1] * 9 + [30], [40, 3, 17]])
+def test_fused_kernels_with_packed_sequences_sharing_chunks(lengths, monkeypatch):
+    """The fused kernels' training path (sequences sharing chunks: segments; Triton's interpreter on CPU):
+    outputs and gradients of the packed row == separate float64 reference calls, boundaries on and
+    inside chunks, one-token sequences."""
+    if ops._load_fused_core() is None:
+        pytest.skip("Triton or ops_fused.py is not available")
+    from zeros_lm import ops_fused
+
+    seen, real = [], ops_fused.chunk_core_fused
+    monkeypatch.setattr(ops_fused, "chunk_core_fused", lambda *a, **kw: seen.append(kw["segments"]) or real(*a, **kw))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    T = sum(lengths)
+    inputs64 = make_inputs(1, T, 2, 16, first_layer=True, seed=T, requires_grad=True)
+    inputs = [x.detach().float().to(device).requires_grad_() for x in inputs64]
+    out, state = run(inputs, "fused", chunk_size=16, cu_seqlens=offsets(lengths).to(device))
+    assert state is None and seen and seen[0] is not None                    # the shared layout, in the kernels
+    got = torch.autograd.grad(weighted_sum(out), inputs)
+    expected_out = torch.cat([run(piece, "reference")[0] for piece in segments_of(inputs64, lengths)], dim=1)
+    expected = torch.autograd.grad(weighted_sum(expected_out), inputs64)
+    assert rel_err(out.double().cpu(), expected_out) <= 1e-5
+    for name, a, b in zip(["q", "k", "v", "s", "g1", "gh", "g0"], got, expected):
+        assert rel_err(a.double().cpu(), b) <= 5e-5, name
 
 
 def test_sequence_starts_errors():
@@ -739,16 +771,24 @@ def test_sequence_starts_errors():
             cu_seqlens=torch.tensor([0, 8]))
 
 
-def test_sequence_starts_keep_the_rows_parallel_in_the_core(spy_core):
-    """Per-row sequences stay rows of the chunk-aligned layout (the fused kernels run rows in parallel)."""
+@pytest.mark.parametrize("final_state", [True, False])
+def test_sequence_starts_keep_the_rows_parallel_in_the_core(spy_core, final_state):
+    """Per-row sequences stay rows in the fused core (its kernels run rows in parallel): chunk-aligned,
+    each sequence padded to whole chunks, when a state per sequence comes out; the row as it is, with
+    each position's sequence, when none does (training)."""
     starts = torch.zeros(3, 40, dtype=torch.bool)
     starts[:, 17] = True
     inputs = make_inputs(3, 40, 2, 16, dtype=torch.float32, seed=42)
-    out, _ = run(inputs[:6] + [None], "fused", chunk_size=16, sequence_starts=starts)
+    out, _ = run(inputs[:6] + [None], "fused", chunk_size=16, sequence_starts=starts, output_final_state=final_state)
     q, load, store = spy_core.calls[0][0], spy_core.calls[0][13], spy_core.calls[0][14]
-    assert q.shape[0] == 3 and q.shape[1] == 4 * 16                    # 17 + 23 tokens: 2 + 2 chunks per row
-    assert load.tolist() == [[0, -1, 1, -1], [2, -1, 3, -1], [4, -1, 5, -1]]
-    assert store.tolist() == [[-1, 0, -1, 1], [-1, 2, -1, 3], [-1, 4, -1, 5]]
+    if final_state:
+        assert q.shape[0] == 3 and q.shape[1] == 4 * 16                # 17 + 23 tokens: 2 + 2 chunks per row
+        assert load.tolist() == [[0, -1, 1, -1], [2, -1, 3, -1], [4, -1, 5, -1]]
+        assert store.tolist() == [[-1, 0, -1, 1], [-1, 2, -1, 3], [-1, 4, -1, 5]]
+        assert spy_core.segments[0] is None
+    else:
+        assert q.shape[0] == 3 and q.shape[1] == 3 * 16                # 40 tokens: 3 chunks per row
+        assert spy_core.segments[0].tolist() == [[0] * 17 + [1] * 31, [2] * 17 + [3] * 31, [4] * 17 + [5] * 31]
     expected, _ = run(inputs[:6] + [None], "chunked", chunk_size=16, sequence_starts=starts)
     assert rel_err(out, expected) <= 1e-6
 

@@ -407,14 +407,14 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
         s = s.masked_fill(~valid[:, :, None], 0.0)
     if mode in ("chunked", "fused"):
         core, fused = _chunked_core(mode, q.dtype)
+        # Packed sequences share chunks (no alignment padding) where nothing needs a state per sequence.
+        shared = lengths is not None and initial_state is None and not output_final_state
         if fused is not None:  # the kernels take one 16-bit or float32 dtype and a power-of-two chunk >= their minimum
-            longest = T if lengths is None else max(max(flat_lengths), 1)
+            longest = T if lengths is None or shared else max(max(flat_lengths), 1)
             chunk_size = max(fused.MIN_CHUNK_SIZE, 1 << (min(chunk_size, longest) - 1).bit_length())
             low = low or q.dtype
         if low is not None:
             q, k, v = (x.to(low) for x in (q, k, v))
-        # Packed sequences share chunks (no alignment padding) where nothing needs a state per sequence.
-        shared = lengths is not None and fused is None and initial_state is None and not output_final_state
         o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core,
                             exact_chunk=fused is not None, shared=shared)
     elif lengths is None:

@@ -104,9 +104,42 @@ if HAS_TRITON:
             return tl.dot(w, x.to(tl.float32), input_precision=F32)
 
     @triton.jit
+    def _chunk_segments(seg, i_b, j, T, C: tl.constexpr):
+        """Packed sequences sharing chunk j of row i_b (seg (B, T) int32, each position's sequence):
+        writers (C,) the positions of the chunk's last sequence (the only ones the state after the chunk
+        holds), kept (int32 0 / 1) whether the whole chunk is one sequence (else the state it started
+        from is dropped: the sequences after the first start empty)."""
+        row = seg + i_b * T + j * C
+        last = tl.load(row + C - 1)
+        return tl.load(row + tl.arange(0, C)) == last, (tl.load(row) == last).to(tl.int32)
+
+    @triton.jit
+    def _chunk_mask(seg, i_b, j, T, C: tl.constexpr, o_c, HAS_SEG: tl.constexpr):
+        """Chunk j's (C, C) mask of the weights: causal; with packed sequences also block-diagonal."""
+        inside = o_c[:, None] >= o_c[None, :]
+        if HAS_SEG:
+            seg_c = tl.load(seg + i_b * T + j * C + o_c)
+            inside = inside & (seg_c[:, None] == seg_c[None, :])
+        return inside
+
+    @triton.jit
+    def _chunk_readout(seg, i_b, j, T, C: tl.constexpr, o_c, m0_j, m_c, HAS_SEG: tl.constexpr):
+        """How chunk j's queries read its start state: decay (C,) exp(m0 - m) and reader (C,) 1.0, both 0
+        for the queries of any sequence but the chunk's first (the exponent masked before exp too)."""
+        if HAS_SEG:
+            readers = tl.load(seg + i_b * T + j * C + o_c) == tl.load(seg + i_b * T + j * C)
+            decay = tl.where(readers, tl.exp(tl.where(readers, m0_j - m_c, 0.0)), 0.0)
+            reader = readers.to(tl.float32)
+        else:
+            decay = tl.exp(m0_j - m_c)
+            reader = tl.full([C], 1.0, tl.float32)
+        return decay, reader
+
+    @triton.jit
     def _states_fwd_kernel(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, kv_starts,
-                           out_states, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                           BK: tl.constexpr, BV: tl.constexpr, STORE_OUT: tl.constexpr, F32: tl.constexpr):
+                           out_states, seg, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, STORE_OUT: tl.constexpr, F32: tl.constexpr,
+                           HAS_SEG: tl.constexpr):
         """Grid (d_k blocks, d_v blocks, B H). Writes the state at each chunk start to kv_starts (B, H, N, 3, K, V)."""
         i_k = tl.program_id(0)
         i_v = tl.program_id(1)
@@ -148,11 +181,20 @@ if HAS_TRITON:
             m1_j = tl.load(m1 + p)
             sb0_j = tl.load(sb0 + p)
             sb1_j = tl.load(sb1 + p)
+            if HAS_SEG:  # only the chunk's last sequence writes; a sequence start drops the carried state
+                writers, kept = _chunk_segments(seg, i_b, j, T, C)
+                keep = (zero_kv + kept) > 0
+                k_c = tl.where(writers[:, None], k_c, 0.0)
+                F = tl.where(keep, tl.exp(tl.where(keep, m0_j - m1_j, 0.0)) * F, 0.0)
+                G = tl.where(keep, G + (sb0_j - sb1_j) * Hs, 0.0)
+                Hs = tl.where(keep, Hs, 0.0)
+            else:
+                F = tl.exp(m0_j - m1_j) * F
+                G = G + (sb0_j - sb1_j) * Hs
             k_t = tl.trans(k_c)
-            F = tl.exp(m0_j - m1_j) * F + tl.dot(k_t, v_c * tl.exp(tl.minimum(s_c - m1_j, 0.0))[:, None],
-                                                 input_precision=F32)
-            G = G + (sb0_j - sb1_j) * Hs + tl.dot(k_t, v_c * (s_c - sb1_j)[:, None], input_precision=F32)
-            Hs = Hs + tl.dot(k_t, v_c, input_precision=F32)
+            F += tl.dot(k_t, v_c * tl.exp(tl.minimum(s_c - m1_j, 0.0))[:, None], input_precision=F32)
+            G += tl.dot(k_t, v_c * (s_c - sb1_j)[:, None], input_precision=F32)
+            Hs += tl.dot(k_t, v_c, input_precision=F32)
             if STORE_OUT:
                 st = tl.load(chunk_store + i_b * N + j)
                 stores = (zero_kv + st) >= 0
@@ -162,9 +204,9 @@ if HAS_TRITON:
                 tl.store(dst + 2 * KV, Hs, mask=mask_kv & stores)
 
     @triton.jit
-    def _output_fwd_kernel(q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, T, H, N, K: tl.constexpr,
+    def _output_fwd_kernel(q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, seg, T, H, N, K: tl.constexpr,
                            V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr):
+                           DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr, HAS_SEG: tl.constexpr):
         """Grid (d_v blocks, N, B H). o (B, T, H, V) float32."""
         i_v = tl.program_id(0)
         i_n = tl.program_id(1)
@@ -196,22 +238,23 @@ if HAS_TRITON:
         qk = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC)
         r = (a_c[:, None] * tl.exp(tl.minimum(s_c[None, :] - m_c[:, None], 0.0))
              + b_c[:, None] * (s_c - sb0_j)[None, :] + hc_c[:, None])
-        w = tl.where(o_c[:, None] >= o_c[None, :], qk * r, 0.0)
+        decay, reader = _chunk_readout(seg, i_b, i_n, T, C, o_c, m0_j, m_c, HAS_SEG)
+        alpha, b_r, hc_r = a_c * decay, b_c * reader, hc_c * reader
+        w = tl.where(_chunk_mask(seg, i_b, i_n, T, C, o_c, HAS_SEG), qk * r, 0.0)
         acc = _weights_dot(w, v_c, LOWP, F32)
 
         # Before the chunk: the start state, read in float32 (a F + hc H cancels for uniform logits).
         src = kv_starts + (i_bh * N + i_n) * 3 * KV + o_k[:, None] * V + o_v[None, :]
         q_f = q_c.to(tl.float32)
-        alpha = a_c * tl.exp(m0_j - m_c)
         acc += tl.dot(q_f * alpha[:, None], tl.load(src, mask=mask_kv, other=0.0), input_precision=F32)
-        acc += tl.dot(q_f * b_c[:, None], tl.load(src + KV, mask=mask_kv, other=0.0), input_precision=F32)
-        acc += tl.dot(q_f * hc_c[:, None], tl.load(src + 2 * KV, mask=mask_kv, other=0.0), input_precision=F32)
+        acc += tl.dot(q_f * b_r[:, None], tl.load(src + KV, mask=mask_kv, other=0.0), input_precision=F32)
+        acc += tl.dot(q_f * hc_r[:, None], tl.load(src + 2 * KV, mask=mask_kv, other=0.0), input_precision=F32)
         tl.store(o + row * V + o_v[None, :], acc, mask=mask_v[None, :])
 
     @triton.jit
     def _states_bwd_kernel(q, do, m, a, b, hc, m0, m1, sb0, sb1, chunk_load, chunk_store, load_slot, d_out,
-                           dkv_ends, d_starts, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                           BK: tl.constexpr, BV: tl.constexpr, F32: tl.constexpr):
+                           dkv_ends, d_starts, seg, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, F32: tl.constexpr, HAS_SEG: tl.constexpr):
         """Grid (d_k blocks, d_v blocks, B H). Writes the gradient of the state after each chunk to
         dkv_ends (B, H, N, 3, K, V) and that of each loaded start state to d_starts (loads, H, 3, K, V)."""
         i_k = tl.program_id(0)
@@ -253,13 +296,23 @@ if HAS_TRITON:
             m_c = tl.load(m + tok)
             p = i_bh * N + j
             m0_j = tl.load(m0 + p)
-            alpha = tl.load(a + tok) * tl.exp(m0_j - m_c)
-            # Transposed transition, then what the chunk's own readout of its start state adds.
-            dH += (tl.load(sb0 + p) - tl.load(sb1 + p)) * dG
-            dF = tl.exp(m0_j - tl.load(m1 + p)) * dF
+            m1_j = tl.load(m1 + p)
+            decay, reader = _chunk_readout(seg, i_b, j, T, C, o_c, m0_j, m_c, HAS_SEG)
+            alpha, b_r, hc_r = tl.load(a + tok) * decay, tl.load(b + tok) * reader, tl.load(hc + tok) * reader
+            # Transposed transition (none where a sequence starts in the chunk), then what the chunk's own
+            # readout of its start state adds.
+            if HAS_SEG:
+                _, kept = _chunk_segments(seg, i_b, j, T, C)
+                keep = (zero_kv + kept) > 0
+                dH = tl.where(keep, dH + (tl.load(sb0 + p) - tl.load(sb1 + p)) * dG, 0.0)
+                dF = tl.where(keep, tl.exp(tl.where(keep, m0_j - m1_j, 0.0)) * dF, 0.0)
+                dG = tl.where(keep, dG, 0.0)
+            else:
+                dH += (tl.load(sb0 + p) - tl.load(sb1 + p)) * dG
+                dF = tl.exp(m0_j - m1_j) * dF
             dF += tl.dot(tl.trans(q_c * alpha[:, None]), do_c, input_precision=F32)
-            dG += tl.dot(tl.trans(q_c * tl.load(b + tok)[:, None]), do_c, input_precision=F32)
-            dH += tl.dot(tl.trans(q_c * tl.load(hc + tok)[:, None]), do_c, input_precision=F32)
+            dG += tl.dot(tl.trans(q_c * b_r[:, None]), do_c, input_precision=F32)
+            dH += tl.dot(tl.trans(q_c * hc_r[:, None]), do_c, input_precision=F32)
 
             ld = tl.load(chunk_load + i_b * N + j)
             loads = (zero_kv + ld) >= 0
@@ -291,8 +344,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _chunk_bwd_q_kernel(q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, dkv_ends, do, dq, da, db, dhc, ds, dsb0,
-                            dsb1, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                            BV: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr):
+                            dsb1, seg, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                            BV: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr,
+                            HAS_SEG: tl.constexpr):
         """Grid (N, B H), the query side of the per-chunk backward: dq, the gradients of a, b, hc, the part
         of ds that comes through the chunk's own weights, and the transition's share of dsb0 / dsb1.
         The whole d_k per program, d_v in blocks of BV (a loop). Gradients in float32."""
@@ -302,9 +356,11 @@ if HAS_TRITON:
         q_f = q_c.to(tl.float32)
         m0_j = tl.load(m0 + p)
         sb0_j = tl.load(sb0 + p)
-        causal = o_c[:, None] >= o_c[None, :]
+        i_n = tl.program_id(0)
+        i_b = tl.program_id(1) // H
+        inside = _chunk_mask(seg, i_b, i_n, T, C, o_c, HAS_SEG)
+        decay, reader = _chunk_readout(seg, i_b, i_n, T, C, o_c, m0_j, m_c, HAS_SEG)
         qk = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC)
-        decay = tl.exp(m0_j - m_c)
 
         # Sums over d_v, block by block: do v^T, and the readout of the start state (float32).
         dov = tl.zeros([C, C], dtype=tl.float32)
@@ -327,8 +383,8 @@ if HAS_TRITON:
             dG = tl.load(dkv_ends + p * 3 * KV + KV + kv_off, mask=mask_kv, other=0.0)
             dov += tl.dot(do_c, tl.trans(v_f), input_precision=F32)
             dq_c += tl.dot(do_c * (a_c * decay)[:, None], tl.trans(F0), input_precision=F32)
-            dq_c += tl.dot(do_c * b_c[:, None], tl.trans(G0), input_precision=F32)
-            dq_c += tl.dot(do_c * hc_c[:, None], tl.trans(H0), input_precision=F32)
+            dq_c += tl.dot(do_c * (b_c * reader)[:, None], tl.trans(G0), input_precision=F32)
+            dq_c += tl.dot(do_c * (hc_c * reader)[:, None], tl.trans(H0), input_precision=F32)
             read_F += tl.sum(tl.dot(q_f, F0, input_precision=F32) * do_c, axis=1)
             read_G += tl.sum(tl.dot(q_f, G0, input_precision=F32) * do_c, axis=1)
             read_H += tl.sum(tl.dot(q_f, H0, input_precision=F32) * do_c, axis=1)
@@ -339,43 +395,52 @@ if HAS_TRITON:
         diff = s_c[None, :] - m_c[:, None]
         e = tl.exp(tl.minimum(diff, 0.0))
         r = a_c[:, None] * e + b_c[:, None] * centred[None, :] + hc_c[:, None]
-        D = tl.where(causal, qk * dov, 0.0)
-        rdov = tl.where(causal, r * dov, 0.0)
+        D = tl.where(inside, qk * dov, 0.0)
+        rdov = tl.where(inside, r * dov, 0.0)
         dq_c += _weights_dot(rdov, k_c, LOWP, F32)
         tl.store(dq + row * K + o_k[None, :], dq_c, mask=mask_k[None, :])
 
         # Scalar gradients. min(x, 0) passes the gradient where x <= 0 (as torch.clamp does).
         tl.store(da + tok, tl.sum(D * e, axis=1) + decay * read_F)
-        tl.store(db + tok, tl.sum(D * centred[None, :], axis=1) + read_G)
-        tl.store(dhc + tok, tl.sum(D, axis=1) + read_H)
+        tl.store(db + tok, tl.sum(D * centred[None, :], axis=1) + reader * read_G)
+        tl.store(dhc + tok, tl.sum(D, axis=1) + reader * read_H)
         tl.store(ds + tok, tl.sum(D * tl.where(diff <= 0.0, a_c[:, None] * e, 0.0), axis=0)
                  + tl.sum(D * b_c[:, None], axis=0))
         shift = tl.sum(shift_k, axis=0)
+        if HAS_SEG:  # no transition (so no shift) where a sequence starts in the chunk
+            shift = shift * _chunk_segments(seg, i_b, i_n, T, C)[1]
         tl.store(dsb0 + p, shift - tl.sum(tl.sum(D * b_c[:, None], axis=1), axis=0))
         tl.store(dsb1 + p, -shift)
 
     @triton.jit
-    def _chunk_bwd_kv_kernel(q, k, v, s, m, a, b, hc, m1, sb0, sb1, dkv_ends, do, dk, dv, ds, dsb1, T, H, N,
+    def _chunk_bwd_kv_kernel(q, k, v, s, m, a, b, hc, m1, sb0, sb1, dkv_ends, do, dk, dv, ds, dsb1, seg, T, H, N,
                              K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                             DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr):
+                             DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr, HAS_SEG: tl.constexpr):
         """Grid (N, B H), the key / value side of the per-chunk backward: dk, dv, and what the keys receive
         through the state after the chunk, added to the ds and dsb1 that _chunk_bwd_q_kernel wrote (it
         runs first). Split from the query side so that neither holds both sides' tiles in registers."""
         o_c, o_k, mask_k, row, tok, p, q_c, k_c, s_c, m_c, a_c, b_c, hc_c = _chunk_operands(
             q, k, s, m, a, b, hc, T, H, N, K, C, BK)
         KV = K * V
-        k_f = k_c.to(tl.float32)
         m1_j = tl.load(m1 + p)
         sb0_j = tl.load(sb0 + p)
         sb1_j = tl.load(sb1 + p)
+        i_n = tl.program_id(0)
+        i_b = tl.program_id(1) // H
+        inside = _chunk_mask(seg, i_b, i_n, T, C, o_c, HAS_SEG)
+        k_f = k_c.to(tl.float32)
+        if HAS_SEG:  # only the keys of the chunk's last sequence are in the state after it
+            writers = _chunk_segments(seg, i_b, i_n, T, C)[0]
+            k_f = tl.where(writers[:, None], k_f, 0.0)
+        else:
+            writers = o_c >= 0
 
         # W = (Q K^T) * R, as in the forward (R is formed again after the loop below, rather than kept
         # alive through it: fewer (C, C) tiles in registers).
-        causal = o_c[:, None] >= o_c[None, :]
         centred = s_c - sb0_j
         w = (a_c[:, None] * tl.exp(tl.minimum(s_c[None, :] - m_c[:, None], 0.0)) + b_c[:, None] * centred[None, :]
              + hc_c[:, None])
-        w = tl.where(causal, w * tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC), 0.0)
+        w = tl.where(inside, w * tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC), 0.0)
         e1 = tl.exp(tl.minimum(s_c - m1_j, 0.0))   # the keys' weights in the state after the chunk
         centred1 = s_c - sb1_j
 
@@ -396,9 +461,10 @@ if HAS_TRITON:
             dG = tl.load(end + KV, mask=mask_kv, other=0.0)
             dH = tl.load(end + 2 * KV, mask=mask_kv, other=0.0)
             dov += tl.dot(do_c, tl.trans(v_f), input_precision=F32)
-            dk_c += tl.dot(v_f * e1[:, None], tl.trans(dF), input_precision=F32)
-            dk_c += tl.dot(v_f * centred1[:, None], tl.trans(dG), input_precision=F32)
-            dk_c += tl.dot(v_f, tl.trans(dH), input_precision=F32)
+            v_w = tl.where(writers[:, None], v_f, 0.0)
+            dk_c += tl.dot(v_w * e1[:, None], tl.trans(dF), input_precision=F32)
+            dk_c += tl.dot(v_w * centred1[:, None], tl.trans(dG), input_precision=F32)
+            dk_c += tl.dot(v_w, tl.trans(dH), input_precision=F32)
             kdF = tl.dot(k_f, dF, input_precision=F32)
             kdG = tl.dot(k_f, dG, input_precision=F32)
             dv_c = tl.dot(tl.trans(w), do_c, input_precision=F32)
@@ -409,7 +475,7 @@ if HAS_TRITON:
 
         r = a_c[:, None] * tl.exp(tl.minimum(s_c[None, :] - m_c[:, None], 0.0)) + b_c[:, None] * centred[None, :] \
             + hc_c[:, None]
-        rdov = tl.where(causal, r * dov, 0.0)
+        rdov = tl.where(inside, r * dov, 0.0)
         dk_c += _weights_dot(tl.trans(rdov), q_c, LOWP, F32)
         tl.store(dk + row * K + o_k[None, :], dk_c, mask=mask_k[None, :])
         tl.store(ds + tok, tl.load(ds + tok) + tl.where(s_c - m1_j <= 0.0, e1 * key_F, 0.0) + key_G)
@@ -438,15 +504,23 @@ def _states_grid(z):
     return (triton.cdiv(z["K"], z["BK_SPLIT"]), triton.cdiv(z["V"], z["BV"]), z["B"] * z["H"])
 
 
-def _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, out_states, z):
+def _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, out_states, seg, z):
     """Runs the states kernel; returns the state at each chunk start, (B, H, N, 3, K, V) float32."""
     kv_starts = torch.empty(z["B"], z["H"], z["N"], 3, z["K"], z["V"], dtype=torch.float32, device=k.device)
     store_out = out_states is not None
     _states_fwd_kernel[_states_grid(z)](
         k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, kv_starts,
-        out_states if store_out else kv_starts, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
-        BK=z["BK_SPLIT"], BV=z["BV"], STORE_OUT=store_out, F32=z["F32"])
+        out_states if store_out else kv_starts, seg, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
+        BK=z["BK_SPLIT"], BV=z["BV"], STORE_OUT=store_out, F32=z["F32"], HAS_SEG=z["HAS_SEG"])
     return kv_starts
+
+
+def _segment_ids(segments, chunk_load):
+    """The kernels' seg operand: segments (B, T) as int32, or chunk_load as a stand-in pointer (never read
+    without HAS_SEG); and HAS_SEG."""
+    if segments is None:
+        return chunk_load, False
+    return segments.to(device=chunk_load.device, dtype=torch.int32).contiguous(), True
 
 
 def _prepare(q, k, v, scalars, start_states, chunk_load, chunk_store):
@@ -462,29 +536,31 @@ def _prepare(q, k, v, scalars, start_states, chunk_load, chunk_store):
 
 
 def _forward_impl(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-                  num_out_states, chunk_size):
+                  num_out_states, chunk_size, segments):
     q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1), start_states, chunk_load, chunk_store = _prepare(
         q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1), start_states, chunk_load, chunk_store)
     z = _meta(q, v, chunk_size)
+    seg, z["HAS_SEG"] = _segment_ids(segments, chunk_load)
     # At least one row, so that the kernel always gets a real pointer; the extra row is never written.
     out_states = torch.zeros(max(num_out_states, 1), z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=q.device)
-    kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, out_states, z)
+    kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, out_states, seg, z)
     o = torch.empty(z["B"], z["T"], z["H"], z["V"], dtype=torch.float32, device=q.device)
     _output_fwd_kernel[(triton.cdiv(z["V"], z["BV"]), z["N"], z["B"] * z["H"])](
-        q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
-        BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"], F32=z["F32"])
+        q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, seg, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
+        BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"], F32=z["F32"], HAS_SEG=z["HAS_SEG"])
     return o, out_states[:num_out_states]
 
 
 def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load,
-                   chunk_store, chunk_size, num_loads):
+                   chunk_store, chunk_size, num_loads, segments):
     dtypes = (q.dtype, k.dtype, v.dtype)
     num_in = start_states.shape[0]
     q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1, do, d_out_states), start_states, chunk_load, chunk_store = _prepare(
         q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1, do, d_out_states), start_states, chunk_load, chunk_store)
     z = _meta(q, v, chunk_size)
+    seg, z["HAS_SEG"] = _segment_ids(segments, chunk_load)
     dev = q.device
-    kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, None, z)
+    kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, None, seg, z)
 
     # Each loading chunk gets its own slot for its start-state gradient; rows loaded by several chunks
     # are summed afterwards. The number of slots comes from the host (num_loads), so nothing here waits
@@ -501,7 +577,8 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
     dkv_ends = torch.empty_like(kv_starts)
     _states_bwd_kernel[_states_grid(z)](
         q, do, m, a, b, hc, m0, m1, sb0, sb1, chunk_load, chunk_store, load_slot, d_out_states, dkv_ends, d_starts,
-        z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK_SPLIT"], BV=z["BV"], F32=z["F32"])
+        seg, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK_SPLIT"], BV=z["BV"], F32=z["F32"],
+        HAS_SEG=z["HAS_SEG"])
 
     dq = torch.empty(q.shape, dtype=torch.float32, device=dev)
     dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
@@ -510,10 +587,10 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
     dsb0, dsb1 = torch.empty_like(sb0), torch.empty_like(sb1)
     chunk_grid = (z["N"], z["B"] * z["H"])
     sizes = dict(K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"],
-                 F32=z["F32"], **_CHUNK_BWD_LAUNCH)
+                 F32=z["F32"], HAS_SEG=z["HAS_SEG"], **_CHUNK_BWD_LAUNCH)
     _chunk_bwd_q_kernel[chunk_grid](q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, dkv_ends, do, dq, da, db, dhc, ds,
-                                    dsb0, dsb1, z["T"], z["H"], z["N"], **sizes)
-    _chunk_bwd_kv_kernel[chunk_grid](q, k, v, s, m, a, b, hc, m1, sb0, sb1, dkv_ends, do, dk, dv, ds, dsb1,
+                                    dsb0, dsb1, seg, z["T"], z["H"], z["N"], **sizes)
+    _chunk_bwd_kv_kernel[chunk_grid](q, k, v, s, m, a, b, hc, m1, sb0, sb1, dkv_ends, do, dk, dv, ds, dsb1, seg,
                                      z["T"], z["H"], z["N"], **sizes)
     d_start_states = torch.zeros(num_in, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
     d_start_states.index_add_(0, load_rows, d_starts[:num_loads])
@@ -534,14 +611,15 @@ _Tensor = torch.Tensor
 @torch.library.custom_op(f"{_NAMESPACE}::chunk_core_fused", mutates_args=())
 def _chunk_core_op(q: _Tensor, k: _Tensor, v: _Tensor, s: _Tensor, m: _Tensor, a: _Tensor, b: _Tensor, hc: _Tensor,
                    m0: _Tensor, m1: _Tensor, sb0: _Tensor, sb1: _Tensor, start_states: _Tensor, chunk_load: _Tensor,
-                   chunk_store: _Tensor, num_out_states: int, chunk_size: int, num_loads: int) -> tuple[_Tensor, _Tensor]:
+                   chunk_store: _Tensor, num_out_states: int, chunk_size: int, num_loads: int,
+                   segments: Optional[_Tensor]) -> tuple[_Tensor, _Tensor]:
     return _forward_impl(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-                         num_out_states, chunk_size)
+                         num_out_states, chunk_size, segments)
 
 
 @_chunk_core_op.register_fake
 def _(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states, chunk_size,
-      num_loads):
+      num_loads, segments):
     B, T, H, K = q.shape
     V = v.shape[-1]
     return (q.new_empty(B, T, H, V, dtype=torch.float32),
@@ -552,15 +630,16 @@ def _(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk
 def _chunk_core_backward_op(do: _Tensor, d_out_states: _Tensor, q: _Tensor, k: _Tensor, v: _Tensor, s: _Tensor,
                             m: _Tensor, a: _Tensor, b: _Tensor, hc: _Tensor, m0: _Tensor, m1: _Tensor, sb0: _Tensor,
                             sb1: _Tensor, start_states: _Tensor, chunk_load: _Tensor, chunk_store: _Tensor,
-                            chunk_size: int, num_loads: int) -> tuple[_Tensor, _Tensor, _Tensor, _Tensor, _Tensor,
-                                                                      _Tensor, _Tensor, _Tensor, _Tensor, _Tensor]:
+                            chunk_size: int, num_loads: int, segments: Optional[_Tensor]
+                            ) -> tuple[_Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor,
+                                       _Tensor]:
     return _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load,
-                          chunk_store, chunk_size, num_loads)
+                          chunk_store, chunk_size, num_loads, segments)
 
 
 @_chunk_core_backward_op.register_fake
 def _(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-      chunk_size, num_loads):
+      chunk_size, num_loads, segments):
     # Contiguous, as _backward_impl returns them whatever the inputs' strides (the model passes (B, H, T)
     # views of (B, T, H) tensors; compiled code checks the real strides against these).
     new = lambda x, dtype=torch.float32: x.new_empty(x.shape, dtype=dtype)  # noqa: E731
@@ -569,21 +648,21 @@ def _(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states,
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, _num_out_states, chunk_size, num_loads = inputs
-    ctx.save_for_backward(*tensors)
+    *tensors, _num_out_states, chunk_size, num_loads, segments = inputs
+    ctx.save_for_backward(*tensors, segments)
     ctx.chunk_size, ctx.num_loads = chunk_size, num_loads
 
 
 def _backward(ctx, do, d_out_states):
-    q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store = ctx.saved_tensors
+    q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, segments = ctx.saved_tensors
     if do is None:
         do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
     if d_out_states is None:
         d_out_states = torch.zeros(0, *start_states.shape[1:], dtype=torch.float32, device=q.device)
     dq, dk, dv, ds, da, db, dhc, dsb0, dsb1, d_start = _chunk_core_backward_op(
         do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-        ctx.chunk_size, ctx.num_loads)
-    return dq, dk, dv, ds, None, da, db, dhc, None, None, dsb0, dsb1, d_start, None, None, None, None, None
+        ctx.chunk_size, ctx.num_loads, segments)
+    return dq, dk, dv, ds, None, da, db, dhc, None, None, dsb0, dsb1, d_start, None, None, None, None, None, None
 
 
 _chunk_core_op.register_autograd(_backward, setup_context=_setup_context)
@@ -643,7 +722,8 @@ def _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, 
 
 
 def chunk_core_fused(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-                     num_out_states: int, chunk_size: int, plan: Optional[tuple] = None):
+                     num_out_states: int, chunk_size: int, plan: Optional[tuple] = None,
+                     segments: Optional[torch.Tensor] = None):
     """The chunk core of ZeroS in Triton, differentiable (see the module docstring for the math).
 
     Args:
@@ -659,6 +739,10 @@ def chunk_core_fused(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, ch
         num_out_states: rows of out_states. chunk_size: C, a power of two >= 16.
         plan: optional (chunk_load, chunk_store) as host lists: the backward then sizes its buffers
             without waiting for the device (ops.py passes it; without it chunk_load is read once).
+        segments: optional (B, T) int, the sequence of each position when a chunk may hold several (the
+            shared layout of ops.py's training path, as its PyTorch core takes it): the weights are then
+            block-diagonal, only a chunk's first sequence reads its start state, only its last one writes
+            the state after it, and a chunk in which a sequence starts drops the state it started from.
 
     Returns:
         o: (B, T, H, d_v) float32; out_states: (num_out_states, H, 3, d_k, d_v) float32 (unwritten rows 0).
@@ -666,5 +750,7 @@ def chunk_core_fused(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, ch
     _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states,
            chunk_size)
     num_loads = int((chunk_load >= 0).sum()) if plan is None else sum(x >= 0 for row in plan[0] for x in row)
+    if segments is not None and tuple(segments.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"chunk_core_fused: segments must be (B, T) = {tuple(q.shape[:2])}, got {tuple(segments.shape)}")
     return _chunk_core_op(q, k, v, s, m.detach(), a, b, hc, m0.detach(), m1.detach(), sb0, sb1, start_states,
-                          chunk_load, chunk_store, num_out_states, chunk_size, num_loads)
+                          chunk_load, chunk_store, num_out_states, chunk_size, num_loads, segments)
