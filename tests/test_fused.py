@@ -399,11 +399,11 @@ def test_torch_compile_fullgraph():
 # A whole model: the fused path (attention_backend="auto" on CUDA) against the PyTorch path
 # ----------------------------------------------------------------------------------------------
 
-def _logits_and_grads(model, ids, mask, autocast_dtype=None):
+def _logits_and_grads(model, ids, mask, autocast_dtype=None, position_ids=None):
     """Logits (B, T, V) and the flattened parameter gradients of a next-token loss over real tokens."""
     model.zero_grad(set_to_none=True)
     with torch.autocast(ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
@@ -432,27 +432,35 @@ def _count_fused_calls(monkeypatch):
     real = ops_fused.chunk_core_fused
 
     def counted(*args, **kwargs):
-        calls.append(1)
+        calls.append(kwargs.get("segments"))  # (per call: the packed sequences' ids, or None)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ops_fused, "chunk_core_fused", counted)
     return calls
 
 
-def test_model_fused_matches_torch_backend(monkeypatch):
-    """A 2-layer model with left padding, float32: logits and every parameter gradient of the fused path
-    == the PyTorch chunked path (on CPU the fused path is forced and runs in the interpreter)."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_model_fused_matches_torch_backend(monkeypatch, packed):
+    """A 2-layer model with left padding (and packed documents: position_ids restarting inside a chunk),
+    float32: logits and every parameter gradient of the fused path == the PyTorch chunked path (on CPU
+    the fused path is forced and runs in the interpreter)."""
     from zeros_lm import ops
 
     model, ids, mask = _model_case(DEVICE, hidden=32, heads=2, chunk_size=MIN_CHUNK_SIZE, T=40)
+    position_ids = None
+    if packed:  # row 0: documents of 7, 16 and 17 tokens; row 1 (left-padded): one document
+        mask[:] = 1
+        position_ids = torch.cat([torch.arange(n) for n in (7, 16, 17)])[None].repeat(2, 1).to(DEVICE)
+        position_ids[1] = torch.arange(40)
     model.config.attention_backend = "torch"
-    ref_logits, ref_grads = _logits_and_grads(model, ids, mask)
+    ref_logits, ref_grads = _logits_and_grads(model, ids, mask, position_ids=position_ids)
     model.config.attention_backend = "auto"
     calls = _count_fused_calls(monkeypatch)
     if DEVICE == "cpu":
         monkeypatch.setattr(ops, "_fused_applies", lambda q, v: True)
-    logits, grads = _logits_and_grads(model, ids, mask)
+    logits, grads = _logits_and_grads(model, ids, mask, position_ids=position_ids)
     assert len(calls) == model.config.num_hidden_layers
+    assert all((segments is not None) == packed for segments in calls)
     assert _norm_rel(logits, ref_logits) <= F32_TOL
     assert _norm_rel(grads, ref_grads) <= F32_TOL
 
