@@ -492,13 +492,12 @@ class _ChunkLayout:
     - aligned (the default): every sequence is padded at its end to whole chunks (at least one), so no
       chunk holds tokens of two sequences, and a row's sequences follow each other in that row (rows
       filled up with padding chunks to the longest). Each sequence's state is loaded at its first
-      chunk and stored after its last: any ``initial_state`` and a final state per sequence. The fused
-      kernels take this one.
+      chunk and stored after its last: any ``initial_state`` and a final state per sequence.
     - shared: the row as it is (padding only at its end), so one chunk may hold the end of one sequence
       and the start of the next; the core then keeps them apart inside the chunk (``segments``) and
       starts each sequence from an empty state. No alignment padding (a document of 200 tokens costs
       200 tokens, not 256 at C = 64), but no initial state and no per-sequence final state: the
-      training path.
+      training path. Both cores (PyTorch and fused) take both layouts.
 
     Padding is not valid: it has zero q, k, v, logit and coefficients and carries the running
     statistics forward.
@@ -705,7 +704,7 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, ex
 
     Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed); lengths: None or,
     per row, the lengths of its sequences; shared: sequences may share a chunk (``_ChunkLayout``;
-    PyTorch core, empty initial state, no final state). The chunk is chunk_size tokens, or the longest
+    empty initial state, no final state). The chunk is chunk_size tokens, or the longest
     sequence (the row, when shared) when that is shorter, unless exact_chunk. Returns o (B, T, H, d_v)
     and the final state (one row per sequence; None when shared).
     """
@@ -753,7 +752,7 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
     plan: chunk_load and chunk_store as lists when the caller knows them on the host (no device sync,
     and torch.compile traces one graph); else they are read from the tensors.
     segments: (B, T) long, the sequence of each position when a chunk may hold several (the shared
-    layout of ``_ChunkLayout``; this core only). Then R[t, i] = 0 across sequences, only the tokens
+    layout of ``_ChunkLayout``). Then R[t, i] = 0 across sequences, only the tokens
     of a chunk's first sequence read its start state, only those of its last write the state after
     it, and a chunk in which a sequence starts drops the state it started from (later sequences start
     empty). Without it every chunk is one sequence.
