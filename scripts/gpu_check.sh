@@ -56,7 +56,9 @@ EOF
         ;;
     tests)  # the compiled kernels against the reference, and the model in bf16 (-s prints its error figures)
         stage tests 240 $PY -m pytest -q -s -p no:cacheprovider ${TESTS:-tests/test_fused.py \
-            tests/test_ops.py::test_auto_picks_fused_on_cuda tests/test_ops.py::test_fused_mode_with_the_real_kernels}
+            tests/test_ops.py::test_auto_picks_fused_on_cuda tests/test_ops.py::test_fused_mode_with_the_real_kernels \
+            tests/test_ops.py::test_fused_kernels_with_packed_sequences_sharing_chunks \
+            tests/test_ops.py::test_shared_chunks_with_padding_and_extreme_logits}
         ;;
     profile)  # where the 117M ZeroS training step spends its time
         stage profile 120 $PY benchmarks/profile_step.py --device cuda --precision bf16 --seq-len 2048 \
