@@ -343,6 +343,16 @@ if HAS_TRITON:
                 tl.load(a + tok), tl.load(b + tok), tl.load(hc + tok))
 
     @triton.jit
+    def _value_block(v, do, row, v0, mask_k, V: tl.constexpr, BV: tl.constexpr):
+        """The d_v block [v0, v0 + BV) of the per-chunk backward kernels' loop: its offsets o_v and mask
+        (BV,), the (d_k, BV) mask of state tiles, and the chunk's v (float32) and do tiles (C, BV)."""
+        o_v = v0 + tl.arange(0, BV)
+        mask_v = o_v < V
+        v_f = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
+        do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+        return o_v, mask_v, mask_k[:, None] & mask_v[None, :], v_f, do_c
+
+    @triton.jit
     def _chunk_bwd_q_kernel(q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, dkv_ends, do, dq, da, db, dhc, ds, dsb0,
                             dsb1, seg, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                             BV: tl.constexpr, DOT_PREC: tl.constexpr, LOWP: tl.constexpr, F32: tl.constexpr,
@@ -370,11 +380,7 @@ if HAS_TRITON:
         read_H = tl.zeros([C], dtype=tl.float32)
         shift_k = tl.zeros([BK], dtype=tl.float32)   # <dG', H> row sums: the gradient of sb0 - sb1
         for v0 in range(0, V, BV):
-            o_v = v0 + tl.arange(0, BV)
-            mask_v = o_v < V
-            mask_kv = mask_k[:, None] & mask_v[None, :]
-            v_f = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
-            do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+            o_v, mask_v, mask_kv, v_f, do_c = _value_block(v, do, row, v0, mask_k, V, BV)
             kv_off = o_k[:, None] * V + o_v[None, :]
             start = kv_starts + p * 3 * KV + kv_off
             F0 = tl.load(start, mask=mask_kv, other=0.0)
@@ -451,11 +457,7 @@ if HAS_TRITON:
         key_F = tl.zeros([C], dtype=tl.float32)      # k_i^T dF' v_i, and likewise for G
         key_G = tl.zeros([C], dtype=tl.float32)
         for v0 in range(0, V, BV):
-            o_v = v0 + tl.arange(0, BV)
-            mask_v = o_v < V
-            mask_kv = mask_k[:, None] & mask_v[None, :]
-            v_f = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
-            do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+            o_v, mask_v, mask_kv, v_f, do_c = _value_block(v, do, row, v0, mask_k, V, BV)
             end = dkv_ends + p * 3 * KV + o_k[:, None] * V + o_v[None, :]
             dF = tl.load(end, mask=mask_kv, other=0.0)
             dG = tl.load(end + KV, mask=mask_kv, other=0.0)
