@@ -1,7 +1,8 @@
 """Fused Triton kernels for the chunk core of ZeroS (the work ``zeros_attention(mode="fused")`` does per chunk).
 
     o, out_states = chunk_core_fused(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states,
-                                     chunk_load, chunk_store, num_out_states, chunk_size)
+                                     chunk_load, chunk_store, num_out_states, chunk_size,
+                                     plan=None, segments=None)
 
 The caller (``ops.py``) prepares the per-token scalars in PyTorch and lays the tokens out chunk by
 chunk (T = N C, padding with k = v = 0). For chunk j of a row, with start state (F, G, H) (loaded
@@ -12,6 +13,10 @@ from ``start_states`` or carried from the previous chunk of the row) and tokens 
     F' = exp(m0_j - m1_j) F + sum_i exp(min(s_i - m1_j, 0)) k_i v_i^T
     G' = G + (sb0_j - sb1_j) H + sum_i (s_i - sb1_j) k_i v_i^T
     H' = H + sum_i k_i v_i^T
+
+With ``segments`` (packed sequences sharing chunks, training's layout) R is also zero across
+sequences, only the chunk's first sequence reads (F, G, H), only its last one's keys enter
+(F', G', H'), and a chunk in which a sequence starts drops (F, G, H) from the transition.
 
 Kernels (one program per (batch row x head) or per (chunk, batch row x head)):
 - ``_states_fwd_kernel``: sequential over the chunks of a row; records the float32 state at each
