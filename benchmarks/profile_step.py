@@ -16,9 +16,9 @@ import argparse
 import time
 
 try:  # benchmarks.profile_step (tests) or python benchmarks/profile_step.py (a script beside train.py)
-    from .train import add_model_options, training_step
+    from .train import add_model_options, add_step_options, training_step
 except ImportError:
-    from train import add_model_options, training_step
+    from train import add_model_options, add_step_options, training_step
 
 
 def _self_device_us(event) -> float:
@@ -38,16 +38,10 @@ def _device_us(event) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--attention", default="zeros")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--tokens-per-step", type=int, default=4096, help="batch = tokens_per_step // seq_len")
     add_model_options(p)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
+    add_step_options(p, steps=3)
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
     args = p.parse_args()
 

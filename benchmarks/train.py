@@ -97,7 +97,8 @@ def run_point(args) -> dict:
         "peak_bytes": peak,
         "params": sum(p.numel() for p in model.parameters()),
         "threads": torch.get_num_threads(),
-        "mfu": (flops_per_token * batch * args.seq_len / dt / peak) if (peak := peak_flops_of(device)) else None,
+        "mfu": (flops_per_token * batch * args.seq_len / dt / peak_flops) if (peak_flops := peak_flops_of(device))
+        else None,
     }
 
 
@@ -112,6 +113,18 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="ZeroS: auto = the fused Triton kernels on CUDA; torch = the PyTorch chunked form")
 
 
+def add_step_options(p: argparse.ArgumentParser, steps: int) -> None:
+    """How training_step runs (this benchmark and profile_step.py): device, precision, batch, compile,
+    checkpointing, warm-up and timed steps."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--tokens-per-step", type=int, default=4096, help="batch = tokens_per_step // seq_len")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile every decoder block (as --model.compile)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=steps)
+
+
 def model_fields(args, attention: str) -> dict:
     """ZeroSConfig fields from the options of add_model_options."""
     return dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
@@ -121,16 +134,10 @@ def model_fields(args, attention: str) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--attentions", nargs="+", default=["zeros", "softmax"])
-    p.add_argument("--tokens-per-step", type=int, default=4096, help="batch = tokens_per_step // seq_len")
     add_model_options(p)
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile every decoder block (as --model.compile)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4)
+    add_step_options(p, steps=4)
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--attention", help=argparse.SUPPRESS)

@@ -329,14 +329,12 @@ class PackedDocuments:
     where a document starts. Every row start and every document start begins a segment; the rows stay
     rows (``zeros_attention``'s ``sequence_starts``, so the chunked forms keep the rows in parallel).
 
-    Fields: starts (B, T) bool, where a segment begins (column 0 included); row_lengths, per row the
-    lengths of its segments; segment (B, T) long, the segment of each token (numbered row by row);
+    Fields: row_lengths, per row the lengths of its segments (host lists, handed to every layer); segment (B, T) long, the segment of each token (numbered row by row);
     first (B T,) long, the flat position of each token's segment start; counts (B, T) long, the real
     tokens of the document up to and including each column (the t of ZEROS.md; RoPE position counts - 1);
     position (B, T) long, each column's offset from its segment's start.
     """
 
-    starts: torch.Tensor
     row_lengths: list
     segment: torch.Tensor
     first: torch.Tensor
@@ -365,7 +363,7 @@ class PackedDocuments:
             row_lengths[lo // T].append(hi - lo)
         first = begin[segment]
         position = (torch.arange(B * T, device=device) - first).view(B, T)
-        documents = cls(starts=starts, row_lengths=row_lengths, segment=segment.view(B, T), first=first,
+        documents = cls(row_lengths=row_lengths, segment=segment.view(B, T), first=first,
                         counts=real, position=position)
         documents.counts = documents.running_sum(real)
         return documents

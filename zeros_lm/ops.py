@@ -510,8 +510,7 @@ class _ChunkLayout:
     Segments only (else None): dest (B T,) long, the flat aligned position of each token (None in the
     shared layout: the row as it is); segment (B', N, C) long, the sequence of each position (padding:
     the sequence it follows); first (B', N C) long, the position in its row where that sequence's first
-    token sits; chunk_first (B', N) long, the chunk holding that first token for each chunk's first
-    position; reach: 1 + the largest distance of a position from its sequence's first, a host int.
+    token sits; reach: 1 + the largest distance of a position from its sequence's first, a host int.
     """
 
     rows: int
@@ -528,7 +527,6 @@ class _ChunkLayout:
     dest: Optional[torch.Tensor] = None
     segment: Optional[torch.Tensor] = None
     first: Optional[torch.Tensor] = None
-    chunk_first: Optional[torch.Tensor] = None
     reach: int = 0
 
     @classmethod
@@ -600,7 +598,7 @@ class _ChunkLayout:
         return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=S, tokens=T, valid=valid,
                    chunk_load=to(chunk_load), chunk_store=to(chunk_store), plan=(chunk_load.tolist(), chunk_store.tolist()),
                    last=to(last), shared=shared, dest=to(dest), segment=to(segment.view(B, N, C)), first=to(first),
-                   chunk_first=to(first[:, ::C] // C), reach=reach)
+                   reach=reach)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (B', N C, ...), zeros on alignment padding."""
