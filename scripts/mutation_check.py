@@ -164,6 +164,12 @@ MUTATIONS = [
     M("packed: softmax per-document calls not causal", "zeros_lm/modeling_zeros.py",
       "v[r:r + 1, :, lo:hi], is_causal=True)", "v[r:r + 1, :, lo:hi], is_causal=False)",
       ("tests/test_packed.py", "-k", "alone and softmax")),
+    M("packed: softmax varlen call not causal", "zeros_lm/modeling_zeros.py",
+      'causal = {"window_size": (-1, 0)}', 'causal = {"window_size": (-1, -1)}',
+      ("tests/test_packed.py", "-k", "varlen_path")),
+    M("packed: softmax varlen rows not laid end to end", "zeros_lm/modeling_zeros.py",
+      "lengths = [n for row in row_lengths for n in row]", "lengths = [n for row in row_lengths[:1] for n in row] * len(row_lengths)",
+      ("tests/test_packed.py", "-k", "varlen_path")),
     # 10. GPU-speed changes (the H200 profile of this work)
     M("blocked running sum: earlier blocks not added", "zeros_lm/ops.py",
       "before = totals.cumsum(1) - totals", "before = totals * 0",

@@ -1,5 +1,7 @@
 """Packed documents: position_ids that restart at 0 keep every attention type inside its document."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import ATTENTION_TYPES, tiny_model
@@ -135,12 +137,119 @@ def test_position_ids_from_separators(attention_type):
             torch.testing.assert_close(packed[:, lo:hi], alone, rtol=0, atol=1e-10)
 
 
-def test_softmax_calls_sdpa_per_document_where_that_is_cheaper():
-    """The CPU choice between per-document calls and one masked call: long rows of short documents go per
-    document, short rows keep the mask, and off the CPU the mask always stays."""
-    cheaper = modeling_zeros._per_document_is_cheaper
+def test_softmax_packed_kernel_choice():
+    """Packed softmax: on a CPU long rows of short documents go per document, short rows keep the mask; on
+    CUDA half precision at a flash head size takes varlen attention, anything else the mask."""
+    choose = modeling_zeros._packed_softmax_kernel
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert cheaper([[200] * 10 + [48]], 2048, cpu)
-    assert not cheaper([[200, 56]] * 8, 256, cpu)
-    assert not cheaper([[2048]], 2048, cpu)                      # one document: nothing to save
-    assert not cheaper([[200] * 10 + [48]], 2048, cuda)
+    long_row, short_rows = [[200] * 10 + [48]], [[200, 56]] * 8
+    assert choose(long_row, 2048, cpu, torch.float32, 64) == "per_document"
+    assert choose(short_rows, 256, cpu, torch.float32, 64) == "mask"
+    assert choose([[2048]], 2048, cpu, torch.float32, 64) == "mask"          # one document: nothing to save
+    assert choose(short_rows, 256, cuda, torch.bfloat16, 64) == "varlen"
+    assert choose(long_row, 2048, cuda, torch.float16, 128) == "varlen"
+    assert choose(long_row, 2048, cuda, torch.float32, 64) == "mask"         # flash takes half precision only
+    assert choose(long_row, 2048, cuda, torch.bfloat16, 12) == "mask"        # head size not a multiple of 8
+    assert choose(long_row, 2048, cuda, torch.bfloat16, 512) == "mask"       # beyond flash's head sizes
+    assert choose(long_row, 2048, torch.device("mps"), torch.float16, 64) == "mask"
+
+
+def reference_varlen(calls):
+    """A stand-in for torch's varlen_attn (CUDA only) with its newer signature: per document of the flattened
+    (N, H, d) tokens, explicit causal softmax attention; records each call's arguments in ``calls``."""
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1)):
+        calls.append({"window_size": window_size, "cu": cu_seq_q.tolist(), "max": (max_q, max_k),
+                      "dtype": cu_seq_q.dtype, "shape": tuple(query.shape)})
+        assert torch.equal(cu_seq_q, cu_seq_k)
+        bounds, pieces = cu_seq_q.tolist(), []
+        for lo, hi in zip(bounds, bounds[1:]):
+            scores = torch.einsum("ihd,jhd->hij", query[lo:hi], key[lo:hi]) / query.shape[-1] ** 0.5
+            future = torch.ones(hi - lo, hi - lo, dtype=torch.bool).triu(1) & (window_size[1] == 0)  # (-1, 0): causal
+            weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+            pieces.append(torch.einsum("hij,jhd->ihd", weights, value[lo:hi]))
+        return torch.cat(pieces)
+    return varlen_attn
+
+
+@pytest.fixture
+def fresh_varlen():
+    modeling_zeros._varlen_causal_attention.cache_clear()
+    yield
+    modeling_zeros._varlen_causal_attention.cache_clear()
+
+
+def test_softmax_varlen_path_equals_each_document_alone(monkeypatch, fresh_varlen):
+    """The varlen route's layout (rows laid end to end, cu_seqlens over every row's documents, int32, the
+    longest document as max length, the causal switch of this torch's signature), checked on the CPU
+    through a stand-in for the CUDA kernel: packed logits and gradients equal each document alone."""
+    import torch.nn.attention.varlen as varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen(calls))
+    monkeypatch.setattr(modeling_zeros, "_packed_softmax_kernel", lambda *args: "varlen")
+    model = tiny_model("softmax").double()
+    ids, _, positions, documents = packed_batch(rows=UNPADDED_ROWS, left_pad=[0, 0])
+    weight = torch.randn(len(UNPADDED_ROWS), WIDTH, model.config.vocab_size, dtype=torch.float64)
+    packed, packed_grads = logits_and_grads(model, weight, input_ids=ids, position_ids=positions)
+    assert len(calls) == model.config.num_hidden_layers
+    lengths = [n for row in UNPADDED_ROWS for n in row]
+    assert calls[0]["cu"] == [0, *itertools.accumulate(lengths)] and calls[0]["dtype"] == torch.int32
+    assert calls[0]["max"] == (max(lengths), max(lengths)) and calls[0]["window_size"] == (-1, 0)
+    assert calls[0]["shape"] == (len(UNPADDED_ROWS) * WIDTH, model.config.num_attention_heads, model.config.head_dim)
+
+    monkeypatch.setattr(modeling_zeros, "_packed_softmax_kernel", lambda *args: "mask")
+    masked, masked_grads = logits_and_grads(model, weight, input_ids=ids, position_ids=positions)
+    torch.testing.assert_close(packed, masked, rtol=0, atol=1e-10)
+    for got, expected in zip(packed_grads, masked_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-11)
+    for row, docs in enumerate(documents):
+        for column, n, doc in docs:
+            alone = model(doc[None], use_cache=False).logits
+            torch.testing.assert_close(packed[row, column:column + n], alone[0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("signature", ["is_causal", "window_size"])
+def test_varlen_causal_switch_follows_the_torch_signature(signature, monkeypatch, fresh_varlen):
+    """torch 2.10's varlen_attn takes is_causal=True, later ones window_size=(-1, 0): causal either way."""
+    import torch.nn.attention.varlen as varlen
+
+    seen = {}
+    if signature == "is_causal":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            seen.update(is_causal=is_causal)
+            return query
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1)):
+            seen.update(window_size=window_size)
+            return query
+    monkeypatch.setattr(varlen, "varlen_attn", fake)
+    attend = modeling_zeros._varlen_causal_attention()
+    q = torch.zeros(5, 2, 8)
+    attend(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5)
+    assert seen == ({"is_causal": True} if signature == "is_causal" else {"window_size": (-1, 0)})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen flash attention)")
+def test_softmax_varlen_on_cuda_within_bf16_noise_of_the_mask():
+    """On a GPU under bf16 autocast, the varlen route's logits and gradients against the float32 masked
+    route are as close as the bf16 masked route's own."""
+    torch.manual_seed(0)
+    model = tiny_model("softmax").cuda()
+    ids, _, positions, _ = packed_batch(rows=UNPADDED_ROWS, left_pad=[0, 0])
+    ids, positions = ids.cuda(), positions.cuda()
+    weight = torch.randn(len(UNPADDED_ROWS), WIDTH, model.config.vocab_size, device="cuda")
+    exact, exact_grads = logits_and_grads(model, weight, input_ids=ids, position_ids=positions)
+    errors = {}
+    for kernel in ("varlen", "mask"):
+        with pytest.MonkeyPatch.context() as mp, torch.autocast("cuda", dtype=torch.bfloat16):
+            if kernel == "mask":
+                mp.setattr(modeling_zeros, "_packed_softmax_kernel", lambda *args: "mask")
+            logits, grads = logits_and_grads(model, weight, input_ids=ids, position_ids=positions)
+        errors[kernel] = (float((logits.float() - exact).abs().max()),
+                          max(float((g - e).abs().max()) for g, e in zip(grads, exact_grads) if e is not None))
+    assert modeling_zeros._packed_softmax_kernel(UNPADDED_ROWS, WIDTH, torch.device("cuda"), torch.bfloat16,
+                                                 model.config.head_dim) == "varlen"
+    assert errors["varlen"][0] <= 2 * errors["mask"][0] + 1e-3, errors
+    assert errors["varlen"][1] <= 2 * errors["mask"][1] + 1e-3, errors

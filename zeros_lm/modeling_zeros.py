@@ -13,7 +13,9 @@ Shapes: B batch, T new tokens, S tokens already in the cache, H heads, d head di
 
 import copy
 import dataclasses
+import functools
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -574,17 +576,53 @@ class ZeroSAttention(nn.Module):
 # (measured at head size 64 with benchmarks/packed.py's batches: 200-token documents gain from one call
 # each in rows of 1024 tokens and more, and lose in rows of 256).
 _SDPA_CALL_PAIRS = 256 * 256
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what torch's flash kernels (varlen_attn) take
+_FLASH_MAX_HEAD_DIM = 256
+_FLASH_HEAD_DIM_MULTIPLE = 8
 
 
-def _per_document_is_cheaper(row_lengths: list, T: int, device) -> bool:
-    """Softmax over packed documents: one causal SDPA call per document (varlen attention; it computes
-    sum l^2 pairs) rather than one call with a block-diagonal mask (which leaves SDPA's causal kernel and
-    computes all T^2 pairs of each row)? On a CPU, when the pairs saved outweigh the calls' overhead;
-    elsewhere the mask (many small calls would starve a GPU)."""
+@functools.lru_cache(maxsize=None)
+def _varlen_causal_attention():
+    """torch's variable-length flash attention (``torch.nn.attention.varlen.varlen_attn``, CUDA only) as
+    ``fn(q, k, v, cu_seqlens, max_len)`` with causal masking, q, k, v (N, H, d) for N tokens of flattened
+    documents, cu_seqlens (D + 1,) int32; or None where this torch has none. Its causal switch moved:
+    torch 2.10 takes ``is_causal=True``, later releases ``window_size=(-1, 0)``."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:  # pragma: no cover - a torch whose varlen attention has neither switch
+        return None
+
+    def attend(q, k, v, cu_seqlens, max_len):
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal)
+    return attend
+
+
+def _attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an attention kernel computes x in: autocast's on x's device where it is on, else x's."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _packed_softmax_kernel(row_lengths: list, T: int, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """How softmax attends over packed documents (rows of T tokens, row_lengths: per row, its documents'
+    lengths), computing in ``dtype``: "varlen" (on CUDA in half precision: torch's varlen flash attention,
+    sum l^2 pairs in one call), "per_document" (on a CPU when the pairs saved outweigh the calls' overhead:
+    one causal SDPA call per document), else "mask" (one SDPA call with a block-diagonal mask: all T^2
+    pairs of each row; many small calls would starve a GPU)."""
+    if (device.type == "cuda" and dtype in _FLASH_DTYPES and head_dim <= _FLASH_MAX_HEAD_DIM
+            and head_dim % _FLASH_HEAD_DIM_MULTIPLE == 0 and _varlen_causal_attention() is not None):
+        return "varlen"
     if device.type != "cpu":
-        return False
+        return "mask"
     per_document = sum(n * n + _SDPA_CALL_PAIRS for row in row_lengths for n in row)
-    return per_document < len(row_lengths) * T * T
+    return "per_document" if per_document < len(row_lengths) * T * T else "mask"
 
 
 def _attention_per_document(q, k, v, row_lengths: list) -> torch.Tensor:
@@ -597,6 +635,21 @@ def _attention_per_document(q, k, v, row_lengths: list) -> torch.Tensor:
                                                                v[r:r + 1, :, lo:hi], is_causal=True)
                                for lo, hi in zip(bounds, bounds[1:])], dim=2))
     return torch.cat(rows, dim=0)
+
+
+def _attention_varlen(q, k, v, row_lengths: list) -> torch.Tensor:
+    """Causal attention over packed documents in one varlen flash call: the rows' documents laid end to end,
+    q, k, v (B, H, T, d), row_lengths as in _attention_per_document. Returns (B, H, T, d)."""
+    B, H, T, d = q.shape
+    dtype = _attention_dtype(q)
+    lengths = [n for row in row_lengths for n in row]
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(q.device, non_blocking=True)
+
+    def tokens(x):  # (B, H, T, d) -> (B T, H, d)
+        return x.transpose(1, 2).reshape(B * T, H, d).to(dtype)
+
+    o = _varlen_causal_attention()(tokens(q), tokens(k), tokens(v), cu_seqlens, max(lengths))
+    return o.view(B, T, H, d).transpose(1, 2)
 
 
 def _diag(T: int, S: int, device) -> torch.Tensor:
@@ -658,8 +711,12 @@ class SoftmaxAttention(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
             past_valid = past[2]
-        if documents is not None and valid is None and _per_document_is_cheaper(documents.row_lengths, T, x.device):
-            o = _attention_per_document(q, k, v, documents.row_lengths)
+        kernel = "mask"
+        if documents is not None and valid is None:
+            kernel = _packed_softmax_kernel(documents.row_lengths, T, q.device, _attention_dtype(q), d)
+        if kernel != "mask":
+            attend = _attention_varlen if kernel == "varlen" else _attention_per_document
+            o = attend(q, k, v, documents.row_lengths)
             return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
         mask = self._mask(valid, past_valid, B, T, x.device, documents)
         if cache is not None:
