@@ -333,7 +333,8 @@ if HAS_TRITON:
     def _chunk_operands(q, k, s, m, a, b, hc, T, H, N, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
         """The per-chunk backward kernels' common operands, grid (N, B H): the chunk's offsets (o_c, o_k,
         mask_k; row (C, 1) and tok (C,) index the (B, T, H, d) and (B, H, T) tensors, p the (B, H, N) ones),
-        its q and k tiles (C, BK) in their dtype and its per-token scalars (C,)."""
+        its q and k tiles (C, BK) in their dtype and its per-token scalars (C,); first the chunk i_n and row
+        i_b it works on."""
         i_n = tl.program_id(0)
         i_bh = tl.program_id(1).to(tl.int64)
         o_c = tl.arange(0, C)
@@ -344,7 +345,7 @@ if HAS_TRITON:
         q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
         k_c = tl.load(k + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
         tok = i_bh * T + t
-        return (o_c, o_k, mask_k, row, tok, i_bh * N + i_n, q_c, k_c, tl.load(s + tok), tl.load(m + tok),
+        return (i_n, i_bh // H, o_c, o_k, mask_k, row, tok, i_bh * N + i_n, q_c, k_c, tl.load(s + tok), tl.load(m + tok),
                 tl.load(a + tok), tl.load(b + tok), tl.load(hc + tok))
 
     @triton.jit
@@ -365,14 +366,12 @@ if HAS_TRITON:
         """Grid (N, B H), the query side of the per-chunk backward: dq, the gradients of a, b, hc, the part
         of ds that comes through the chunk's own weights, and the transition's share of dsb0 / dsb1.
         The whole d_k per program, d_v in blocks of BV (a loop). Gradients in float32."""
-        o_c, o_k, mask_k, row, tok, p, q_c, k_c, s_c, m_c, a_c, b_c, hc_c = _chunk_operands(
+        i_n, i_b, o_c, o_k, mask_k, row, tok, p, q_c, k_c, s_c, m_c, a_c, b_c, hc_c = _chunk_operands(
             q, k, s, m, a, b, hc, T, H, N, K, C, BK)
         KV = K * V
         q_f = q_c.to(tl.float32)
         m0_j = tl.load(m0 + p)
         sb0_j = tl.load(sb0 + p)
-        i_n = tl.program_id(0)
-        i_b = tl.program_id(1) // H
         inside = _chunk_mask(seg, i_b, i_n, T, C, o_c, HAS_SEG)
         decay, reader = _chunk_readout(seg, i_b, i_n, T, C, o_c, m0_j, m_c, HAS_SEG)
         qk = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC)
@@ -430,14 +429,12 @@ if HAS_TRITON:
         """Grid (N, B H), the key / value side of the per-chunk backward: dk, dv, and what the keys receive
         through the state after the chunk, added to the ds and dsb1 that _chunk_bwd_q_kernel wrote (it
         runs first). Split from the query side so that neither holds both sides' tiles in registers."""
-        o_c, o_k, mask_k, row, tok, p, q_c, k_c, s_c, m_c, a_c, b_c, hc_c = _chunk_operands(
+        i_n, i_b, o_c, o_k, mask_k, row, tok, p, q_c, k_c, s_c, m_c, a_c, b_c, hc_c = _chunk_operands(
             q, k, s, m, a, b, hc, T, H, N, K, C, BK)
         KV = K * V
         m1_j = tl.load(m1 + p)
         sb0_j = tl.load(sb0 + p)
         sb1_j = tl.load(sb1 + p)
-        i_n = tl.program_id(0)
-        i_b = tl.program_id(1) // H
         inside = _chunk_mask(seg, i_b, i_n, T, C, o_c, HAS_SEG)
         k_f = k_c.to(tl.float32)
         if HAS_SEG:  # only the keys of the chunk's last sequence are in the state after it
