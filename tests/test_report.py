@@ -308,3 +308,31 @@ def test_target_verdicts_met_not_met_and_open():
     assert "**not met**" not in verdict["Target (75% ZeroS layers) hybrid + short conv"]
     assert "open (not all of it measured)" in verdict["Target (75% ZeroS layers) hybrid + short conv"]
     assert "MQAR not measured" in verdict["Target (75% ZeroS layers) hybrid + short conv"]
+
+
+def test_rows_from_several_invocations_name_their_commands():
+    """LM rows trained by invocations of their own (--models, or another --out merged in): each command is
+    listed at the top under the section it fed, the threads column shows what each row ran with, and the
+    speed column says it compares only within one invocation."""
+    from types import SimpleNamespace
+
+    from benchmarks.evidence.markdown import md_lm, section_commands
+
+    def lm_row(command, threads=None, ppl=30.0):
+        row = {"parameters": 1e6, "train_tokens": 1e6, "final_val_loss": 3.4, "final_val_ppl": ppl,
+               "tokens_per_s": 1000.0, "wall_s": 10.0, "document_resets": True, "command": command, "git_commit": "abc"}
+        return row if threads is None else {**row, "threads": threads}
+
+    results = {"lm": {"zeros": lm_row("report.py --models zeros", 2), "softmax": lm_row("report.py --models softmax", 1),
+                      "zeros, no gates": lm_row("report.py --sections ablations")},
+               "lm_data": {"sources": ["x"], "documents": 1, "tokens": 10, "vocab_size": 8, "train_blocks": 1, "val_blocks": 1}}
+    run = SimpleNamespace(results=results, preset=presets.PRESETS["smoke"], device="cpu", precision="32-true")
+    commands = "\n".join(section_commands(run))
+    assert "`report.py --models zeros` (sections lm (some of its models)" in commands
+    assert "`report.py --models softmax` (sections lm (some of its models)" in commands
+    assert "`report.py --sections ablations` (sections ablations (some of its models)" in commands
+    md = "\n".join(md_lm(run, []))
+    assert "| torch threads |" in md and "| 1,000 | 2 |" in md and "| 1,000 | 1 |" in md
+    assert "compare only within one invocation" in md
+    results["lm"] = {k: {**r, "command": "report.py"} for k, r in results["lm"].items()}
+    assert "compare only within one invocation" not in "\n".join(md_lm(run, []))

@@ -44,6 +44,7 @@ def _lm_result(run: Run, module, res: dict, attention_type: str, extra: dict) ->
         "final_val_loss": final.get("val/loss"), "final_val_ppl": math.exp(final["val/loss"]) if "val/loss" in final else None,
         "tokens_per_s": res["steps_per_s"] * tokens_per_step, "wall_s": res["wall_s"],
         "document_resets": module.document_separator is not None,  # packed documents kept apart
+        "threads": torch.get_num_threads(),  # the tokens/s of rows from different invocations may differ in it
         # which invocation trained this row (sections may be assembled from several)
         "command": run.results.get("command"), "git_commit": (run.results.get("environment") or {}).get("git_commit"),
     }

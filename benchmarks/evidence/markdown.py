@@ -99,14 +99,19 @@ def md_lm(run: Run, findings: list[str]) -> list[str]:
                   + ", ".join(row_label(n) for n, on in resets.items() if not on)
                   + " come from an earlier run in which they flowed into each other. Compare within a group.", ""]
     rows = []
+    threads = any("threads" in r for r in lm.values())  # recorded since rows began to come from several invocations
     for name, r in lm.items():
         rows.append([row_label(name), f"{r['parameters'] / 1e6:.3f} M", str(r.get("intermediate_size", "")),
                      f"{r['train_tokens'] / 1e6:.2f} M", _f(r["final_val_loss"], 4), _f(r["final_val_ppl"], 2),
-                     f"{r['tokens_per_s']:,.0f}", f"{r['wall_s']:.0f}"])
+                     f"{r['tokens_per_s']:,.0f}", *([str(r.get("threads", ""))] if threads else []), f"{r['wall_s']:.0f}"])
     lines += _table(["model", "parameters", "MLP width", "training tokens", "final val loss", "val perplexity",
                      f"training tokens/s ({(run.results.get('section_runs', {}).get('lm') or {}).get('device', run.device)})",
-                     "wall s"], rows)
+                     *(["torch threads"] if threads else []), "wall s"], rows)
     lines.append("")
+    if len({r.get("command") for r in lm.values()}) > 1:
+        lines += ["The rows come from several invocations (the Command lines at the top): their training tokens/s were "
+                  "measured under different conditions (torch threads, other work on the machine) and compare only "
+                  "within one invocation.", ""]
     lines += _skipped_notes(run.results.get("lm_skipped") or {})
     z, s, l = lm.get("zeros"), lm.get("softmax"), lm.get("linear")
     incomparable = set()
@@ -369,11 +374,16 @@ def section_commands(run: Run) -> list[str]:
             if changed_settings(run, section):
                 key = key[:3] + (f"{info.get('precision')}; settings changed from the mode: {changed_settings(run, section)}",)
             by_command.setdefault(key, []).append(section)
-    mqar_pieces = {m.get("command") for m in ((run.results.get("mqar") or {}).get("models") or {}).values()}
+    # Pieces: rows trained by an invocation of their own (--models, or another --out merged in) name it in their record.
+    lm = run.results.get("lm") or {}
+    pieces = [("lm", {k: r for k, r in lm.items() if k not in ABLATIONS}),
+              ("ablations", {k: r for k, r in lm.items() if k in ABLATIONS}),
+              ("mqar", (run.results.get("mqar") or {}).get("models") or {})]
     listed = {cmd for cmd, *_ in by_command}
-    for cmd in sorted(c for c in mqar_pieces if c and c not in listed):
-        commit = next((m.get("git_commit") for m in run.results["mqar"]["models"].values() if m.get("command") == cmd), None)
-        by_command[(cmd, commit, None, None)] = ["mqar (some of its models)"]
+    for section, rows in pieces:
+        for cmd in sorted({r.get("command") for r in rows.values()} - listed - {None}):
+            commit = next((r.get("git_commit") for r in rows.values() if r.get("command") == cmd), None)
+            by_command.setdefault((cmd, commit, None, None), []).append(f"{section} (some of its models)")
     if not by_command:
         return [f"- Command: `{run.results.get('command')}`"]
     return [f"- Command: `{cmd}` (sections {', '.join(secs)}"
