@@ -19,12 +19,16 @@ modelling on the embedded standard-library corpus) and writes a Markdown report 
     python benchmarks/report.py --sections lm,extrapolation --lm-tokens 1e6 --out /tmp/lm_only
     python benchmarks/report.py --sections mqar --models zeros,softmax,linear   # one piece of the full report
     python benchmarks/report.py --sections ''      # rewrite report.md and the plots from results.json
+    python benchmarks/report.py --sections mqar --models zeros --out /tmp/piece   # a piece beside another run ...
+    python benchmarks/report.py --sections '' --merge /tmp/piece                   # ... and its rows added to reports/
 
 Sections run in the order lm, extrapolation, contrast, ablations, mqar, and the report is rewritten
 after every model, so an interrupted run leaves a valid (marked incomplete) report. Sections may run
 in separate invocations into the same --out (each under two hours on a 2-core CPU): an invocation
 keeps the other sections' results from its results.json and rewrites the report from all of them;
-the lm section saves its models under <out>/models/ so that extrapolation can run later. The
+the lm section saves its models under <out>/models/ so that extrapolation can run later. Pieces
+that run at the same time go into separate folders (two invocations would overwrite each other's
+results.json) and --merge adds their model rows to one. The
 models compared are the rows of benchmarks/evidence/presets.py MODEL_ROWS (a label + config
 overrides); a row the installed model cannot build is skipped with a note. Every number in the
 report comes from the invocation named next to its section (results.json holds them all).
@@ -33,10 +37,12 @@ report comes from the invocation named next to its section (results.json holds t
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -49,7 +55,7 @@ if str(REPO) not in sys.path:  # run as a script: python benchmarks/report.py
 import torch  # noqa: E402
 
 from benchmarks.evidence import presets as evidence_presets  # noqa: E402
-from benchmarks.evidence.experiments import HANDLERS, saved_lm_models  # noqa: E402
+from benchmarks.evidence.experiments import HANDLERS, MQAR_SETTINGS, saved_lm_models  # noqa: E402
 from benchmarks.evidence.harness import Run, _quiet_lightning, default_precision, environment, log  # noqa: E402
 from benchmarks.evidence.markdown import write_report  # noqa: E402
 from benchmarks.evidence.presets import (ABLATIONS, CONTRAST_MODELS, MAIN_TYPES, MODEL_ROWS, PRESETS,  # noqa: E402,F401
@@ -75,6 +81,10 @@ def parse_args(argv=None):
                     "comma-separated), e.g. --set mqar_lengths=64,128,256; repeatable")
     ap.add_argument("--models", default=None, help="comma-separated subset of the model rows to train in the lm and mqar "
                     f"sections ({','.join(r.key for r in MODEL_ROWS)}; default all)")
+    ap.add_argument("--merge", action="append", default=[], metavar="DIR",
+                    help="first add the model rows that an invocation into another --out DIR trained (pieces run side by "
+                    "side into separate folders): its lm and ablation rows with their saved models, its mqar rows (at "
+                    "the same MQAR settings); the same mode; repeatable. With --sections '' it only merges and rewrites")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--cache-dir", default=None, help="tokenizer/data cache (default: $ZEROS_LM_CACHE or ~/.cache/zeros_lm)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -140,6 +150,44 @@ def earlier_results(out: Path, mode: str) -> dict:
     return earlier
 
 
+def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[Path]]:
+    """Add to ``results`` (this --out's) the model rows an invocation into the folder ``other`` trained: its
+    lm / ablation rows and its mqar rows, each keeping the command that trained it. Returns the rows merged
+    and the lm models under other/models to copy beside this folder's. Raises ValueError, changing nothing,
+    when ``other`` holds no results of this mode, its corpus differs, or its MQAR settings differ from those
+    of the rows here."""
+    theirs = earlier_results(other, mode)
+    if not theirs:
+        raise ValueError(f"--merge {other}: it holds no results.json; give the --out folder of the invocation to merge")
+    lm, their_lm = results.get("lm") or {}, theirs.get("lm") or {}
+    if lm and their_lm and results.get("lm_data") != theirs.get("lm_data"):
+        raise ValueError(f"--merge {other}: its language-modelling corpus differs from this folder's (lm_data)")
+    mqar, their_mqar = results.get("mqar") or {}, theirs.get("mqar") or {}
+    their_rows = sorted({key.split("/")[0] for key in their_mqar.get("models", {})})
+    differ = [k for k in MQAR_SETTINGS if mqar.get(k) != their_mqar.get(k)]
+    if mqar.get("models") and their_rows and differ:
+        raise ValueError(f"--merge {other}: its MQAR rows were trained at other settings than this folder's ("
+                         + ", ".join(f"{k} {their_mqar.get(k)} vs {mqar.get(k)}" for k in differ) + ")")
+    done, runs = results.setdefault("sections_done", []), results.setdefault("section_runs", {})
+    for section, rows in (("lm", their_lm), ("mqar", their_rows)):
+        if rows and section not in done:  # this folder had none of the section: take the other's record of it
+            done.append(section)
+            runs[section] = theirs.get("section_runs", {}).get(section)
+    if their_lm:
+        results["lm_data"] = theirs.get("lm_data")
+        results["lm"] = {**lm, **their_lm}
+    if their_rows:
+        if not mqar.get("models"):
+            mqar = {**their_mqar, "cells": [], "models": {}, "skipped": {}}
+        mqar["cells"] = ([c for c in mqar["cells"] if c["model"] not in their_rows]
+                         + [c for c in their_mqar["cells"] if c["model"] in their_rows])
+        mqar["models"] = {**mqar["models"], **their_mqar["models"]}
+        mqar["skipped"] = {k: why for k, why in mqar.get("skipped", {}).items() if k not in their_rows}
+        results["mqar"] = mqar
+    models = [other / "models" / key for key in their_lm if (other / "models" / key).is_dir()]
+    return [f"lm {key}" for key in their_lm] + [f"mqar {key}" for key in their_rows], models
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device
@@ -188,6 +236,18 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.merge:  # all or nothing: the folder changes only once every merge is known to fit
+        earlier, copies = copy.deepcopy(earlier), []
+        try:
+            for other in args.merge:
+                merged, models = merge_rows(earlier, Path(other), name)
+                copies += models
+                log(f"merging from {other}: {', '.join(merged) or 'no model rows'}")
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        for model in copies:
+            shutil.copytree(model, out / "models" / model.name, dirs_exist_ok=True)
     if "extrapolation" in sections and "lm" not in sections and not saved_lm_models(out):
         print(f"error: the extrapolation section evaluates the lm section's models, and {out / 'models'} holds none: "
               "add 'lm' (or run it first into the same --out)", file=sys.stderr)

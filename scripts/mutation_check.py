@@ -100,6 +100,12 @@ MUTATIONS = [
       'return "bf16-mixed" if mode == "full" and native_bf16 else "32-true"',
       'return "bf16-mixed" if mode == "full" else "32-true"',
       ("tests/test_report.py", "-k", "precision")),
+    M("report --merge: MQAR rows of other settings merged", "benchmarks/report.py",
+      "if mqar.get(\"models\") and their_rows and differ:", "if False:",
+      ("tests/test_report.py", "-k", "merge")),
+    M("report --merge: saved LM models not copied", "benchmarks/report.py",
+      "            shutil.copytree(model, out / \"models\" / model.name, dirs_exist_ok=True)", "            pass",
+      ("tests/test_report.py", "-k", "merge")),
     # DeepSpeed (slow: two-process and offload runs; --slow)
     M("deepspeed: resume restarts the data epoch", "zeros_lm/data/loading.py",
       "consumed = int(self.position_fn()) * self.batch_size", "consumed = 0",

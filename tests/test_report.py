@@ -336,3 +336,35 @@ def test_rows_from_several_invocations_name_their_commands():
     assert "compare only within one invocation" in md
     results["lm"] = {k: {**r, "command": "report.py"} for k, r in results["lm"].items()}
     assert "compare only within one invocation" not in "\n".join(md_lm(run, []))
+
+
+def test_pieces_in_separate_folders_merge_into_one_report(tmp_path, monkeypatch, capsys):
+    """Two invocations side by side, each into its own folder; --merge adds the second's lm rows (with their saved
+    models) and mqar rows to the first's, each keeping its command. A folder without results, or MQAR rows
+    trained at other settings, is one clear error and leaves the target folder as it was."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(presets, "MODEL_ROWS", (ModelRow("zeros", "ZeroS", "zeros"), ModelRow("softmax", "softmax", "softmax")))
+
+    def piece(folder, *args):
+        return report.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / folder),
+                            "--cache-dir", str(tmp_path / "cache"), "--mqar-lrs", "3e-3", *args])
+
+    assert piece("a", "--sections", "lm,mqar", "--models", "zeros") == 0
+    assert piece("b", "--sections", "lm,mqar", "--models", "softmax") == 0
+    assert piece("c", "--sections", "mqar", "--models", "softmax", "--set", "mqar_steps=3") == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    before = (a / "results.json").read_bytes()
+    assert piece("a", "--sections", "", "--merge", str(tmp_path / "c")) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "steps 3 vs" in err
+    assert piece("a", "--sections", "", "--merge", str(b), "--merge", str(tmp_path / "nothing")) == 2
+    assert "holds no results.json" in capsys.readouterr().err
+    assert (a / "results.json").read_bytes() == before and sorted(p.name for p in (a / "models").iterdir()) == ["zeros"]
+
+    assert piece("a", "--sections", "", "--merge", str(b)) == 0
+    results, theirs = json.loads((a / "results.json").read_text()), json.loads((b / "results.json").read_text())
+    assert set(results["lm"]) == {"zeros", "softmax"} and results["lm"]["softmax"] == theirs["lm"]["softmax"]
+    assert sorted(p.name for p in (a / "models").iterdir()) == ["softmax", "zeros"]
+    assert {c["model"] for c in results["mqar"]["cells"]} == {"zeros", "softmax"} and not results["mqar"]["skipped"]
+    md = (a / "report.md").read_text()
+    assert f"`{theirs['lm']['softmax']['command']}` (sections lm (some of its models), mqar (some of its models)" in md
