@@ -253,3 +253,30 @@ def test_softmax_varlen_on_cuda_within_bf16_noise_of_the_mask():
                                                  model.config.head_dim) == "varlen"
     assert errors["varlen"][0] <= 2 * errors["mask"][0] + 1e-3, errors
     assert errors["varlen"][1] <= 2 * errors["mask"][1] + 1e-3, errors
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_compiled_blocks_do_not_recompile_for_each_packing(attention_type):
+    """torch.compile'd blocks (as --model.compile) over batches whose documents fall differently: once
+    the first batches have compiled, a new packing compiles nothing more (the host-planned packed paths
+    run outside the graph instead of being specialised on the documents' lengths), and the logits are
+    eager's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = tiny_model(attention_type, conv_size=4)
+    compiled = tiny_model(attention_type, conv_size=4)
+    for block in compiled.model.layers:
+        block.compile(backend="eager")                      # dynamo's tracing and guards, no code generation
+    g = torch.Generator().manual_seed(0)
+    graphs = []
+    for _ in range(6):
+        ids = torch.randint(2, 320, (2, 48), generator=g)
+        ids[torch.rand(ids.shape, generator=g) < 0.08] = 0   # separators at random: a new packing every batch
+        positions = packed_position_ids(ids, 0)
+        got = compiled(ids, position_ids=positions, use_cache=False).logits
+        torch.testing.assert_close(got, eager(ids, position_ids=positions, use_cache=False).logits)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2:] == [graphs[2]] * 4, graphs
+    assert not any("recompile" in reason.lower() for reason in counters["unimplemented"])
+    torch._dynamo.reset()

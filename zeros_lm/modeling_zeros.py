@@ -396,6 +396,23 @@ def packed_position_ids(input_ids: torch.Tensor, separator_id: int) -> torch.Lon
 # --------------------------------------------------------------------------------------------------
 
 
+# The packed-documents paths plan on the host from the documents' lengths (PackedDocuments.row_lengths,
+# Python lists): traced by torch.compile, every new batch layout would be a recompile (and past dynamo's
+# recompile limit the block runs eagerly anyway). They run outside the compiled graph; the rest of a
+# compiled block (projections, RoPE, gates, MLP) still compiles.
+# (They take the PackedDocuments itself: a list handed over from traced code would be guarded on too.)
+@torch.compiler.disable
+def _zeros_attention_packed(documents: "PackedDocuments", *args, **kwargs):
+    """zeros_attention with every packed document from an empty state (its lengths, known on the host:
+    no device read per layer)."""
+    return zeros_attention(*args, sequence_starts=documents.row_lengths, **kwargs)
+
+
+@torch.compiler.disable
+def _linear_attention_packed(q, k, v, documents: "PackedDocuments", chunk_size: int) -> torch.Tensor:
+    return linear_attention_packed(q, k, v, documents.row_lengths, chunk_size)
+
+
 class ZeroSRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -558,12 +575,11 @@ class ZeroSAttention(nn.Module):
         mode = "auto" if self.config.attention_backend == "auto" else "chunked"
         if T == 1 and cache is not None and documents is None:
             mode = "recurrent"
+        attend = zeros_attention if documents is None else functools.partial(_zeros_attention_packed, documents)
         with record_function("zeros_lm.op"):  # (a named range for benchmarks/profile_step.py)
-            o, core_state = zeros_attention(
+            o, core_state = attend(
                 q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
                 initial_state=core_state, output_final_state=cache is not None,
-                # every document from an empty state; its lengths, known on the host (no device read per layer)
-                sequence_starts=None if documents is None else documents.row_lengths,
             )
         if cache is not None:
             cache.update_layer_state(self.layer_idx, (core_state, usum, conv_state))
@@ -623,6 +639,17 @@ def _packed_softmax_kernel(row_lengths: list, T: int, device: torch.device, dtyp
         return "mask"
     per_document = sum(n * n + _SDPA_CALL_PAIRS for row in row_lengths for n in row)
     return "per_document" if per_document < len(row_lengths) * T * T else "mask"
+
+
+@torch.compiler.disable  # planned from host lists (see _zeros_attention_packed)
+def _packed_softmax_attention(q, k, v, documents: PackedDocuments):
+    """Causal attention over packed documents, q, k, v (B, H, T, d), by the way _packed_softmax_kernel
+    picks: (B, H, T, d), or None where that is the block-diagonal mask (the caller's SDPA call)."""
+    rows = documents.row_lengths
+    kernel = _packed_softmax_kernel(rows, q.shape[2], q.device, _attention_dtype(q), q.shape[-1])
+    if kernel == "mask":
+        return None
+    return (_attention_varlen if kernel == "varlen" else _attention_per_document)(q, k, v, rows)
 
 
 def _attention_per_document(q, k, v, row_lengths: list) -> torch.Tensor:
@@ -711,13 +738,10 @@ class SoftmaxAttention(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
             past_valid = past[2]
-        kernel = "mask"
         if documents is not None and valid is None:
-            kernel = _packed_softmax_kernel(documents.row_lengths, T, q.device, _attention_dtype(q), d)
-        if kernel != "mask":
-            attend = _attention_varlen if kernel == "varlen" else _attention_per_document
-            o = attend(q, k, v, documents.row_lengths)
-            return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
+            o = _packed_softmax_attention(q, k, v, documents)
+            if o is not None:
+                return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
         mask = self._mask(valid, past_valid, B, T, x.device, documents)
         if cache is not None:
             new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
@@ -765,7 +789,7 @@ class LinearAttention(nn.Module):
             k = k * valid[:, None, :, None]
             v = v * valid[:, None, :, None]
         if documents is not None:
-            o = linear_attention_packed(q, k, v, documents.row_lengths, self.config.chunk_size)
+            o = _linear_attention_packed(q, k, v, documents, self.config.chunk_size)
         else:
             if S0 is None:
                 S0, z0 = q.new_zeros(B, H, d, d), q.new_zeros(B, H, d)

@@ -153,7 +153,9 @@ class ZeroSLitModule(LightningModule):
         gradient_checkpointing: recompute activations in the backward pass (less memory).
         compile: compile every block with ``torch.compile`` (as nanoGPT and flame offer): on a GPU the
             elementwise work around the attention fuses; the fused ZeroS op is a registered custom op,
-            so it does not break the graph. The first steps are slow while it compiles.
+            so it does not break the graph. The first steps are slow while it compiles. With document
+            resets the attention's packed paths (planned on the host from the documents' lengths) run
+            outside the graph, so batches packed differently do not recompile.
         document_resets: the training blocks are packed as ``doc EOS doc EOS ...``; keep their
             documents apart (``position_ids`` restarting at each EOS, see
             :func:`~zeros_lm.modeling_zeros.packed_position_ids`: ZeroS and linear-attention states
