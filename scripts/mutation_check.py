@@ -175,7 +175,7 @@ MUTATIONS = [
       "functools.partial(zeros_attention, sequence_starts=documents.row_lengths)",
       ("tests/test_packed.py", "-k", "compiled and zeros")),
     M("packed: softmax varlen call not causal", "zeros_lm/modeling_zeros.py",
-      'causal = {"window_size": (-1, 0)}', 'causal = {"window_size": (-1, -1)}',
+      "max_len, max_len, window_size=(-1, 0))", "max_len, max_len, window_size=(-1, -1))",
       ("tests/test_packed.py", "-k", "varlen_path")),
     M("packed: softmax varlen rows not laid end to end", "zeros_lm/modeling_zeros.py",
       "lengths = [n for row in row_lengths for n in row]", "lengths = [n for row in row_lengths[:1] for n in row] * len(row_lengths)",

@@ -209,32 +209,36 @@ def test_softmax_varlen_path_equals_each_document_alone(monkeypatch, fresh_varle
             torch.testing.assert_close(packed[row, column:column + n], alone[0], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("signature", ["is_causal", "window_size"])
-def test_varlen_causal_switch_follows_the_torch_signature(signature, monkeypatch, fresh_varlen):
-    """torch 2.10's varlen_attn takes is_causal=True, later ones window_size=(-1, 0): causal either way."""
+def test_varlen_is_used_only_in_its_window_size_form(monkeypatch, fresh_varlen):
+    """varlen_attn with window_size is called causal (-1, 0); the first release's is_causal form is not used
+    (None: the mask instead), nor a torch without the module."""
     import torch.nn.attention.varlen as varlen
 
     seen = {}
-    if signature == "is_causal":
-        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
-            seen.update(is_causal=is_causal)
-            return query
-    else:
-        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                 window_size=(-1, -1)):
-            seen.update(window_size=window_size)
-            return query
-    monkeypatch.setattr(varlen, "varlen_attn", fake)
-    attend = modeling_zeros._varlen_causal_attention()
+
+    def newer(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        seen.update(window_size=window_size, max=(max_q, max_k))
+        return query
+
+    def first(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        raise AssertionError("the is_causal form must not be called")
+
+    monkeypatch.setattr(varlen, "varlen_attn", newer)
     q = torch.zeros(5, 2, 8)
-    attend(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5)
-    assert seen == ({"is_causal": True} if signature == "is_causal" else {"window_size": (-1, 0)})
+    modeling_zeros._varlen_causal_attention()(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5)
+    assert seen == {"window_size": (-1, 0), "max": (5, 5)}
+    modeling_zeros._varlen_causal_attention.cache_clear()
+    monkeypatch.setattr(varlen, "varlen_attn", first)
+    assert modeling_zeros._varlen_causal_attention() is None
+    assert modeling_zeros._packed_softmax_kernel([[4, 4]], 8, torch.device("cuda"), torch.bfloat16, 64) == "mask"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen flash attention)")
 def test_softmax_varlen_on_cuda_within_bf16_noise_of_the_mask():
     """On a GPU under bf16 autocast, the varlen route's logits and gradients against the float32 masked
     route are as close as the bf16 masked route's own."""
+    if modeling_zeros._varlen_causal_attention() is None:
+        pytest.skip("this torch has no varlen_attn with window_size: packed softmax keeps the mask")
     torch.manual_seed(0)
     model = tiny_model("softmax").cuda()
     ids, _, positions, _ = packed_batch(rows=UNPADDED_ROWS, left_pad=[0, 0])

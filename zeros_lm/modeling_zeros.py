@@ -601,22 +601,18 @@ _FLASH_HEAD_DIM_MULTIPLE = 8
 def _varlen_causal_attention():
     """torch's variable-length flash attention (``torch.nn.attention.varlen.varlen_attn``, CUDA only) as
     ``fn(q, k, v, cu_seqlens, max_len)`` with causal masking, q, k, v (N, H, d) for N tokens of flattened
-    documents, cu_seqlens (D + 1,) int32; or None where this torch has none. Its causal switch moved:
-    torch 2.10 takes ``is_causal=True``, later releases ``window_size=(-1, 0)``."""
+    documents, cu_seqlens (D + 1,) int32; or None where this torch has none we use. Only its form with
+    ``window_size`` (causal: (-1, 0)) is used: the first release's form (torch 2.10, ``is_causal``) is left
+    alone, as a fix to its backward came after it (pytorch PR 170142) and no GPU here has run it."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:
-        causal = {"window_size": (-1, 0)}
-    elif "is_causal" in params:
-        causal = {"is_causal": True}
-    else:  # pragma: no cover - a torch whose varlen attention has neither switch
+    if "window_size" not in inspect.signature(varlen_attn).parameters:
         return None
 
     def attend(q, k, v, cu_seqlens, max_len):
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(-1, 0))
     return attend
 
 
