@@ -169,9 +169,10 @@ def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[P
         raise ValueError(f"--merge {other}: its MQAR rows were trained at other settings than this folder's ("
                          + ", ".join(f"{k} {their_mqar.get(k)} vs {mqar.get(k)}" for k in differ) + ")")
     done, runs = results.setdefault("sections_done", []), results.setdefault("section_runs", {})
+    had = {"lm": bool(lm), "mqar": bool(mqar.get("models"))}
     for section, rows in (("lm", their_lm), ("mqar", their_rows)):
-        if rows and section not in done:  # this folder had none of the section: take the other's record of it
-            done.append(section)
+        if rows and not had[section]:  # no rows of the section here: the other's record of it describes them
+            done += [section] if section not in done else []
             runs[section] = theirs.get("section_runs", {}).get(section)
     if their_lm:
         results["lm_data"] = theirs.get("lm_data")

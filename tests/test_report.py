@@ -368,3 +368,8 @@ def test_pieces_in_separate_folders_merge_into_one_report(tmp_path, monkeypatch,
     assert {c["model"] for c in results["mqar"]["cells"]} == {"zeros", "softmax"} and not results["mqar"]["skipped"]
     md = (a / "report.md").read_text()
     assert f"`{theirs['lm']['softmax']['command']}` (sections lm (some of its models), mqar (some of its models)" in md
+    # into a folder with no rows of its own: the sections' records (settings, command) come with the rows
+    assert piece("d", "--sections", "", "--merge", str(b)) == 0
+    fresh = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert fresh["section_runs"]["mqar"] == theirs["section_runs"]["mqar"] and set(fresh["sections_done"]) == {"lm", "mqar"}
+    assert fresh["mqar"]["models"] == theirs["mqar"]["models"] and fresh["lm"] == theirs["lm"]
