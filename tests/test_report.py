@@ -308,6 +308,11 @@ def test_target_verdicts_met_not_met_and_open():
     assert "**not met**" not in verdict["Target (75% ZeroS layers) hybrid + short conv"]
     assert "open (not all of it measured)" in verdict["Target (75% ZeroS layers) hybrid + short conv"]
     assert "MQAR not measured" in verdict["Target (75% ZeroS layers) hybrid + short conv"]
+    # a grid where softmax did not learn the task judges nothing (the condition: >= 0.95 everywhere)
+    results["mqar"]["cells"] = cells("softmax", 0.30) + cells("hybrid_conv", 0.98)
+    results["lm"]["hybrid_conv"] = lm_row(20.5, 0.25)
+    line = next(x for x in target_findings(SimpleNamespace(results=results)) if "hybrid + short conv" in x)
+    assert line.startswith("Target (75% ZeroS layers) hybrid + short conv: open") and "MQAR not judged" in line
 
 
 def test_rows_from_several_invocations_name_their_commands():

@@ -11,8 +11,8 @@ import time
 from .harness import Run
 from .plots import PLOTS, row_label
 from . import presets
-from .presets import (ABLATIONS, BASELINE_ROW, SECTIONS, TARGET_MQAR_GAP, TARGET_PPL_GAP, TARGET_ZEROS_SHARE,
-                      Preset)
+from .presets import (ABLATIONS, BASELINE_ROW, SECTIONS, SOFTMAX_MQAR_FLOOR, TARGET_MQAR_GAP, TARGET_PPL_GAP,
+                      TARGET_ZEROS_SHARE, Preset)
 
 
 def _f(x, digits=3) -> str:
@@ -298,6 +298,8 @@ def target_findings(run: Run) -> list[str]:
     base_acc = means.get(BASELINE_ROW)
     if base_ppl is None and base_acc is None:
         return []
+    # the condition on the grid: softmax must have learned the task before it judges anything
+    base_worst = min((c["accuracy"] for c in mq.get("cells", []) if c["model"] == BASELINE_ROW), default=None)
     out = []
     for row in presets.MODEL_ROWS:
         r = lm.get(row.key)
@@ -316,7 +318,11 @@ def target_findings(run: Run) -> list[str]:
         else:
             missing = True
             parts.append("perplexity not measured")
-        if base_acc is not None and row.key in means:
+        if base_acc is not None and row.key in means and base_worst < SOFTMAX_MQAR_FLOOR:
+            missing = True
+            parts.append(f"MQAR not judged: {means[row.key]:.3f} vs softmax {base_acc:.3f}, but softmax reaches only "
+                         f"{base_worst:.3f} at some length of this grid (< {SOFTMAX_MQAR_FLOOR:g}: not trained to the task)")
+        elif base_acc is not None and row.key in means:
             ok = means[row.key] >= base_acc - TARGET_MQAR_GAP
             failed |= not ok
             parts.append(f"MQAR mean accuracy {means[row.key]:.3f} vs softmax {base_acc:.3f} "
