@@ -17,7 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
@@ -30,6 +30,7 @@ __all__ = [
     "contrast_examples",
     "TaskDataModule",
     "recall_accuracy",
+    "RecallCurve",
     "RecallLitModule",
     "ContrastLitModule",
     "make_task_module",
@@ -154,6 +155,27 @@ def recall_accuracy(model, inputs: torch.Tensor, labels: torch.Tensor, batch_siz
         correct += int(((pred == y) & scored).sum())
         total += int(scored.sum())
     return correct / max(1, total)
+
+
+class RecallCurve(Callback):
+    """Scores held-out MQAR sets every ``every`` optimizer steps during training, to see *when* a
+    model learns the task (recall is learned in a jump, after a plateau). ``tests`` maps a length to
+    its (inputs, labels); ``points`` collects ``{"step": s, "accuracy": [one per length, in order]}``.
+    Scoring reads the fixed sets only (no random numbers), so the training run is the same with or
+    without it."""
+
+    def __init__(self, tests: dict, every: int, batch_tokens: int, device):
+        self.tests, self.every, self.batch_tokens, self.device = tests, every, batch_tokens, device
+        self.points: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps:
+            return
+        accuracy = [recall_accuracy(pl_module.model, *self.tests[T], max(8, self.batch_tokens // T), self.device)
+                    for T in self.tests]
+        pl_module.model.train()  # recall_accuracy leaves it in eval mode
+        self.points.append({"step": int(step), "accuracy": [round(a, 4) for a in accuracy]})
 
 
 # ----------------------------------------------------------------------------------------------

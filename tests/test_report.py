@@ -378,3 +378,25 @@ def test_pieces_in_separate_folders_merge_into_one_report(tmp_path, monkeypatch,
     fresh = json.loads((tmp_path / "d" / "results.json").read_text())
     assert fresh["section_runs"]["mqar"] == theirs["section_runs"]["mqar"] and set(fresh["sections_done"]) == {"lm", "mqar"}
     assert fresh["mqar"]["models"] == theirs["mqar"]["models"] and fresh["lm"] == theirs["lm"]
+
+
+def test_mqar_accuracy_curve_is_recorded_and_changes_nothing(tmp_path, monkeypatch):
+    """--set mqar_curve_every=N scores the held-out sets every N steps and at the end: the last point is
+    the row's final accuracy, the trained rows equal a run without the curve, and the report shows it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    common = ["--smoke", "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+              "--sections", "mqar", "--models", "zeros", "--mqar-lrs", "3e-3"]
+    assert report.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert report.main([*common, "--out", str(tmp_path / "curve"), "--set", "mqar_curve_every=4"]) == 0
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())["mqar"]
+    mq = json.loads((tmp_path / "curve" / "results.json").read_text())["mqar"]
+    assert mq["cells"] == plain["cells"]  # scoring on the way does not change the run
+    (sweep,) = mq["models"]["zeros/32"]["sweep"]
+    preset = report.PRESETS["smoke"]
+    assert [p["step"] for p in sweep["curve"]] == [4, preset.mqar_steps]
+    final = {c["seq_len"]: c["accuracy"] for c in mq["cells"]}
+    assert sweep["curve"][-1]["accuracy"] == [round(final[T], 4) for T in preset.mqar_lengths]
+    assert "curve" not in plain["models"]["zeros/32"]["sweep"][0]
+    md = (tmp_path / "curve" / "report.md").read_text()
+    assert "Accuracy during training" in md and "| ZeroS | 32 | 0.003 | 4 |" in md
+    assert "Accuracy during training" not in (tmp_path / "plain" / "report.md").read_text()

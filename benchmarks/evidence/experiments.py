@@ -215,7 +215,7 @@ def task_module(run: Run, kind: str, *, attention_type: str, layers: int, hidden
 def mqar_row(run: Run, row: ModelRow, width: int, makers, tests) -> dict:
     """Train ``row`` at ``width`` once per learning rate of the sweep; keep the best (the highest
     mean accuracy over the lengths), as zoology reports the best of its learning-rate sweep."""
-    from benchmarks.tasks import TaskDataModule, recall_accuracy
+    from benchmarks.tasks import RecallCurve, TaskDataModule, recall_accuracy
 
     p = run.preset
     layers = p.mqar_layers
@@ -234,16 +234,19 @@ def mqar_row(run: Run, row: ModelRow, width: int, makers, tests) -> dict:
         run.seed_all(width)
         module, overrides = build_row(row, layers, builder(lr), reference)  # RowSkipped goes to the caller
         dm = TaskDataModule(makers, seed=run.seed + width)
-        fitted = fit(module, dm, steps=p.mqar_steps, val_every=p.mqar_steps, run=run, limit_val=0)
+        curve = RecallCurve(tests, p.mqar_curve_every, p.mqar_batch_tokens, run.device) if p.mqar_curve_every else None
+        fitted = fit(module, dm, steps=p.mqar_steps, val_every=p.mqar_steps, run=run, limit_val=0,
+                     callbacks=[curve] if curve else [])
         model = module.model.to(run.device)
         acc = {T: recall_accuracy(model, *tests[T], batch_size=max(8, p.mqar_batch_tokens // T), device=run.device)
                for T in p.mqar_lengths}
         sweep.append({"lr": lr, "accuracy": acc, "mean": sum(acc.values()) / len(acc), "wall_s": fitted["wall_s"],
-                      "parameters": module.num_parameters(), "overrides": overrides})
+                      "parameters": module.num_parameters(), "overrides": overrides,
+                      **({"curve": curve.points} if curve else {})})
         log(f"MQAR width {width} {row.label} lr {lr:g}: " + ", ".join(f"T={T} {a:.3f}" for T, a in acc.items())
             + f" ({fitted['wall_s']:.0f} s)")
     best = max(sweep, key=lambda r: r["mean"])
-    return {"best": best, "sweep": [{"lr": r["lr"], "mean": r["mean"], "wall_s": r["wall_s"]} for r in sweep],
+    return {"best": best, "sweep": [{k: r[k] for k in ("lr", "mean", "wall_s", "curve") if k in r} for r in sweep],
             "softmax_share": softmax_share(row.attention_type, best["overrides"], layers)}
 
 
@@ -259,7 +262,8 @@ def section_mqar(run: Run) -> None:
     p = run.preset
     res: dict = {"layers": p.mqar_layers, "heads": p.mqar_heads, "vocab": p.mqar_vocab, "steps": p.mqar_steps,
                  "lrs": list(p.mqar_lrs), "lengths": list(p.mqar_lengths), "widths": list(p.mqar_widths),
-                 "batch_tokens": p.mqar_batch_tokens, "weight_decay": p.mqar_weight_decay, "cells": [], "models": {},
+                 "batch_tokens": p.mqar_batch_tokens, "weight_decay": p.mqar_weight_decay, "curve_every": p.mqar_curve_every,
+                 "cells": [], "models": {},
                  "skipped": {}}
     earlier = run.results.get("mqar") or {}
     run.results["mqar"] = res

@@ -76,8 +76,9 @@ class Recorder(Callback):
             self.timed_steps = trainer.global_step - self._steps0
 
 
-def fit(module, datamodule, *, steps: int, val_every: int, run: "Run", limit_val=None) -> dict:
-    """Train ``module`` for ``steps`` optimizer steps with validation every ``val_every`` steps."""
+def fit(module, datamodule, *, steps: int, val_every: int, run: "Run", limit_val=None, callbacks=()) -> dict:
+    """Train ``module`` for ``steps`` optimizer steps with validation every ``val_every`` steps (and
+    any further Lightning ``callbacks``)."""
     from lightning.pytorch import Trainer
 
     recorder = Recorder(run.device, warm_steps=min(max(2, steps // 20), max(0, steps - 2)))
@@ -96,7 +97,7 @@ def fit(module, datamodule, *, steps: int, val_every: int, run: "Run", limit_val
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=run.scratch,
-        callbacks=[recorder],
+        callbacks=[recorder, *callbacks],
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)

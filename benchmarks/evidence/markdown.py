@@ -206,6 +206,17 @@ def mqar_changes(mq: dict, mode: str) -> str:
     return ", ".join(out)
 
 
+def md_mqar_curves(models: dict, lengths: list) -> list[str]:
+    """The held-out accuracy during training (``mqar_curve_every``) of each model and learning rate that has one."""
+    rows = [[row_label(key.split("/")[0]), key.split("/")[1], f"{s['lr']:g}", str(point["step"])]
+            + [_f(a) for a in point["accuracy"]]
+            for key, m in models.items() for s in m["sweep"] for point in s.get("curve", [])]
+    if not rows:
+        return []
+    return (["Accuracy during training (the held-out sets, scored every few steps; `--set mqar_curve_every=N`):", ""]
+            + _table(["model", "width", "lr", "step"] + [f"T = {T}" for T in lengths], rows) + [""])
+
+
 def md_mqar(run: Run, findings: list[str]) -> list[str]:
     mq = run.results.get("mqar")
     p = section_preset(run, "mqar")
@@ -252,6 +263,7 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
                   ", ".join(f"{s['lr']:g}: {s['mean']:.3f}" for s in m["sweep"])] for k, m in models.items()]
         lines += ["Learning-rate sweep (mean accuracy over the lengths at each learning rate):", ""]
         lines += _table(["model", "width", "parameters", "best lr", "sweep"], mrows) + [""]
+        lines += md_mqar_curves(models, mq["lengths"])
     lines += _skipped_notes(mq.get("skipped") or {})
     if "mqar" not in run.results.get("sections_done", []) and "mqar" not in run.sections:
         missing = [r.label for r in presets.MODEL_ROWS if r.key not in keys_in and r.key not in (mq.get("skipped") or {})]

@@ -88,6 +88,7 @@ class Preset:
     mqar_warmup_frac: float = 0.05
     mqar_weight_decay: float = 0.1
     mqar_val: int = 512
+    mqar_curve_every: int = 0  # also score the held-out sets every this many steps (0: at the end only): when a model learns
     # contrast
     contrast_seq: int = 32
     contrast_dim: int = 16
