@@ -30,6 +30,7 @@ __all__ = [
     "contrast_examples",
     "TaskDataModule",
     "recall_accuracy",
+    "mqar_batch_size",
     "RecallCurve",
     "RecallLitModule",
     "ContrastLitModule",
@@ -157,23 +158,27 @@ def recall_accuracy(model, inputs: torch.Tensor, labels: torch.Tensor, batch_siz
     return correct / max(1, total)
 
 
-class RecallCurve(Callback):
-    """Scores held-out MQAR sets every ``every`` optimizer steps during training, to see *when* a
-    model learns the task (recall is learned in a jump, after a plateau). ``tests`` maps a length to
-    its (inputs, labels); ``points`` collects ``{"step": s, "accuracy": [one per length, in order]}``.
-    Scoring reads the fixed sets only (no random numbers), so the training run is the same with or
-    without it."""
+def mqar_batch_size(batch_tokens: int, seq_len: int) -> int:
+    """Sequences per MQAR batch (training and scoring): about ``batch_tokens`` tokens, at least 8."""
+    return max(8, batch_tokens // seq_len)
 
-    def __init__(self, tests: dict, every: int, batch_tokens: int, device):
-        self.tests, self.every, self.batch_tokens, self.device = tests, every, batch_tokens, device
+
+class RecallCurve(Callback):
+    """Scores held-out sets every ``every`` optimizer steps during training and at the last one, to
+    see *when* a model learns a task (recall is learned in a jump, after a plateau). ``score(model)``
+    returns a list of accuracies (e.g. one per sequence length); ``points`` collects
+    ``{"step": s, "accuracy": [...]}``. Scoring should read fixed sets only (no random numbers), so
+    the training run is the same with or without it."""
+
+    def __init__(self, score, every: int):
+        self.score, self.every = score, every
         self.points: list[dict] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if step % self.every and step != trainer.max_steps:
             return
-        accuracy = [recall_accuracy(pl_module.model, *self.tests[T], max(8, self.batch_tokens // T), self.device)
-                    for T in self.tests]
+        accuracy = self.score(pl_module.model)
         pl_module.model.train()  # recall_accuracy leaves it in eval mode
         self.points.append({"step": int(step), "accuracy": [round(a, 4) for a in accuracy]})
 

@@ -215,10 +215,14 @@ def task_module(run: Run, kind: str, *, attention_type: str, layers: int, hidden
 def mqar_row(run: Run, row: ModelRow, width: int, makers, tests) -> dict:
     """Train ``row`` at ``width`` once per learning rate of the sweep; keep the best (the highest
     mean accuracy over the lengths), as zoology reports the best of its learning-rate sweep."""
-    from benchmarks.tasks import RecallCurve, TaskDataModule, recall_accuracy
+    from benchmarks.tasks import RecallCurve, TaskDataModule, mqar_batch_size, recall_accuracy
 
     p = run.preset
     layers = p.mqar_layers
+
+    def score(model) -> list[float]:  # held-out accuracy at each length of the grid, in order
+        return [recall_accuracy(model, *tests[T], batch_size=mqar_batch_size(p.mqar_batch_tokens, T), device=run.device)
+                for T in p.mqar_lengths]
 
     def builder(lr):
         def build(attention_type: str, **overrides):
@@ -234,12 +238,11 @@ def mqar_row(run: Run, row: ModelRow, width: int, makers, tests) -> dict:
         run.seed_all(width)
         module, overrides = build_row(row, layers, builder(lr), reference)  # RowSkipped goes to the caller
         dm = TaskDataModule(makers, seed=run.seed + width)
-        curve = RecallCurve(tests, p.mqar_curve_every, p.mqar_batch_tokens, run.device) if p.mqar_curve_every else None
+        curve = RecallCurve(score, p.mqar_curve_every) if p.mqar_curve_every else None
         fitted = fit(module, dm, steps=p.mqar_steps, val_every=p.mqar_steps, run=run, limit_val=0,
                      callbacks=[curve] if curve else [])
         model = module.model.to(run.device)
-        acc = {T: recall_accuracy(model, *tests[T], batch_size=max(8, p.mqar_batch_tokens // T), device=run.device)
-               for T in p.mqar_lengths}
+        acc = dict(zip(p.mqar_lengths, score(model)))
         sweep.append({"lr": lr, "accuracy": acc, "mean": sum(acc.values()) / len(acc), "wall_s": fitted["wall_s"],
                       "parameters": module.num_parameters(), "overrides": overrides,
                       **({"curve": curve.points} if curve else {})})
@@ -257,13 +260,12 @@ def section_mqar(run: Run) -> None:
     """Zoology's protocol: one model per (model row, width, learning rate), trained on a mixture of
     the sequence lengths (one length per batch, in turn, fresh data every step), scored on held-out
     data at each length; the best learning rate of the sweep is reported."""
-    from benchmarks.tasks import mqar_default_pairs, mqar_examples
+    from benchmarks.tasks import mqar_batch_size, mqar_default_pairs, mqar_examples
 
     p = run.preset
     res: dict = {"layers": p.mqar_layers, "heads": p.mqar_heads, "vocab": p.mqar_vocab, "steps": p.mqar_steps,
                  "lrs": list(p.mqar_lrs), "lengths": list(p.mqar_lengths), "widths": list(p.mqar_widths),
-                 "batch_tokens": p.mqar_batch_tokens, "weight_decay": p.mqar_weight_decay, "curve_every": p.mqar_curve_every,
-                 "cells": [], "models": {},
+                 "batch_tokens": p.mqar_batch_tokens, "weight_decay": p.mqar_weight_decay, "cells": [], "models": {},
                  "skipped": {}}
     earlier = run.results.get("mqar") or {}
     run.results["mqar"] = res
@@ -279,7 +281,7 @@ def section_mqar(run: Run) -> None:
             return mqar_examples(n, T, mqar_default_pairs(T), p.mqar_vocab, g)
         return make
 
-    makers = [(maker(T), max(8, p.mqar_batch_tokens // T)) for T in p.mqar_lengths]
+    makers = [(maker(T), mqar_batch_size(p.mqar_batch_tokens, T)) for T in p.mqar_lengths]
     tests = {T: maker(T)(p.mqar_val, torch.Generator().manual_seed(run.seed + 99 + T)) for T in p.mqar_lengths}
     for width in p.mqar_widths:
         for row in selected_rows(run, res["skipped"], kept=kept):
