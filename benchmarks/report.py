@@ -55,11 +55,11 @@ if str(REPO) not in sys.path:  # run as a script: python benchmarks/report.py
 import torch  # noqa: E402
 
 from benchmarks.evidence import presets as evidence_presets  # noqa: E402
-from benchmarks.evidence.experiments import HANDLERS, MQAR_SETTINGS, saved_lm_models  # noqa: E402
+from benchmarks.evidence.experiments import HANDLERS, saved_lm_models  # noqa: E402
 from benchmarks.evidence.harness import Run, _quiet_lightning, default_precision, environment, log  # noqa: E402
 from benchmarks.evidence.markdown import write_report  # noqa: E402
-from benchmarks.evidence.presets import (ABLATIONS, CONTRAST_MODELS, MAIN_TYPES, MODEL_ROWS, PRESETS,  # noqa: E402,F401
-                                        SECTIONS)
+from benchmarks.evidence.presets import (ABLATIONS, CONTRAST_MODELS, MAIN_TYPES, MODEL_ROWS, MQAR_SETTINGS,  # noqa: E402,F401
+                                        PRESETS, SECTIONS, mqar_setting)
 
 
 def parse_args(argv=None):
@@ -164,10 +164,10 @@ def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[P
         raise ValueError(f"--merge {other}: its language-modelling corpus differs from this folder's (lm_data)")
     mqar, their_mqar = results.get("mqar") or {}, theirs.get("mqar") or {}
     their_rows = sorted({key.split("/")[0] for key in their_mqar.get("models", {})})
-    differ = [k for k in MQAR_SETTINGS if mqar.get(k) != their_mqar.get(k)]
+    differ = [k for k in MQAR_SETTINGS if mqar_setting(mqar, k) != mqar_setting(their_mqar, k)]
     if mqar.get("models") and their_rows and differ:
         raise ValueError(f"--merge {other}: its MQAR rows were trained at other settings than this folder's ("
-                         + ", ".join(f"{k} {their_mqar.get(k)} vs {mqar.get(k)}" for k in differ) + ")")
+                         + ", ".join(f"{k} {mqar_setting(their_mqar, k)} vs {mqar_setting(mqar, k)}" for k in differ) + ")")
     done, runs = results.setdefault("sections_done", []), results.setdefault("section_runs", {})
     had = {"lm": bool(lm), "mqar": bool(mqar.get("models"))}
     for section, rows in (("lm", their_lm), ("mqar", their_rows)):

@@ -27,6 +27,7 @@ from zeros_lm.modeling_zeros import apply_rope, rope_cos_sin
         (dict(vocab_size=0), "vocab_size"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps"),
         (dict(use_gates="yes"), "use_gates"),
+        (dict(zero_init_residual=1), "zero_init_residual"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -268,6 +269,30 @@ def test_tied_embeddings_and_scaled_init():
         assert abs(std - 0.02 / math.sqrt(8)) < 0.001
     untied = tiny_model("zeros")
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("overrides", [dict(attention_type="zeros"), dict(attention_type="softmax"),
+                                       dict(attention_type="linear", conv_size=4),
+                                       dict(attention_type="zeros", softmax_every=2)],
+                         ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_zero_init_residual_starts_every_block_as_the_identity(overrides):
+    """zero_init_residual: every attention / MLP output projection starts at zero, so the last hidden
+    state is the final norm of the embeddings; the other weights keep their init, and one optimizer
+    step moves the projections off zero (the blocks can learn)."""
+    torch.manual_seed(0)
+    model = tiny_model(num_hidden_layers=4, zero_init_residual=True, **overrides)
+    outputs = [m for m in model.modules() if getattr(m, "_is_residual_output", False)]
+    assert len(outputs) == 2 * 4 and all(not m.weight.any() for m in outputs)
+    assert abs(model.model.layers[1].mlp.gate_up_proj.weight.std().item() - 0.02) < 0.005
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(hidden, model.model.norm(model.model.embed_tokens(ids)))
+    default = tiny_model(num_hidden_layers=4, **overrides)
+    assert all(m.weight.any() for m in default.modules() if getattr(m, "_is_residual_output", False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert all(m.weight.any() for m in outputs)
 
 
 def reference_zeros_layer(attn, x):

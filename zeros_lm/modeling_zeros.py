@@ -836,9 +836,12 @@ class ZeroSPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            if getattr(module, "_is_residual_output", False):
-                std = std / math.sqrt(2 * self.config.num_hidden_layers)
-            init.normal_(module.weight, mean=0.0, std=std)
+            residual_output = getattr(module, "_is_residual_output", False)
+            if residual_output and self.config.zero_init_residual:
+                init.zeros_(module.weight)  # the block starts as the identity
+            else:
+                scale = 1.0 / math.sqrt(2 * self.config.num_hidden_layers) if residual_output else 1.0
+                init.normal_(module.weight, mean=0.0, std=std * scale)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

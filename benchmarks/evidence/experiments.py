@@ -11,7 +11,7 @@ import torch
 
 from .harness import RowSkipped, Run, build_row, fit, lm_module, log, softmax_share
 from . import presets
-from .presets import ABLATIONS, CONTRAST_MODELS, REFERENCE_ROW, ModelRow
+from .presets import ABLATIONS, CONTRAST_MODELS, MQAR_SETTINGS, REFERENCE_ROW, ModelRow, mqar_setting
 
 
 def lm_data(run: Run):
@@ -228,7 +228,8 @@ def mqar_row(run: Run, row: ModelRow, width: int, makers, tests) -> dict:
         def build(attention_type: str, **overrides):
             return task_module(run, "mqar", attention_type=attention_type, layers=layers, hidden=width, heads=p.mqar_heads,
                                vocab=p.mqar_vocab, steps=p.mqar_steps, lr=lr, warmup_frac=p.mqar_warmup_frac,
-                               weight_decay=p.mqar_weight_decay, **overrides)
+                               weight_decay=p.mqar_weight_decay, zero_init_residual=p.mqar_zero_init_residual,
+                               **overrides)
         return build
 
     run.seed_all(width)
@@ -253,9 +254,6 @@ def mqar_row(run: Run, row: ModelRow, width: int, makers, tests) -> dict:
             "softmax_share": softmax_share(row.attention_type, best["overrides"], layers)}
 
 
-MQAR_SETTINGS = ("layers", "heads", "vocab", "steps", "lrs", "lengths", "widths", "batch_tokens", "weight_decay")
-
-
 def section_mqar(run: Run) -> None:
     """Zoology's protocol: one model per (model row, width, learning rate), trained on a mixture of
     the sequence lengths (one length per batch, in turn, fresh data every step), scored on held-out
@@ -265,11 +263,12 @@ def section_mqar(run: Run) -> None:
     p = run.preset
     res: dict = {"layers": p.mqar_layers, "heads": p.mqar_heads, "vocab": p.mqar_vocab, "steps": p.mqar_steps,
                  "lrs": list(p.mqar_lrs), "lengths": list(p.mqar_lengths), "widths": list(p.mqar_widths),
-                 "batch_tokens": p.mqar_batch_tokens, "weight_decay": p.mqar_weight_decay, "cells": [], "models": {},
+                 "batch_tokens": p.mqar_batch_tokens, "weight_decay": p.mqar_weight_decay,
+                 "zero_init_residual": p.mqar_zero_init_residual, "cells": [], "models": {},
                  "skipped": {}}
     earlier = run.results.get("mqar") or {}
     run.results["mqar"] = res
-    if run.models is not None and all(earlier.get(k) == res[k] for k in MQAR_SETTINGS):
+    if run.models is not None and all(mqar_setting(earlier, k) == res[k] for k in MQAR_SETTINGS):
         # a piece of the section (--models): the other rows keep an earlier invocation's results at the same settings
         res["cells"] = [c for c in earlier.get("cells", []) if c.get("model") not in run.models]
         res["models"] = {k: m for k, m in earlier.get("models", {}).items() if k.split("/")[0] not in run.models}

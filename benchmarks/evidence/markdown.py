@@ -188,19 +188,15 @@ def mqar_means(mq: dict) -> dict:
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-MQAR_FIELDS = {"layers": "mqar_layers", "heads": "mqar_heads", "vocab": "mqar_vocab", "steps": "mqar_steps",
-               "lrs": "mqar_lrs", "lengths": "mqar_lengths", "widths": "mqar_widths", "batch_tokens": "mqar_batch_tokens",
-               "weight_decay": "mqar_weight_decay"}
-
-
 def mqar_changes(mq: dict, mode: str) -> str:
     """'field=value, ...' where the MQAR results' settings differ from the mode's preset."""
     base = presets.PRESETS.get(mode)
     out = []
-    for key, name in MQAR_FIELDS.items():
-        if base is None or key not in mq:
+    for key, name in presets.MQAR_SETTINGS.items():
+        value = presets.mqar_setting(mq, key)
+        if base is None or value is None:
             continue
-        value, default = mq[key], getattr(base, name)
+        default = getattr(base, name)
         if (list(value) if isinstance(value, (list, tuple)) else value) != (list(default) if isinstance(default, tuple) else default):
             out.append(f"{name}={','.join(f'{v:g}' for v in value) if isinstance(value, (list, tuple)) else value}")
     return ", ".join(out)
@@ -235,6 +231,9 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
         "sequences of each "
         f"length. {mq.get('layers', 2)} layers, {mq['heads']} heads, {mq['steps']} steps, AdamW with weight decay "
         f"{mq.get('weight_decay', 0.1):g}, warmup then cosine decay; "
+        + ("every attention and MLP output projection initialised to zero, so each block starts as the identity "
+           "(`zero_init_residual`; with the default init a 4-layer softmax model stays on a plateau for thousands of "
+           "steps); " if presets.mqar_setting(mq, "zero_init_residual") else "the default init; ")
         + (f"learning rates swept over {', '.join(f'{x:g}' for x in lrs)}, and each model's best (highest mean accuracy "
            "over the lengths) is reported, as zoology reports the best of its sweep." if len(lrs) > 1 else
            f"one learning rate, {lrs[0]:g} (**no sweep in this run**: a model can fail from optimisation alone).")

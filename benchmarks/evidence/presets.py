@@ -50,6 +50,20 @@ TARGET_PPL_GAP = 0.05  # target: validation perplexity within 5% of softmax's ..
 TARGET_MQAR_GAP = 0.05  # ... and MQAR accuracy within 0.05 of softmax's
 TARGET_ZEROS_SHARE = 0.75  # ... for a model with at least 3/4 of its layers ZeroS (O(1) state dominant)
 SOFTMAX_MQAR_FLOOR = 0.95  # MQAR judges only where softmax learned it: >= this at every length of the grid
+# MQAR settings as results.json records them -> the Preset field each comes from. Results must agree on
+# all of them to share a table (pieces of a section, --merge).
+MQAR_SETTINGS = {"layers": "mqar_layers", "heads": "mqar_heads", "vocab": "mqar_vocab", "steps": "mqar_steps",
+                 "lrs": "mqar_lrs", "lengths": "mqar_lengths", "widths": "mqar_widths",
+                 "batch_tokens": "mqar_batch_tokens", "weight_decay": "mqar_weight_decay",
+                 "zero_init_residual": "mqar_zero_init_residual"}
+MQAR_SETTINGS_BEFORE = {"zero_init_residual": False}  # what results written before a setting existed used
+
+
+def mqar_setting(mq: dict, key: str):
+    """The MQAR setting ``key`` that the results ``mq`` were trained with (older results lack newer keys)."""
+    return mq.get(key, MQAR_SETTINGS_BEFORE.get(key))
+
+
 CONTRAST_MODELS = (  # (label, attention type, heads)
     ("ZeroS, 1 head", "zeros", 1),
     ("softmax, 1 head", "softmax", 1),
@@ -88,6 +102,10 @@ class Preset:
     mqar_warmup_frac: float = 0.05
     mqar_weight_decay: float = 0.1
     mqar_val: int = 512
+    # every model's attention / MLP output projections start at zero (ZeroSConfig.zero_init_residual):
+    # with the default init a 4-layer softmax model stays on the "guess among the values" plateau for
+    # thousands of steps (reports/mqar-4-layers); with it, it leaves the plateau within ~600 steps
+    mqar_zero_init_residual: bool = True
     mqar_curve_every: int = 0  # also score the held-out sets every this many steps (0: at the end only): when a model learns
     # contrast
     contrast_seq: int = 32
