@@ -261,11 +261,9 @@ def section_mqar(run: Run) -> None:
     from benchmarks.tasks import mqar_batch_size, mqar_default_pairs, mqar_examples
 
     p = run.preset
-    res: dict = {"layers": p.mqar_layers, "heads": p.mqar_heads, "vocab": p.mqar_vocab, "steps": p.mqar_steps,
-                 "lrs": list(p.mqar_lrs), "lengths": list(p.mqar_lengths), "widths": list(p.mqar_widths),
-                 "batch_tokens": p.mqar_batch_tokens, "weight_decay": p.mqar_weight_decay,
-                 "zero_init_residual": p.mqar_zero_init_residual, "cells": [], "models": {},
-                 "skipped": {}}
+    settings = {key: getattr(p, field) for key, field in MQAR_SETTINGS.items()}
+    res: dict = {**{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+                 "cells": [], "models": {}, "skipped": {}}
     earlier = run.results.get("mqar") or {}
     run.results["mqar"] = res
     if run.models is not None and all(mqar_setting(earlier, k) == res[k] for k in MQAR_SETTINGS):
