@@ -430,3 +430,16 @@ def test_mqar_zero_init_residual_reaches_every_model_and_is_recorded(tmp_path, m
     assert "initialised to zero" in md_on and "mqar_zero_init_residual=" not in md_on
     assert "the default init" in md_off and "mqar_zero_init_residual=False" in md_off
     assert report.mqar_setting({"layers": 2}, "zero_init_residual") is False
+
+
+def test_mqar_report_says_when_the_grid_is_one_length(tmp_path, monkeypatch):
+    """A grid of several lengths is a mixture; a grid of one length (--set mqar_lengths=32) is reported as
+    a smaller grid, not as a mixture."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    common = ["--smoke", "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+              "--sections", "mqar", "--models", "zeros", "--mqar-lrs", "3e-3"]
+    assert report.main([*common, "--out", str(tmp_path / "two")]) == 0
+    assert report.main([*common, "--out", str(tmp_path / "one"), "--set", "mqar_lengths=32"]) == 0
+    two, one = ((tmp_path / d / "report.md").read_text() for d in ("two", "one"))
+    assert "on a mixture of the lengths 32, 64" in two and "smaller grid" not in two
+    assert "on the length 32 alone (**one length: a smaller grid**" in one and "mixture of the lengths" not in one

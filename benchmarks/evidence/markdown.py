@@ -225,8 +225,10 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
         f"(keys and values from disjoint halves of a {mq['vocab']}-token vocabulary), then every key is queried once, "
         "at slots drawn from a power law favouring short gaps, each query followed by its value; everything else is a "
         "filler token. Only the value after each query key is scored (the label sits at the query key's position: the "
-        "model predicts the next token). As in zoology, one model per model row and width is trained on a mixture of "
-        f"the lengths {', '.join(map(str, mq['lengths']))} (one length per batch, in turn; fresh data every step, "
+        "model predicts the next token). As in zoology, one model per model row and width is trained "
+        + (f"on a mixture of the lengths {', '.join(map(str, mq['lengths']))} (one length per batch, in turn; "
+           if len(mq["lengths"]) > 1 else f"on the length {mq['lengths'][0]} alone (**one length: a smaller grid**; ")
+        + "fresh data every step, "
         f"about {mq.get('batch_tokens', p.mqar_batch_tokens)} tokens per batch) and then scored on {p.mqar_val} held-out "
         "sequences of each "
         f"length. {mq.get('layers', 2)} layers, {mq['heads']} heads, {mq['steps']} steps, AdamW with weight decay "
