@@ -174,6 +174,11 @@ def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[P
         if rows and not had[section]:  # no rows of the section here: the other's record of it describes them
             done += [section] if section not in done else []
             runs[section] = theirs.get("section_runs", {}).get(section)
+    ablations_here = {k for k in lm if k in ABLATIONS}
+    if "ablations" in theirs.get("sections_done", []) and ablations_here <= set(their_lm):
+        # the other ran the ablations and replaces every ablation row here: its record describes them all
+        done += ["ablations"] if "ablations" not in done else []
+        runs["ablations"] = theirs.get("section_runs", {}).get("ablations")
     if their_lm:
         results["lm_data"] = theirs.get("lm_data")
         results["lm"] = {**lm, **their_lm}

@@ -443,3 +443,23 @@ def test_mqar_report_says_when_the_grid_is_one_length(tmp_path, monkeypatch):
     two, one = ((tmp_path / d / "report.md").read_text() for d in ("two", "one"))
     assert "on a mixture of the lengths 32, 64" in two and "smaller grid" not in two
     assert "on the length 32 alone (**one length: a smaller grid**" in one and "mixture of the lengths" not in one
+
+
+def test_merged_ablations_bring_their_section_record(tmp_path, monkeypatch):
+    """Ablations run again into a folder of their own and merged replace every ablation row here: the
+    section's record (command, commit, settings) is then theirs, not the earlier run's."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(presets, "MODEL_ROWS", (ModelRow("zeros", "ZeroS", "zeros"),))
+
+    def piece(folder, *args):
+        return report.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / folder),
+                            "--cache-dir", str(tmp_path / "cache"), *args])
+
+    assert piece("a", "--sections", "lm,ablations") == 0
+    assert piece("b", "--sections", "ablations", "--seed", "7") == 0
+    assert piece("a", "--sections", "", "--merge", str(tmp_path / "b")) == 0
+    results, theirs = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("a", "b"))
+    assert results["section_runs"]["ablations"] == theirs["section_runs"]["ablations"]
+    assert results["section_runs"]["lm"]["command"] != theirs["section_runs"]["ablations"]["command"]
+    assert all(results["lm"][k] == theirs["lm"][k] for k in report.ABLATIONS)
+    assert f"`{theirs['section_runs']['ablations']['command']}` (sections ablations" in (tmp_path / "a" / "report.md").read_text()
