@@ -63,8 +63,9 @@ class ZeroSConfig(PreTrainedConfig):
         zero_init_residual: initialise those output projections (attention and MLP) to zero instead, so
             every block starts as the identity and the residual stream at init is the embedding alone
             (as torchvision's ``zero_init_residual``, SkipInit / ReZero). Off by default (the paper's
-            init). It shortens the plateau a deeper stack sits on before it learns associative recall:
-            a 4-layer softmax model on MQAR at T = 64 leaves it within ~600 steps with it (reports/mqar-4-layers).
+            init). It can shorten the plateau a deeper stack sits on before it learns associative
+            recall, but not reliably: a 4-layer softmax model on MQAR left it in one seed of seven
+            (reports/mqar-4-layers).
         use_cache: whether ``forward`` returns a :class:`ZeroSCache` by default (in eval mode).
         layer_types: hybrid stacks: one entry per layer, ``"linear_attention"`` (the mixer of
             ``attention_type``: ZeroS, or the linear baseline) or ``"full_attention"`` (softmax attention

@@ -103,8 +103,8 @@ class Preset:
     mqar_weight_decay: float = 0.1
     mqar_val: int = 512
     # every model's attention / MLP output projections start at zero (ZeroSConfig.zero_init_residual):
-    # a 4-layer softmax model trained on T = 64 alone then leaves the "guess among the values" plateau
-    # within ~600 steps, where the default init keeps it there far longer (reports/mqar-4-layers)
+    # the 4-layer rows with a short convolution learn the grid with it; 4-layer softmax leaves the
+    # "guess among the values" plateau with it only in some seeds (reports/mqar-4-layers)
     mqar_zero_init_residual: bool = True
     mqar_curve_every: int = 0  # also score the held-out sets every this many steps (0: at the end only): when a model learns
     # contrast
