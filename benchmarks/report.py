@@ -179,6 +179,9 @@ def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[P
         # the other ran the ablations and replaces every ablation row here: its record describes them all
         done += ["ablations"] if "ablations" not in done else []
         runs["ablations"] = theirs.get("section_runs", {}).get("ablations")
+        seconds = (theirs.get("section_seconds") or {}).get("ablations")
+        if seconds is not None:
+            results.setdefault("section_seconds", {})["ablations"] = seconds
     if their_lm:
         results["lm_data"] = theirs.get("lm_data")
         results["lm"] = {**lm, **their_lm}

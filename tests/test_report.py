@@ -460,6 +460,7 @@ def test_merged_ablations_bring_their_section_record(tmp_path, monkeypatch):
     assert piece("a", "--sections", "", "--merge", str(tmp_path / "b")) == 0
     results, theirs = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("a", "b"))
     assert results["section_runs"]["ablations"] == theirs["section_runs"]["ablations"]
+    assert results["section_seconds"]["ablations"] == theirs["section_seconds"]["ablations"]
     assert results["section_runs"]["lm"]["command"] != theirs["section_runs"]["ablations"]["command"]
     assert all(results["lm"][k] == theirs["lm"][k] for k in report.ABLATIONS)
     assert f"`{theirs['section_runs']['ablations']['command']}` (sections ablations" in (tmp_path / "a" / "report.md").read_text()
