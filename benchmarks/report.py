@@ -152,8 +152,9 @@ def earlier_results(out: Path, mode: str) -> dict:
 
 def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[Path]]:
     """Add to ``results`` (this --out's) the model rows an invocation into the folder ``other`` trained: its
-    lm / ablation rows and its mqar rows, each keeping the command that trained it. Returns the rows merged
-    and the lm models under other/models to copy beside this folder's. Raises ValueError, changing nothing,
+    lm / ablation rows and its mqar rows, each keeping the command that trained it; a section's record comes
+    too where the other's rows make up all of that section here (the first lm / mqar rows, every ablation).
+    Returns the rows merged and the lm models under other/models to copy beside this folder's. Raises ValueError, changing nothing,
     when ``other`` holds no results of this mode, its corpus differs, or its MQAR settings differ from those
     of the rows here."""
     theirs = earlier_results(other, mode)

@@ -447,7 +447,7 @@ def test_mqar_report_says_when_the_grid_is_one_length(tmp_path, monkeypatch):
 
 def test_merged_ablations_bring_their_section_record(tmp_path, monkeypatch):
     """Ablations run again into a folder of their own and merged replace every ablation row here: the
-    section's record (command, commit, settings) is then theirs, not the earlier run's."""
+    section's record (command, commit, settings) and its seconds are then theirs, not the earlier run's."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(presets, "MODEL_ROWS", (ModelRow("zeros", "ZeroS", "zeros"),))
 
