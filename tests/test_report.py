@@ -457,10 +457,15 @@ def test_merged_ablations_bring_their_section_record(tmp_path, monkeypatch):
 
     assert piece("a", "--sections", "lm,ablations") == 0
     assert piece("b", "--sections", "ablations", "--seed", "7") == 0
+    # a marker in the other folder's per-section record, to see that the merge copies it (not a timing check)
+    other = tmp_path / "b" / "results.json"
+    marked = json.loads(other.read_text())
+    marked["section_seconds"]["ablations"] = MARKER = -1.0
+    other.write_text(json.dumps(marked))
     assert piece("a", "--sections", "", "--merge", str(tmp_path / "b")) == 0
     results, theirs = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("a", "b"))
     assert results["section_runs"]["ablations"] == theirs["section_runs"]["ablations"]
-    assert results["section_seconds"]["ablations"] == theirs["section_seconds"]["ablations"]
+    assert results["section_seconds"]["ablations"] == MARKER
     assert results["section_runs"]["lm"]["command"] != theirs["section_runs"]["ablations"]["command"]
     assert all(results["lm"][k] == theirs["lm"][k] for k in report.ABLATIONS)
     assert f"`{theirs['section_runs']['ablations']['command']}` (sections ablations" in (tmp_path / "a" / "report.md").read_text()
