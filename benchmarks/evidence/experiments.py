@@ -38,7 +38,7 @@ def _lm_result(run: Run, module, res: dict, attention_type: str, extra: dict) ->
     return {
         "attention_type": attention_type, "options": extra, "parameters": module.num_parameters(),
         "intermediate_size": module.model.config.intermediate_size,
-        "softmax_share": softmax_share(attention_type, extra, p.lm_layers),
+        "softmax_share": softmax_share(attention_type, extra),
         "steps": res["steps"], "train_tokens": res["steps"] * tokens_per_step,
         "curve": [{"tokens": e["step"] * tokens_per_step, "val_loss": e.get("val/loss")} for e in res["evals"]],
         "final_val_loss": final.get("val/loss"), "final_val_ppl": math.exp(final["val/loss"]) if "val/loss" in final else None,
@@ -60,12 +60,15 @@ def _train_lm_module(run: Run, name: str, module, attention_type: str, extra: di
     return out
 
 
-def selected_rows(run: Run, skipped: dict, kept=()) -> list[ModelRow]:
-    """The model rows this invocation trains (``--models``); the others are noted in ``skipped``
-    unless ``kept`` holds an earlier invocation's result for them."""
+def selected_rows(run: Run, section: str, skipped: dict, kept=()) -> list[ModelRow]:
+    """The model rows of ``section`` (ModelRow.sections) this invocation trains (``--models``); the
+    others are noted in ``skipped`` unless ``kept`` holds an earlier invocation's result for them."""
     rows = []
     for row in presets.MODEL_ROWS:
-        if run.models is None or row.key in run.models:
+        if section not in row.sections:
+            if run.models is not None and row.key in run.models:
+                skipped[row.key] = f"not a row of the {section} section (it is trained in: {', '.join(row.sections)})"
+        elif run.models is None or row.key in run.models:
             rows.append(row)
         elif row.key not in kept:
             skipped[row.key] = "not selected in this run (--models)"
@@ -77,8 +80,8 @@ def lm_builder(run: Run):
     p = run.preset
     dm = lm_data(run)
 
-    def build(attention_type: str, **overrides):
-        return lm_module(p, dm, attention_type, p.lm_layers, p.lm_hidden, p.lm_heads, p.lm_steps, **overrides)
+    def build(attention_type: str, num_hidden_layers: int = p.lm_layers, **overrides):
+        return lm_module(p, dm, attention_type, num_hidden_layers, p.lm_hidden, p.lm_heads, p.lm_steps, **overrides)
 
     return build
 
@@ -101,7 +104,7 @@ def section_lm(run: Run) -> None:
     build = lm_builder(run)
     run.seed_all()
     reference = reference_parameters(build, p.lm_layers)
-    for row in selected_rows(run, skipped, kept=lm):
+    for row in selected_rows(run, "lm", skipped, kept=lm):
         run.seed_all()
         try:
             module, overrides = build_row(row, p.lm_layers, build, reference)
@@ -225,9 +228,9 @@ def mqar_row(run: Run, row: ModelRow, width: int, makers, tests) -> dict:
                 for T in p.mqar_lengths]
 
     def builder(lr):
-        def build(attention_type: str, **overrides):
-            return task_module(run, "mqar", attention_type=attention_type, layers=layers, hidden=width, heads=p.mqar_heads,
-                               vocab=p.mqar_vocab, steps=p.mqar_steps, lr=lr, warmup_frac=p.mqar_warmup_frac,
+        def build(attention_type: str, num_hidden_layers: int = layers, **overrides):
+            return task_module(run, "mqar", attention_type=attention_type, layers=num_hidden_layers, hidden=width,
+                               heads=p.mqar_heads, vocab=p.mqar_vocab, steps=p.mqar_steps, lr=lr, warmup_frac=p.mqar_warmup_frac,
                                weight_decay=p.mqar_weight_decay, zero_init_residual=p.mqar_zero_init_residual,
                                **overrides)
         return build
@@ -251,7 +254,7 @@ def mqar_row(run: Run, row: ModelRow, width: int, makers, tests) -> dict:
             + f" ({fitted['wall_s']:.0f} s)")
     best = max(sweep, key=lambda r: r["mean"])
     return {"best": best, "sweep": [{k: r[k] for k in ("lr", "mean", "wall_s", "curve") if k in r} for r in sweep],
-            "softmax_share": softmax_share(row.attention_type, best["overrides"], layers)}
+            "softmax_share": softmax_share(row.attention_type, best["overrides"])}
 
 
 def section_mqar(run: Run) -> None:
@@ -281,7 +284,7 @@ def section_mqar(run: Run) -> None:
     makers = [(maker(T), mqar_batch_size(p.mqar_batch_tokens, T)) for T in p.mqar_lengths]
     tests = {T: maker(T)(p.mqar_val, torch.Generator().manual_seed(run.seed + 99 + T)) for T in p.mqar_lengths}
     for width in p.mqar_widths:
-        for row in selected_rows(run, res["skipped"], kept=kept):
+        for row in selected_rows(run, "mqar", res["skipped"], kept=kept):
             try:
                 out = mqar_row(run, row, width, makers, tests)
             except RowSkipped as err:

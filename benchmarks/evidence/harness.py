@@ -122,6 +122,7 @@ def lm_module(p: Preset, dm, attention_type: str, num_layers: int, hidden: int, 
 
 # Model rows (presets.MODEL_ROWS): config overrides, support by the installed model, parameter matching
 SOFTMAX_EVERY = "softmax_every"  # the rows' shorthand for a hybrid stack
+LAYERS_FRACTION = "layers_fraction"  # the rows' shorthand for a depth relative to the section's
 LINEAR_LAYER, SOFTMAX_LAYER = "linear_attention", "full_attention"  # layer_types entries (HF vocabulary)
 
 
@@ -130,10 +131,17 @@ class RowSkipped(Exception):
 
 
 def row_overrides(row: ModelRow, num_layers: int) -> dict:
-    """The row's config arguments for a model of ``num_layers`` layers: ``softmax_every: N`` becomes
-    ``layer_types`` (softmax at layers N, 2N, ...). Raises RowSkipped when the stack would hold no
-    softmax layer (fewer than N layers)."""
+    """The row's config arguments in a section of ``num_layers``-layer models: ``layers_fraction: f``
+    becomes ``num_hidden_layers`` (``round(f * num_layers)``), then ``softmax_every: N`` becomes
+    ``layer_types`` (softmax at layers N, 2N, ...). Raises RowSkipped when the row would have no
+    layer, or its stack no softmax layer (fewer than N layers)."""
     overrides = dict(row.overrides)
+    fraction = overrides.pop(LAYERS_FRACTION, None)
+    if fraction is not None:
+        depth = round(fraction * num_layers)
+        if depth < 1:
+            raise RowSkipped(f"{fraction:g} of {num_layers} layers rounds to no layer; these models need more layers")
+        overrides["num_hidden_layers"] = num_layers = depth
     every = overrides.pop(SOFTMAX_EVERY, None)
     if every is not None:
         if num_layers < every:
@@ -158,16 +166,17 @@ def unsupported_fields(overrides: dict) -> list[str]:
             if name not in config_fields or not (module_takes_any or name in module_params)]
 
 
-def softmax_share(attention_type: str, overrides: dict, num_layers: int) -> float:
+def softmax_share(attention_type: str, overrides: dict) -> float:
     """Share of the layers that are softmax (the ones whose state grows with the context)."""
     types = overrides.get("layer_types")
     if types is None:
         return 1.0 if attention_type == "softmax" else 0.0
-    return sum(t == SOFTMAX_LAYER for t in types) / num_layers
+    return sum(t == SOFTMAX_LAYER for t in types) / len(types)
 
 
 def build_row(row: ModelRow, num_layers: int, build: Callable[..., Any], reference_params: Optional[int] = None):
-    """Build a row's module with ``build(attention_type=..., **overrides)``, its parameter count
+    """Build a row's module with ``build(attention_type=..., **overrides)`` (``overrides`` may hold
+    ``num_hidden_layers``, the row's own depth, which ``build`` must take over the section's), its parameter count
     matched to ``reference_params`` within PARAM_TOLERANCE by the MLP width when it is further off.
 
     Returns (module, overrides used). Raises RowSkipped (with the reason) when the installed model
