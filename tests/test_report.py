@@ -146,7 +146,7 @@ def test_smoke_report_end_to_end(tmp_path):
     assert results["sections_done"] == list(report.SECTIONS)
     assert results["environment"]["device"] == "cpu" and results["wall_s"] > 0
     lm = results["lm"]
-    rows = {r.key for r in report.MODEL_ROWS}
+    rows = {r.key for r in report.MODEL_ROWS if "lm" in r.sections}
     assert set(lm) == (rows - set(results["lm_skipped"])) | set(report.ABLATIONS)
     assert set(report.MAIN_TYPES) <= set(lm)  # the smoke model has one layer: the hybrid rows are skipped
     assert {"hybrid", "hybrid_conv"} <= set(results["lm_skipped"]) and "Not run: hybrid (1 softmax layer in 4)" in md
@@ -157,7 +157,8 @@ def test_smoke_report_end_to_end(tmp_path):
     assert set(extrap["models"]) == rows - set(results["lm_skipped"])
     assert all(len(m["per_position"]) == extrap["eval_length"] for m in extrap["models"].values())
     preset = report.PRESETS["smoke"]
-    mq_rows = rows - set(results["mqar"]["skipped"])
+    mq_rows = {r.key for r in report.MODEL_ROWS if "mqar" in r.sections} - set(results["mqar"]["skipped"])
+    assert "rounds to no layer" in results["mqar"]["skipped"]["softmax_half"]  # half of the smoke model's one layer
     assert len(results["mqar"]["cells"]) == len(preset.mqar_lengths) * len(preset.mqar_widths) * len(mq_rows)
     assert all(len(m["sweep"]) == len(preset.mqar_lrs) for m in results["mqar"]["models"].values())
     assert all(0.0 <= c["accuracy"] <= 1.0 for c in results["mqar"]["cells"])
@@ -199,7 +200,8 @@ def _tiny_builder(**fixed):
     from zeros_lm.training import ZeroSLitModule
 
     def build(**kwargs):
-        return ZeroSLitModule(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, **{**fixed, **kwargs})
+        return ZeroSLitModule(vocab_size=64, hidden_size=32, num_attention_heads=2,
+                              **{"num_hidden_layers": 4, **fixed, **kwargs})  # a row may set its own depth
     return build
 
 
@@ -209,6 +211,12 @@ def test_model_rows_expand_hybrids_and_skip_unsupported_fields():
         ["linear_attention"] * 3 + ["full_attention"]
     with pytest.raises(RowSkipped, match="at least 4 layers"):
         row_overrides(every4, 2)
+    half = ModelRow("s2", "softmax, half", "softmax", {"layers_fraction": 0.5})
+    assert row_overrides(half, 4) == {"num_hidden_layers": 2}
+    assert row_overrides(ModelRow("h2", "hybrid, half", "zeros", {"layers_fraction": 0.5, "softmax_every": 2}), 4) == \
+        {"num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"]}  # the row's own depth
+    with pytest.raises(RowSkipped, match="rounds to no layer"):
+        row_overrides(half, 1)
     with pytest.raises(RowSkipped, match="`no_such_field`"):
         build_row(ModelRow("x", "X", "zeros", {"no_such_field": 4}), 4, _tiny_builder())
     with pytest.raises(RowSkipped, match="refused"):  # a field the model takes, with a value it refuses
@@ -225,6 +233,27 @@ def test_parameter_counts_are_matched_through_the_mlp_width():
         assert overrides["intermediate_size"] == module.model.config.intermediate_size != plain.model.config.intermediate_size
     close, overrides = build_row(ModelRow("s", "softmax", "softmax"), 4, build, int(1.01 * n))
     assert "intermediate_size" not in overrides and close.num_parameters() == n  # within 5%: left alone
+    # a row of half the depth keeps the reference's parameter count through a wider MLP
+    half, overrides = build_row(ModelRow("s2", "softmax, half", "softmax", {"layers_fraction": 0.5}), 4, build, n)
+    assert half.model.config.num_hidden_layers == 2 and overrides["num_hidden_layers"] == 2
+    assert abs(half.num_parameters() - n) <= presets.PARAM_TOLERANCE * n
+    assert half.model.config.intermediate_size > plain.model.config.intermediate_size
+
+
+def test_rows_train_only_in_their_sections():
+    """A row trains in the sections it names (ModelRow.sections); asking for it by name in another
+    section notes why it is not there."""
+    from types import SimpleNamespace
+
+    from benchmarks.evidence.experiments import selected_rows
+
+    keys = {r.key for r in presets.MODEL_ROWS}
+    skipped: dict = {}
+    lm_rows = {r.key for r in selected_rows(SimpleNamespace(models=None), "lm", skipped)}
+    assert lm_rows == keys - {"softmax_half"} and not skipped
+    assert {r.key for r in selected_rows(SimpleNamespace(models=None), "mqar", skipped)} == keys
+    picked = selected_rows(SimpleNamespace(models=("softmax", "softmax_half")), "lm", skipped)
+    assert [r.key for r in picked] == ["softmax"] and "not a row of the lm section" in skipped["softmax_half"]
 
 
 def _smoke(tmp_path, *args):
@@ -313,6 +342,42 @@ def test_target_verdicts_met_not_met_and_open():
     results["lm"]["hybrid_conv"] = lm_row(20.5, 0.25)
     line = next(x for x in target_findings(SimpleNamespace(results=results)) if "hybrid + short conv" in x)
     assert line.startswith("Target (75% ZeroS layers) hybrid + short conv: open") and "MQAR not judged" in line
+    # ... unless another softmax row of the same parameters learned it (half the layers): it is the baseline
+    results["mqar"]["cells"] += cells("softmax_half", 0.97)
+    line = next(x for x in target_findings(SimpleNamespace(results=results)) if "hybrid + short conv" in x)
+    assert line.startswith("Target (75% ZeroS layers) hybrid + short conv: met")
+    assert "0.980 vs softmax, half the layers 0.970 (within 0.05)" in line
+    results["mqar"]["cells"][-1]["accuracy"] = 0.90  # it did not learn it either: nothing judged
+    line = next(x for x in target_findings(SimpleNamespace(results=results)) if "hybrid + short conv" in x)
+    assert "MQAR not judged" in line and "softmax, half the layers reaches only 0.900" in line
+
+
+def test_mqar_findings_compare_against_the_softmax_row_that_learned_the_task():
+    """Where softmax at the grid's depth stays below the floor but softmax in half the layers (same
+    parameters) learns the task, the findings say so and compare ZeroS against the latter; the text
+    names the half-depth row's layers and MLP width."""
+    from types import SimpleNamespace
+
+    from benchmarks.evidence.markdown import md_mqar
+
+    def cells(key, accuracies):
+        return [{"model": key, "attention_type": "zeros", "width": 64, "seq_len": T, "pairs": T // 16, "accuracy": a}
+                for T, a in zip((64, 128), accuracies)]
+
+    def model(**overrides):
+        return {"parameters": 2.6e5, "lr": 3e-3, "sweep": [{"lr": 3e-3, "mean": 0.5}], "overrides": overrides}
+
+    mq = {"layers": 4, "heads": 2, "vocab": 512, "steps": 100, "lrs": [3e-3], "lengths": [64, 128], "widths": [64],
+          "cells": cells("zeros", (0.90, 0.80)) + cells("softmax", (0.40, 0.20)) + cells("softmax_half", (0.99, 0.97)),
+          "models": {"softmax/64": model(), "softmax_half/64": model(num_hidden_layers=2, intermediate_size=516)}}
+    findings: list = []
+    md = "\n".join(md_mqar(SimpleNamespace(results={"mqar": mq}, preset=report.PRESETS["full"], sections=("mqar",)),
+                           findings))
+    assert "softmax, half the layers (width 64) has 2 layers, its MLP widened to 516 to match" in md
+    text = "\n".join(findings)
+    assert "**softmax stays below 0.95 in part of the grid (lowest 0.20)**, where softmax, half the layers" in text
+    assert "undertraining" not in text
+    assert "**ZeroS is below softmax, half the layers** (by more than 0.05) at width 64, length 64 (0.90 vs 0.99)" in text
 
 
 def test_rows_from_several_invocations_name_their_commands():
