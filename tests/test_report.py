@@ -468,8 +468,8 @@ def test_mqar_accuracy_curve_is_recorded_and_changes_nothing(tmp_path, monkeypat
 
 
 def test_mqar_zero_init_residual_reaches_every_model_and_is_recorded(tmp_path, monkeypatch):
-    """The MQAR section builds every model with the mode's mqar_zero_init_residual (default on) and
-    records it; --set mqar_zero_init_residual=false turns it off and the report says it changed the
+    """The MQAR section builds every model with the mode's mqar_zero_init_residual (default off) and
+    records it; --set mqar_zero_init_residual=true turns it on and the report says it changed the
     mode's setting. Results written before the setting existed read as trained without it."""
     import benchmarks.tasks as tasks
 
@@ -484,16 +484,16 @@ def test_mqar_zero_init_residual_reaches_every_model_and_is_recorded(tmp_path, m
     monkeypatch.setattr(tasks, "make_task_module", recording)
     common = ["--smoke", "--device", "cpu", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
               "--sections", "mqar", "--models", "zeros,softmax", "--mqar-lrs", "3e-3"]
-    assert report.main([*common, "--out", str(tmp_path / "on")]) == 0
-    assert seen and all(seen)
-    seen.clear()
-    assert report.main([*common, "--out", str(tmp_path / "off"), "--set", "mqar_zero_init_residual=false"]) == 0
+    assert report.main([*common, "--out", str(tmp_path / "off")]) == 0
     assert seen and not any(seen)
+    seen.clear()
+    assert report.main([*common, "--out", str(tmp_path / "on"), "--set", "mqar_zero_init_residual=true"]) == 0
+    assert seen and all(seen)
     on, off = ({json.loads((tmp_path / d / "results.json").read_text())["mqar"]["zero_init_residual"]} for d in ("on", "off"))
     assert (on, off) == ({True}, {False})
     md_on, md_off = ((tmp_path / d / "report.md").read_text() for d in ("on", "off"))
-    assert "initialised to zero" in md_on and "mqar_zero_init_residual=" not in md_on
-    assert "the default init" in md_off and "mqar_zero_init_residual=False" in md_off
+    assert "initialised to zero" in md_on and "mqar_zero_init_residual=True" in md_on
+    assert "the default init" in md_off and "mqar_zero_init_residual=" not in md_off
     assert report.mqar_setting({"layers": 2}, "zero_init_residual") is False
 
 

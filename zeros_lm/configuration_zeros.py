@@ -64,8 +64,8 @@ class ZeroSConfig(PreTrainedConfig):
             every block starts as the identity and the residual stream at init is the embedding alone
             (as torchvision's ``zero_init_residual``, SkipInit / ReZero). Off by default (the paper's
             init). It can shorten the plateau a deeper stack sits on before it learns associative
-            recall, but not reliably: a 4-layer softmax model on MQAR left it in one seed of seven
-            (reports/mqar-4-layers).
+            recall, but not reliably: a 4-layer softmax model on MQAR left it in one seed of seven,
+            and a 2-layer one did not learn the task with it (reports/mqar-4-layers).
         use_cache: whether ``forward`` returns a :class:`ZeroSCache` by default (in eval mode).
         layer_types: hybrid stacks: one entry per layer, ``"linear_attention"`` (the mixer of
             ``attention_type``: ZeroS, or the linear baseline) or ``"full_attention"`` (softmax attention

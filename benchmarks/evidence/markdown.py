@@ -248,7 +248,7 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
         f"{mq.get('weight_decay', 0.1):g}, warmup then cosine decay; "
         + ("every attention and MLP output projection initialised to zero, so each block starts as the identity "
            "(`zero_init_residual`: it can shorten the plateau a deeper model sits on before it learns the task, but not "
-           "reliably: reports/mqar-4-layers); "
+           "reliably, and it kept a 2-layer softmax model from learning it: reports/mqar-4-layers); "
            if presets.mqar_setting(mq, "zero_init_residual") else "the default init; ")
         + (f"learning rates swept over {', '.join(f'{x:g}' for x in lrs)}, and each model's best (highest mean accuracy "
            "over the lengths) is reported, as zoology reports the best of its sweep." if len(lrs) > 1 else
