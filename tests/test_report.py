@@ -375,9 +375,14 @@ def test_mqar_findings_compare_against_the_softmax_row_that_learned_the_task():
                            findings))
     assert "softmax, half the layers (width 64) has 2 layers, its MLP widened to 516 to match" in md
     text = "\n".join(findings)
-    assert "**softmax stays below 0.95 in part of the grid (lowest 0.20)**, where softmax, half the layers" in text
+    assert "**softmax (lowest 0.20) stays below 0.95 in part of the grid**, where softmax, half the layers" in text
     assert "undertraining" not in text
     assert "**ZeroS is below softmax, half the layers** (by more than 0.05) at width 64, length 64 (0.90 vs 0.99)" in text
+    findings.clear()  # neither learned it: both named, and the gaps called partly undertraining
+    mq["cells"][-1]["accuracy"] = 0.90
+    md_mqar(SimpleNamespace(results={"mqar": mq}, preset=report.PRESETS["full"], sections=("mqar",)), findings)
+    assert ("**softmax (lowest 0.20) and softmax, half the layers (lowest 0.90) stay below 0.95 in part of the grid**: "
+            "the training budget does not solve the task") in "\n".join(findings)
 
 
 def test_rows_from_several_invocations_name_their_commands():
