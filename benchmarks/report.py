@@ -29,8 +29,8 @@ keeps the other sections' results from its results.json and rewrites the report 
 the lm section saves its models under <out>/models/ so that extrapolation can run later. Pieces
 that run at the same time go into separate folders (two invocations would overwrite each other's
 results.json) and --merge adds their model rows to one. The
-models compared are the rows of benchmarks/evidence/presets.py MODEL_ROWS (a label + config
-overrides); a row the installed model cannot build is skipped with a note. Every number in the
+models compared are the rows of benchmarks/evidence/presets.py MODEL_ROWS (a label, config
+overrides, the sections that train it); a row the installed model cannot build is skipped with a note. Every number in the
 report comes from the invocation named next to its section (results.json holds them all).
 """
 
