@@ -144,7 +144,7 @@ def test_smoke_report_end_to_end(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     assert results["sections_done"] == list(report.SECTIONS)
-    assert results["environment"]["device"] == "cpu" and results["wall_s"] > 0
+    assert results["environment"]["device"] == "cpu" and "wall_s" in results  # recorded, not judged
     lm = results["lm"]
     rows = {r.key for r in report.MODEL_ROWS if "lm" in r.sections}
     assert set(lm) == (rows - set(results["lm_skipped"])) | set(report.ABLATIONS)
