@@ -8,8 +8,10 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from lightning.pytorch import Callback
 import zeros_lm  # noqa: F401  (registers the Auto classes)
 from zeros_lm import ZeroSForCausalLM
 from zeros_lm.cli import train  # what train.py and zeros-lm train run
+from zeros_lm.strategies import SHARED_MEMORY_COMM_OP
 from zeros_lm.training import AtomicCheckpointIO, ZeroSLitModule, lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,18 +354,41 @@ def smoke_seq_len() -> int:
 # ------------------------------------------------------------------------------------------
 # DeepSpeed ZeRO-2 / ZeRO-3, two processes on CPU
 # ------------------------------------------------------------------------------------------
-def run_script(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="session", autouse=True)
+def torch_extensions_dir(tmp_path_factory) -> Path:
+    """DeepSpeed's ops (CPU Adam) are built for this session alone: the tests neither depend on nor
+    leave anything in the user's build cache (where a killed build's lock would stall later runs)."""
+    path = tmp_path_factory.mktemp("torch_extensions")
+    previous = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+    else:
+        os.environ["TORCH_EXTENSIONS_DIR"] = previous
+
+
+def run_script(args: list[str], timeout: int = 240, expect_rc: int = 0) -> subprocess.CompletedProcess:
+    """train.py in a session of its own: on a timeout the whole process group (the ranks Lightning
+    launched included) is killed, so that nothing is left running for the tests that follow."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+    cmd = [sys.executable, str(REPO / "train.py"), *args]
+    with subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"train.py did not finish in {timeout} s:\n{out[-3000:]}{err[-6000:]}")
+    assert proc.returncode == expect_rc, out[-3000:] + err[-6000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_two_processes_train_checkpoint_resume_export(stage, tmp_path, cache_dir):
+def test_deepspeed_two_processes_train_checkpoint_resume_export(stage, tmp_path, cache_dir, torch_extensions_dir):
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     from transformers import AutoModelForCausalLM
 
@@ -380,6 +406,8 @@ def test_deepspeed_two_processes_train_checkpoint_resume_export(stage, tmp_path,
     root = tmp_path / f"zero{stage}"
     common = args_for(root)
     run_script(common + ["--trainer.max_steps", "8", "--export.enabled", "false"])
+    # DeepSpeed's shared-memory collectives op (unused under Lightning) was not compiled.
+    assert not (torch_extensions_dir / SHARED_MEMORY_COMM_OP).exists()
     last = root / "checkpoints" / "last.ckpt"
     assert last.is_dir() and (last / "checkpoint").is_dir(), "a sharded DeepSpeed checkpoint"
     assert not list((root / "checkpoints").glob("*.partial"))
@@ -441,6 +469,54 @@ def test_deepspeed_zero3_with_cpu_offload_trains(tmp_path, cache_dir):
     zero = torch.load(states, weights_only=False)["ds_config"]["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
     assert json.loads((root / "export_check.json").read_text())["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.slow
+def test_a_stale_deepspeed_build_lock_is_one_clear_error(tmp_path, cache_dir, torch_extensions_dir):
+    """A build of a DeepSpeed op killed midway leaves torch's lock file, for which every later run
+    would wait forever: the run stops at once with one error naming the file, and nothing is trained."""
+    lock = torch_extensions_dir / "cpu_adam" / "lock"
+    lock.parent.mkdir(exist_ok=True)
+    lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    try:
+        proc = run_script(
+            smoke_args(tmp_path / "run", cache_dir, "--trainer.devices", "1", "--trainer.strategy", "deepspeed_stage_2"),
+            timeout=120,
+            expect_rc=train.EXIT_ERROR,
+        )
+    finally:
+        lock.unlink()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(lock) in errors[0] and "delete" in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_build_locks_stale_recent_ignored_and_unrelated(tmp_path, capsys):
+    from zeros_lm.rundir import RunError
+    from zeros_lm.strategies import STALE_BUILD_LOCK_SECONDS, check_build_locks, deepspeed_build_locks
+
+    def lock_at(relative: str, age: float) -> Path:
+        path = tmp_path / relative / "lock"
+        path.parent.mkdir(parents=True)
+        path.touch()
+        os.utime(path, (now - age, now - age))
+        return path
+
+    now = time.time()
+    recent = lock_at("cpu_adam", 5)
+    lock_at("my_own_extension", 10 * STALE_BUILD_LOCK_SECONDS)  # not DeepSpeed's: not ours to judge
+    assert deepspeed_build_locks(tmp_path) == [recent]
+    check_build_locks(tmp_path, now=now)  # a build running now: a warning, not an error
+    assert "another process is building DeepSpeed's cpu_adam op" in capsys.readouterr().err
+
+    # torch's default layout has one more level (py<version>_<device>/<op>/lock)
+    stale = lock_at("py311_cpu/fused_adam", STALE_BUILD_LOCK_SECONDS + 60)
+    with pytest.raises(RunError, match="fused_adam op that started 11 min ago and was interrupted") as error:
+        check_build_locks(tmp_path, now=now)
+    assert str(stale) in str(error.value)
+    check_build_locks(tmp_path, ignore=("fused_adam",), now=now)
 
 
 def losses_by_step(rows: list[dict]) -> dict[int, float]:

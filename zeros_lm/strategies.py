@@ -8,6 +8,17 @@ only when the strategy's device is not a CUDA device:
 2. ``setup_distributed`` skips the device-index validation (CPU devices have no index);
 3. ``deepspeed.initialize`` gets ``device_rank=local_rank`` instead of the CUDA device index.
 
+On CPU it also leaves out DeepSpeed's shared-memory collectives op. DeepSpeed compiles it on every
+first start (about 30 s, and a C++ compiler), but engages it only when ``LOCAL_SIZE`` (set by the
+``deepspeed`` launcher, never by Lightning) names all the ranks; under Lightning it would be built
+and never used. ZeRO stages 1-3 on CPU then compile nothing; CPU offload still compiles CPU Adam.
+
+DeepSpeed's ops compile on first use through torch, which holds a ``lock`` file in the op's build
+directory meanwhile and makes every other process wait, with no time limit, for that file to go.
+A build that was killed midway leaves the file behind, and every later run would hang at
+"initializing deepspeed distributed". Before DeepSpeed starts, :func:`check_build_locks` turns a
+lock older than any build into one error that names the file, and warns of a recent one.
+
 Checkpoints are also written atomically: DeepSpeed writes its shards into ``<path>.partial`` and the
 directory is renamed into place once every rank has finished, so an interrupted save never leaves a
 half-written checkpoint under a name that ``--ckpt_path`` could pick up.
@@ -20,10 +31,13 @@ Importing this module registers the subclass under all of Lightning's DeepSpeed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -36,7 +50,14 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry  # noqa: 
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy as _LightningDeepSpeedStrategy  # noqa: E402
 from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
 
-__all__ = ["DeepSpeedStrategy", "uses_deepspeed", "deepspeed_offloads_optimizer", "register"]
+from zeros_lm.rundir import RunError  # noqa: E402
+
+__all__ = ["DeepSpeedStrategy", "uses_deepspeed", "deepspeed_offloads_optimizer", "register", "check_build_locks"]
+
+# The longest a build of one of DeepSpeed's ops can take (CPU Adam, the largest built on CPU, takes
+# about a minute on two cores): a build lock older than this was left by a build that was killed.
+STALE_BUILD_LOCK_SECONDS = 600
+SHARED_MEMORY_COMM_OP = "deepspeed_shm_comm"  # the op that DeepSpeedStrategy leaves out on CPU
 
 
 class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
@@ -48,11 +69,15 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 
     strategy_name = "deepspeed"
 
-    # -- the three CPU overrides ---------------------------------------------------------------
+    # -- the CPU overrides ---------------------------------------------------------------------
     def _on_cpu(self) -> bool:
         return self.root_device.type != "cuda"
 
+    def _skips_shared_memory_comm_op(self) -> bool:
+        return self._on_cpu() and "LOCAL_SIZE" not in os.environ
+
     def setup_environment(self) -> None:
+        check_build_locks(ignore=(SHARED_MEMORY_COMM_OP,) if self._skips_shared_memory_comm_op() else ())
         if self._on_cpu():
             # Skip the "only supported on CUDA GPUs" check; the DDP parent sets up the process
             # group through our setup_distributed below.
@@ -67,6 +92,13 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+    def _init_deepspeed_distributed(self) -> None:
+        if self._skips_shared_memory_comm_op():
+            with _without_shared_memory_comm_op():
+                super()._init_deepspeed_distributed()
+        else:
+            super()._init_deepspeed_distributed()
 
     def _device_rank(self) -> int:
         index = self.root_device.index
@@ -130,6 +162,70 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
             _remove_path(Path(filepath))
+
+
+@contextlib.contextmanager
+def _without_shared_memory_comm_op() -> Iterator[None]:
+    """DeepSpeed's communication backend, created meanwhile, skips building its shared-memory op
+    (which it would leave uninitialised and unused without ``LOCAL_SIZE``; it then uses gloo alone)."""
+    import importlib
+
+    # (not ``import deepspeed.comm.torch as ...``: the package's attribute ``torch`` is torch itself)
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+    build = getattr(ds_comm, "build_shm_op", None)
+    if build is None:  # another DeepSpeed version: leave it as it is
+        yield
+        return
+    ds_comm.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_comm.build_shm_op = build
+
+
+def extension_build_root() -> Path:
+    """Where torch builds C++ extensions on first use (DeepSpeed's ops among them):
+    ``TORCH_EXTENSIONS_DIR``, else torch's per-user cache folder."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def deepspeed_build_locks(root: Optional[Path] = None) -> list[Path]:
+    """The build locks of DeepSpeed's ops under ``root`` (``<root>/<op>/lock``; without
+    ``TORCH_EXTENSIONS_DIR`` torch adds a ``py<version>_<device>`` level)."""
+    import deepspeed.ops
+
+    root = extension_build_root() if root is None else Path(root)
+    names = set(getattr(deepspeed.ops, "__compatible_ops__", {}))
+    return sorted(lock for pattern in ("*/lock", "*/*/lock") for lock in root.glob(pattern) if lock.parent.name in names)
+
+
+def check_build_locks(root: Optional[Path] = None, ignore: tuple[str, ...] = (), now: Optional[float] = None) -> None:
+    """Raise :class:`RunError` for a build lock of a DeepSpeed op (other than those in ``ignore``)
+    older than ``STALE_BUILD_LOCK_SECONDS``: a killed build left it, and torch would wait for it
+    forever. Warn of a recent one: a build running now, which a run needing the op waits for."""
+    now = time.time() if now is None else now
+    for lock in deepspeed_build_locks(root):
+        if lock.parent.name in ignore:
+            continue
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:  # the build finished meanwhile
+            continue
+        op = lock.parent.name
+        if age > STALE_BUILD_LOCK_SECONDS:
+            raise RunError(
+                f"{lock} is left from a build of DeepSpeed's {op} op that started {age / 60:.0f} min ago and "
+                f"was interrupted; DeepSpeed would wait for it forever. Make sure no other run is compiling "
+                f"{op}, delete {lock}, and start again"
+            )
+        print(
+            f"warning: another process is building DeepSpeed's {op} op ({lock}); a run that needs the op "
+            f"waits until it is built. If no build is running, stop this run and delete that file.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _remove_path(path: Path) -> None:
