@@ -58,8 +58,8 @@ from benchmarks.evidence import presets as evidence_presets  # noqa: E402
 from benchmarks.evidence.experiments import HANDLERS, saved_lm_models  # noqa: E402
 from benchmarks.evidence.harness import Run, _quiet_lightning, default_precision, environment, log  # noqa: E402
 from benchmarks.evidence.markdown import write_report  # noqa: E402
-from benchmarks.evidence.presets import (ABLATIONS, CONTRAST_MODELS, MAIN_TYPES, MODEL_ROWS, MQAR_SETTINGS,  # noqa: E402,F401
-                                        PRESETS, SECTIONS, mqar_setting)
+from benchmarks.evidence.presets import (ABLATIONS, CONTRAST_MODELS, DEFAULT_SEED, MAIN_TYPES, MODEL_ROWS,  # noqa: E402,F401
+                                        MQAR_COMPARED, MQAR_SETTINGS, PRESETS, SECTIONS, mqar_setting)
 
 
 def parse_args(argv=None):
@@ -85,7 +85,8 @@ def parse_args(argv=None):
                     help="first add the model rows that an invocation into another --out DIR trained (pieces run side by "
                     "side into separate folders): its lm and ablation rows with their saved models, its mqar rows (at "
                     "the same MQAR settings); the same mode; repeatable. With --sections '' it only merges and rewrites")
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                    help="draws the initialisation, the training data and MQAR's held-out sets (default %(default)s)")
     ap.add_argument("--cache-dir", default=None, help="tokenizer/data cache (default: $ZEROS_LM_CACHE or ~/.cache/zeros_lm)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return ap.parse_args(argv)
@@ -165,7 +166,7 @@ def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[P
         raise ValueError(f"--merge {other}: its language-modelling corpus differs from this folder's (lm_data)")
     mqar, their_mqar = results.get("mqar") or {}, theirs.get("mqar") or {}
     their_rows = sorted({key.split("/")[0] for key in their_mqar.get("models", {})})
-    differ = [k for k in MQAR_SETTINGS if mqar_setting(mqar, k) != mqar_setting(their_mqar, k)]
+    differ = [k for k in MQAR_COMPARED if mqar_setting(mqar, k) != mqar_setting(their_mqar, k)]
     if mqar.get("models") and their_rows and differ:
         raise ValueError(f"--merge {other}: its MQAR rows were trained at other settings than this folder's ("
                          + ", ".join(f"{k} {mqar_setting(their_mqar, k)} vs {mqar_setting(mqar, k)}" for k in differ) + ")")

@@ -416,7 +416,7 @@ def test_rows_from_several_invocations_name_their_commands():
 def test_pieces_in_separate_folders_merge_into_one_report(tmp_path, monkeypatch, capsys):
     """Two invocations side by side, each into its own folder; --merge adds the second's lm rows (with their saved
     models) and mqar rows to the first's, each keeping its command. A folder without results, or MQAR rows
-    trained at other settings, is one clear error and leaves the target folder as it was."""
+    trained at other settings (or another seed), is one clear error and leaves the target folder as it was."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(presets, "MODEL_ROWS", (ModelRow("zeros", "ZeroS", "zeros"), ModelRow("softmax", "softmax", "softmax")))
 
@@ -432,6 +432,13 @@ def test_pieces_in_separate_folders_merge_into_one_report(tmp_path, monkeypatch,
     assert piece("a", "--sections", "", "--merge", str(tmp_path / "c")) == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "steps 3 vs" in err
+    # another seed draws other training data and other held-out sets: not the same table either
+    assert piece("e", "--sections", "mqar", "--models", "softmax", "--seed", "7") == 0
+    assert json.loads((tmp_path / "e" / "results.json").read_text())["mqar"]["seed"] == 7
+    assert "One seed per model (`--seed 7`" in (tmp_path / "e" / "report.md").read_text()
+    assert "One seed per model." in (b / "report.md").read_text()
+    assert piece("a", "--sections", "", "--merge", str(tmp_path / "e")) == 2
+    assert "seed 7 vs 1234" in capsys.readouterr().err
     assert piece("a", "--sections", "", "--merge", str(b), "--merge", str(tmp_path / "nothing")) == 2
     assert "holds no results.json" in capsys.readouterr().err
     assert (a / "results.json").read_bytes() == before and sorted(p.name for p in (a / "models").iterdir()) == ["zeros"]

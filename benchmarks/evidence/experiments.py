@@ -11,7 +11,7 @@ import torch
 
 from .harness import RowSkipped, Run, build_row, fit, lm_module, log, softmax_share
 from . import presets
-from .presets import ABLATIONS, CONTRAST_MODELS, MQAR_SETTINGS, REFERENCE_ROW, ModelRow, mqar_setting
+from .presets import ABLATIONS, CONTRAST_MODELS, MQAR_COMPARED, MQAR_SETTINGS, REFERENCE_ROW, ModelRow, mqar_setting
 
 
 def lm_data(run: Run):
@@ -265,11 +265,11 @@ def section_mqar(run: Run) -> None:
 
     p = run.preset
     settings = {key: getattr(p, field) for key, field in MQAR_SETTINGS.items()}
-    res: dict = {**{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+    res: dict = {**{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, "seed": run.seed,
                  "cells": [], "models": {}, "skipped": {}}
     earlier = run.results.get("mqar") or {}
     run.results["mqar"] = res
-    if run.models is not None and all(mqar_setting(earlier, k) == res[k] for k in MQAR_SETTINGS):
+    if run.models is not None and all(mqar_setting(earlier, k) == res[k] for k in MQAR_COMPARED):
         # a piece of the section (--models): the other rows keep an earlier invocation's results at the same settings
         res["cells"] = [c for c in earlier.get("cells", []) if c.get("model") not in run.models]
         res["models"] = {k: m for k, m in earlier.get("models", {}).items() if k.split("/")[0] not in run.models}

@@ -67,7 +67,10 @@ MQAR_SETTINGS = {"layers": "mqar_layers", "heads": "mqar_heads", "vocab": "mqar_
                  "lrs": "mqar_lrs", "lengths": "mqar_lengths", "widths": "mqar_widths",
                  "batch_tokens": "mqar_batch_tokens", "weight_decay": "mqar_weight_decay",
                  "zero_init_residual": "mqar_zero_init_residual"}
-MQAR_SETTINGS_BEFORE = {"zero_init_residual": False}  # what results written before a setting existed used
+DEFAULT_SEED = 1234  # report.py --seed: it draws the initialisation, the training data and the held-out sets
+# ... and every key above with the seed: what rows must share to sit in one MQAR table
+MQAR_COMPARED = (*MQAR_SETTINGS, "seed")
+MQAR_SETTINGS_BEFORE = {"zero_init_residual": False, "seed": DEFAULT_SEED}  # what results written before a setting existed used
 
 
 def mqar_setting(mq: dict, key: str):
