@@ -151,10 +151,17 @@ def earlier_results(out: Path, mode: str) -> dict:
     return earlier
 
 
+def section_rows(results: dict, section: str) -> set:
+    """The model rows of ``section`` in ``results`` (lm and ablation rows share ``results["lm"]``)."""
+    if section == "mqar":
+        return {key.split("/")[0] for key in (results.get("mqar") or {}).get("models", {})}
+    return {key for key in results.get("lm") or {} if (key in ABLATIONS) == (section == "ablations")}
+
+
 def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[Path]]:
     """Add to ``results`` (this --out's) the model rows an invocation into the folder ``other`` trained: its
     lm / ablation rows and its mqar rows, each keeping the command that trained it; a section's record comes
-    too where the other's rows make up all of that section here (the first lm / mqar rows, every ablation).
+    too where the other's rows make up all of that section here (they replace every row of it, or it had none).
     Returns the rows merged and the lm models under other/models to copy beside this folder's. Raises ValueError, changing nothing,
     when ``other`` holds no results of this mode, its corpus differs, or its MQAR settings differ from those
     of the rows here."""
@@ -165,25 +172,21 @@ def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[P
     if lm and their_lm and results.get("lm_data") != theirs.get("lm_data"):
         raise ValueError(f"--merge {other}: its language-modelling corpus differs from this folder's (lm_data)")
     mqar, their_mqar = results.get("mqar") or {}, theirs.get("mqar") or {}
-    their_rows = sorted({key.split("/")[0] for key in their_mqar.get("models", {})})
+    their_rows = sorted(section_rows(theirs, "mqar"))
     differ = [k for k in MQAR_COMPARED if mqar_setting(mqar, k) != mqar_setting(their_mqar, k)]
     if mqar.get("models") and their_rows and differ:
         raise ValueError(f"--merge {other}: its MQAR rows were trained at other settings than this folder's ("
                          + ", ".join(f"{k} {mqar_setting(their_mqar, k)} vs {mqar_setting(mqar, k)}" for k in differ) + ")")
     done, runs = results.setdefault("sections_done", []), results.setdefault("section_runs", {})
-    had = {"lm": bool(lm), "mqar": bool(mqar.get("models"))}
-    for section, rows in (("lm", their_lm), ("mqar", their_rows)):
-        if rows and not had[section]:  # no rows of the section here: the other's record of it describes them
+    for section in ("lm", "mqar", "ablations"):
+        came = section_rows(theirs, section)
+        if came and section_rows(results, section) <= came:
+            # the other's rows make up all of the section here: its record (command, settings, seconds) describes them
             done += [section] if section not in done else []
             runs[section] = theirs.get("section_runs", {}).get(section)
-    ablations_here = {k for k in lm if k in ABLATIONS}
-    if "ablations" in theirs.get("sections_done", []) and ablations_here <= set(their_lm):
-        # the other ran the ablations and replaces every ablation row here: its record describes them all
-        done += ["ablations"] if "ablations" not in done else []
-        runs["ablations"] = theirs.get("section_runs", {}).get("ablations")
-        seconds = (theirs.get("section_seconds") or {}).get("ablations")
-        if seconds is not None:
-            results.setdefault("section_seconds", {})["ablations"] = seconds
+            seconds = (theirs.get("section_seconds") or {}).get(section)
+            if seconds is not None:
+                results.setdefault("section_seconds", {})[section] = seconds
     if their_lm:
         results["lm_data"] = theirs.get("lm_data")
         results["lm"] = {**lm, **their_lm}

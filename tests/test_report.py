@@ -373,7 +373,10 @@ def test_mqar_findings_compare_against_the_softmax_row_that_learned_the_task():
     findings: list = []
     md = "\n".join(md_mqar(SimpleNamespace(results={"mqar": mq}, preset=report.PRESETS["full"], sections=("mqar",)),
                            findings))
-    assert "softmax, half the layers (width 64) has 2 layers, its MLP widened to 516 to match" in md
+    assert "softmax, half the layers (width 64) has 2 layers, its MLP 516 wide to match" in md
+    mq["models"]["softmax_half/64"] = model(num_hidden_layers=2)  # already within 5%: no width to name
+    md = "\n".join(md_mqar(SimpleNamespace(results={"mqar": mq}, preset=report.PRESETS["full"], sections=("mqar",)), []))
+    assert "softmax, half the layers (width 64) has 2 layers and the default MLP." in md
     text = "\n".join(findings)
     assert "**softmax (lowest 0.20) stays below 0.95 in part of the grid**, where softmax, half the layers" in text
     assert "undertraining" not in text

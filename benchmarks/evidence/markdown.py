@@ -179,25 +179,26 @@ def md_extrapolation(run: Run, findings: list[str]) -> list[str]:
     return lines
 
 
-def mqar_means(mq: dict) -> dict:
-    """Mean accuracy over the grid per model key (cells of older runs carry only the attention type)."""
+def mqar_stats(mq: dict) -> dict:
+    """Per model key, (mean, lowest) accuracy over the grid (cells of older runs carry only the attention type)."""
     acc: dict = {}
     for c in mq.get("cells", []):
         if c.get("accuracy") is not None:
             acc.setdefault(c.get("model", c["attention_type"]), []).append(c["accuracy"])
-    return {k: sum(v) / len(v) for k, v in acc.items()}
+    return {k: (sum(v) / len(v), min(v)) for k, v in acc.items()}
+
+
+def mqar_means(mq: dict) -> dict:
+    """Mean accuracy over the grid per model key."""
+    return {k: mean for k, (mean, _) in mqar_stats(mq).items()}
 
 
 def mqar_baseline(mq: dict):
     """The softmax row MQAR judges against, as (key, mean accuracy, lowest accuracy over the grid): of
     MQAR_BASELINE_ROWS, the best by mean of those that learned the task (>= SOFTMAX_MQAR_FLOOR at every
     length), else the best by mean; None when the grid holds none of them."""
-    means, found = mqar_means(mq), []
-    for key in MQAR_BASELINE_ROWS:
-        worst = min((c["accuracy"] for c in mq.get("cells", []) if c.get("model", c["attention_type"]) == key
-                     and c.get("accuracy") is not None), default=None)
-        if worst is not None:
-            found.append((key, means[key], worst))
+    stats = mqar_stats(mq)
+    found = [(key, *stats[key]) for key in MQAR_BASELINE_ROWS if key in stats]
     return max(found, key=lambda b: (b[2] >= SOFTMAX_MQAR_FLOOR, b[1]), default=None)
 
 
@@ -257,8 +258,9 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
         + " One seed per model" + ("." if seed == presets.DEFAULT_SEED else f" (`--seed {seed}`; it also draws the data).")
         + " Parameter counts are matched to the "
         "paper-exact ZeroS at the same width within 5%"
-        + "".join(f"; {row_label(k.split('/')[0])} (width {k.split('/')[1]}) has {m['overrides']['num_hidden_layers']} "
-                  f"layers, its MLP widened to {m['overrides'].get('intermediate_size', 'the default')} to match"
+        + "".join(f"; {row_label(k.split('/')[0])} (width {k.split('/')[1]}) has {m['overrides']['num_hidden_layers']} layers"
+                  + (f", its MLP {m['overrides']['intermediate_size']} wide to match" if "intermediate_size" in m["overrides"]
+                     else " and the default MLP")
                   for k, m in (mq.get("models") or {}).items()
                   if (m.get("overrides") or {}).get("num_hidden_layers", mq.get("layers")) != mq.get("layers"))
         + "."
@@ -291,14 +293,11 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
         missing = [r.label for r in presets.MODEL_ROWS if r.key not in keys_in and r.key not in (mq.get("skipped") or {})]
         if missing:
             lines += [f"Not reached: {', '.join(missing)} (the invocation was stopped before these models).", ""]
-    mean = mqar_means(mq)
-    findings.append("MQAR mean accuracy over the grid: " + ", ".join(f"{row_label(k)} {mean[k]:.3f}" for k in keys_in) + ".")
+    stats = mqar_stats(mq)
+    findings.append("MQAR mean accuracy over the grid: " + ", ".join(f"{row_label(k)} {stats[k][0]:.3f}" for k in keys_in) + ".")
     base = mqar_baseline(mq)
-    below = {}  # softmax rows short of the floor somewhere -> their lowest accuracy
-    for key in MQAR_BASELINE_ROWS:
-        soft = [c["accuracy"] for c in cells if c.get("model", c["attention_type"]) == key]
-        if soft and min(soft) < SOFTMAX_MQAR_FLOOR:
-            below[key] = min(soft)
+    # softmax rows short of the floor somewhere -> their lowest accuracy
+    below = {key: stats[key][1] for key in MQAR_BASELINE_ROWS if key in stats and stats[key][1] < SOFTMAX_MQAR_FLOOR}
     if below:
         names = " and ".join(f"{row_label(k)} (lowest {low:.2f})" for k, low in below.items())
         verb = "stays" if len(below) == 1 else "stay"
@@ -321,7 +320,7 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
     if lost:
         findings.append(f"MQAR: **ZeroS is below {row_label(soft_key)}** (by more than {TARGET_MQAR_GAP:g}) at "
                         + "; ".join(lost) + ".")
-    elif "zeros" in mean and soft_key in mean:
+    elif "zeros" in stats and soft_key in stats:
         findings.append(f"MQAR: ZeroS is within {TARGET_MQAR_GAP:g} of {row_label(soft_key)} or above it in every cell.")
     pairs = [(c["accuracy"], next((d["accuracy"] for d in cells if d.get("model", d["attention_type"]) == "linear"
                                    and d["width"] == c["width"] and d["seq_len"] == c["seq_len"]), None))
