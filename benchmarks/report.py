@@ -158,13 +158,43 @@ def section_rows(results: dict, section: str) -> set:
     return {key for key in results.get("lm") or {} if (key in ABLATIONS) == (section == "ablations")}
 
 
+def join_sweeps(mq: dict, theirs: dict, other: Path) -> dict:
+    """MQAR results of two learning-rate sweeps at otherwise equal settings, as one: each model row and
+    width keeps the learning rates of both (each with the command that trained it) and the cells and
+    record of the best, as one sweep over all of them would. Raises ValueError for a row trained at the
+    same learning rate in both (merge one of the two)."""
+    models, cells = dict(mq["models"]), list(mq["cells"])
+
+    def tagged(model: dict) -> list[dict]:
+        return [{**s, "command": s.get("command", model.get("command")),
+                 "git_commit": s.get("git_commit", model.get("git_commit"))} for s in model["sweep"]]
+
+    for key, their in theirs["models"].items():
+        row, width = key.split("/")[0], int(key.split("/")[1])
+        mine = models.get(key)
+        if mine is not None:
+            both = sorted({s["lr"] for s in mine["sweep"]} & {s["lr"] for s in their["sweep"]})
+            if both:
+                raise ValueError(f"--merge {other}: {key} at learning rate {', '.join(f'{x:g}' for x in both)} is "
+                                 "here and there: leave one of the two out")
+        sweep = sorted(tagged(their) + (tagged(mine) if mine else []), key=lambda s: s["lr"])
+        if mine is None or max(s["mean"] for s in their["sweep"]) > max(s["mean"] for s in mine["sweep"]):
+            models[key] = {**their, "sweep": sweep}
+            cells = ([c for c in cells if (c["model"], c["width"]) != (row, width)]
+                     + [c for c in theirs["cells"] if (c["model"], c["width"]) == (row, width)])
+        else:
+            models[key] = {**mine, "sweep": sweep}
+    lrs = sorted(set(mq.get("lrs") or []) | set(theirs.get("lrs") or []))
+    return {**mq, "lrs": lrs, "models": models, "cells": cells}
+
+
 def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[Path]]:
     """Add to ``results`` (this --out's) the model rows an invocation into the folder ``other`` trained: its
     lm / ablation rows and its mqar rows, each keeping the command that trained it; a section's record comes
     too where the other's rows make up all of that section here (they replace every row of it, or it had none).
     Returns the rows merged and the lm models under other/models to copy beside this folder's. Raises ValueError, changing nothing,
     when ``other`` holds no results of this mode, its corpus differs, or its MQAR settings differ from those
-    of the rows here."""
+    of the rows here other than in the learning rates (then the sweeps join: :func:`join_sweeps`)."""
     theirs = earlier_results(other, mode)
     if not theirs:
         raise ValueError(f"--merge {other}: it holds no results.json; give the --out folder of the invocation to merge")
@@ -174,13 +204,17 @@ def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[P
     mqar, their_mqar = results.get("mqar") or {}, theirs.get("mqar") or {}
     their_rows = sorted(section_rows(theirs, "mqar"))
     differ = [k for k in MQAR_COMPARED if mqar_setting(mqar, k) != mqar_setting(their_mqar, k)]
-    if mqar.get("models") and their_rows and differ:
+    joined = bool(mqar.get("models") and their_rows and differ)  # only the learning rates differ: the sweeps join
+    if joined and differ != ["lrs"]:
         raise ValueError(f"--merge {other}: its MQAR rows were trained at other settings than this folder's ("
-                         + ", ".join(f"{k} {mqar_setting(their_mqar, k)} vs {mqar_setting(mqar, k)}" for k in differ) + ")")
+                         + ", ".join(f"{k} {mqar_setting(their_mqar, k)} vs {mqar_setting(mqar, k)}" for k in differ
+                                     if k != "lrs") + ")")
+    if joined:
+        mqar = join_sweeps(mqar, their_mqar, other)  # (before anything here changes: it may refuse)
     done, runs = results.setdefault("sections_done", []), results.setdefault("section_runs", {})
     for section in ("lm", "mqar", "ablations"):
         came = section_rows(theirs, section)
-        if came and section_rows(results, section) <= came:
+        if came and section_rows(results, section) <= came and not (joined and section == "mqar"):
             # the other's rows make up all of the section here: its record (command, settings, seconds) describes them
             done += [section] if section not in done else []
             runs[section] = theirs.get("section_runs", {}).get(section)
@@ -193,9 +227,10 @@ def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[P
     if their_rows:
         if not mqar.get("models"):
             mqar = {**their_mqar, "cells": [], "models": {}, "skipped": {}}
-        mqar["cells"] = ([c for c in mqar["cells"] if c["model"] not in their_rows]
-                         + [c for c in their_mqar["cells"] if c["model"] in their_rows])
-        mqar["models"] = {**mqar["models"], **their_mqar["models"]}
+        if not joined:
+            mqar["cells"] = ([c for c in mqar["cells"] if c["model"] not in their_rows]
+                             + [c for c in their_mqar["cells"] if c["model"] in their_rows])
+            mqar["models"] = {**mqar["models"], **their_mqar["models"]}
         mqar["skipped"] = {k: why for k, why in mqar.get("skipped", {}).items() if k not in their_rows}
         results["mqar"] = mqar
     models = [other / "models" / key for key in their_lm if (other / "models" / key).is_dir()]

@@ -573,3 +573,42 @@ def test_a_merged_section_brings_its_record_where_its_rows_replace_all_of_the_se
     report.merge_rows(mine, other, "full")
     assert mine["section_runs"]["lm"]["command"] == "here" and mine["section_seconds"]["lm"] == 1.0
     assert set(mine["lm"]) == {"zeros", "softmax", "linear"}
+
+
+def test_mqar_pieces_at_other_learning_rates_join_into_one_sweep(tmp_path, monkeypatch, capsys):
+    """A row trained at another learning rate in a folder of its own and merged joins the row's sweep:
+    both learning rates are listed (each with its command), the cells are the best one's, and the text says
+    that not every row was swept alike. The same learning rate twice, or another setting, is refused."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(presets, "MODEL_ROWS", (ModelRow("zeros", "ZeroS", "zeros"), ModelRow("softmax", "softmax", "softmax")))
+
+    def piece(folder, *args):
+        return report.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / folder),
+                            "--cache-dir", str(tmp_path / "cache"), "--sections", "mqar", *args])
+
+    assert piece("x", "--models", "zeros,softmax", "--mqar-lrs", "3e-3") == 0
+    assert piece("y", "--models", "zeros", "--mqar-lrs", "2e-2") == 0
+    x, y = (json.loads((tmp_path / d / "results.json").read_text())["mqar"] for d in ("x", "y"))
+    assert piece("x", "--sections", "", "--merge", str(tmp_path / "y")) == 0
+    merged = json.loads((tmp_path / "x" / "results.json").read_text())["mqar"]
+    assert merged["lrs"] == [3e-3, 2e-2]
+    (key,) = [k for k in merged["models"] if k.startswith("zeros/")]
+    sweep = merged["models"][key]["sweep"]
+    assert [s["lr"] for s in sweep] == [3e-3, 2e-2]
+    assert [s["command"] for s in sweep] == [x["models"][key]["command"], y["models"][key]["command"]]
+    best = max((x, y), key=lambda mq: mq["models"][key]["sweep"][0]["mean"])
+    assert merged["models"][key]["lr"] == best["models"][key]["lr"]
+    assert [c for c in merged["cells"] if c["model"] == "zeros"] == [c for c in best["cells"] if c["model"] == "zeros"]
+    assert [c for c in merged["cells"] if c["model"] == "softmax"] == [c for c in x["cells"] if c["model"] == "softmax"]
+    md = (tmp_path / "x" / "report.md").read_text()
+    assert "learning rates swept over 0.003, 0.02 (not every model at each" in md
+    assert f"`{y['models'][key]['command']}`" in md and f"`{x['models'][key]['command']}`" in md
+
+    before = (tmp_path / "x" / "results.json").read_bytes()
+    assert piece("x", "--sections", "", "--merge", str(tmp_path / "y")) == 2
+    assert "at learning rate 0.02 is here and there" in capsys.readouterr().err
+    assert piece("z", "--models", "zeros", "--mqar-lrs", "1e-2", "--set", "mqar_steps=3") == 0
+    assert piece("x", "--sections", "", "--merge", str(tmp_path / "z")) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "steps 3 vs" in err and "lrs" not in err
+    assert (tmp_path / "x" / "results.json").read_bytes() == before

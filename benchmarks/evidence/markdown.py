@@ -252,8 +252,11 @@ def md_mqar(run: Run, findings: list[str]) -> list[str]:
            "(`zero_init_residual`: it can shorten the plateau a deeper model sits on before it learns the task, but not "
            "reliably, and it kept a 2-layer softmax model from learning it: reports/mqar-4-layers); "
            if presets.mqar_setting(mq, "zero_init_residual") else "the default init; ")
-        + (f"learning rates swept over {', '.join(f'{x:g}' for x in lrs)}, and each model's best (highest mean accuracy "
-           "over the lengths) is reported, as zoology reports the best of its sweep." if len(lrs) > 1 else
+        + (f"learning rates swept over {', '.join(f'{x:g}' for x in lrs)}"
+           + ("" if all(len(m["sweep"]) == len(lrs) for m in (mq.get("models") or {}).values()) else
+              " (not every model at each: the sweep table lists each model's)")
+           + ", and each model's best (highest mean accuracy over the lengths) is reported, as zoology reports the best "
+           "of its sweep." if len(lrs) > 1 else
            f"one learning rate, {lrs[0]:g} (**no sweep in this run**: a model can fail from optimisation alone).")
         + " One seed per model" + ("." if seed == presets.DEFAULT_SEED else f" (`--seed {seed}`; it also draws the data).")
         + " Parameter counts are matched to the "
@@ -429,9 +432,11 @@ def section_commands(run: Run) -> list[str]:
             by_command.setdefault(key, []).append(section)
     # Pieces: rows trained by an invocation of their own (--models, or another --out merged in) name it in their record.
     lm = run.results.get("lm") or {}
+    mqar_models = (run.results.get("mqar") or {}).get("models") or {}
     pieces = [("lm", {k: r for k, r in lm.items() if k not in ABLATIONS}),
               ("ablations", {k: r for k, r in lm.items() if k in ABLATIONS}),
-              ("mqar", (run.results.get("mqar") or {}).get("models") or {})]
+              # (each learning rate of a sweep joined from pieces names its own command)
+              ("mqar", {**mqar_models, **{f"{k} lr {s['lr']:g}": s for k, m in mqar_models.items() for s in m["sweep"]}})]
     listed = {cmd for cmd, *_ in by_command}
     for section, rows in pieces:
         for cmd in sorted({r.get("command") for r in rows.values()} - listed - {None}):
