@@ -28,7 +28,8 @@ in separate invocations into the same --out (each under two hours on a 2-core CP
 keeps the other sections' results from its results.json and rewrites the report from all of them;
 the lm section saves its models under <out>/models/ so that extrapolation can run later. Pieces
 that run at the same time go into separate folders (two invocations would overwrite each other's
-results.json) and --merge adds their model rows to one. The
+results.json) and --merge adds their model rows to one; MQAR rows trained at other learning rates
+join the row's sweep there (each piece one rate: the report keeps the best, as one sweep would). The
 models compared are the rows of benchmarks/evidence/presets.py MODEL_ROWS (a label, config
 overrides, the sections that train it); a row the installed model cannot build is skipped with a note. Every number in the
 report comes from the invocation named next to its section (results.json holds them all).
