@@ -205,7 +205,8 @@ def merge_rows(results: dict, other: Path, mode: str) -> tuple[list[str], list[P
     mqar, their_mqar = results.get("mqar") or {}, theirs.get("mqar") or {}
     their_rows = sorted(section_rows(theirs, "mqar"))
     differ = [k for k in MQAR_COMPARED if mqar_setting(mqar, k) != mqar_setting(their_mqar, k)]
-    joined = bool(mqar.get("models") and their_rows and differ)  # only the learning rates differ: the sweeps join
+    # MQAR rows here and there at other settings: only other learning rates may meet (their sweeps join)
+    joined = bool(mqar.get("models") and their_rows and differ)
     if joined and differ != ["lrs"]:
         raise ValueError(f"--merge {other}: its MQAR rows were trained at other settings than this folder's ("
                          + ", ".join(f"{k} {mqar_setting(their_mqar, k)} vs {mqar_setting(mqar, k)}" for k in differ
