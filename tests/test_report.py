@@ -416,16 +416,26 @@ def test_rows_from_several_invocations_name_their_commands():
     assert "compare only within one invocation" not in "\n".join(md_lm(run, []))
 
 
-def test_pieces_in_separate_folders_merge_into_one_report(tmp_path, monkeypatch, capsys):
-    """Two invocations side by side, each into its own folder; --merge adds the second's lm rows (with their saved
-    models) and mqar rows to the first's, each keeping its command. A folder without results, or MQAR rows
-    trained at other settings (or another seed), is one clear error and leaves the target folder as it was."""
+def smoke_piece(tmp_path, folder: str, *args: str) -> int:
+    """One smoke-mode invocation of the report into ``tmp_path/folder`` (a data cache shared by the pieces)."""
+    return report.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / folder),
+                        "--cache-dir", str(tmp_path / "cache"), *args])
+
+
+@pytest.fixture
+def two_rows(monkeypatch):
+    """The report's model rows cut to ZeroS and softmax, offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(presets, "MODEL_ROWS", (ModelRow("zeros", "ZeroS", "zeros"), ModelRow("softmax", "softmax", "softmax")))
 
+
+def test_pieces_in_separate_folders_merge_into_one_report(tmp_path, two_rows, capsys):
+    """Two invocations side by side, each into its own folder; --merge adds the second's lm rows (with their saved
+    models) and mqar rows to the first's, each keeping its command. A folder without results, or MQAR rows
+    trained at other settings (or another seed), is one clear error and leaves the target folder as it was."""
+
     def piece(folder, *args):
-        return report.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / folder),
-                            "--cache-dir", str(tmp_path / "cache"), "--mqar-lrs", "3e-3", *args])
+        return smoke_piece(tmp_path, folder, "--mqar-lrs", "3e-3", *args)
 
     assert piece("a", "--sections", "lm,mqar", "--models", "zeros") == 0
     assert piece("b", "--sections", "lm,mqar", "--models", "softmax") == 0
@@ -532,8 +542,7 @@ def test_merged_ablations_bring_their_section_record(tmp_path, monkeypatch):
     monkeypatch.setattr(presets, "MODEL_ROWS", (ModelRow("zeros", "ZeroS", "zeros"),))
 
     def piece(folder, *args):
-        return report.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / folder),
-                            "--cache-dir", str(tmp_path / "cache"), *args])
+        return smoke_piece(tmp_path, folder, *args)
 
     assert piece("a", "--sections", "lm,ablations") == 0
     assert piece("b", "--sections", "ablations", "--seed", "7") == 0
@@ -575,16 +584,13 @@ def test_a_merged_section_brings_its_record_where_its_rows_replace_all_of_the_se
     assert set(mine["lm"]) == {"zeros", "softmax", "linear"}
 
 
-def test_mqar_pieces_at_other_learning_rates_join_into_one_sweep(tmp_path, monkeypatch, capsys):
+def test_mqar_pieces_at_other_learning_rates_join_into_one_sweep(tmp_path, two_rows, capsys):
     """A row trained at another learning rate in a folder of its own and merged joins the row's sweep:
     both learning rates are listed (each with its command), the cells are the best one's, and the text says
     that not every row was swept alike. The same learning rate twice, or another setting, is refused."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(presets, "MODEL_ROWS", (ModelRow("zeros", "ZeroS", "zeros"), ModelRow("softmax", "softmax", "softmax")))
 
     def piece(folder, *args):
-        return report.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / folder),
-                            "--cache-dir", str(tmp_path / "cache"), "--sections", "mqar", *args])
+        return smoke_piece(tmp_path, folder, "--sections", "mqar", *args)
 
     assert piece("x", "--models", "zeros,softmax", "--mqar-lrs", "3e-3") == 0
     assert piece("y", "--models", "zeros", "--mqar-lrs", "2e-2") == 0
