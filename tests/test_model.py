@@ -161,7 +161,7 @@ def test_rope_is_a_rotation_at_real_token_positions():
 
 
 def test_zeros_first_token_output_is_zero_off_the_first_layer():
-    """o_1 = 0 on every ZeroS layer except the first (ZEROS.md section 2)."""
+    """o_1 = 0 on every ZeroS layer except the first (docs/method.md section 2)."""
     model = tiny_model("zeros", num_hidden_layers=3)
     seen = {}
     for i, block in enumerate(model.model.layers):
@@ -296,7 +296,7 @@ def test_zero_init_residual_starts_every_block_as_the_identity(overrides):
 
 
 def reference_zeros_layer(attn, x):
-    """The ZeroS layer's output before o_proj (B, T, H, d), straight from ZEROS.md section 2, with
+    """The ZeroS layer's output before o_proj (B, T, H, d), straight from docs/method.md section 2, with
     every sum written out over i <= t. x (B, T, hidden) is the layer's input; positions 0..T-1."""
     config = attn.config
     B, T, _ = x.shape
@@ -351,7 +351,7 @@ def reference_zeros_layer(attn, x):
     ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()) or "default",
 )
 def test_ablation_switches_compute_what_they_claim(overrides):
-    """Each switch changes exactly what ZEROS.md and ZeroSConfig say: the output LayerNorm on/off,
+    """Each switch changes exactly what docs/method.md and ZeroSConfig say: the output LayerNorm on/off,
     s = |u|^2/d for the "norm" logit, constant gates of 1 (g0 = 1 where the zero-order term is on:
     plain softmax weights there), the g0 term on the first layer only, on all layers, or on none."""
     model = tiny_model("zeros", num_hidden_layers=2, **overrides).double()

@@ -333,7 +333,7 @@ class PackedDocuments:
 
     Fields: row_lengths, per row the lengths of its segments (host lists, handed to every layer); segment (B, T) long, the segment of each token (numbered row by row);
     first (B T,) long, the flat position of each token's segment start; counts (B, T) long, the real
-    tokens of the document up to and including each column (the t of ZEROS.md; RoPE position counts - 1);
+    tokens of the document up to and including each column (the t of docs/method.md; RoPE position counts - 1);
     position (B, T) long, each column's offset from its segment's start.
     """
 
@@ -502,7 +502,7 @@ class ShortConvolution(nn.Module):
 
 
 class ZeroSAttention(nn.Module):
-    """ZeroS zero-sum linear attention (ZEROS.md section 2).
+    """ZeroS zero-sum linear attention (docs/method.md section 2).
 
     q, k, v, u projections (one fused matrix, optionally through a short causal convolution); a gate
     projection with two gates per head (g1, gh), three on the layer that carries the zero-order term
@@ -939,7 +939,7 @@ class ZeroSModel(ZeroSPreTrainedModel):
             cache = ZeroSCache(self.config)
 
         # counts[b, t]: real tokens in row b (of its document) up to and including column t (the t of
-        # ZEROS.md); the RoPE position of a real token is counts - 1, whatever padding came before it.
+        # docs/method.md); the RoPE position of a real token is counts - 1, whatever padding came before it.
         if documents is not None:
             counts = documents.counts
         elif valid is None:

@@ -438,7 +438,7 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
 # ----------------------------------------------------------------------------------------------
 
 def _reference(q, k, v, s, g1, gh, g0, valid, segments, acc):
-    """ZEROS.md section 2 with explicit (T, T) weights; a query sees the real keys of its own
+    """docs/method.md section 2 with explicit (T, T) weights; a query sees the real keys of its own
     sequence (segments (B, T) long) up to itself. Returns (B, T, H, d_v)."""
     q, k, v = (x.to(acc).transpose(1, 2) for x in (q, k, v))            # (B, H, T, d)
     s, g1, gh = (x.to(acc).transpose(1, 2) for x in (s, g1, gh))        # (B, H, T)
@@ -829,7 +829,7 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
     return o.reshape(B, H, T, d_v).transpose(1, 2), out_states
 
 
-# 16-bit dtypes whose products may run on tensor cores (GPU.md: safe for q.k and for (weights) V when the
+# 16-bit dtypes whose products may run on tensor cores (docs/gpu.md: safe for q.k and for (weights) V when the
 # weights are formed in float32; not for the state readout, which cancels).
 _TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
 
