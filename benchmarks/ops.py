@@ -248,6 +248,8 @@ def main():
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd chunked ZeroS column")
+    parser.add_argument("--methods", type=str, default=None,
+                        help="comma-separated subset of the columns (zeros, zeros_compiled, fused, fla, fla_g, sdpa, naive)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cell", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -274,6 +276,12 @@ def main():
     if device.type == "cuda":  # the Triton kernels, and the simple-GLA yardstick when fla is installed
         methods += ["fused"] + (["fla", "fla_g"] if importlib.util.find_spec("fla") else [])
     methods += ["sdpa"] + (["naive"] if device.type == "cpu" else [])  # naive: the memory contrast, CPU only
+    if args.methods:
+        wanted = args.methods.split(",")
+        unknown = set(wanted) - {"zeros", "zeros_compiled", "fused", "fla", "fla_g", "sdpa", "naive"}
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(sorted(unknown))}")
+        methods = [m for m in methods if m in wanted]
     rows = f"B*T={args.tokens} (B = {args.tokens} / T)" if args.tokens else f"B={args.batch}"
     clock = "CUDA events" if device.type == "cuda" else "wall clock"
     print(f"# ZeroS op benchmark: {rows}, H={args.heads}, d={args.head_dim}, {args.dtype}, "
