@@ -12,6 +12,9 @@ from benchmarks.launches import (CUDA_PATH_PATCHES, OTHER, TRITON, LaunchCounter
                                  table)
 
 pytest.importorskip("triton")
+# The bounds are the CPU stand-in's counts; on a CUDA machine scripts/gpu_check.sh's launches stage counts the
+# real path instead (and Triton there is not the interpreter this needs).
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="counts the CUDA path on CPU; gpu_check.sh counts on CUDA")
 
 # Measured 2026-11 on the CPU stand-in (torch 2.13, Triton 3.9 interpreter; T = 128, bf16 autocast, fused core).
 # Issue 26's targets are <= 30 forward, <= 45 backward and no float64 op: lower these as the kernels get
@@ -33,6 +36,7 @@ def softmax_counts():
     return count_launches("softmax", seq_len=SEQ_LEN)
 
 
+@cpu_only
 def test_zeros_layer_launches_stay_within_the_recorded_bound(zeros_counts):
     fwd, bwd = zeros_counts["forward"], zeros_counts["backward"]
     assert fwd["total"] <= ZEROS_FORWARD_BOUND, table({"zeros": zeros_counts}, "by_region", "region")
@@ -47,6 +51,7 @@ def test_zeros_layer_launches_stay_within_the_recorded_bound(zeros_counts):
     assert zeros_counts["patches_missing"] == [] or zeros_counts["device"] == "cuda"
 
 
+@cpu_only
 def test_softmax_layer_count_is_in_a_sane_range(softmax_counts):
     fwd, bwd = softmax_counts["forward"], softmax_counts["backward"]
     assert SOFTMAX_FORWARD_RANGE[0] <= fwd["total"] <= SOFTMAX_FORWARD_RANGE[1], fwd
@@ -96,6 +101,7 @@ def test_backward_ops_are_counted_and_attributed_to_the_code_that_built_them():
     assert bwd["total"] > 0 and bwd["by_region"].get("RoPE", 0) == bwd["total"], bwd
 
 
+@cpu_only
 def test_cuda_path_patches_apply_while_counting_and_are_undone():
     import sys
 
