@@ -180,7 +180,7 @@ MUTATIONS = [
       "v[r:r + 1, :, lo:hi], is_causal=True)", "v[r:r + 1, :, lo:hi], is_causal=False)",
       ("tests/test_packed.py", "-k", "alone and softmax")),
     M("packed + compile: ZeroS traced through the documents' lengths", "zeros_lm/modeling_zeros.py",
-      "functools.partial(_zeros_attention_packed, documents)",
+      "functools.partial(zeros_attention_over_documents, documents)",
       "functools.partial(zeros_attention, sequence_starts=documents.row_lengths)",
       ("tests/test_packed.py", "-k", "compiled and zeros")),
     M("packed: softmax varlen call not causal", "zeros_lm/modeling_zeros.py",
