@@ -1,33 +1,25 @@
-"""ZeroS language model with Hugging Face interfaces (one file, in the style of modeling_mamba.py).
+"""ZeroS language model with Hugging Face interfaces (in the style of modeling_mamba.py).
 
-Contents: ZeroSCache (the recurrent-state / KV cache), RMSNorm, RoPE, the three token mixers
-(ZeroSAttention, SoftmaxAttention, LinearAttention), the SwiGLU MLP, the block, ZeroSModel and
-ZeroSForCausalLM (PreTrainedModel + GenerationMixin).
+Contents: RMSNorm, RoPE, the short convolution, the three token mixers (ZeroSAttention, SoftmaxAttention,
+LinearAttention), the SwiGLU MLP, the block, ZeroSModel and ZeroSForCausalLM (PreTrainedModel +
+GenerationMixin). Beside it: the cache and its state files (cache_zeros.py), packed documents
+(packing.py), the kernels (ops.py, ops_fused.py, ops_softmax.py).
 
 ``save_pretrained`` copies this file into the model directory for ``trust_remote_code=True``
-loading, together with the files it imports relatively (as flat siblings). It must therefore import
-nothing from the ``zeros_lm`` package except ``.configuration_zeros`` and ``.ops``.
+loading, together with the files it imports relatively, recursively (as flat siblings). It and they
+must therefore import nothing from the ``zeros_lm`` package but those flat siblings (no subpackages).
 
 Shapes: B batch, T new tokens, S tokens already in the cache, H heads, d head dimension.
 """
 
-import copy
-import dataclasses
 import functools
-import hashlib
-import json
 import math
-import os
-import uuid
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.profiler import record_function
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
@@ -37,8 +29,9 @@ try:  # transformers' init functions skip weights that were loaded from a checkp
 except ImportError:  # pragma: no cover - older transformers
     from torch.nn import init
 
+from .cache_zeros import LinearLayerState, SoftmaxLayerState, ZeroSCache, ZeroSLayerState
 from .configuration_zeros import ZeroSConfig
-from .ops import ZeroSState, cumsum_tokens, linear_attention_chunked, zeros_attention
+from .ops import cumsum_tokens, linear_attention_chunked, zeros_attention
 from .ops_softmax import packed_softmax_attention, softmax_attention_mask
 from .packing import (
     PackedDocuments,
@@ -55,272 +48,6 @@ OUTPUT_NORM_EPS = 1e-5  # per-head LayerNorm of the ZeroS output
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the numerically sensitive parts: float32, or float64 for a float64 model."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# --------------------------------------------------------------------------------------------------
-# Cache
-# --------------------------------------------------------------------------------------------------
-
-
-def _batch_op(x, tensor_fn, state_fn):
-    """Apply a batch-dimension operation to one element of a layer state (tensor, ZeroSState or None)."""
-    if x is None:
-        return None
-    return state_fn(x) if isinstance(x, ZeroSState) else tensor_fn(x)
-
-
-def _nbytes(x) -> int:
-    if x is None:
-        return 0
-    if isinstance(x, ZeroSState):
-        return int(x.nbytes)
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    return sum(_nbytes(y) for y in x)
-
-
-# State files (ZeroSCache.save / load): the format tag, and the config fields a state depends on.
-STATE_FILE_FORMAT = "zeros-lm-state/1"
-STATE_CONFIG_FIELDS = (
-    "model_type", "attention_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "logit_type",
-    "vocab_size", "first_layer_zero_order", "zero_order_all_layers", "layer_types", "conv_size",
-)
-_FINGERPRINT_ELEMENTS = 256  # leading elements of each weight that enter the fingerprint
-
-
-def _weights_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's weights: names, shapes and the leading elements of each, rounded to
-    bfloat16 so that the same checkpoint loaded in float32 or bfloat16 gives the same fingerprint."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        head = p.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS].to("cpu", torch.bfloat16).view(torch.int16)
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(head.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _state_identity(config_fields: dict, model: nn.Module | None) -> dict:
-    ident = {k: v for k, v in config_fields.items()}
-    if model is not None:
-        ident["weights"] = _weights_fingerprint(model)
-    return ident
-
-
-class ZeroSCache(Cache):
-    """Generation cache of a :class:`ZeroSForCausalLM`.
-
-    Per layer it holds what that layer's mixer needs (``config.mixer_types``; hybrid stacks mix them):
-
-    - ``"zeros"``: the core ``ZeroSState`` of :func:`zeros_attention`, the running sum of u (float32,
-      (B, H, d)) of the deviation logit, and the short convolution's last inputs (or None);
-    - ``"linear"``: the running sums S = sum phi(k) v^T (B, H, d, d) and z = sum phi(k) (B, H, d), float32,
-      and the short convolution's last inputs (or None);
-    - ``"softmax"``: the keys and values (B, H, S, d) — the usual KV cache — and which of its S keys are
-      real (B, S) bool.
-
-    and, shared by all layers, the number of real (non-padding) tokens consumed in each row, which
-    gives the RoPE positions and the counts t of the running means. The size grows with the context
-    only through softmax layers (see :attr:`nbytes`).
-
-    A recurrent state cannot be rolled back, so :meth:`crop` raises. It can be saved to a file and loaded
-    again (:meth:`save`, :meth:`load`): a prompt read once is reused by any number of later generations,
-    and :meth:`copy` / ``batch_repeat_interleave`` fork it.
-    """
-
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, config: ZeroSConfig):
-        super().__init__(layers=[])
-        self.layer_kinds = config.mixer_types
-        self.num_layers = config.num_hidden_layers
-        self.layer_states: list = [None] * self.num_layers
-        self.num_tokens: torch.Tensor | None = None  # (B,) long: real tokens consumed per row
-        self.seen_tokens = 0  # columns consumed, padding included (= the KV length for softmax)
-        self.config_fields = {name: getattr(config, name, None) for name in STATE_CONFIG_FIELDS}
-        self.metadata: dict[str, str] = {}  # what load() read besides the state (see save)
-
-    def __repr__(self):
-        return (
-            f"ZeroSCache(layers={list(self.layer_kinds)}, "
-            f"seen_tokens={self.seen_tokens}, nbytes={self.nbytes})"
-        )
-
-    # -- used by the model ------------------------------------------------------------------------
-    def layer_state(self, layer_idx: int):
-        return self.layer_states[layer_idx]
-
-    def update_layer_state(self, layer_idx: int, state) -> None:
-        self.layer_states[layer_idx] = state
-
-    def advance(self, valid: torch.Tensor | None, batch_size: int, num_new: int, device) -> None:
-        """Record that ``num_new`` columns (``valid`` marks the real ones) went through every layer."""
-        if valid is None:
-            added = torch.full((batch_size,), num_new, dtype=torch.long, device=device)
-        else:
-            added = valid.sum(dim=1, dtype=torch.long)
-        self.num_tokens = added if self.num_tokens is None else self.num_tokens + added
-        self.seen_tokens += num_new
-
-    # -- transformers Cache API -------------------------------------------------------------------
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        """Number of token columns consumed so far (padding included)."""
-        return self.seen_tokens
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
-    @property
-    def is_linear(self) -> list[bool]:
-        # generate() slices the prompt by get_seq_length() only for non-linear (KV) caches
-        return [kind != "softmax" for kind in self.layer_kinds]
-
-    @property
-    def batch_size(self) -> int:
-        return -1 if self.num_tokens is None else int(self.num_tokens.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        """Size of everything the cache holds, in bytes."""
-        return sum(_nbytes(s) for s in self.layer_states) + _nbytes(self.num_tokens)
-
-    def get_nbytes(self) -> int:
-        return self.nbytes
-
-    def _apply_batch(self, tensor_fn, state_fn) -> None:
-        def op(x):
-            return _batch_op(x, tensor_fn, state_fn)
-
-        self.layer_states = [None if s is None else tuple(op(x) for x in s) for s in self.layer_states]
-        self.num_tokens = op(self.num_tokens)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the rows ``indices`` (in that order)."""
-        self._apply_batch(lambda x: x.index_select(0, indices.to(x.device)), lambda s: s.index_select(indices))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the rows for beam search."""
-        self.batch_select_indices(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply_batch(lambda x: x.repeat_interleave(repeats, dim=0), lambda s: s.repeat_interleave(repeats))
-
-    def reset(self) -> None:
-        self.layer_states = [None] * self.num_layers
-        self.num_tokens = None
-        self.seen_tokens = 0
-
-    def crop(self, max_length: int) -> None:
-        raise ValueError(
-            "ZeroSCache cannot be cropped: a recurrent state cannot be rolled back to an earlier token. "
-            "Recompute the prefix instead (features that need crop, e.g. assisted generation, are unsupported)."
-        )
-
-    def activate_past_recording(self):
-        raise ValueError("ZeroSCache cannot record past states (a recurrent state cannot be rolled back).")
-
-    # -- state files ------------------------------------------------------------------------------
-    def copy(self) -> "ZeroSCache":
-        """An independent copy (fork a conversation: both continue separately from here)."""
-        twin = copy.copy(self)
-        twin._apply_batch(torch.Tensor.clone, ZeroSState.clone)
-        return twin
-
-    def save(self, path, model: "PreTrainedModel | None" = None, metadata: dict[str, str] | None = None) -> None:
-        """Write the cache to ``path`` (safetensors), atomically: a reader never sees half a file.
-
-        The file records what the state depends on: the config fields of ``STATE_CONFIG_FIELDS`` and, when
-        ``model`` is given, a fingerprint of its weights, so that :meth:`load` refuses a model it does not
-        fit. ``metadata`` (str -> str) is stored alongside (e.g. generate.py's pending tokens).
-        """
-        if self.num_tokens is None:
-            raise ValueError("ZeroSCache.save: the cache is empty (no token has been read yet)")
-        tensors, layout = {}, []
-        for i, layer in enumerate(self.layer_states):
-            kinds = []
-            for j, x in enumerate(() if layer is None else layer):
-                key = f"layers.{i}.{j}"
-                if isinstance(x, ZeroSState):
-                    tensors.update({f"{key}.{f.name}": getattr(x, f.name) for f in dataclasses.fields(x)})
-                    kinds.append("zeros_state")
-                elif isinstance(x, torch.Tensor):
-                    tensors[key] = x
-                    kinds.append("tensor")
-                else:
-                    kinds.append("none")
-            layout.append(None if layer is None else kinds)
-        tensors["num_tokens"] = self.num_tokens
-        header = {
-            "format": STATE_FILE_FORMAT,
-            "layout": json.dumps(layout),
-            "seen_tokens": str(self.seen_tokens),
-            "identity": json.dumps(_state_identity(self.config_fields, model)),
-            "user": json.dumps(metadata or {}),
-        }
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    @classmethod
-    def load(cls, path, model: "PreTrainedModel", *, check_weights: bool = True) -> "ZeroSCache":
-        """Read a state written by :meth:`save` for ``model`` (on its device); one clear error if the file is
-        missing, is not a ZeroS state file, or was saved from a model this one is not. The returned cache
-        continues exactly where the saved one stopped (pass it to ``generate(..., cache=...)``)."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"state file '{path}' does not exist")
-        try:
-            with safe_open(path, framework="pt") as f:
-                header = f.metadata() or {}
-                if header.get("format") != STATE_FILE_FORMAT:
-                    raise ValueError("no ZeroS state header")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            layout = json.loads(header["layout"])
-            seen_tokens = int(header["seen_tokens"])
-            saved = json.loads(header["identity"])
-            user = json.loads(header["user"])
-        except Exception as e:  # noqa: BLE001 - truncated, foreign or corrupt files all land here
-            raise ValueError(
-                f"'{path}' is not a readable ZeroS state file ({' '.join(str(e).split())[:200]}); "
-                "write one with ZeroSCache.save or generate.py --save-state"
-            ) from None
-        cache = cls(model.config)
-        current = _state_identity(cache.config_fields, model if check_weights else None)
-        # Config fields must all match; the weights are compared when both sides have a fingerprint.
-        mismatched = [k for k in current if k != "weights" and saved.get(k) != current[k]]
-        if "weights" in saved and "weights" in current and saved["weights"] != current["weights"]:
-            mismatched.append("weights")
-        if mismatched:
-            detail = ", ".join(f"{k}: file {saved.get(k)!r} vs model {current.get(k)!r}" for k in mismatched if k != "weights")
-            if "weights" in mismatched:
-                detail = (detail + "; " if detail else "") + "the weights differ (another checkpoint)"
-            raise ValueError(f"state file '{path}' was saved from a different model ({detail}); "
-                             "load it into the model that wrote it")
-        if len(layout) != cache.num_layers:
-            raise ValueError(f"state file '{path}' has {len(layout)} layers, the model {cache.num_layers}")
-        device = model.device
-        for i, kinds in enumerate(layout):
-            if kinds is None:
-                continue
-            items = []
-            for j, kind in enumerate(kinds):
-                key = f"layers.{i}.{j}"
-                if kind == "zeros_state":
-                    items.append(ZeroSState(**{f.name: tensors[f"{key}.{f.name}"].to(device)
-                                               for f in dataclasses.fields(ZeroSState)}))
-                else:
-                    items.append(tensors[key].to(device) if kind == "tensor" else None)
-            cache.layer_states[i] = tuple(items)
-        cache.num_tokens = tensors["num_tokens"].to(device)
-        cache.seen_tokens = seen_tokens
-        cache.metadata = user
-        return cache
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,7 +152,7 @@ class ZeroSAttention(nn.Module):
     real tokens, then L2 normalisation; the radial logit s; the core op; a per-head LayerNorm without
     affine parameters; the output projection.
 
-    Cache slot: (ZeroSState, running sum of u or None, convolution state or None).
+    Cache slot: a ZeroSLayerState (cache_zeros.py).
     """
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
@@ -469,7 +196,7 @@ class ZeroSAttention(nn.Module):
         H, d = self.num_heads, self.head_dim
         acc = _acc(x.dtype)
         state = cache.layer_state(self.layer_idx) if cache is not None else None
-        core_state, usum, conv_state = state if state is not None else (None, None, None)
+        core_state, usum, conv_state = (state.core, state.u_sum, state.conv) if state is not None else (None, None, None)
         qkvu = self.qkvu_proj(x)
         if self.conv is not None:
             qkvu, conv_state = self.conv(qkvu, valid=valid, state=conv_state, documents=documents)
@@ -497,7 +224,7 @@ class ZeroSAttention(nn.Module):
                 initial_state=core_state, output_final_state=cache is not None,
             )
         if cache is not None:
-            cache.update_layer_state(self.layer_idx, (core_state, usum, conv_state))
+            cache.update_layer_state(self.layer_idx, ZeroSLayerState(core=core_state, u_sum=usum, conv=conv_state))
         if self.config.use_output_norm:
             o = F.layer_norm(o.to(acc), (d,), eps=OUTPUT_NORM_EPS)
         return self.o_proj(o.to(x.dtype).reshape(B, T, H * d))
@@ -507,7 +234,7 @@ class SoftmaxAttention(nn.Module):
     """Causal softmax attention (SDPA) with RoPE and a KV cache: the baseline, and the "full_attention"
     layers of hybrid stacks.
 
-    Cache slot: (keys, values, which keys are real): (B, H, S, d), (B, H, S, d), (B, S) bool.
+    Cache slot: a SoftmaxLayerState (cache_zeros.py): keys, values and which keys are real.
     """
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
@@ -528,9 +255,9 @@ class SoftmaxAttention(nn.Module):
         past = cache.layer_state(self.layer_idx) if cache is not None else None
         past_valid = None
         if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-            past_valid = past[2]
+            k = torch.cat([past.keys, k], dim=2)
+            v = torch.cat([past.values, v], dim=2)
+            past_valid = past.valid
         if documents is not None and valid is None:
             o = packed_softmax_attention(q, k, v, documents)
             if o is not None:
@@ -539,7 +266,7 @@ class SoftmaxAttention(nn.Module):
         if cache is not None:
             new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
             keys_valid = new_valid if past_valid is None else torch.cat([past_valid, new_valid], dim=1)
-            cache.update_layer_state(self.layer_idx, (k, v, keys_valid))
+            cache.update_layer_state(self.layer_idx, SoftmaxLayerState(keys=k, values=v, valid=keys_valid))
         S = k.shape[2] - T
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=(T > 1 and S == 0))
@@ -554,7 +281,7 @@ class SoftmaxAttention(nn.Module):
 class LinearAttention(nn.Module):
     """Plain causal linear attention (Katharopoulos et al.): phi = elu + 1, normalised. Weak baseline.
 
-    Cache slot: (S, z, convolution state or None)."""
+    Cache slot: a LinearLayerState (cache_zeros.py)."""
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
         super().__init__()
@@ -572,7 +299,7 @@ class LinearAttention(nn.Module):
         H, d = self.num_heads, self.head_dim
         acc = _acc(x.dtype)
         state = cache.layer_state(self.layer_idx) if cache is not None else None
-        S0, z0, conv_state = state if state is not None else (None, None, None)
+        S0, z0, conv_state = (state.kv_sum, state.k_sum, state.conv) if state is not None else (None, None, None)
         qkv = self.qkv_proj(x)
         if self.conv is not None:
             qkv, conv_state = self.conv(qkv, valid=valid, state=conv_state, documents=documents)
@@ -588,7 +315,7 @@ class LinearAttention(nn.Module):
                 S0, z0 = q.new_zeros(B, H, d, d), q.new_zeros(B, H, d)
             o, S1, z1 = linear_attention_chunked(q, k, v, S0, z0, self.config.chunk_size)
             if cache is not None:
-                cache.update_layer_state(self.layer_idx, (S1, z1, conv_state))
+                cache.update_layer_state(self.layer_idx, LinearLayerState(kv_sum=S1, k_sum=z1, conv=conv_state))
         o = o.transpose(1, 2)
         if valid is not None:
             o = o * valid[:, :, None, None]
