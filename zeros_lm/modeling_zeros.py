@@ -12,6 +12,7 @@ must therefore import nothing from the ``zeros_lm`` package but those flat sibli
 Shapes: B batch, T new tokens, S tokens already in the cache, H heads, d head dimension.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -48,6 +49,26 @@ OUTPUT_NORM_EPS = 1e-5  # per-head LayerNorm of the ZeroS output
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the numerically sensitive parts: float32, or float64 for a float64 model."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerContext:
+    """What every token mixer of one forward pass reads besides its input; the model builds it once.
+
+    cos, sin: (B, T, 1, d/2) RoPE at each column's position (counts - 1);
+    counts: (B, T) long, the real tokens of the row (of its document with packed documents) up to and
+        including each column, those already in the cache included: the t of docs/method.md;
+    valid: (B, T) bool, which columns are real tokens; None when all are;
+    documents: the packed documents of the rows (no cache then), or None: one sequence per row.
+
+    (The cache travels beside it, as its own argument: gradient checkpointing drops it.)
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    counts: torch.Tensor
+    valid: torch.Tensor | None = None
+    documents: PackedDocuments | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,22 +168,21 @@ class ZeroSAttention(nn.Module):
     """ZeroS zero-sum linear attention (docs/method.md section 2).
 
     q, k, v, u projections (one fused matrix, optionally through a short causal convolution); a gate
-    projection with two gates per head (g1, gh), three on the layer that carries the zero-order term
-    (g0: the first ZeroS layer of the stack, as in the paper); RoPE on q and k at the positions of the
+    projection with two gates per head (g1, gh), three when ``has_zero_order`` (g0 of the zero-order
+    term g0/t; the block decides, from the stack: see :func:`zero_order_layers`); RoPE on q and k at the positions of the
     real tokens, then L2 normalisation; the radial logit s; the core op; a per-head LayerNorm without
     affine parameters; the output projection.
 
     Cache slot: a ZeroSLayerState (cache_zeros.py).
     """
 
-    def __init__(self, config: ZeroSConfig, layer_idx: int):
+    def __init__(self, config: ZeroSConfig, layer_idx: int, *, has_zero_order: bool):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        first_zeros = config.mixer_types.index("zeros")
-        self.has_zero_order = config.zero_order_all_layers or (config.first_layer_zero_order and layer_idx == first_zeros)
+        self.has_zero_order = has_zero_order
         self.num_gates = 3 if self.has_zero_order else 2
         self.qkvu_proj = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=False)
         self.conv = ShortConvolution(4 * config.hidden_size, config.conv_size) if config.conv_size else None
@@ -191,10 +211,12 @@ class ZeroSAttention(nn.Module):
         s = -(uf * ubar).sum(-1) / math.sqrt(d)
         return s, csum[:, -1]
 
-    def forward(self, x, *, cos, sin, counts, valid, cache=None, documents=None, **kwargs):
+    def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden); reads and updates this layer's slot of ``cache``."""
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
         acc = _acc(x.dtype)
+        valid, documents = context.valid, context.documents
         state = cache.layer_state(self.layer_idx) if cache is not None else None
         core_state, usum, conv_state = (state.core, state.u_sum, state.conv) if state is not None else (None, None, None)
         qkvu = self.qkvu_proj(x)
@@ -202,9 +224,9 @@ class ZeroSAttention(nn.Module):
             qkvu, conv_state = self.conv(qkvu, valid=valid, state=conv_state, documents=documents)
         qkvu = qkvu.view(B, T, 4, H, d)
         # q and k together: RoPE, then L2 normalisation
-        q, k = F.normalize(apply_rope(qkvu[:, :, :2], cos, sin).to(acc), dim=-1).to(x.dtype).unbind(dim=2)
+        q, k = F.normalize(apply_rope(qkvu[:, :, :2], context.cos, context.sin).to(acc), dim=-1).to(x.dtype).unbind(dim=2)
         v, u = qkvu[:, :, 2], qkvu[:, :, 3]
-        s, usum = self._logits(u, valid, counts, usum, documents)
+        s, usum = self._logits(u, valid, context.counts, usum, documents)
 
         if self.config.use_gates:
             gl = self.gate_proj(x).view(B, T, H, self.num_gates).to(acc)
@@ -246,11 +268,13 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
-    def forward(self, x, *, cos, sin, valid, cache=None, documents=None, **kwargs):
+    def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden); appends the new keys and values to this layer's slot of ``cache``."""
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
+        valid, documents = context.valid, context.documents
         qkv = self.qkv_proj(x).view(B, T, 3, H, d)
-        q, k = apply_rope(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(dim=2)  # (B, H, T, d) each
+        q, k = apply_rope(qkv[:, :, :2], context.cos, context.sin).transpose(1, 3).unbind(dim=2)  # (B, H, T, d) each
         v = qkv[:, :, 2].transpose(1, 2)
         past = cache.layer_state(self.layer_idx) if cache is not None else None
         past_valid = None
@@ -294,10 +318,12 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
-    def forward(self, x, *, valid, cache=None, documents=None, **kwargs):
+    def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden); reads and updates this layer's slot of ``cache``. (No RoPE.)"""
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
         acc = _acc(x.dtype)
+        valid, documents = context.valid, context.documents
         state = cache.layer_state(self.layer_idx) if cache is not None else None
         S0, z0, conv_state = (state.kv_sum, state.k_sum, state.conv) if state is not None else (None, None, None)
         qkv = self.qkv_proj(x)
@@ -325,18 +351,38 @@ class LinearAttention(nn.Module):
 ATTENTION_CLASSES = {"zeros": ZeroSAttention, "softmax": SoftmaxAttention, "linear": LinearAttention}
 
 
-class ZeroSBlock(GradientCheckpointingLayer):
-    """RMSNorm -> token mixer (this layer's entry of ``config.mixer_types``) -> residual; RMSNorm -> SwiGLU -> residual."""
+def zero_order_layers(config: ZeroSConfig) -> frozenset[int]:
+    """The layers whose mixer carries the zero-order term g0/t (docs/method.md): every ZeroS layer with
+    ``zero_order_all_layers``; else, with ``first_layer_zero_order``, the first ZeroS layer of the stack (as
+    in the paper; in a hybrid stack it need not be layer 0); else none."""
+    zeros = [i for i, kind in enumerate(config.mixer_types) if kind == "zeros"]
+    if config.zero_order_all_layers:
+        return frozenset(zeros)
+    return frozenset(zeros[:1]) if config.first_layer_zero_order else frozenset()
 
-    def __init__(self, config: ZeroSConfig, layer_idx: int):
+
+class ZeroSBlock(GradientCheckpointingLayer):
+    """RMSNorm -> token mixer (this layer's entry of ``config.mixer_types``) -> residual; RMSNorm -> SwiGLU -> residual.
+
+    ``has_zero_order``: whether its mixer (ZeroS only) carries the zero-order term; the model decides it
+    from the whole stack (:func:`zero_order_layers`).
+    """
+
+    def __init__(self, config: ZeroSConfig, layer_idx: int, *, has_zero_order: bool = False):
         super().__init__()
+        kind = config.mixer_types[layer_idx]
         self.attn_norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn = ATTENTION_CLASSES[config.mixer_types[layer_idx]](config, layer_idx)
+        if kind == "zeros":
+            self.attn = ZeroSAttention(config, layer_idx, has_zero_order=has_zero_order)
+        elif has_zero_order:
+            raise ValueError(f"layer {layer_idx} is a {kind} layer: only ZeroS layers carry the zero-order term")
+        else:
+            self.attn = ATTENTION_CLASSES[kind](config, layer_idx)
         self.mlp_norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = ZeroSMLP(config)
 
-    def forward(self, hidden_states, cache=None, **ctx):
-        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), cache=cache, **ctx)
+    def forward(self, hidden_states: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None):
+        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), context, cache=cache)
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
@@ -386,7 +432,10 @@ class ZeroSModel(ZeroSPreTrainedModel):
     def __init__(self, config: ZeroSConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([ZeroSBlock(config, i) for i in range(config.num_hidden_layers)])
+        zero_order = zero_order_layers(config)
+        self.layers = nn.ModuleList(
+            [ZeroSBlock(config, i, has_zero_order=i in zero_order) for i in range(config.num_hidden_layers)]
+        )
         self.norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -473,12 +522,12 @@ class ZeroSModel(ZeroSPreTrainedModel):
         if cache is not None and cache.num_tokens is not None:
             counts = counts + cache.num_tokens.to(device)[:, None]
         cos, sin = rope_cos_sin((counts - 1).clamp_min(0), self.config.head_dim, self.config.rope_theta)
-        ctx = {"cos": cos, "sin": sin, "counts": counts, "valid": valid, "documents": documents}
+        context = MixerContext(cos=cos, sin=sin, counts=counts, valid=valid, documents=documents)
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for block in self.layers:
-            hidden_states = block(hidden_states, cache=cache, **ctx)
+            hidden_states = block(hidden_states, context, cache=cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
