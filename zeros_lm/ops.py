@@ -21,8 +21,8 @@ Forms:
 
 Chunked and fused share everything but the chunk core: the per-token scalars below are prepared
 once in PyTorch (cumulative ops, autograd through them), the tokens are laid out chunk by chunk
-(``_ChunkLayout``), and the core (``_chunk_core_torch`` or ``ops_fused.chunk_core_fused``, one
-contract) does the (C, C) blocks and the state recurrence. ``cu_seqlens`` packs several sequences
+(``_ChunkLayout``), and the core (``chunk_core_torch`` or ``ops_fused.fused_chunk_core``, one
+contract: ``ops_contract.py``) does the (C, C) blocks and the state recurrence. ``cu_seqlens`` packs several sequences
 into one row (flash-linear-attention's convention), ``sequence_starts`` several into each row; every
 form restarts at each sequence. Where a state per sequence goes in or out (and in the fused kernels)
 each sequence gets chunks of its own; otherwise (training) sequences share chunks and the PyTorch
@@ -50,6 +50,7 @@ float64 inputs), whatever the input dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
@@ -164,11 +165,16 @@ def cumsum_tokens(x: torch.Tensor, blocked: Optional[bool] = None) -> torch.Tens
     if not (x.is_cuda if blocked is None else blocked) or T <= SCAN_BLOCK:
         return x.cumsum(1)
     N = -(-T // SCAN_BLOCK)
-    padded = F.pad(x, (0, 0) * (x.dim() - 2) + (0, N * SCAN_BLOCK - T))
+    padded = _pad_tokens(x, N * SCAN_BLOCK - T)
     within = padded.view(x.shape[0], N, SCAN_BLOCK, *x.shape[2:]).cumsum(2)     # (B, N, SCAN_BLOCK, ...)
     totals = within[:, :, -1]                                                   # (B, N, ...)
     before = totals.cumsum(1) - totals                                          # the blocks before each block
     return (within + before.unsqueeze(2)).flatten(1, 2)[:, :T]
+
+
+def _pad_tokens(x: torch.Tensor, pad: int, value: float = 0.0) -> torch.Tensor:
+    """x (B, T, ...) with ``pad`` more tokens of ``value`` at the end; x itself (no copy) when pad is 0."""
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad), value=value) if pad else x
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -419,8 +425,10 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
             low = low or q.dtype
         if low is not None:
             q, k, v = (x.to(low) for x in (q, k, v))
+        # The fused kernels write o in the inputs' 16-bit dtype (no float32 copy to cast afterwards).
+        out_dtype = q.dtype if fused is not None and q.dtype != acc else None
         o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core,
-                            exact_chunk=fused is not None, shared=shared)
+                            exact_chunk=fused is not None, shared=shared, out_dtype=out_dtype)
     elif lengths is None:
         o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state)
     else:  # one sequence after the other, each from its own state
@@ -485,6 +493,10 @@ def _reference_final_state(k, v, s, valid, segments, num_sequences, acc):
 # Chunked: the chunk-aligned layout, the per-token scalars, and the chunk core
 # ----------------------------------------------------------------------------------------------
 
+# The chunk tables' integer type: what the kernels read (no conversion per call).
+_TABLE_DTYPE = torch.int32
+
+
 @dataclass
 class _ChunkLayout:
     """Where the tokens sit in the chunk-aligned layout (B', N C) that the chunk core works on.
@@ -540,11 +552,11 @@ class _ChunkLayout:
         if row_lengths is None or shared:
             N = -(-T // C)
             valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid
-            valid = F.pad(valid, (0, N * C - T), value=False).view(B, N, C)
+            valid = _pad_tokens(valid, N * C - T, value=False).view(B, N, C)
         if row_lengths is None:
             rows = torch.arange(B, device=device)
-            chunk_load = torch.full((B, N), -1, dtype=torch.long, device=device)
-            chunk_store = torch.full((B, N), -1, dtype=torch.long, device=device)
+            chunk_load = torch.full((B, N), -1, dtype=_TABLE_DTYPE, device=device)
+            chunk_store = torch.full((B, N), -1, dtype=_TABLE_DTYPE, device=device)
             chunk_load[:, 0] = rows
             chunk_store[:, -1] = rows
             plan = ([[r] + [-1] * (N - 1) for r in range(B)], [[-1] * (N - 1) + [r] for r in range(B)])
@@ -599,7 +611,8 @@ class _ChunkLayout:
         reach = int((torch.arange(L) - first).max()) + 1
         to = lambda x: None if x is None else x.to(device)  # noqa: E731
         segment = to(segment.view(B, N, C))
-        core = CoreLayout(to(chunk_load), to(chunk_store), S, C, (chunk_load.tolist(), chunk_store.tolist()),
+        tables = (chunk_load.to(device, _TABLE_DTYPE), chunk_store.to(device, _TABLE_DTYPE))
+        core = CoreLayout(*tables, S, C, (chunk_load.tolist(), chunk_store.tolist()),
                           segment.flatten(1) if shared else None)
         return cls(rows=B, num_chunks=N, num_sequences=S, tokens=T, valid=valid, core=core, last=to(last),
                    shared=shared, dest=to(dest), segment=segment, first=to(first), reach=reach)
@@ -615,7 +628,7 @@ class _ChunkLayout:
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (B', N C, ...), zeros on alignment padding."""
         if self.dest is None:
-            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.num_chunks * self.chunk_size - self.tokens))
+            return _pad_tokens(x, self.num_chunks * self.chunk_size - self.tokens)
         aligned = x.new_zeros((self.rows * self.num_chunks * self.chunk_size,) + tuple(x.shape[2:]))
         return aligned.index_copy(0, self.dest, x.flatten(0, 1)).view(self.rows, -1, *x.shape[2:])
 
@@ -645,16 +658,16 @@ class _ChunkLayout:
     def running(self, x: torch.Tensor, op: str) -> torch.Tensor:
         """Inclusive running sum / max / log-sum-exp of x (B', H or 1, N, C) over each sequence.
 
-        Over the whole row when it is one sequence; else the sum is a difference of prefix sums (exact
-        enough in float64, which the callers use) and max / log-sum-exp a log-step (Hillis-Steele) scan
-        that stops at each sequence's first position.
+        Over the whole row when it is one sequence: a scan inside each chunk, then over the chunks'
+        totals (``_chunk_scan``), so a rounding error grows with C + N, not with T (float32 suffices for
+        the centred inputs the callers give). Else the sum is a difference of such prefix sums and max /
+        log-sum-exp a log-step (Hillis-Steele) scan that stops at each sequence's first position.
         """
         flat = x.flatten(2)                                                         # (B', H, L)
         if self.first is None:
-            out = {"sum": lambda: flat.cumsum(-1), "max": lambda: flat.cummax(-1).values,
-                   "lse": lambda: flat.logcumsumexp(-1)}[op]()
+            out = _chunk_scan(x, op)
         elif op == "sum":
-            total = flat.cumsum(-1)
+            total = _chunk_scan(x, "sum").flatten(2)
             before = F.pad(total, (1, 0))[..., :-1]                                 # sums before each position
             out = total - before.gather(-1, self.first.unsqueeze(1).expand_as(flat))
         else:
@@ -668,6 +681,41 @@ class _ChunkLayout:
         return out.view(x.shape)
 
 
+_SCANS = {"sum": (lambda x: x.cumsum(-1), torch.add, 0.0),
+          "max": (lambda x: x.cummax(-1).values, torch.maximum, _NO_MAX),
+          "lse": (lambda x: x.logcumsumexp(-1), torch.logaddexp, _NO_MAX)}
+
+
+def _chunk_scan(x: torch.Tensor, op: str) -> torch.Tensor:
+    """Inclusive running sum / max / log-sum-exp of x (..., N, C) along the row (N C): inside each chunk,
+    then the chunks' totals (exclusive), combined. Returns (..., N, C)."""
+    within_chunk, combine, empty = _SCANS[op]
+    within = within_chunk(x)                                                        # (..., N, C)
+    if x.shape[-2] == 1:
+        return within
+    totals = within_chunk(within[..., -1])                                          # (..., N) through each chunk
+    before = F.pad(totals[..., :-1], (1, 0), value=empty)                           # before each chunk
+    return combine(within, before.unsqueeze(-1))
+
+
+def _first_real_logits(s: torch.Tensor, layout: "_ChunkLayout") -> torch.Tensor:
+    """The logit of each sequence's first real token, (S, H) (0 for a sequence without one); s (B', H, N, C)."""
+    rows, H = s.shape[:2]
+    flat = s.flatten(2)                                                             # (B', H, L)
+    valid = layout.valid.flatten(1)                                                 # (B', L)
+    if layout.segment is None:  # one sequence per row
+        first = valid.to(torch.uint8).argmax(-1)                                    # (B',)
+        c = flat.gather(-1, first.view(rows, 1, 1).expand(rows, H, 1)).squeeze(-1)
+        return torch.where(valid.any(-1, keepdim=True), c, 0.0)
+    L = flat.shape[-1]
+    position = torch.arange(rows * L, device=s.device).view(rows, L)               # flat (row, position)
+    none = rows * L
+    first = torch.full((layout.num_sequences,), none, dtype=torch.long, device=s.device).scatter_reduce(
+        0, layout.segment.flatten(), torch.where(valid, position, none).flatten(), "amin")
+    c = flat.transpose(1, 2).reshape(none, H)[first.clamp(max=none - 1)]           # (S, H)
+    return torch.where((first < none).unsqueeze(-1), c, 0.0)
+
+
 def _chunk_scalars(s, g1, gh, g0, state, layout):
     """The per-token scalars of the chunked form, O(T) and differentiable.
 
@@ -676,27 +724,36 @@ def _chunk_scalars(s, g1, gh, g0, state, layout):
     the reference points m0, m1, sb0, sb1) and the final statistics (E, m, sbar, n), each (S, H):
 
         n_t, sbar_t, m_t        count, mean and maximum of the real logits (incoming state included)
-        E~_t = E_t exp(-m_t)    from a log-cum-sum-exp in float64, the incoming E included
+        E~_t = E_t exp(-m_t)    from a log-cum-sum-exp, the incoming E included
         a_t = gh_t / E~_t,  b_t = (g1_t - gh_t) / n_t,  hc_t = b_t (sb0_j - sbar_t) + (g0_t - gh_t) / n_t
 
     with (m0_j, sb0_j) / (m1_j, sb1_j) the maximum and mean at the start / end of chunk j. Padding gets
-    zero coefficients. Sums are taken in float64, so long float32 streams keep their precision.
+    zero coefficients.
+
+    Everything is in the accumulation dtype (float32 unless the inputs are float64; no float64 op on a
+    GPU): counts are exact integers in float32 (up to 2^24 tokens), and the sums and the log-sum-exp run
+    over logits centred on a per-sequence constant c (its first real logit, detached: the values do not
+    depend on it, and causal: a later token never changes an earlier output)
+    through chunk-then-carry scans, so a stream of 10^5 tokens with a large mean logit keeps float64's
+    answer to ~1e-5 (tests/test_ops.py: test_long_float32_stream_stays_close_to_float64).
     """
     acc = s.dtype
     valid = layout.valid.unsqueeze(1)                                               # (B', 1, N, C)
-    wide = torch.float64
-    s64 = s.to(wide)
-    n = layout.running(valid.to(wide), "sum") + layout.per_sequence(state.n.to(wide))
-    total = layout.running(torch.where(valid, s64, 0.0), "sum") + layout.per_sequence(state.n.to(wide) * state.sbar.to(wide))
-    sbar = (total / n.clamp(min=1.0)).to(acc)
+    count = valid.to(acc)
+    c = layout.per_sequence(_first_real_logits(s.detach(), layout))                # the centre, per sequence
+    centred = torch.where(valid, s - c, 0.0)
+    n_in = layout.per_sequence(state.n)
+    n = layout.running(count, "sum") + n_in
+    total = layout.running(centred, "sum") + n_in * (layout.per_sequence(state.sbar) - c)  # sum of (s - c)
+    sbar = torch.where(n > 0, c + total / n.clamp(min=1.0), 0.0)                   # (no token yet: 0)
     m_state = state.m.detach()
     m = torch.maximum(layout.running(s.detach().masked_fill(~valid, _NO_MAX), "max"), layout.per_sequence(m_state))
-    # log E_t = log(E_state exp(m_state) + sum_{i<=t} exp(s_i)), then E~_t = exp(log E_t - m_t) <= n_t.
-    E_in = state.E.to(wide)
-    log_E_in = torch.where(E_in > 0, E_in.clamp(min=torch.finfo(wide).tiny).log() + m_state.to(wide), _NO_MAX)
-    log_E = torch.logaddexp(layout.running(s64.masked_fill(~valid, _NO_MAX), "lse"), layout.per_sequence(log_E_in))
-    E = torch.where(n > 0, torch.exp(log_E - m.to(wide)), 0.0).to(acc)
-    n = n.to(acc)
+    # log E_t - c = log(E_state exp(m_state - c) + sum_{i<=t} exp(s_i - c)), then E~_t = exp(log E_t - m_t) <= n_t.
+    log_E_in = torch.where(state.E > 0, state.E.clamp(min=torch.finfo(acc).tiny).log() + m_state, _NO_MAX)
+    log_E_in = layout.per_sequence(log_E_in)
+    log_E = torch.logaddexp(layout.running(centred.masked_fill(~valid, _NO_MAX), "lse"),
+                            torch.where(log_E_in > _NO_MAX, log_E_in - c, _NO_MAX))
+    E = torch.where(n > 0, torch.exp(log_E - (m - c)), 0.0)
 
     m1, sb1 = m[..., -1], sbar[..., -1]                                             # (B', H, N)
     m0, sb0 = layout.at_chunk_starts(m1, m_state), layout.at_chunk_starts(sb1, state.sbar)
@@ -710,13 +767,15 @@ def _chunk_scalars(s, g1, gh, g0, state, layout):
     return ChunkScalars(s=s, m=m, a=a, b=b, hc=hc, m0=m0, m1=m1, sb0=sb0, sb1=sb1), final
 
 
-def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, exact_chunk=False, shared=False):
+def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, exact_chunk=False, shared=False,
+             out_dtype=None):
     """The chunked form: shared scalar preparation, then ``core`` (the PyTorch or the fused chunk core).
 
     Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed); lengths: None or,
     per row, the lengths of its sequences; shared: sequences may share a chunk (``_ChunkLayout``;
     empty initial state, no final state). The chunk is chunk_size tokens, or the longest
-    sequence (the row, when shared) when that is shorter, unless exact_chunk. Returns o (B, T, H, d_v)
+    sequence (the row, when shared) when that is shorter, unless exact_chunk. out_dtype: o's dtype from
+    the core (``CoreLayout.out_dtype``; None: the accumulation dtype). Returns o (B, T, H, d_v)
     and the final state (one row per sequence; None when shared).
     """
     B, T, H, _ = q.shape
@@ -733,7 +792,8 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, ex
         scalars, (E, m_end, sbar_end, n_end) = _chunk_scalars(
             aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
     with record_function("zeros_lm.core"):
-        o, kv = call_flat(core, layout.pack(q), layout.pack(k), layout.pack(v), scalars, state.kv, layout.core)
+        core_layout = layout.core if out_dtype is None else dataclasses.replace(layout.core, out_dtype=out_dtype)
+        o, kv = call_flat(core, layout.pack(q), layout.pack(k), layout.pack(v), scalars, state.kv, core_layout)
     return layout.unpack(o), (None if shared else ZeroSState(kv=kv, E=E, m=m_end, sbar=sbar_end, n=n_end))
 
 

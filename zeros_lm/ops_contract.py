@@ -16,7 +16,8 @@ The math of one chunk j of a row, with start state (F, G, H) and tokens t, i of 
     F' = exp(m0_j - m1_j) F + sum_i exp(min(s_i - m1_j, 0)) k_i v_i^T
     G' = G + (sb0_j - sb1_j) H + sum_i (s_i - sb1_j) k_i v_i^T,   H' = H + sum_i k_i v_i^T
 
-Returns o (B, T, H, d_v) and out_states (num_out_states, H, 3, d_k, d_v) (rows never stored: 0).
+Returns o (B, T, H, d_v) (in ``layout.out_dtype``, or the accumulation dtype) and out_states
+(num_out_states, H, 3, d_k, d_v) in the accumulation dtype (rows never stored: 0).
 
 The flat form (``flatten`` / ``unflatten``) is the one ordering of these fields as positional tensors:
 the ``torch.library`` custom op takes only plain tensors and ints, and the cores' flat entries
@@ -140,6 +141,8 @@ class CoreLayout:
         layout of training), else None. Then the weights are block-diagonal across sequences, only a
         chunk's first sequence reads its start state, only its last one writes the state after it,
         and a chunk in which a sequence starts drops the state it started from.
+    out_dtype: the dtype of o, or None for the accumulation dtype (float32; the fused core writes the
+        model's 16-bit dtype directly when asked, the PyTorch core ignores it).
     """
 
     chunk_load: torch.Tensor
@@ -148,6 +151,7 @@ class CoreLayout:
     chunk_size: int
     plan: Optional[tuple] = None
     segments: Optional[torch.Tensor] = None
+    out_dtype: Optional[torch.dtype] = None
 
     def host_plan(self) -> tuple:
         """(chunk_load, chunk_store) as lists of lists (from ``plan``, or read back from the device)."""
@@ -169,12 +173,15 @@ NUM_FLAT = 3 + _NUM_SCALARS + 1 + len(_LAYOUT_POSITIONAL)
 
 
 def flatten(q, k, v, scalars: ChunkScalars, start_states, layout: CoreLayout) -> tuple[tuple, dict]:
-    """(args, kwargs) of the flat convention."""
+    """(args, kwargs) of the flat convention (out_dtype only when set)."""
     args = (q, k, v, *scalars.tensors(), start_states, *(getattr(layout, n) for n in _LAYOUT_POSITIONAL))
-    return args, {"plan": layout.plan, "segments": layout.segments}
+    kwargs = {"plan": layout.plan, "segments": layout.segments}
+    if layout.out_dtype is not None:
+        kwargs["out_dtype"] = layout.out_dtype
+    return args, kwargs
 
 
-def unflatten(args, plan=None, segments=None):
+def unflatten(args, plan=None, segments=None, out_dtype=None):
     """The inverse of ``flatten``: (q, k, v, scalars, start_states, layout)."""
     if len(args) != NUM_FLAT:
         raise TypeError(f"a chunk core takes {NUM_FLAT} positional arguments (q, k, v, "
@@ -183,20 +190,21 @@ def unflatten(args, plan=None, segments=None):
     q, k, v = args[:3]
     scalars = ChunkScalars(*args[3:3 + _NUM_SCALARS])
     start_states = args[3 + _NUM_SCALARS]
-    layout = CoreLayout(*args[4 + _NUM_SCALARS:], plan=plan, segments=segments)
+    layout = CoreLayout(*args[4 + _NUM_SCALARS:], plan=plan, segments=segments, out_dtype=out_dtype)
     return q, k, v, scalars, start_states, layout
 
 
 def flat_entry(core: Callable) -> Callable:
     """The flat-convention entry of a typed core ``core(q, k, v, scalars, start_states, layout)``."""
 
-    def entry(*args, plan: Optional[tuple] = None, segments: Optional[torch.Tensor] = None):
-        return core(*unflatten(args, plan, segments))
+    def entry(*args, plan: Optional[tuple] = None, segments: Optional[torch.Tensor] = None,
+              out_dtype: Optional[torch.dtype] = None):
+        return core(*unflatten(args, plan, segments, out_dtype))
 
     entry.__name__, entry.__qualname__ = core.__name__ + "_flat", core.__qualname__ + "_flat"
     entry.__doc__ = (f"``{core.__name__}`` in the flat convention of ops_contract.py: (q, k, v, s, m, a, b, hc, m0, m1, "
                      "sb0, sb1, start_states, chunk_load, chunk_store, num_out_states, chunk_size, plan=None, "
-                     "segments=None).")
+                     "segments=None, out_dtype=None).")
     return entry
 
 

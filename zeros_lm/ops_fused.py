@@ -30,6 +30,7 @@ imports it early, through torch._dynamo), the kernels run in Triton's interprete
 (slow; for tests without a GPU); bfloat16 is computed in float32 there (the interpreter gets it wrong).
 """
 
+import dataclasses
 import re
 from typing import Optional
 
@@ -287,7 +288,7 @@ if HAS_TRITON:
             t = j * C + o_c
             row = (i_b * T + t[:, None]) * H + i_h
             q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-            do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+            do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
             tok = i_bh * T + t
             m_c = tl.load(m + tok)
             p = i_bh * N + j
@@ -346,7 +347,7 @@ if HAS_TRITON:
         o_v = v0 + tl.arange(0, BV)
         mask_v = o_v < V
         v_f = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
-        do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+        do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
         return o_v, mask_v, mask_k[:, None] & mask_v[None, :], v_f, do_c
 
     @triton.jit
@@ -519,14 +520,22 @@ def _segment_ids(segments, chunk_load):
 
 
 def _prepare(q, k, v, scalars: ChunkScalars, start_states, chunk_load, chunk_store, *extra):
-    """Contiguous kernel operands: q, k, v in their dtype (float32 for bfloat16 under the interpreter,
-    which computes bfloat16 wrong), scalars, states and ``extra`` tensors float32, chunk tables int32."""
-    if q.dtype == torch.bfloat16 and _interpreting():
-        q, k, v = (x.float() for x in (q, k, v))
-    q, k, v = (x.contiguous() for x in (q, k, v))
+    """Contiguous kernel operands: q, k, v and the ``extra`` tensors (the gradients coming in) in their
+    dtype (float32 for bfloat16 under the interpreter, which computes bfloat16 wrong), scalars and states
+    float32, chunk tables int32 (each a no-op when it is so already, as ops.py passes them)."""
+    interpreted_bf16 = lambda x: x.float() if x.dtype == torch.bfloat16 and _interpreting() else x  # noqa: E731
+    q, k, v = (interpreted_bf16(x).contiguous() for x in (q, k, v))
     f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
     chunk_load, chunk_store = (x.to(device=q.device, dtype=torch.int32).contiguous() for x in (chunk_load, chunk_store))
-    return (q, k, v, scalars.map(f32), f32(start_states), chunk_load, chunk_store, *(f32(x) for x in extra))
+    return (q, k, v, scalars.map(f32), f32(start_states), chunk_load, chunk_store,
+            *(interpreted_bf16(x).contiguous() for x in extra))
+
+
+def _out_dtype(layout: CoreLayout, q) -> torch.dtype:
+    """o's dtype: the layout's out_dtype (float32 for bfloat16 under the interpreter), else float32."""
+    if layout.out_dtype is None or (layout.out_dtype == torch.bfloat16 and _interpreting()):
+        return torch.float32
+    return layout.out_dtype
 
 
 def _forward_impl(q, k, v, scalars: ChunkScalars, start_states, layout: CoreLayout):
@@ -539,7 +548,7 @@ def _forward_impl(q, k, v, scalars: ChunkScalars, start_states, layout: CoreLayo
     out_states = torch.zeros(max(layout.num_out_states, 1), z["H"], 3, z["K"], z["V"], dtype=torch.float32,
                              device=q.device)
     kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, out_states, seg, z)
-    o = torch.empty(z["B"], z["T"], z["H"], z["V"], dtype=torch.float32, device=q.device)
+    o = torch.empty(z["B"], z["T"], z["H"], z["V"], dtype=_out_dtype(layout, q), device=q.device)
     _output_fwd_kernel[(triton.cdiv(z["V"], z["BV"]), z["N"], z["B"] * z["H"])](
         q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, seg, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
         BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"], F32=z["F32"], HAS_SEG=z["HAS_SEG"])
@@ -578,9 +587,8 @@ def _backward_impl(do, d_out_states, q, k, v, scalars: ChunkScalars, start_state
         seg, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK_SPLIT"], BV=z["BV"], F32=z["F32"],
         HAS_SEG=z["HAS_SEG"])
 
-    dq = torch.empty(q.shape, dtype=torch.float32, device=dev)
-    dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
-    dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
+    # Written by the kernels in the inputs' dtype (their float32 sums rounded once, on the store).
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (q, k, v))
     ds, da, db, dhc = (torch.empty_like(s) for _ in range(4))
     dsb0, dsb1 = torch.empty_like(sb0), torch.empty_like(sb1)
     chunk_grid = (z["N"], z["B"] * z["H"])
@@ -592,7 +600,7 @@ def _backward_impl(do, d_out_states, q, k, v, scalars: ChunkScalars, start_state
                                      z["T"], z["H"], z["N"], **sizes)
     d_start_states = torch.zeros(num_in, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
     d_start_states.index_add_(0, load_rows, d_starts[:num_loads])
-    dq, dk, dv = (x.to(dtype) for x, dtype in zip((dq, dk, dv), dtypes))
+    dq, dk, dv = (x.to(dtype) for x, dtype in zip((dq, dk, dv), dtypes))  # (no-ops but for interpreted bf16)
     return dq, dk, dv, ds, da, db, dhc, dsb0, dsb1, d_start_states
 
 
@@ -617,18 +625,19 @@ def _typed(scalar_tensors, start_states, chunk_load, chunk_store, num_out_states
 def _chunk_core_op(q: _Tensor, k: _Tensor, v: _Tensor, s: _Tensor, m: _Tensor, a: _Tensor, b: _Tensor, hc: _Tensor,
                    m0: _Tensor, m1: _Tensor, sb0: _Tensor, sb1: _Tensor, start_states: _Tensor, chunk_load: _Tensor,
                    chunk_store: _Tensor, num_out_states: int, chunk_size: int, num_loads: int,
-                   segments: Optional[_Tensor]) -> tuple[_Tensor, _Tensor]:
-    return _forward_impl(q, k, v, *_typed((s, m, a, b, hc, m0, m1, sb0, sb1), start_states, chunk_load, chunk_store,
-                                          num_out_states, chunk_size, segments))
+                   segments: Optional[_Tensor], out_dtype: Optional[torch.dtype] = None) -> tuple[_Tensor, _Tensor]:
+    scalars, start_states, layout = _typed((s, m, a, b, hc, m0, m1, sb0, sb1), start_states, chunk_load, chunk_store,
+                                           num_out_states, chunk_size, segments)
+    return _forward_impl(q, k, v, scalars, start_states, dataclasses.replace(layout, out_dtype=out_dtype))
 
 
 @_chunk_core_op.register_fake
-def _(q, k, v, *rest):
+def _(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states, chunk_size,
+      num_loads, segments, out_dtype=None):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    num_out_states = rest[-4]
-    return (q.new_empty(B, T, H, V, dtype=torch.float32),
-            q.new_empty(num_out_states, H, 3, K, V, dtype=torch.float32))
+    o_dtype = _out_dtype(CoreLayout(chunk_load, chunk_store, num_out_states, chunk_size, out_dtype=out_dtype), q)
+    return (q.new_empty(B, T, H, V, dtype=o_dtype), q.new_empty(num_out_states, H, 3, K, V, dtype=torch.float32))
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::chunk_core_fused_backward", mutates_args=())
@@ -653,7 +662,7 @@ def _(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states,
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, _num_out_states, chunk_size, num_loads, segments = inputs
+    *tensors, _num_out_states, chunk_size, num_loads, segments, _out_dtype = inputs
     ctx.save_for_backward(*tensors, segments)
     ctx.chunk_size, ctx.num_loads = chunk_size, num_loads
 
@@ -662,12 +671,12 @@ def _backward(ctx, do, d_out_states):
     *tensors, segments = ctx.saved_tensors
     q, v, start_states = tensors[0], tensors[2], tensors[12]
     if do is None:
-        do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
+        do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     if d_out_states is None:
         d_out_states = torch.zeros(0, *start_states.shape[1:], dtype=torch.float32, device=q.device)
     dq, dk, dv, ds, da, db, dhc, dsb0, dsb1, d_start = _chunk_core_backward_op(
         do, d_out_states, *tensors, ctx.chunk_size, ctx.num_loads, segments)
-    return dq, dk, dv, ds, None, da, db, dhc, None, None, dsb0, dsb1, d_start, None, None, None, None, None, None
+    return dq, dk, dv, ds, None, da, db, dhc, None, None, dsb0, dsb1, d_start, None, None, None, None, None, None, None
 
 
 _chunk_core_op.register_autograd(_backward, setup_context=_setup_context)
@@ -732,14 +741,14 @@ def fused_chunk_core(q, k, v, scalars: ChunkScalars, start_states: torch.Tensor,
     """The chunk core of ZeroS in Triton, differentiable (the contract and its math: ``ops_contract.py``).
 
     q, k, v share one dtype among float32, float16, bfloat16; scalars and start_states are float32 (or
-    cast to it); layout.chunk_size is a kernel tile (a power of two >= 16). Returns o (B, T, H, d_v) and
-    out_states (num_out_states, H, 3, d_k, d_v), both float32. ``chunk_core_fused`` is this core in the
+    cast to it); layout.chunk_size is a kernel tile (a power of two >= 16). Returns o (B, T, H, d_v) in
+    layout.out_dtype (float32 when None) and out_states (num_out_states, H, 3, d_k, d_v) float32. ``chunk_core_fused`` is this core in the
     flat convention (what ops.py calls).
     """
     _check(q, k, v, scalars, start_states, layout)
     scalars = scalars.detach_maxima()
     return _chunk_core_op(q, k, v, *scalars.tensors(), start_states, layout.chunk_load, layout.chunk_store,
-                          layout.num_out_states, layout.chunk_size, layout.num_loads, layout.segments)
+                          layout.num_out_states, layout.chunk_size, layout.num_loads, layout.segments, layout.out_dtype)
 
 
 chunk_core_fused = flat_entry(fused_chunk_core)
