@@ -83,8 +83,9 @@ def main() -> int:
         from triton.compiler import ASTSource
     except ImportError:
         return 3
-    pointers = {"q": args.dtype, "k": args.dtype, "v": args.dtype, "chunk_load": "i32", "chunk_store": "i32",
-                "load_slot": "i32", "seg": "i32"}
+    # q, k, v, the output, its gradient and dq, dk, dv are in the model dtype (the launchers pass them so).
+    pointers = {**{n: args.dtype for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")},
+                "chunk_load": "i32", "chunk_store": "i32", "load_slot": "i32", "seg": "i32"}
     dims = ", ".join(map(str, args.head_dim))
     print(f"# fused kernels for sm_90: d = {dims}, chunk {args.chunk_size}, {args.dtype}"
           f"{', packed sequences' if args.packed else ''}, Triton {triton.__version__}\n")
