@@ -318,7 +318,8 @@ class _Captured(Exception):
 
 
 def _layer_and_input(attention_type, T, heads, head_dim, chunk_size, batch, device):
-    """(layer 1's attention module, its input hidden states (B, T, hidden) float32, its other kwargs)."""
+    """(layer 1's attention module, its input hidden states (B, T, hidden) float32, its other positional
+    arguments (the MixerContext, ...), its keyword arguments)."""
     from zeros_lm import ZeroSConfig, ZeroSForCausalLM
 
     torch.manual_seed(0)
@@ -345,8 +346,8 @@ def _layer_and_input(attention_type, T, heads, head_dim, chunk_size, batch, devi
         pass
     finally:
         handle.remove()
-    (x,) = captured["args"]
-    return attn, x.detach(), captured["kwargs"]
+    x, *rest = captured["args"]  # the hidden states, then the mixer's context (and cache) as the block passes them
+    return attn, x.detach(), rest, captured["kwargs"]
 
 
 def count_launches(attention_type: str = "zeros", *, seq_len: int = 128, heads: int = 2, head_dim: int = 64,
@@ -363,13 +364,13 @@ def count_launches(attention_type: str = "zeros", *, seq_len: int = 128, heads: 
     counter = LaunchCounter()
     with contextlib.ExitStack() as stack:
         patched, missing = stack.enter_context(cuda_path_on_cpu()) if on_cpu else ([], [])
-        attn, x, kwargs = _layer_and_input(attention_type, seq_len, heads, head_dim, chunk_size, batch, device)
+        attn, x, rest, kwargs = _layer_and_input(attention_type, seq_len, heads, head_dim, chunk_size, batch, device)
         x.requires_grad_(True)
         stack.enter_context(triton_launch_hook(counter))
 
         def forward():
             with torch.autocast(device.type, dtype=dtype):
-                return attn(x, **kwargs)
+                return attn(x, *rest, **kwargs)
 
         out = forward()  # warm-up: lazy imports, Triton's compile (or rewrite) and autotuning
         grad = torch.randn_like(out)

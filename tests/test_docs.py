@@ -52,11 +52,6 @@ MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
 # folder holding them) sends a reader somewhere they cannot follow.
 OUTSIDE_REFERENCE = re.compile(r"(?<![\w./-])(?:ZEROS|GPU|STACK)\.md\b|(?:\.\./|/work/)shared\b")
 
-# Modules that issue 24's refactor adds on branches merged beside this one; the README's layout names
-# them already. A reference to one is tolerated only while the file is absent, so once they exist this
-# set changes nothing: empty it after the merge.
-AWAITED_FROM_REFACTOR = {"zeros_lm/cache_zeros.py", "zeros_lm/packing.py", "zeros_lm/ops_softmax.py"}
-
 
 def _files(spec: list) -> list[Path]:
     found = []
@@ -106,7 +101,7 @@ def dangling_references() -> list[str]:
     problems = []
     for path in _files(SCANNED):
         for ref in sorted(_plain_references(_text(path))):
-            if not _resolves(ref) and ref not in AWAITED_FROM_REFACTOR:
+            if not _resolves(ref):
                 problems.append(f"{path.relative_to(ROOT)}: {ref}")
     for path in _files(SCANNED + LINKS_ONLY):
         if path.suffix != ".md":
@@ -117,8 +112,6 @@ def dangling_references() -> list[str]:
                 continue
             inside = target == ROOT or ROOT in target.parents
             if not inside or not target.exists():
-                if inside and str(target.relative_to(ROOT)) in AWAITED_FROM_REFACTOR:
-                    continue
                 problems.append(f"{path.relative_to(ROOT)}: link ({link})")
     return problems
 
