@@ -238,6 +238,18 @@ def test_special_tokens_in_text_on_request(tmp_path: Path):
     assert int((stream == dm.tokenizer.eos_token_id).sum()) >= 2 * len(docs) - 2
 
 
+def test_statistics_count_only_documents_with_text(tmp_path: Path):
+    """Empty, blank and null texts are no documents: the statistics count the others."""
+    texts = [make_text(30, i) for i in range(6)]
+    rows = [{"text": t} for t in texts] + [{"text": ""}, {"text": "  \n\t"}, {"text": None}] * 2
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": texts[0]}) + "\n" + json.dumps({"text": ""}) + "\n")
+    dm = TextDataModule(train_files=str(tmp_path / "docs.jsonl"), val_files=str(tmp_path / "val.jsonl"),
+                        **dm_kwargs(tmp_path, seq_len=8))
+    assert dm.corpus.stats["documents"] == len(texts)
+    assert dm.corpus.stats["val_documents"] == 1
+
+
 def test_second_run_loads_from_cache(tmp_path: Path, corpus: Path, monkeypatch):
     first = TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path))
     assert not first.from_cache

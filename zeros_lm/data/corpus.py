@@ -142,13 +142,14 @@ def _pack_documents(
     docs, tokenizer_json: str, block_size: int, eos_id: int, num_proc: Optional[int], what: str,
     split_special_tokens: bool = True,
 ):
-    """Tokenise (datasets.map, batched, num_proc) and pack into blocks; returns (blocks, n_docs, n_tokens)."""
+    """Tokenise (datasets.map, batched, num_proc) and pack into blocks; returns (blocks, n_docs, n_tokens),
+    where ``n_docs`` counts the documents with text (an empty or blank one adds nothing to the blocks)."""
     import datasets
 
-    n_docs = len(docs)
-    if n_docs == 0:
+    n_rows = len(docs)
+    if n_rows == 0:
         raise DataError(f"empty corpus: {what} holds no documents")
-    nproc = num_proc if (num_proc and num_proc > 1 and n_docs >= 8 * num_proc) else None
+    nproc = num_proc if (num_proc and num_proc > 1 and n_rows >= 8 * num_proc) else None
     if nproc:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenized = _batched_map(
@@ -157,7 +158,8 @@ def _pack_documents(
         datasets.Features({"ids": datasets.Sequence(datasets.Value("int32")), "n_tokens": datasets.Value("int64")}),
         f"Tokenising {what}",
     )
-    n_tokens = int(np.sum(tokenized.with_format("numpy")["n_tokens"])) if len(tokenized) else 0
+    lengths = np.asarray(tokenized.with_format("numpy")["n_tokens"]) if len(tokenized) else np.zeros(0)
+    n_tokens, n_docs = int(lengths.sum()), int((lengths > 0).sum())
     if n_tokens == 0:
         raise DataError(f"empty corpus: {what} contains no text")
     # Pack in few large batches so little is lost at batch ends; several processes only when there
