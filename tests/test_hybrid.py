@@ -53,6 +53,7 @@ def test_layer_types_follow_the_transformers_vocabulary_and_the_shorthand():
     (dict(softmax_every=2, layer_types=["full_attention", "linear_attention"]), "disagree"),
     (dict(conv_size=1), "at least 2"),
     (dict(conv_size=-3), "integer >= 0"),
+    (dict(conv_size=65), "conv_size must be at most 64"),
     (dict(softmax_every=True), "integer >= 0"),
 ])
 def test_bad_hybrid_settings_are_refused(overrides, message):
@@ -203,3 +204,11 @@ def test_packed_documents_equal_each_document_alone(name):
     for g, ga in zip(grads, grads_alone):
         if g is not None or ga is not None:
             torch.testing.assert_close(g, ga, rtol=1e-8, atol=1e-10)
+
+
+def test_conv_size_is_bounded_by_a_named_limit():
+    from zeros_lm.configuration_zeros import MAX_CONV_SIZE
+
+    assert tiny_config(conv_size=MAX_CONV_SIZE).conv_size == MAX_CONV_SIZE
+    with pytest.raises(ValueError, match=f"at most {MAX_CONV_SIZE}"):
+        tiny_config(conv_size=MAX_CONV_SIZE + 1)
