@@ -55,6 +55,7 @@ def test_layer_types_follow_the_transformers_vocabulary_and_the_shorthand():
     (dict(conv_size=-3), "integer >= 0"),
     (dict(conv_size=65), "conv_size must be at most 64"),
     (dict(softmax_every=True), "integer >= 0"),
+    (dict(num_hidden_layers=2, softmax_every=3), "softmax_every \\(3\\) is larger than num_hidden_layers \\(2\\)"),
 ])
 def test_bad_hybrid_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -212,3 +213,19 @@ def test_conv_size_is_bounded_by_a_named_limit():
     assert tiny_config(conv_size=MAX_CONV_SIZE).conv_size == MAX_CONV_SIZE
     with pytest.raises(ValueError, match=f"at most {MAX_CONV_SIZE}"):
         tiny_config(conv_size=MAX_CONV_SIZE + 1)
+
+
+@pytest.mark.parametrize("overrides, described", [
+    (dict(), "zeros attention"),
+    (dict(attention_type="linear"), "linear attention"),
+    (dict(attention_type="softmax"), "softmax attention"),
+    (dict(layer_types=["full_attention"] * 4), "softmax attention"),
+    (dict(softmax_every=4), "zeros attention + 1 softmax layer in 4"),
+    (dict(softmax_every=2, attention_type="linear"), "linear attention + 2 softmax layers in 4"),
+    (dict(softmax_every=4, num_hidden_layers=8), "zeros attention + 2 softmax layers in 8"),
+])
+def test_the_training_model_line_names_the_real_layer_mix(overrides, described):
+    from zeros_lm.cli.train import layer_mix
+
+    config = tiny_config(**{"num_hidden_layers": 4, **overrides})
+    assert layer_mix(config) == described

@@ -480,6 +480,7 @@ def test_a_directory_in_use_by_a_live_run_is_refused(tmp_path, tiny_data, capsys
         (("--model.learning_rate", "-0.001"), "--model.learning_rate must be a positive number, got -0.001"),
         (("--trainer.max_steps", "0"), "--trainer.max_steps must be a positive number of optimizer steps"),
         (("--model.conv_size", "100000000"), "--model.conv_size must be at most 64 (a short convolution"),
+        (("--model.softmax_every", "3"), "--model.softmax_every (3) is larger than num_hidden_layers (2)"),
     ],
 )
 def test_bad_model_and_trainer_arguments_are_one_line_before_any_data_work(tmp_path, tiny_data, capsys, extra, message):

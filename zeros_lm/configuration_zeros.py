@@ -216,6 +216,12 @@ class ZeroSConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ZeroSConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.softmax_every > self.num_hidden_layers:
+            raise ValueError(
+                f"ZeroSConfig.softmax_every ({self.softmax_every}) is larger than num_hidden_layers "
+                f"({self.num_hidden_layers}): no layer would be softmax attention; give at most "
+                f"{self.num_hidden_layers}, or 0 for no softmax layer"
+            )
         if self.conv_size == 1:
             raise ValueError("ZeroSConfig.conv_size must be 0 (off) or at least 2 (a width-1 convolution only rescales)")
         if self.conv_size > MAX_CONV_SIZE:

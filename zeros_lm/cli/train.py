@@ -192,6 +192,16 @@ class ZeroSCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
+def layer_mix(config) -> str:
+    """The token mixers a config builds, in words: "zeros attention", "softmax attention" (every layer
+    ``full_attention``), "zeros attention + 1 softmax layer in 4"."""
+    kinds = config.mixer_types
+    if len(set(kinds)) == 1:
+        return f"{kinds[0]} attention"
+    n_softmax = kinds.count("softmax")
+    return f"{config.attention_type} attention + {n_softmax} softmax layer{'s' if n_softmax > 1 else ''} in {len(kinds)}"
+
+
 def default_loggers(root: str) -> list:
     """CSV and (if installed) TensorBoard logs in <root>/logs/version_N."""
     from lightning.pytorch.loggers import CSVLogger
@@ -270,7 +280,7 @@ def main(args=None) -> int:
     if trainer.is_global_zero:
         cfg = model.config
         print(
-            f"Model: {cfg.attention_type} attention, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
+            f"Model: {layer_mix(cfg)}, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
             f"{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}: {model.num_parameters() / 1e6:.2f} M parameters",
             flush=True,
         )
