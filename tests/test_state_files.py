@@ -195,3 +195,78 @@ def test_generate_py_interactive_save_and_load(tiny_model_dir, tmp_path):
                        stdin=f"/load {state}\nimport sys\n/load {tmp_path / 'nope.state'}\n/quit\n")
     assert res.returncode == 0, res.stderr
     assert "loaded the state" in res.stderr and "does not exist" in res.stderr  # a bad /load does not end the session
+
+
+# ---------------------------------------------------------------------------------------------
+# generate.py: where a state goes, checked before generating; model directories that do not load
+# ---------------------------------------------------------------------------------------------
+def _generate_in_process(args, capsys, monkeypatch, stdin=""):
+    from zeros_lm.cli import generate as cli
+
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(stdin))
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    """A directory no file can be created in: read-only permissions, or (as root, whom permissions
+    do not stop) a read-only file system."""
+    candidate = tmp_path / "read-only"
+    candidate.mkdir()
+    candidate.chmod(0o555)
+    for directory in (candidate, Path("/sys")):
+        try:
+            (directory / "probe.state").write_bytes(b"")
+        except OSError:
+            return directory
+        (directory / "probe.state").unlink()
+    pytest.skip("no unwritable directory on this machine")
+
+
+@pytest.mark.parametrize("flag", ["--save-state", "--save-final-state"])
+@pytest.mark.parametrize("where", ["missing", "a file", "a directory", "unwritable"])
+def test_generate_py_checks_where_a_state_goes_before_generating(tiny_model_dir, tmp_path, capsys, monkeypatch,
+                                                                 flag, where):
+    (tmp_path / "file").write_text("a file")
+    target, message = {
+        "missing": (tmp_path / "missing" / "s.state", "the directory of '{t}' does not exist"),
+        "a file": (tmp_path / "file" / "s.state", "the directory of '{t}' ('{p}') is not a directory"),
+        "a directory": (tmp_path, "'{t}' is a directory; give a file name"),
+        "unwritable": (None, "cannot write into the directory '{p}'"),
+    }[where]
+    if target is None:
+        target = _unwritable_dir(tmp_path) / "s.state"
+    code, out, err = _generate_in_process(
+        [tiny_model_dir, "--prompt", "def f(x):", flag, target, "--greedy", "--max-new-tokens", 4, "--device", "cpu"],
+        capsys, monkeypatch)
+    assert code == 2 and out == ""  # nothing generated
+    assert _error_lines(err) == [l for l in err.strip().splitlines()]  # one error line, no traceback
+    assert len(_error_lines(err)) == 1
+    assert _error_lines(err)[0].startswith(f"error: {flag}: " + message.format(t=target, p=target.resolve().parent))
+    assert (tmp_path / "file").read_text() == "a file"
+
+
+def test_generate_py_interactive_save_to_a_bad_place_is_an_error_line_and_the_session_goes_on(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    good = tmp_path / "good.state"
+    turns = f"/save {tmp_path / 'missing' / 's.state'}\nimport os\n/save {tmp_path}\nimport sys\n/save {good}\n/quit\n"
+    code, out, err = _generate_in_process(
+        [tiny_model_dir, "--interactive", "--greedy", "--max-new-tokens", 4, "--device", "cpu"], capsys, monkeypatch,
+        stdin=turns)
+    assert code == 0, err
+    assert _error_lines(err) == [
+        f"error: /save: the directory of '{tmp_path / 'missing' / 's.state'}' does not exist",
+        f"error: /save: '{tmp_path}' is a directory; give a file name",
+    ]
+    assert out.strip() and good.is_file() and "Traceback" not in err
+
+
+def test_generate_py_load_state_of_a_directory_says_so(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    code, out, err = _generate_in_process([tiny_model_dir, "--load-state", tmp_path, "--prompt", "x"], capsys, monkeypatch)
+    assert code == 2
+    assert err.strip() == f"error: --load-state: '{tmp_path}' is a directory, not a state file"

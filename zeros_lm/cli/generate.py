@@ -36,6 +36,7 @@ import argparse
 import functools
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,11 +105,38 @@ def check_args(args) -> None:
             raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.repetition_penalty is not None and not args.repetition_penalty > 0:
         raise CLIError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    if args.load_state is not None and not Path(args.load_state).is_file():
-        raise CLIError(f"state file '{args.load_state}' does not exist")
+    if args.load_state is not None:
+        check_load_source(args.load_state, "--load-state")
     for flag, target in (("--save-state", args.save_state), ("--save-final-state", args.save_final_state)):
-        if target is not None and not Path(target).resolve().parent.is_dir():
-            raise CLIError(f"{flag}: the directory of '{target}' does not exist")
+        if target is not None:
+            check_save_target(target, flag)
+
+
+def check_load_source(source: str, what: str) -> None:
+    """``source`` is a file (what it holds is checked when it is read)."""
+    if Path(source).is_dir():
+        raise CLIError(f"{what}: '{source}' is a directory, not a state file")
+    if not Path(source).is_file():
+        raise CLIError(f"state file '{source}' does not exist")
+
+
+def check_save_target(target: str, what: str) -> None:
+    """A state can be written to ``target``: its directory exists and is writable, and it is not a
+    directory itself. Checked before any generation (and by /save), so that nothing is computed for
+    a save that cannot happen."""
+    path = Path(target)
+    if path.is_dir():
+        raise CLIError(f"{what}: '{target}' is a directory; give a file name")
+    parent = path.resolve().parent
+    if not parent.exists():
+        raise CLIError(f"{what}: the directory of '{target}' does not exist")
+    if not parent.is_dir():
+        raise CLIError(f"{what}: the directory of '{target}' ('{parent}') is not a directory")
+    try:  # the honest test (permissions, read-only file systems, root): write a file there
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".zeros-lm-write-check-"):
+            pass
+    except OSError as e:
+        raise CLIError(f"{what}: cannot write into the directory '{parent}' ({e.strerror or one_line(e)})") from None
 
 
 def generation_kwargs(args, generation_config) -> dict:
@@ -212,17 +240,19 @@ class Session:
         self.gen_kwargs["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
         self.totals = {"prompt": 0, "generated": 0, "seconds": 0.0}
 
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str, what: str = "/save") -> None:
         """Write the state and the pending token(s) to ``path``."""
+        check_save_target(path, what)
         try:
             self.cache.save(path, self.model, metadata={PENDING_KEY: json.dumps(self.pending[0].tolist())})
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' own error: one line
             raise CLIError(f"could not save the state to '{path}': {one_line(e)}") from None
         print(f"[state] saved the state after {self.cache.get_seq_length() + self.pending.shape[1]} tokens "
               f"to {path} ({Path(path).stat().st_size:,} bytes)", file=sys.stderr)
 
-    def load_state(self, path: str) -> None:
+    def load_state(self, path: str, what: str = "/load") -> None:
         """Continue from a state written by :meth:`save_state` (the current one is dropped)."""
+        check_load_source(path, what)
         try:
             cache = self.cache_class.load(path, self.model)
             pending = json.loads(cache.metadata.get(PENDING_KEY, "[]"))
@@ -257,7 +287,7 @@ class Session:
         if save_after_prompt is not None:  # all but the last token enter the state; the last one stays pending
             self._prefill(ids[:, :-1])
             self.pending = ids = ids[:, -1:]
-            self.save_state(save_after_prompt)
+            self.save_state(save_after_prompt, "--save-state")
         past = self.cache.get_seq_length()
         streamer = _timed_streamer_class()(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.no_grad():
@@ -331,14 +361,14 @@ def run(args) -> None:
     session = Session(args)
     first = True
     if args.load_state is not None:
-        session.load_state(args.load_state)
+        session.load_state(args.load_state, "--load-state")
         first = False
 
     if not args.interactive:
         stats = session.generate(prompt or "", first=first, save_after_prompt=args.save_state)
         print(format_stats(stats, detailed=args.stats), file=sys.stderr)
         if args.save_final_state is not None:
-            session.save_state(args.save_final_state)
+            session.save_state(args.save_final_state, "--save-final-state")
         return
 
     if prompt is not None:
@@ -382,7 +412,7 @@ def run(args) -> None:
             file=sys.stderr,
         )
     if args.save_final_state is not None:
-        session.save_state(args.save_final_state)
+        session.save_state(args.save_final_state, "--save-final-state")
 
 
 def main(argv=None) -> int:
