@@ -270,3 +270,21 @@ def test_generate_py_load_state_of_a_directory_says_so(tiny_model_dir, tmp_path,
     code, out, err = _generate_in_process([tiny_model_dir, "--load-state", tmp_path, "--prompt", "x"], capsys, monkeypatch)
     assert code == 2
     assert err.strip() == f"error: --load-state: '{tmp_path}' is a directory, not a state file"
+
+
+def test_generate_py_refuses_a_model_directory_whose_weights_do_not_fit(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Weights that do not fit config.json (here another file in model.safetensors) would load as a
+    half-random model that prints noise and exits 0: it is an error naming what is wrong."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    save_file({"layers.0.0": torch.zeros(3), "num_tokens": torch.zeros(1)}, broken / "model.safetensors",
+              metadata={"format": "pt"})
+    code, out, err = _generate_in_process([broken, "--prompt", "def f(x):", "--device", "cpu"], capsys, monkeypatch)
+    assert code == 2 and out == ""
+    line = err.strip()
+    assert line.startswith(f"error: the weights in '{broken}' do not fit its config.json (")
+    assert " missing: " in line and "2 unexpected: layers.0.0, num_tokens)" in line
