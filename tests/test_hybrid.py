@@ -229,3 +229,23 @@ def test_the_training_model_line_names_the_real_layer_mix(overrides, described):
 
     config = tiny_config(**{"num_hidden_layers": 4, **overrides})
     assert layer_mix(config) == described
+
+
+@pytest.mark.parametrize("name", ["hybrid+conv", "linear+conv"])
+def test_a_float32_state_continues_in_a_bfloat16_model(name, tmp_path):
+    """States do not depend on the weights' dtype (the same checkpoint in float32 or bfloat16): a file
+    saved by the float32 model loads into the bfloat16 one, its softmax keys / values and convolution
+    inputs in bfloat16 (the recurrent sums stay float32), and continues as the bfloat16 model would."""
+    model = _model(name)
+    a, b = _ids(9, 1), _ids(4, 2)
+    with torch.no_grad():
+        model(a, use_cache=True).cache.save(tmp_path / "a.state", model)
+        half = _model(name).to(torch.bfloat16)
+        loaded = ZeroSCache.load(tmp_path / "a.state", half)
+        for state in loaded.layer_states:
+            for field in type(state).MODEL_DTYPE:
+                assert getattr(state, field) is None or getattr(state, field).dtype == torch.bfloat16
+        continued = half(b, cache=loaded).logits.float()
+        whole = half(torch.cat([a, b], 1)).logits[:, 9:].float()
+    assert torch.isfinite(continued).all()
+    torch.testing.assert_close(continued, whole, rtol=0.05, atol=0.05)
