@@ -288,3 +288,40 @@ def test_generate_py_refuses_a_model_directory_whose_weights_do_not_fit(tiny_mod
     line = err.strip()
     assert line.startswith(f"error: the weights in '{broken}' do not fit its config.json (")
     assert " missing: " in line and "2 unexpected: layers.0.0, num_tokens)" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# The weights' fingerprint covers every weight
+# ---------------------------------------------------------------------------------------------
+def test_the_weights_fingerprint_covers_every_weight(tmp_path):
+    """A model whose weights differ only after the leading elements of each is another model; the same
+    weights in bfloat16 are the same model."""
+    model = tiny_model("zeros", seed=0)
+    _read(model, _ids(5, 0)).save(tmp_path / "a.state", model)
+    changed = tiny_model("zeros", seed=0)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.view(-1)[-1] += 1.0  # the last element of every weight
+    with pytest.raises(ValueError, match="different model.*the weights differ"):
+        ZeroSCache.load(tmp_path / "a.state", changed)
+    one = tiny_model("zeros", seed=0)
+    with torch.no_grad():
+        next(p for p in one.parameters() if p.numel() > 256).view(-1)[300] += 1.0  # one element of one weight
+    with pytest.raises(ValueError, match="the weights differ"):
+        ZeroSCache.load(tmp_path / "a.state", one)
+    assert ZeroSCache.load(tmp_path / "a.state", tiny_model("zeros", seed=0).to(torch.bfloat16)).get_seq_length() == 5
+
+
+def test_state_files_of_earlier_formats_keep_their_fingerprint_rule():
+    """Files of formats 1 and 2 were fingerprinted on the leading elements of each weight: that rule
+    still checks them (tests/fixtures holds files of format 1); new files carry the current format."""
+    from zeros_lm import cache_zeros as C
+
+    assert C.STATE_FILE_FORMAT not in (C.STATE_FILE_FORMAT_NAMED, C.STATE_FILE_FORMAT_TUPLES)
+    model = tiny_model("zeros", seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.view(-1)[-1] += 1.0
+    unchanged = tiny_model("zeros", seed=0)
+    for old in (C.STATE_FILE_FORMAT_NAMED, C.STATE_FILE_FORMAT_TUPLES):
+        assert C._state_identity({}, model, old) == C._state_identity({}, unchanged, old)  # the old rule's blind spot
+    assert C._state_identity({}, model) != C._state_identity({}, unchanged)
