@@ -291,6 +291,63 @@ def test_generate_py_refuses_a_model_directory_whose_weights_do_not_fit(tiny_mod
 
 
 # ---------------------------------------------------------------------------------------------
+# A save replaces nothing but, when asked, a state file
+# ---------------------------------------------------------------------------------------------
+def test_a_save_never_replaces_another_file_and_a_state_file_only_when_asked(tmp_path):
+    from zeros_lm.cache_zeros import is_state_file
+
+    model = tiny_model("zeros")
+    cache = _read(model, _ids(5, 0))
+    other = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(3)}, other)
+    before = other.read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="exists and is not a ZeroS state file; it is left alone"):
+            cache.save(other, model, overwrite=overwrite)
+    assert other.read_bytes() == before and not is_state_file(other)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        cache.save(tmp_path, model)
+    cache.save(tmp_path / "a.state", model)
+    first = (tmp_path / "a.state").read_bytes()
+    longer = _read(model, _ids(9, 1))
+    with pytest.raises(FileExistsError, match="the state file .* exists; replace it with overwrite=True"):
+        longer.save(tmp_path / "a.state", model)
+    assert (tmp_path / "a.state").read_bytes() == first
+    longer.save(tmp_path / "a.state", model, overwrite=True)
+    assert ZeroSCache.load(tmp_path / "a.state", model).get_seq_length() == 9
+
+
+def test_generate_py_refuses_to_save_a_state_over_another_file(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The issue's case: --save-state hf/model.safetensors wrote a state over the model's weights."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_model_dir, hf)
+    weights = (hf / "model.safetensors").read_bytes()
+    args = [hf, "--prompt", "def f(x):", "--greedy", "--max-new-tokens", 4, "--device", "cpu"]
+    code, out, err = _generate_in_process([*args, "--save-state", hf / "model.safetensors", "--overwrite-state"],
+                                          capsys, monkeypatch)
+    assert code == 2 and out == ""
+    assert err.strip() == (f"error: --save-state: '{hf / 'model.safetensors'}' exists and is not a ZeroS state file; "
+                           "it is left alone: choose another file name")
+    assert (hf / "model.safetensors").read_bytes() == weights
+    state = tmp_path / "s.state"
+    code, _, err = _generate_in_process([*args, "--save-state", state], capsys, monkeypatch)
+    assert code == 0, err
+    saved = state.read_bytes()
+    code, out, err = _generate_in_process([*args, "--save-final-state", state], capsys, monkeypatch)
+    assert code == 2 and out == ""
+    assert err.strip() == (f"error: --save-final-state: the state file '{state}' exists; replace it with "
+                           "--overwrite-state, or choose another file name")
+    assert state.read_bytes() == saved
+    code, _, err = _generate_in_process([*args, "--save-final-state", state, "--overwrite-state"], capsys, monkeypatch)
+    assert code == 0, err
+    assert state.read_bytes() != saved
+
+
+# ---------------------------------------------------------------------------------------------
 # The weights' fingerprint covers every weight
 # ---------------------------------------------------------------------------------------------
 def test_the_weights_fingerprint_covers_every_weight(tmp_path):

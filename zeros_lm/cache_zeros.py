@@ -238,6 +238,32 @@ def _state_identity(config_fields: dict, model: nn.Module | None, file_format: s
     return ident
 
 
+def check_state_target(path, overwrite: bool = False) -> None:
+    """Raise unless a state may be written to ``path``: FileExistsError for an existing file that is not a
+    state file (never replaced) or, without ``overwrite``, an existing state file; IsADirectoryError for a
+    directory."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"'{path}' is a directory; give a file name for the state")
+    if os.path.lexists(path):
+        if not is_state_file(path):
+            raise FileExistsError(f"'{path}' exists and is not a ZeroS state file; it is left alone: "
+                                  "save the state under another name")
+        if not overwrite:
+            raise FileExistsError(f"the state file '{path}' exists; replace it with overwrite=True, "
+                                  "or save under another name")
+
+
+def is_state_file(path) -> bool:
+    """Whether ``path`` is a file that :meth:`ZeroSCache.save` wrote (of any format); reads only its header."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") in STATE_FILE_FORMATS
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        return False
+
+
 def _read_state_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """The header and tensors of a state file, or one clear ValueError for any file that is not one."""
     try:
@@ -418,15 +444,26 @@ class ZeroSCache(Cache):
         twin.metadata = dict(self.metadata)
         return twin
 
-    def save(self, path, model: "PreTrainedModel | None" = None, metadata: dict[str, str] | None = None) -> None:
+    def save(
+        self,
+        path,
+        model: "PreTrainedModel | None" = None,
+        metadata: dict[str, str] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> None:
         """Write the cache to ``path`` (safetensors), atomically: a reader never sees half a file.
 
         The file records what the state depends on: the config fields of ``STATE_CONFIG_FIELDS`` and, when
         ``model`` is given, a fingerprint of all its weights, so that :meth:`load` refuses a model it does
         not fit. ``metadata`` (str -> str) is stored alongside (e.g. generate.py's pending tokens).
+
+        Nothing else is ever replaced: an existing file that is not a state file is refused (FileExistsError),
+        and so is an existing state file unless ``overwrite``.
         """
         if self.num_tokens is None:
             raise ValueError("ZeroSCache.save: the cache is empty (no token has been read yet)")
+        check_state_target(path, overwrite)
         tensors = {"num_tokens": self.num_tokens}
         for i, state in enumerate(self.layer_states):
             if state is not None:
@@ -449,6 +486,8 @@ class ZeroSCache(Cache):
         Files of the earlier formats (``zeros-lm-state/1`` and ``/2``) load too, their weights checked by
         the fingerprint rule they were written with."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"'{path}' is a directory, not a state file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"state file '{path}' does not exist")
         header, tensors = _read_state_file(path)
@@ -485,5 +524,5 @@ class ZeroSCache(Cache):
 
 __all__ = [
     "LAYER_STATE_CLASSES", "LayerState", "LinearLayerState", "STATE_CONFIG_FIELDS", "STATE_FILE_FORMAT",
-    "SoftmaxLayerState", "ZeroSCache", "ZeroSLayerState",
+    "SoftmaxLayerState", "ZeroSCache", "ZeroSLayerState", "check_state_target", "is_state_file",
 ]

@@ -30,6 +30,9 @@ length, so a long prompt can be read once and reused:
 --save-state FILE writes the state after the prompt (before generating), --save-final-state FILE after
 the generation; --load-state FILE starts from a saved state, and the prompt (may be empty) continues it.
 In interactive mode, `/save FILE` and `/load FILE` do the same between turns.
+Where a state goes is checked before anything is generated (its directory exists and takes a file);
+a save never replaces a file that is not a state file, nor an existing state file unless
+--overwrite-state is given.
 """
 
 import argparse
@@ -74,6 +77,9 @@ def parse_args(argv):
     p.add_argument("--load-state", metavar="FILE", help="start from a state saved by --save-state")
     p.add_argument("--save-state", metavar="FILE", help="save the state after reading the prompt")
     p.add_argument("--save-final-state", metavar="FILE", help="save the state after the generation")
+    p.add_argument("--overwrite-state", action="store_true",
+                   help="let --save-state, --save-final-state and /save replace an existing state file "
+                        "(a file that is not a state file is never replaced)")
     p.add_argument(
         "--prefill-chunk-size",
         type=int,
@@ -110,7 +116,11 @@ def check_args(args) -> None:
         check_load_source(args.load_state, "--load-state")
     for flag, target in (("--save-state", args.save_state), ("--save-final-state", args.save_final_state)):
         if target is not None:
-            check_save_target(target, flag)
+            check_save_target(target, flag, args.overwrite_state)
+    if (args.save_state is not None and args.save_final_state is not None and not args.overwrite_state
+            and Path(args.save_state).resolve() == Path(args.save_final_state).resolve()):
+        raise CLIError("--save-state and --save-final-state name the same file: the second save would replace "
+                       "the first; give two names, or --overwrite-state")
 
 
 def check_load_source(source: str, what: str) -> None:
@@ -121,10 +131,10 @@ def check_load_source(source: str, what: str) -> None:
         raise CLIError(f"state file '{source}' does not exist")
 
 
-def check_save_target(target: str, what: str) -> None:
-    """A state can be written to ``target``: its directory exists and is writable, and it is not a
-    directory itself. Checked before any generation (and by /save), so that nothing is computed for
-    a save that cannot happen."""
+def check_save_target(target: str, what: str, overwrite: bool) -> None:
+    """A state can be written to ``target``: its directory exists and is writable, it is not a
+    directory, and it is no existing file but (with ``overwrite``) a state file. Checked before any
+    generation (and by /save), so that nothing is computed for a save that cannot happen."""
     path = Path(target)
     if path.is_dir():
         raise CLIError(f"{what}: '{target}' is a directory; give a file name")
@@ -138,6 +148,15 @@ def check_save_target(target: str, what: str) -> None:
             pass
     except OSError as e:
         raise CLIError(f"{what}: cannot write into the directory '{parent}' ({e.strerror or one_line(e)})") from None
+    if path.exists() or path.is_symlink():
+        from zeros_lm.cache_zeros import is_state_file
+
+        if not is_state_file(path):
+            raise CLIError(f"{what}: '{target}' exists and is not a ZeroS state file; it is left alone: "
+                           "choose another file name")
+        if not overwrite:
+            raise CLIError(f"{what}: the state file '{target}' exists; replace it with --overwrite-state, "
+                           "or choose another file name")
 
 
 def generation_kwargs(args, generation_config) -> dict:
@@ -260,9 +279,10 @@ class Session:
 
     def save_state(self, path: str, what: str = "/save") -> None:
         """Write the state and the pending token(s) to ``path``."""
-        check_save_target(path, what)
+        check_save_target(path, what, self.args.overwrite_state)
         try:
-            self.cache.save(path, self.model, metadata={PENDING_KEY: json.dumps(self.pending[0].tolist())})
+            self.cache.save(path, self.model, metadata={PENDING_KEY: json.dumps(self.pending[0].tolist())},
+                            overwrite=self.args.overwrite_state)
         except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' own error: one line
             raise CLIError(f"could not save the state to '{path}': {one_line(e)}") from None
         print(f"[state] saved the state after {self.cache.get_seq_length() + self.pending.shape[1]} tokens "
