@@ -347,6 +347,30 @@ def test_generate_py_refuses_to_save_a_state_over_another_file(tiny_model_dir, t
     assert state.read_bytes() != saved
 
 
+def test_generate_py_saves_the_state_of_a_one_token_prompt(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A one-token prompt leaves nothing in the state (its token is the one generation starts from):
+    the file holds that pending token, and continuing from it equals the prompt itself."""
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(tiny_model_dir)("d").input_ids) == 1
+    common = ["--greedy", "--max-new-tokens", 6, "--device", "cpu"]
+    state = tmp_path / "one.state"
+    code, _, err = _generate_in_process([tiny_model_dir, "--prompt", "d", "--save-state", state, *common],
+                                        capsys, monkeypatch)
+    assert code == 0, err
+    code, loaded, err = _generate_in_process([tiny_model_dir, "--load-state", state, "--prompt", "", *common],
+                                             capsys, monkeypatch)
+    assert code == 0, err
+    code, whole, err = _generate_in_process([tiny_model_dir, "--prompt", "d", *common], capsys, monkeypatch)
+    assert code == 0, err
+    assert loaded == whole and whole.strip()
+    # Before any text there is nothing to save: an error line, and the session goes on.
+    code, _, err = _generate_in_process([tiny_model_dir, "--interactive", *common], capsys, monkeypatch,
+                                        stdin=f"/save {tmp_path / 'nothing.state'}\n/quit\n")
+    assert code == 0 and _error_lines(err) == ["error: /save: nothing to save yet: no text has been read"]
+    assert not (tmp_path / "nothing.state").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The weights' fingerprint covers every weight
 # ---------------------------------------------------------------------------------------------

@@ -451,6 +451,7 @@ class ZeroSCache(Cache):
         metadata: dict[str, str] | None = None,
         *,
         overwrite: bool = False,
+        allow_empty: bool = False,
     ) -> None:
         """Write the cache to ``path`` (safetensors), atomically: a reader never sees half a file.
 
@@ -459,12 +460,14 @@ class ZeroSCache(Cache):
         not fit. ``metadata`` (str -> str) is stored alongside (e.g. generate.py's pending tokens).
 
         Nothing else is ever replaced: an existing file that is not a state file is refused (FileExistsError),
-        and so is an existing state file unless ``overwrite``.
+        and so is an existing state file unless ``overwrite``. An empty cache (no token read yet) is refused
+        (ValueError) unless ``allow_empty``: its file holds no state, only the metadata (generate.py's one
+        pending token of a one-token prompt).
         """
-        if self.num_tokens is None:
+        if self.num_tokens is None and not allow_empty:
             raise ValueError("ZeroSCache.save: the cache is empty (no token has been read yet)")
         check_state_target(path, overwrite)
-        tensors = {"num_tokens": self.num_tokens}
+        tensors = {} if self.num_tokens is None else {"num_tokens": self.num_tokens}
         for i, state in enumerate(self.layer_states):
             if state is not None:
                 tensors.update({f"layers.{i}.{name}": x for name, x in state.file_tensors().items()})
@@ -511,12 +514,14 @@ class ZeroSCache(Cache):
             if num_layers != cache.num_layers:
                 raise ValueError(f"{num_layers} layers, the model {cache.num_layers}")
             states = read_layers(header, tensors, cache.layer_kinds)
-            num_tokens = tensors["num_tokens"]
+            num_tokens = tensors.get("num_tokens")
+            if num_tokens is None and (any(s is not None for s in states) or int(header["seen_tokens"])):
+                raise KeyError("num_tokens")  # only an empty state (allow_empty) has none
         except Exception as e:  # noqa: BLE001 - a header and tensors that do not fit each other
             raise _unreadable(path, e) from None
         device, dtype = model.device, model.dtype
         cache.layer_states = [None if s is None else s.to(device, dtype) for s in states]
-        cache.num_tokens = num_tokens.to(device)
+        cache.num_tokens = None if num_tokens is None else num_tokens.to(device)
         cache.seen_tokens = int(header["seen_tokens"])
         cache.metadata = header["user"]
         return cache

@@ -280,9 +280,12 @@ class Session:
     def save_state(self, path: str, what: str = "/save") -> None:
         """Write the state and the pending token(s) to ``path``."""
         check_save_target(path, what, self.args.overwrite_state)
+        if self.cache.get_seq_length() == 0 and self.pending.shape[1] == 0:
+            raise CLIError(f"{what}: nothing to save yet: no text has been read")
         try:
+            # A one-token prompt leaves the state empty: the file then holds only its pending token.
             self.cache.save(path, self.model, metadata={PENDING_KEY: json.dumps(self.pending[0].tolist())},
-                            overwrite=self.args.overwrite_state)
+                            overwrite=self.args.overwrite_state, allow_empty=True)
         except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' own error: one line
             raise CLIError(f"could not save the state to '{path}': {one_line(e)}") from None
         print(f"[state] saved the state after {self.cache.get_seq_length() + self.pending.shape[1]} tokens "
