@@ -191,34 +191,77 @@ LAYER_STATE_CLASSES: dict[str, type[LayerState]] = {
 # --------------------------------------------------------------------------------------------------
 
 # The format tag of the files save() writes: named entries ("layers.{i}.{field}"), the layers' kinds in
-# the header. Files of the first format (unnamed tuples: "layers.{i}.{position}", the entries' types in the
-# header) still load.
-STATE_FILE_FORMAT = "zeros-lm-state/2"
+# the header, and a fingerprint of every element of every weight. Earlier formats still load: 2 has the
+# same entries but fingerprinted only the leading elements of each weight; 1 stored unnamed tuples
+# ("layers.{i}.{position}", the entries' types in the header) with that same partial fingerprint.
+STATE_FILE_FORMAT = "zeros-lm-state/3"
+STATE_FILE_FORMAT_NAMED = "zeros-lm-state/2"
 STATE_FILE_FORMAT_TUPLES = "zeros-lm-state/1"
+STATE_FILE_FORMATS = (STATE_FILE_FORMAT, STATE_FILE_FORMAT_NAMED, STATE_FILE_FORMAT_TUPLES)
 # The config fields a state depends on (a state file records them; load() compares them with the model's).
 STATE_CONFIG_FIELDS = (
     "model_type", "attention_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "logit_type",
     "vocab_size", "first_layer_zero_order", "zero_order_all_layers", "layer_types", "conv_size",
 )
-_FINGERPRINT_ELEMENTS = 256  # leading elements of each weight that enter the fingerprint
+# The canonical form of a floating-point weight in the fingerprint: the same checkpoint loaded in float32 or
+# bfloat16 has the same bfloat16 values (a cast rounds to nearest), so both fingerprint the same.
+_FINGERPRINT_DTYPE = torch.bfloat16
+# How many leading elements of each weight the fingerprint of each format reads (None: all of them). Formats 1
+# and 2 read 256 only, so a model whose later weights all changed passed; kept to check those files.
+_FINGERPRINT_ELEMENTS = {STATE_FILE_FORMAT: None, STATE_FILE_FORMAT_NAMED: 256, STATE_FILE_FORMAT_TUPLES: 256}
 
 
-def _weights_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's weights: names, shapes and the leading elements of each, rounded to
-    bfloat16 so that the same checkpoint loaded in float32 or bfloat16 gives the same fingerprint."""
+def _weights_fingerprint(model: nn.Module, leading: int | None = None) -> str:
+    """A short hash of the model's weights: the names, the shapes and every element of each (``leading``:
+    only the first ones, the rule of old files), as bfloat16 words, so that float32 and bfloat16 copies of
+    one checkpoint agree. Cheap next to loading the model: one pass over its bytes."""
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
-        head = p.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS].to("cpu", torch.bfloat16).view(torch.int16)
+        flat = p.detach().reshape(-1)
+        if leading is not None:  # formats 1 and 2, exactly as they were written
+            words = flat[:leading].to("cpu", _FINGERPRINT_DTYPE).view(torch.int16)
+        elif flat.is_floating_point():
+            words = flat.to(_FINGERPRINT_DTYPE).view(torch.int16).cpu()
+        else:  # integer buffers as they are
+            words = flat.cpu()
         h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(head.numpy().tobytes())
+        h.update(words.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def _state_identity(config_fields: dict, model: nn.Module | None) -> dict:
+def _state_identity(config_fields: dict, model: nn.Module | None, file_format: str = STATE_FILE_FORMAT) -> dict:
+    """What a state depends on: the config fields and (with ``model``) its weights' fingerprint, by the rule
+    of ``file_format``."""
     ident = dict(config_fields)
     if model is not None:
-        ident["weights"] = _weights_fingerprint(model)
+        ident["weights"] = _weights_fingerprint(model, _FINGERPRINT_ELEMENTS[file_format])
     return ident
+
+
+def check_state_target(path, overwrite: bool = False) -> None:
+    """Raise unless a state may be written to ``path``: FileExistsError for an existing file that is not a
+    state file (never replaced) or, without ``overwrite``, an existing state file; IsADirectoryError for a
+    directory."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"'{path}' is a directory; give a file name for the state")
+    if os.path.lexists(path):
+        if not is_state_file(path):
+            raise FileExistsError(f"'{path}' exists and is not a ZeroS state file; it is left alone: "
+                                  "save the state under another name")
+        if not overwrite:
+            raise FileExistsError(f"the state file '{path}' exists; replace it with overwrite=True, "
+                                  "or save under another name")
+
+
+def is_state_file(path) -> bool:
+    """Whether ``path`` is a file that :meth:`ZeroSCache.save` wrote (of any format); reads only its header."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") in STATE_FILE_FORMATS
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        return False
 
 
 def _read_state_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -226,7 +269,7 @@ def _read_state_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(path, framework="pt") as f:
             header = f.metadata() or {}
-            if header.get("format") not in (STATE_FILE_FORMAT, STATE_FILE_FORMAT_TUPLES):
+            if header.get("format") not in STATE_FILE_FORMATS:
                 raise ValueError("no ZeroS state header")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         for key in ("seen_tokens", "identity", "user"):
@@ -401,16 +444,30 @@ class ZeroSCache(Cache):
         twin.metadata = dict(self.metadata)
         return twin
 
-    def save(self, path, model: "PreTrainedModel | None" = None, metadata: dict[str, str] | None = None) -> None:
+    def save(
+        self,
+        path,
+        model: "PreTrainedModel | None" = None,
+        metadata: dict[str, str] | None = None,
+        *,
+        overwrite: bool = False,
+        allow_empty: bool = False,
+    ) -> None:
         """Write the cache to ``path`` (safetensors), atomically: a reader never sees half a file.
 
         The file records what the state depends on: the config fields of ``STATE_CONFIG_FIELDS`` and, when
-        ``model`` is given, a fingerprint of its weights, so that :meth:`load` refuses a model it does not
-        fit. ``metadata`` (str -> str) is stored alongside (e.g. generate.py's pending tokens).
+        ``model`` is given, a fingerprint of all its weights, so that :meth:`load` refuses a model it does
+        not fit. ``metadata`` (str -> str) is stored alongside (e.g. generate.py's pending tokens).
+
+        Nothing else is ever replaced: an existing file that is not a state file is refused (FileExistsError),
+        and so is an existing state file unless ``overwrite``. An empty cache (no token read yet) is refused
+        (ValueError) unless ``allow_empty``: its file holds no state, only the metadata (generate.py's one
+        pending token of a one-token prompt).
         """
-        if self.num_tokens is None:
+        if self.num_tokens is None and not allow_empty:
             raise ValueError("ZeroSCache.save: the cache is empty (no token has been read yet)")
-        tensors = {"num_tokens": self.num_tokens}
+        check_state_target(path, overwrite)
+        tensors = {} if self.num_tokens is None else {"num_tokens": self.num_tokens}
         for i, state in enumerate(self.layer_states):
             if state is not None:
                 tensors.update({f"layers.{i}.{name}": x for name, x in state.file_tensors().items()})
@@ -429,14 +486,17 @@ class ZeroSCache(Cache):
         """Read a state written by :meth:`save` for ``model`` (on its device); one clear error if the file is
         missing, is not a ZeroS state file, or was saved from a model this one is not. The returned cache
         continues exactly where the saved one stopped (pass it to ``generate(..., cache=...)``).
-        Files of the earlier format ``zeros-lm-state/1`` load too."""
+        Files of the earlier formats (``zeros-lm-state/1`` and ``/2``) load too, their weights checked by
+        the fingerprint rule they were written with."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"'{path}' is a directory, not a state file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"state file '{path}' does not exist")
         header, tensors = _read_state_file(path)
         cache = cls(model.config)
         saved = header["identity"]
-        current = _state_identity(cache.config_fields, model if check_weights else None)
+        current = _state_identity(cache.config_fields, model if check_weights else None, header["format"])
         # Config fields must all match; the weights are compared when both sides have a fingerprint.
         mismatched = [k for k in current if k != "weights" and saved.get(k) != current[k]]
         if "weights" in saved and "weights" in current and saved["weights"] != current["weights"]:
@@ -448,17 +508,20 @@ class ZeroSCache(Cache):
             raise ValueError(f"state file '{path}' was saved from a different model ({detail}); "
                              "load it into the model that wrote it")
         try:
-            read_layers = _layer_states_named if header["format"] == STATE_FILE_FORMAT else _layer_states_from_tuples
-            num_layers = len(json.loads(header["layers" if header["format"] == STATE_FILE_FORMAT else "layout"]))
+            named = header["format"] != STATE_FILE_FORMAT_TUPLES
+            read_layers = _layer_states_named if named else _layer_states_from_tuples
+            num_layers = len(json.loads(header["layers" if named else "layout"]))
             if num_layers != cache.num_layers:
                 raise ValueError(f"{num_layers} layers, the model {cache.num_layers}")
             states = read_layers(header, tensors, cache.layer_kinds)
-            num_tokens = tensors["num_tokens"]
+            num_tokens = tensors.get("num_tokens")
+            if num_tokens is None and (any(s is not None for s in states) or int(header["seen_tokens"])):
+                raise KeyError("num_tokens")  # only an empty state (allow_empty) has none
         except Exception as e:  # noqa: BLE001 - a header and tensors that do not fit each other
             raise _unreadable(path, e) from None
         device, dtype = model.device, model.dtype
         cache.layer_states = [None if s is None else s.to(device, dtype) for s in states]
-        cache.num_tokens = num_tokens.to(device)
+        cache.num_tokens = None if num_tokens is None else num_tokens.to(device)
         cache.seen_tokens = int(header["seen_tokens"])
         cache.metadata = header["user"]
         return cache
@@ -466,5 +529,5 @@ class ZeroSCache(Cache):
 
 __all__ = [
     "LAYER_STATE_CLASSES", "LayerState", "LinearLayerState", "STATE_CONFIG_FIELDS", "STATE_FILE_FORMAT",
-    "SoftmaxLayerState", "ZeroSCache", "ZeroSLayerState",
+    "SoftmaxLayerState", "ZeroSCache", "ZeroSLayerState", "check_state_target", "is_state_file",
 ]
