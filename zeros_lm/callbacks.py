@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, TQDMProgr
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from .flops import model_flops_per_token, peak_flops_of
 from .rundir import EXPORT_CHECK_NAME
 from .strategies import uses_deepspeed
 
@@ -31,18 +32,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# Dense bfloat16 tensor-core peak of one device, FLOP/s, for model FLOPs utilisation (MFU).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
-
-
-def peak_flops_of(device: torch.device) -> Optional[float]:
-    """The bf16 peak of a known CUDA device (by name), else None."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
 class ThroughputLogger(Callback):
     """Logs training tokens per second (all ranks together, averaged over the last ``window``
     batches, validation time left out), the number of training tokens seen, and on a GPU the model
@@ -52,7 +41,7 @@ class ThroughputLogger(Callback):
     Args:
         window: batches in the moving average.
         peak_flops: peak FLOP/s of one device (default: the bf16 peak of a known GPU, see
-            ``PEAK_BF16_FLOPS``; no MFU where it is unknown, e.g. on a CPU).
+            ``zeros_lm.flops.PEAK_BF16_FLOPS``; no MFU where it is unknown, e.g. on a CPU).
     """
 
     def __init__(self, window: int = 20, peak_flops: Optional[float] = None):
@@ -81,8 +70,6 @@ class ThroughputLogger(Callback):
             peak = self.peak_flops or peak_flops_of(pl_module.device)
             if peak:
                 if self._flops_per_token is None:
-                    from .training import model_flops_per_token
-
                     self._flops_per_token = model_flops_per_token(pl_module.model, seq_len=int(batch.shape[1]) - 1)
                 mfu = tok_s * self._flops_per_token / (peak * trainer.world_size)
                 pl_module.log("mfu", mfu, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
