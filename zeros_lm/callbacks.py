@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, TQDMProgr
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from .export import compare_logits, export_from_checkpoint, export_model
 from .flops import model_flops_per_token, peak_flops_of
 from .rundir import EXPORT_CHECK_NAME
 from .strategies import uses_deepspeed
@@ -308,8 +309,6 @@ class HFExport(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.global_step == 0:
             return
-        from .export import export_from_checkpoint, export_model, compare_logits
-
         out = self.out_dir(trainer)
         probe = self._probe(trainer, pl_module)
         reference = pl_module.probe_logits(probe)  # every rank: ZeRO-3 gathers parameters

@@ -32,6 +32,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers.utils import logging as hf_logging
+
+from .checkpoint import read_config, read_tokenizer
+from .data import load_tokenizer
+from .modeling_zeros import ZeroSForCausalLM
 
 __all__ = [
     "ExportError",
@@ -204,8 +210,6 @@ def _model_state_dict(checkpoint: dict) -> dict:
 
 
 def _config_from_checkpoint(checkpoint: dict):
-    from .checkpoint import read_config
-
     try:
         return read_config(checkpoint)
     except ValueError as e:
@@ -214,8 +218,6 @@ def _config_from_checkpoint(checkpoint: dict):
 
 def build_model(checkpoint: dict):
     """A ``ZeroSForCausalLM`` with the checkpoint's trained weights (float32)."""
-    from zeros_lm import ZeroSForCausalLM
-
     config = _config_from_checkpoint(checkpoint)
     model = ZeroSForCausalLM(config)
     state = _model_state_dict(checkpoint)
@@ -230,8 +232,6 @@ def build_model(checkpoint: dict):
 
 
 def _generation_config(model_config, generation: Optional[dict]):
-    from transformers import GenerationConfig
-
     g = {"max_new_tokens": 200, "temperature": 0.8, "top_p": 0.95}
     g.update(generation or {})
     return GenerationConfig(
@@ -246,8 +246,6 @@ def _generation_config(model_config, generation: Optional[dict]):
 @contextlib.contextmanager
 def _quiet_transformers():
     """No per-shard progress bars from transformers while exporting / reloading."""
-    from transformers.utils import logging as hf_logging
-
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -357,8 +355,6 @@ def export_from_checkpoint(
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint)
     if tokenizer is None:
-        from .checkpoint import read_tokenizer
-
         tokenizer = read_tokenizer(checkpoint)
     if tokenizer is None:
         raise ExportError("the checkpoint holds no tokenizer; pass one with --tokenizer DIR")
@@ -373,10 +369,7 @@ def export_from_checkpoint(
 @torch.no_grad()
 def compare_logits(out_dir: str, input_ids: torch.Tensor, reference: torch.Tensor) -> dict:
     """Reload ``out_dir`` with ``AutoModelForCausalLM.from_pretrained`` and compare its logits with
-    ``reference`` on ``input_ids``."""
-    import zeros_lm  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoModelForCausalLM
-
+    ``reference`` on ``input_ids`` (importing zeros_lm registered the model with the Auto classes)."""
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
     logits = model(input_ids=input_ids, use_cache=False).logits.float()
@@ -402,13 +395,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    import zeros_lm  # noqa: F401
-
     try:
         tokenizer = None
         if args.tokenizer:
-            from .data import load_tokenizer
-
             tokenizer = load_tokenizer(args.tokenizer)
         dtype = getattr(torch, args.dtype)
         model = export_from_checkpoint(

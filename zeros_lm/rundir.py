@@ -9,6 +9,8 @@ from typing import Optional
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from ._locks import LockBusy, acquire, describe_holder
+
 __all__ = ["RunError", "claim_root_dir", "remove_previous_run", "RUN_LOCK_NAME", "EXPORT_CHECK_NAME"]
 
 
@@ -41,8 +43,6 @@ def claim_root_dir(
     (``overwrite``). Returns what a replacing run must remove once it is ready to train (see
     :func:`remove_previous_run`). Raises :class:`RunError`.
     """
-    from ._locks import LockBusy, acquire, describe_holder
-
     root_path = Path(root)
     if resume and overwrite:
         raise RunError("--ckpt_path continues the run in the directory and --overwrite replaces it: give one of them")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from .._locks import LockBusy, describe_holder, held
 from .errors import DataError
 
 _CACHE_VERSION = "1"
@@ -49,8 +50,6 @@ def _cache_lock(cache_root: Path):
     there): its ``work-*`` folder, half-written cache entries, and the processes it had forked
     (``datasets`` workers and managers; see :func:`_work_dir`).
     """
-    from .._locks import LockBusy, describe_holder, held
-
     path = cache_root / CACHE_LOCK_NAME
     timeout = lock_timeout()
 

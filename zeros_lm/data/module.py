@@ -27,7 +27,7 @@ from .corpus import CorpusOptions, PreparedCorpus, _tokenize_and_pack, prepare_c
 from .errors import DataError
 from .loading import BlockDataset, BlockSampler, ResumableDataLoader, StreamingBlocks, collate_blocks
 from .sources import _files_fingerprint, _unwrap_generation_error, load_documents, load_hub_documents, resolve_files
-from .tokenizer import _text_sample, check_vocab_size, load_tokenizer, train_tokenizer
+from .tokenizer import _text_sample, check_vocab_size, data_state, load_tokenizer, train_tokenizer
 
 __all__ = ["TextDataModule", "PackedPipeline", "StreamingPipeline"]
 
@@ -280,8 +280,6 @@ class TextDataModule(LightningDataModule):
 
     def state_dict(self) -> dict:
         """Saved by Lightning in every checkpoint: the tokenizer (an export of the checkpoint ships it)."""
-        from ..checkpoint import data_state
-
         return data_state(self.tokenizer)
 
     def load_state_dict(self, state_dict: dict) -> None:

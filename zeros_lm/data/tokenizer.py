@@ -37,6 +37,21 @@ def tokenizer_from_json(tokenizer_json: str):
     return _wrap_tokenizer(Tokenizer.from_str(tokenizer_json))
 
 
+# The data module's state in a checkpoint (Lightning saves ``TextDataModule.state_dict()``): the
+# tokenizer, serialized, so that an export of the checkpoint ships it (read back by
+# :func:`zeros_lm.checkpoint.read_tokenizer`).
+TOKENIZER_KEY = "zeros_lm_tokenizer_json"
+
+
+def data_state(tokenizer) -> dict:
+    """The data module's ``state_dict()``: its tokenizer (what an export of the checkpoint ships)."""
+    return {TOKENIZER_KEY: tokenizer.backend_tokenizer.to_str() if tokenizer is not None else None}
+
+
+def tokenizer_json_from_data_state(state: dict) -> Optional[str]:
+    return state.get(TOKENIZER_KEY)
+
+
 def check_vocab_size(vocab_size: int) -> None:
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise DataError(
@@ -136,6 +151,9 @@ __all__ = [
     "SPECIAL_TOKENS",
     "MIN_VOCAB_SIZE",
     "tokenizer_from_json",
+    "TOKENIZER_KEY",
+    "data_state",
+    "tokenizer_json_from_data_state",
     "check_vocab_size",
     "train_tokenizer",
     "load_tokenizer",
