@@ -588,7 +588,8 @@ def test_a_malformed_jsonl_line_is_named_in_the_last_line_of_the_error(tmp_path,
 
 
 def test_tokenising_refuses_non_string_text_from_any_source():
-    from zeros_lm.data import DataError, _tokenize_batch
+    from zeros_lm.data import DataError
+    from zeros_lm.data.corpus import _tokenize_batch
 
     with pytest.raises(DataError, match=r"the text column holds an int \(7\), not a string"):
         _tokenize_batch({"text": ["fine", 7]}, tokenizer_json="unused")

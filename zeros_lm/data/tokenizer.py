@@ -7,7 +7,7 @@ import os
 from typing import Any, Iterable, Iterator, Optional
 
 from .errors import DataError
-from .sources import _describe_value
+from .sources import describe_value
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -103,21 +103,21 @@ def load_tokenizer(path: str):
     return tok
 
 
-def _check_texts(texts: Iterable[Any]) -> None:
+def check_texts(texts: Iterable[Any]) -> None:
     """Raise :class:`DataError` for a text that is neither a string nor null (files are checked row by
     row when they are loaded; this catches what streams in from elsewhere)."""
     for t in texts:
         if t is not None and not isinstance(t, str):
-            raise DataError(f"the text column holds {_describe_value(t)}, not a string; set --data.text_column")
+            raise DataError(f"the text column holds {describe_value(t)}, not a string; set --data.text_column")
 
 
-def _text_sample(ds, max_chars: int, batch: int = 256) -> Iterator[list[str]]:
+def text_sample(ds, max_chars: int, batch: int = 256) -> Iterator[list[str]]:
     """Batches of document texts from ``ds`` (map-style or iterable) up to about ``max_chars``."""
     total = 0
     if hasattr(ds, "__len__"):
         for start in range(0, len(ds), batch):
             texts = ds[start : start + batch]["text"]
-            _check_texts(texts)
+            check_texts(texts)
             texts = [t for t in texts if t]
             yield texts
             total += sum(len(t) for t in texts)
@@ -127,7 +127,7 @@ def _text_sample(ds, max_chars: int, batch: int = 256) -> Iterator[list[str]]:
         buf = []
         for row in ds:
             t = row["text"]
-            _check_texts([t])
+            check_texts([t])
             if t:
                 buf.append(t)
                 total += len(t)
@@ -140,8 +140,9 @@ def _text_sample(ds, max_chars: int, batch: int = 256) -> Iterator[list[str]]:
             yield buf
 
 
-def _train_tokenizer_on(ds, vocab_size: int, max_chars: int):
-    sample = (t for batch in _text_sample(ds, max_chars) for t in batch)
+def train_tokenizer_on(ds, vocab_size: int, max_chars: int):
+    """:func:`train_tokenizer` on about the first ``max_chars`` characters of the documents ``ds``."""
+    sample = (t for batch in text_sample(ds, max_chars) for t in batch)
     return train_tokenizer(sample, vocab_size)
 
 
@@ -157,4 +158,7 @@ __all__ = [
     "check_vocab_size",
     "train_tokenizer",
     "load_tokenizer",
+    "check_texts",
+    "text_sample",
+    "train_tokenizer_on",
 ]
