@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, TQDMProgr
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from .atomic import atomic_symlink, atomic_write_file, remove_stale_temporaries
 from .export import compare_logits, export_from_checkpoint, export_model
 from .flops import model_flops_per_token, peak_flops_of
 from .rundir import EXPORT_CHECK_NAME
@@ -165,27 +165,25 @@ class ModelSummaryWithoutFlops(ModelSummary):
 
 # ----------------------------------------------------------------------------------------------
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint file next to its final name, fsyncs it, then renames it into place."""
+    """Writes a checkpoint file next to its final name, fsyncs it, then renames it into place
+    (:func:`zeros_lm.atomic.atomic_write_file`)."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
                 torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+
+        atomic_write_file(path, write)
 
 
 class ZeroSCheckpoint(ModelCheckpoint):
     """Checkpoint every ``every_n_train_steps`` optimizer steps, keep the last ``keep_last``, point
     ``last.ckpt`` at the newest (``--ckpt_path last`` resumes from it), and save once more when
-    training ends. Writes are atomic: a crash mid-write leaves the previous checkpoints intact.
+    training ends. Writes are atomic: a crash mid-write leaves the previous checkpoints intact, and
+    what it left half-written is removed when the next run starts.
 
     Args:
         dirpath: the checkpoint directory (``train.py`` sets it to ``<default_root_dir>/checkpoints``).
@@ -220,23 +218,14 @@ class ZeroSCheckpoint(ModelCheckpoint):
         if not uses_deepspeed(strategy) and type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath:
+            remove_stale_temporaries(self.dirpath)  # what saves that were killed left half-written
 
     @staticmethod
     def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            # A name no other saver uses (two savers in one directory must not remove each
-            # other's temporary link), then an atomic rename over the old link.
-            tmp = f"{linkpath}.tmp-link-{os.getpid()}-{uuid.uuid4().hex}"
-            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
-            try:
-                if os.path.isdir(linkpath) and not os.path.islink(linkpath):
-                    import shutil
-
-                    shutil.rmtree(linkpath)
-                os.replace(tmp, linkpath)
-            finally:
-                if os.path.lexists(tmp):
-                    os.remove(tmp)
+            # (a temporary link no other saver uses, renamed over the old one)
+            atomic_symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), linkpath)
         trainer.strategy.barrier()
 
     def save_final(self, trainer: Trainer) -> Optional[str]:

@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
 import tempfile
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -35,6 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from .atomic import atomic_write_dir
 from .checkpoint import read_config, read_tokenizer
 from .data import load_tokenizer
 from .modeling_zeros import ZeroSForCausalLM
@@ -271,36 +270,6 @@ def check_target(out_dir, overwrite: bool = False) -> None:
             )
 
 
-def write_dir_atomically(out_dir, write_fn) -> None:
-    """Call ``write_fn(tmp)`` on a fresh directory beside ``out_dir``, then swap it in: an existing
-    ``out_dir`` is renamed away, the new one renamed into place, and the old one deleted. A failure
-    (or a kill) while writing leaves ``out_dir`` as it was."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out.with_name(f".{out.name}.tmp-{token}")
-    tmp.mkdir()
-    try:
-        write_fn(tmp)
-        if out.exists() or out.is_symlink():
-            old = out.with_name(f".{out.name}.old-{token}")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        else:
-            os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_model(
     model,
     tokenizer,
@@ -312,10 +281,11 @@ def export_model(
     """Write ``model`` (a ``ZeroSForCausalLM``), ``tokenizer`` and a generation config to ``out_dir``.
 
     A non-empty ``out_dir`` raises :class:`ExportError` unless ``overwrite``; it is then replaced
-    as a whole (see :func:`write_dir_atomically`)."""
+    as a whole: written beside it and swapped in (:func:`zeros_lm.atomic.atomic_write_dir`), so it
+    never holds a mix of two models, and a failure leaves it as it was."""
     check_target(out_dir, overwrite)
     with _quiet_transformers():
-        write_dir_atomically(out_dir, lambda tmp: _export_model(model, tokenizer, tmp, generation, dtype))
+        atomic_write_dir(out_dir, lambda tmp: _export_model(model, tokenizer, tmp, generation, dtype))
     return str(out_dir)
 
 

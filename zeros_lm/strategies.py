@@ -19,9 +19,10 @@ A build that was killed midway leaves the file behind, and every later run would
 "initializing deepspeed distributed". Before DeepSpeed starts, :func:`check_build_locks` turns a
 lock older than any build into one error that names the file, and warns of a recent one.
 
-Checkpoints are also written atomically: DeepSpeed writes its shards into ``<path>.partial`` and the
-directory is renamed into place once every rank has finished, so an interrupted save never leaves a
-half-written checkpoint under a name that ``--ckpt_path`` could pick up.
+Checkpoints are also written atomically: DeepSpeed writes its shards into a temporary directory
+beside the checkpoint (``zeros_lm.atomic.temporary_sibling``) that is moved into place once every
+rank has finished, so an interrupted save never leaves a half-written checkpoint under a name that
+``--ckpt_path`` could pick up.
 
 Importing this module registers the subclass under all of Lightning's DeepSpeed strategy names
 (``deepspeed``, ``deepspeed_stage_2``, ``deepspeed_stage_3_offload``, ...), so
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,6 +50,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry  # noqa: 
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy as _LightningDeepSpeedStrategy  # noqa: E402
 from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
 
+from zeros_lm.atomic import move_into_place, remove_path, temporary_sibling  # noqa: E402
 from zeros_lm.rundir import RunError  # noqa: E402
 
 __all__ = ["DeepSpeedStrategy", "uses_deepspeed", "deepspeed_offloads_optimizer", "register", "check_build_locks"]
@@ -147,21 +148,20 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 
     # -- atomic checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
-        filepath = self.broadcast(str(filepath))
-        final = Path(filepath)
-        partial = final.with_name(final.name + ".partial")
-        if self.is_global_zero and partial.exists():
-            _remove_path(partial)  # left over from a crash during an earlier save
+        # Every rank writes its shards into one temporary directory (named by rank 0; a killed
+        # save's is removed when the next run starts), which rank 0 then moves into place.
+        final = Path(self.broadcast(str(filepath)))
+        partial = Path(self.broadcast(str(temporary_sibling(final))))
         self.barrier("zeros_lm_ckpt_pre")
         super().save_checkpoint(checkpoint, str(partial), storage_options=storage_options)
         self.barrier("zeros_lm_ckpt_written")
         if self.is_global_zero:
-            _replace_path(partial, final)
+            move_into_place(partial, final)
         self.barrier("zeros_lm_ckpt_renamed")
 
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
-            _remove_path(Path(filepath))
+            remove_path(filepath)
 
 
 @contextlib.contextmanager
@@ -226,30 +226,6 @@ def check_build_locks(root: Optional[Path] = None, ignore: tuple[str, ...] = (),
             file=sys.stderr,
             flush=True,
         )
-
-
-def _remove_path(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def _replace_path(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is swapped out first and deleted after."""
-    if src.is_file():
-        os.replace(src, dst)
-        return
-    if dst.is_symlink() or dst.is_file():
-        dst.unlink()
-    elif dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        _remove_path(old)
-        os.rename(dst, old)
-        os.rename(src, dst)
-        _remove_path(old)
-        return
-    os.rename(src, dst)
 
 
 _NAMES = {
