@@ -17,7 +17,8 @@ DeepSpeed's ops compile on first use through torch, which holds a ``lock`` file 
 directory meanwhile and makes every other process wait, with no time limit, for that file to go.
 A build that was killed midway leaves the file behind, and every later run would hang at
 "initializing deepspeed distributed". Before DeepSpeed starts, :func:`check_build_locks` turns a
-lock older than any build into one error that names the file, and warns of a recent one.
+lock that no process holds open (whatever its age) into one error that names the file, and warns
+of one that a build running now holds.
 
 Checkpoints are also written atomically: DeepSpeed writes its shards into a temporary directory
 beside the checkpoint (``zeros_lm.atomic.temporary_sibling``) that is moved into place once every
@@ -50,14 +51,17 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry  # noqa: 
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy as _LightningDeepSpeedStrategy  # noqa: E402
 from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
 
+from zeros_lm._locks import processes_holding  # noqa: E402
 from zeros_lm.atomic import move_into_place, remove_path, temporary_sibling  # noqa: E402
 from zeros_lm.rundir import RunError  # noqa: E402
 
 __all__ = ["DeepSpeedStrategy", "uses_deepspeed", "deepspeed_offloads_optimizer", "register", "check_build_locks"]
 
-# The longest a build of one of DeepSpeed's ops can take (CPU Adam, the largest built on CPU, takes
-# about a minute on two cores): a build lock older than this was left by a build that was killed.
+# Where it cannot be told whether a process holds a build lock (no /proc): the longest a build of
+# one of DeepSpeed's ops can take (CPU Adam, the largest built on CPU, takes about a minute on two
+# cores); a build lock older than this was left by a build that was killed.
 STALE_BUILD_LOCK_SECONDS = 600
+BUILD_LOCK_RELEASE_SECONDS = 0.5  # torch's builder closes the lock file, then deletes it: look again after this
 SHARED_MEMORY_COMM_OP = "deepspeed_shm_comm"  # the op that DeepSpeedStrategy leaves out on CPU
 
 
@@ -201,10 +205,29 @@ def deepspeed_build_locks(root: Optional[Path] = None) -> list[Path]:
     return sorted(lock for pattern in ("*/lock", "*/*/lock") for lock in root.glob(pattern) if lock.parent.name in names)
 
 
+def _age(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _build_running(lock: Path, age: float) -> Optional[list[int]]:
+    """The processes building the op of ``lock`` (torch's builder holds the lock file open until it
+    deletes it), or None if none is: a killed build left it. Where ``/proc`` cannot tell, a lock
+    younger than ``STALE_BUILD_LOCK_SECONDS`` counts as a build running (by an unknown process)."""
+    holders = processes_holding(lock)
+    if holders is None:
+        return [] if age <= STALE_BUILD_LOCK_SECONDS else None
+    if not holders:
+        time.sleep(BUILD_LOCK_RELEASE_SECONDS)  # a build that just finished closes the file, then deletes it
+        if not lock.exists():
+            return []
+        holders = processes_holding(lock) or None
+    return holders
+
+
 def check_build_locks(root: Optional[Path] = None, ignore: tuple[str, ...] = (), now: Optional[float] = None) -> None:
     """Raise :class:`RunError` for a build lock of a DeepSpeed op (other than those in ``ignore``)
-    older than ``STALE_BUILD_LOCK_SECONDS``: a killed build left it, and torch would wait for it
-    forever. Warn of a recent one: a build running now, which a run needing the op waits for."""
+    that no process holds, whatever its age: a killed build left it, and torch would wait for it
+    forever. Warn of one held by a build running now, which a run needing the op waits for."""
     now = time.time() if now is None else now
     for lock in deepspeed_build_locks(root):
         if lock.parent.name in ignore:
@@ -214,15 +237,19 @@ def check_build_locks(root: Optional[Path] = None, ignore: tuple[str, ...] = (),
         except FileNotFoundError:  # the build finished meanwhile
             continue
         op = lock.parent.name
-        if age > STALE_BUILD_LOCK_SECONDS:
+        builders = _build_running(lock, age)
+        if builders is None:
             raise RunError(
-                f"{lock} is left from a build of DeepSpeed's {op} op that started {age / 60:.0f} min ago and "
-                f"was interrupted; DeepSpeed would wait for it forever. Make sure no other run is compiling "
-                f"{op}, delete {lock}, and start again"
+                f"{lock} is left from a build of DeepSpeed's {op} op that started {_age(age)} ago and was "
+                f"interrupted (no process on this machine has it open); DeepSpeed would wait for it forever. "
+                f"Make sure no other run is compiling {op}, delete {lock}, and start again"
             )
+        if not lock.exists():
+            continue
+        who = f", held by process {builders[0]}" if builders else ""
         print(
-            f"warning: another process is building DeepSpeed's {op} op ({lock}); a run that needs the op "
-            f"waits until it is built. If no build is running, stop this run and delete that file.",
+            f"warning: another process is building DeepSpeed's {op} op ({lock}{who}, for {_age(age)} now); a run "
+            f"that needs the op waits until it is built. If no build is running, stop this run and delete that file.",
             file=sys.stderr,
             flush=True,
         )

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .._locks import LockBusy, describe_holder, held
+from .._locks import LockBusy, describe_holder, held, processes_holding
 from ..atomic import TMP_MARK
 from .errors import DataError
 
@@ -99,21 +99,9 @@ def work_dir(cache_root: Path):
 
 def _kill_processes_holding(path: Path) -> None:
     """SIGKILL every other process with ``path`` open (Linux: read from /proc; elsewhere a no-op)."""
-    target = os.path.realpath(path)
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return
-    for pid_dir in proc.glob("[0-9]*"):
-        pid = int(pid_dir.name)
-        if pid == os.getpid():
-            continue
-        try:
-            holds = any(os.readlink(fd) == target for fd in (pid_dir / "fd").iterdir())
-        except OSError:  # gone meanwhile, or another user's
-            continue
-        if holds:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+    for pid in processes_holding(path) or []:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _remove_leftovers(cache_root: Path) -> None:
