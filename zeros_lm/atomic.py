@@ -17,7 +17,7 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 TMP_MARK = ".tmp-"  # the part of a temporary sibling's name that marks it as one
 
@@ -155,15 +155,17 @@ def _writer_alive(name: str) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder) -> list[Path]:
-    """Delete the temporary siblings in ``folder`` left by writers on this host that are gone (a
-    killed save); returns what was removed. Those of live writers and other hosts are kept."""
+def remove_stale_temporaries(folder, of: Optional[str] = None) -> list[Path]:
+    """Delete the temporary siblings in ``folder`` (only those of the entry named ``of``, if given)
+    left by writers on this host that are gone (a killed save); returns what was removed. Those of
+    live writers and other hosts are kept."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
+    prefix = f".{of}{TMP_MARK}" if of is not None else "."
     for entry in folder.iterdir():
-        if TMP_MARK in entry.name and entry.name.startswith(".") and not _writer_alive(entry.name):
+        if TMP_MARK in entry.name and entry.name.startswith(prefix) and not _writer_alive(entry.name):
             _discard(entry)
             removed.append(entry)
     return removed

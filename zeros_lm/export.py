@@ -33,7 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.utils import logging as hf_logging
 
-from .atomic import atomic_write_dir
+from .atomic import atomic_write_dir, remove_stale_temporaries
 from .checkpoint import read_config, read_tokenizer
 from .data import load_tokenizer
 from .modeling_zeros import ZeroSForCausalLM
@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 MODEL_PREFIX = "model."
+EXIT_ERROR = 2  # bad input or misuse: one line starting with "error:", as every zeros-lm command
 
 
 class ExportError(ValueError):
@@ -284,6 +285,8 @@ def export_model(
     as a whole: written beside it and swapped in (:func:`zeros_lm.atomic.atomic_write_dir`), so it
     never holds a mix of two models, and a failure leaves it as it was."""
     check_target(out_dir, overwrite)
+    out = Path(out_dir).absolute()
+    remove_stale_temporaries(out.parent, of=out.name)  # what exports that were killed left beside it
     with _quiet_transformers():
         atomic_write_dir(out_dir, lambda tmp: _export_model(model, tokenizer, tmp, generation, dtype))
     return str(out_dir)
@@ -375,7 +378,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     print(f"Exported {args.checkpoint} -> {args.out_dir}")
     if not args.no_check:
         g = torch.Generator().manual_seed(0)

@@ -1,0 +1,182 @@
+"""What ``--overwrite`` and ``--ckpt_path`` may touch: an export replaces only an earlier export
+(never a run's directory or a folder of other files), a run continues another run's checkpoint only
+in a directory of its own, and what killed saves leave half-written is removed at the next start."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from zeros_lm.atomic import TMP_MARK, remove_stale_temporaries, temporary_sibling
+from zeros_lm.cli import train  # what train.py and zeros-lm train run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tree(root: Path) -> dict:
+    """Every file under ``root`` (links as their target) and its content: to show nothing changed."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = "-> " + os.readlink(path)
+        elif path.is_file():
+            found[key] = path.read_bytes()
+    return found
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line and not line.startswith("Seed set to")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    return lines[0]
+
+
+def a_run_directory(root: Path) -> Path:
+    """What a training run leaves in its directory: the run lock, checkpoints, logs and an export."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "step=0000004.ckpt").write_bytes(b"the run's checkpoint")
+    os.symlink("step=0000004.ckpt", root / "checkpoints" / "last.ckpt")
+    (root / "logs" / "version_0").mkdir(parents=True)
+    (root / "logs" / "version_0" / "metrics.csv").write_text("step,loss\n")
+    (root / ".run.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    (root / "hf").mkdir()
+    (root / "hf" / "config.json").write_text("the run's export")
+    return root
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def left_by_a_killed_writer(path: Path, directory: bool = False) -> Path:
+    """The temporary sibling of ``path`` that a writer killed mid-write leaves (its process is gone)."""
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{dead_pid()}-0badc0de")
+    if directory:
+        tmp.mkdir()
+        (tmp / "half").write_bytes(b"half")
+    else:
+        tmp.write_bytes(b"half a file")
+    return tmp
+
+
+# ------------------------------------------------------------------------------------------
+# zeros_lm.export: --overwrite replaces an earlier export, nothing else
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_tokenizer):
+    """A train.py checkpoint of a tiny model (weights, config, tokenizer)."""
+    from conftest import tiny_model
+
+    model = tiny_model("zeros", seed=5)
+    path = tmp_path_factory.mktemp("ckpt") / "step=0000010.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "zeros_lm": {"format": 1, "config": model.config.to_dict(),
+                         "tokenizer_json": tiny_tokenizer.backend_tokenizer.to_str()},
+            "global_step": 10,
+        },
+        path,
+    )
+    return path
+
+
+def export(args, capsys) -> tuple[int, str]:
+    from zeros_lm import export as export_module
+
+    code = export_module.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_export_errors_exit_2_like_every_other_misuse(checkpoint, tmp_path, capsys):
+    """Minor of #25: export errors exited 1."""
+    code, err = export([tmp_path / "missing.ckpt", tmp_path / "out", "--no-check"], capsys)
+    assert code == 2 and one_error_line(err).startswith("error: cannot read the checkpoint")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    code, err = export([checkpoint, tmp_path / "out", "--no-check"], capsys)
+    assert code == 2 and "is not empty" in one_error_line(err)
+
+
+def test_an_export_removes_what_a_killed_export_left_beside_it(checkpoint, tmp_path, capsys):
+    """Minor of #25: a killed export's temporary directory stayed beside the target for good."""
+    out = tmp_path / "hf"
+    stale = left_by_a_killed_writer(out, directory=True)
+    live = temporary_sibling(out)  # another export, writing right now (this process)
+    live.mkdir()
+    unrelated = left_by_a_killed_writer(tmp_path / "other", directory=True)
+    code, err = export([checkpoint, out, "--no-check"], capsys)
+    assert code == 0, err
+    assert not stale.exists()
+    assert live.is_dir() and unrelated.is_dir()
+
+
+# ------------------------------------------------------------------------------------------
+# train.py: --export.dirpath and --ckpt_path
+# ------------------------------------------------------------------------------------------
+NO_DATA = ("--data.train_files", "/no/such/corpus")  # reaching the data is a different error
+
+
+def train_args(root: Path, *extra) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "smoke.yaml"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false",
+        *NO_DATA,
+        *extra,
+    ]
+
+
+def run_main(args: list, capsys) -> tuple[int, str]:
+    saved, sys.argv = sys.argv, ["train.py"]
+    try:
+        code = train.main([str(a) for a in args])
+    finally:
+        sys.argv = saved
+    return code, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# Killed saves: their temporaries are removed at the next start
+# ------------------------------------------------------------------------------------------
+def test_remove_stale_temporaries_keeps_live_writers_and_other_files(tmp_path):
+    dead_file = left_by_a_killed_writer(tmp_path / "step=0000002.ckpt")
+    dead_dir = left_by_a_killed_writer(tmp_path / "step=0000004.ckpt", directory=True)
+    live = temporary_sibling(tmp_path / "step=0000006.ckpt")
+    live.write_bytes(b"being written by this process")
+    other_host = tmp_path / f".x{TMP_MARK}another-host-{dead_pid()}-0badc0de"
+    other_host.write_bytes(b"written on another machine")
+    (tmp_path / "step=0000002.ckpt").write_bytes(b"a checkpoint")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([dead_file, dead_dir])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name, "step=0000002.ckpt"])
+    assert remove_stale_temporaries(tmp_path, of="step=0000006.ckpt") == []
+
+
+def test_a_new_run_removes_what_killed_checkpoint_saves_left(tmp_path):
+    """Minor of #25: a save killed mid-write left its temporary checkpoint (file, or DeepSpeed's
+    directory) in the checkpoint directory for good."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from zeros_lm.callbacks import ZeroSCheckpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "step=0000002.ckpt").write_bytes(b"a whole checkpoint")
+    half_file = left_by_a_killed_writer(checkpoints / "step=0000004.ckpt")
+    half_dir = left_by_a_killed_writer(checkpoints / "step=0000006.ckpt", directory=True)
+    strategy = types.SimpleNamespace(checkpoint_io=TorchCheckpointIO(), broadcast=lambda obj, src=0: obj)
+    trainer = types.SimpleNamespace(strategy=strategy, is_global_zero=True)
+    ZeroSCheckpoint(dirpath=str(checkpoints)).setup(trainer, None, "fit")
+    assert not half_file.exists() and not half_dir.exists()
+    assert [p.name for p in checkpoints.iterdir()] == ["step=0000002.ckpt"]
