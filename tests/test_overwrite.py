@@ -98,6 +98,48 @@ def export(args, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def test_export_overwrite_never_replaces_a_run_directory(checkpoint, tmp_path, capsys):
+    """#25 item 1: `export runs/live/checkpoints/last.ckpt runs/live --overwrite` deleted the run."""
+    run = a_run_directory(tmp_path / "live")
+    before = tree(run)
+    code, err = export([checkpoint, run, "--overwrite", "--no-check"], capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert line.startswith(f"error: the export target {run} is a training run's directory (it holds .run.lock, ")
+    assert "--overwrite only ever replaces an earlier export" in line
+    assert tree(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live"]  # no temporary export left beside it
+
+
+@pytest.mark.parametrize("occupant", ["a run lock", "notes", "a subdirectory"])
+def test_export_overwrite_never_replaces_a_directory_of_other_files(checkpoint, tmp_path, capsys, occupant):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # an export's file, among others
+    if occupant == "a run lock":
+        (out / ".run.lock").write_text("")
+    elif occupant == "notes":
+        (out / "notes.txt").write_text("my notes")
+    else:
+        (out / "data").mkdir()
+        (out / "data" / "corpus.txt").write_text("text")
+    before = tree(out)
+    code, err = export([checkpoint, out, "--overwrite", "--no-check"], capsys)
+    assert code == 2
+    assert "--overwrite only ever replaces an earlier export" in one_error_line(err)
+    assert tree(out) == before
+
+
+def test_export_overwrite_still_replaces_an_earlier_export(checkpoint, tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "modeling_zeros.py", "generation_config.json"):
+        (out / name).write_text("the earlier export")
+    code, err = export([checkpoint, out, "--overwrite", "--no-check"], capsys)
+    assert code == 0, err
+    assert (out / "config.json").read_text() != "the earlier export"
+
+
 def test_export_errors_exit_2_like_every_other_misuse(checkpoint, tmp_path, capsys):
     """Minor of #25: export errors exited 1."""
     code, err = export([tmp_path / "missing.ckpt", tmp_path / "out", "--no-check"], capsys)

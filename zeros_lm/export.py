@@ -13,9 +13,10 @@ Command line (``zeros-lm export`` runs the same)::
 What the checkpoint holds besides its weights (the model's config, the tokenizer) is read through
 :mod:`zeros_lm.checkpoint`.
 
-A directory that is not empty is only replaced with ``--overwrite`` (``overwrite=True``), and then
-as a whole: the export is written to a temporary directory beside it and swapped in, so the
-directory never holds a mix of two models.
+A directory that is not empty is only replaced with ``--overwrite`` (``overwrite=True``), only if
+it is an earlier export (it holds nothing but a model directory's files: never a training run's
+directory or a folder of other files), and then as a whole: the export is written to a temporary
+directory beside it and swapped in, so the directory never holds a mix of two models.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .atomic import atomic_write_dir, remove_stale_temporaries
 from .checkpoint import read_config, read_tokenizer
 from .data import load_tokenizer
 from .modeling_zeros import ZeroSForCausalLM
+from .rundir import export_problem
 
 __all__ = [
     "ExportError",
@@ -256,11 +258,19 @@ def _quiet_transformers():
 
 
 def check_target(out_dir, overwrite: bool = False) -> None:
-    """Raise :class:`ExportError` if ``out_dir`` may not be written: a file, or a directory that is
-    not empty when ``overwrite`` is false."""
+    """Raise :class:`ExportError` if ``out_dir`` may not be written: a file; a directory that is not
+    an earlier export (a run's directory, or one holding other files: see
+    :func:`zeros_lm.rundir.export_problem`), whatever ``overwrite`` says; an earlier export unless
+    ``overwrite``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"the export target {out} exists and is not a directory")
+    problem = export_problem(out)
+    if problem:
+        raise ExportError(
+            f"the export target {out} {problem}; an export replaces its directory as a whole, and --overwrite "
+            "only ever replaces an earlier export: choose another directory"
+        )
     if out.is_dir() and not overwrite:
         names = sorted(p.name for p in out.iterdir())
         if names:
@@ -364,7 +374,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--no-check", action="store_true", help="skip reloading the export and comparing logits")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUT_DIR if it is not empty (as a whole, never mixed)"
+        "--overwrite", action="store_true", help="replace OUT_DIR if it holds an earlier export (as a whole, never mixed)"
     )
     args = parser.parse_args(argv)
 

@@ -1,9 +1,11 @@
 """A run owns its output directory (``--trainer.default_root_dir``): the run lock, refusing a
 directory that holds another run unless it is continued or replaced, and removing a replaced run
-once the new one is ready to train."""
+once the new one is ready to train. What ``--overwrite`` may replace is decided here too: an earlier
+export (recognised by its files, :func:`export_problem`), never a run's directory or anything else."""
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +13,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ._locks import LockBusy, acquire, describe_holder
 
-__all__ = ["RunError", "claim_root_dir", "remove_previous_run", "RUN_LOCK_NAME", "EXPORT_CHECK_NAME"]
+__all__ = [
+    "RunError",
+    "claim_root_dir",
+    "remove_previous_run",
+    "export_problem",
+    "RUN_LOCK_NAME",
+    "EXPORT_CHECK_NAME",
+    "EXPORT_FILE_PATTERNS",
+]
 
 
 class RunError(ValueError):
@@ -20,10 +30,59 @@ class RunError(ValueError):
 
 RUN_LOCK_NAME = ".run.lock"
 EXPORT_CHECK_NAME = "export_check.json"
+CHECKPOINT_DIR_NAME = "checkpoints"  # <default_root_dir>/checkpoints
+LOGS_DIR_NAME = "logs"  # <default_root_dir>/logs/version_N
+# What a Hugging Face model directory holds (weights, configs, tokenizer files), as written by
+# save_pretrained; besides these, an export of ours holds the package's modeling code (*.py).
+EXPORT_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+# The modeling code save_pretrained copies beside the weights comes from the package's own modules.
+_PACKAGE_FILES = frozenset(p.name for p in Path(__file__).parent.glob("*.py"))
 
 
 def _non_empty(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
+
+
+def _is_export_file(entry: Path) -> bool:
+    if entry.is_symlink() or not entry.is_file():
+        return False
+    return entry.name in _PACKAGE_FILES or any(fnmatch.fnmatchcase(entry.name, p) for p in EXPORT_FILE_PATTERNS)
+
+
+def _shown(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def export_problem(path) -> Optional[str]:
+    """Why the directory ``path`` is not an export that ``--overwrite`` may replace, as the end of a
+    sentence starting with its name (None if it is one, is empty or does not exist): a run's
+    directory (it holds the run lock, checkpoints or logs), or a directory holding anything else
+    than the files of a Hugging Face model directory (:data:`EXPORT_FILE_PATTERNS`) and our modeling
+    code."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    names = sorted(p.name for p in path.iterdir())
+    run_marks = [n for n in (RUN_LOCK_NAME, CHECKPOINT_DIR_NAME, LOGS_DIR_NAME) if n in names]
+    if run_marks:
+        return f"is a training run's directory (it holds {', '.join(run_marks)})"
+    others = [n for n in names if not _is_export_file(path / n)]
+    if others:
+        return f"holds files that are not part of an export ({_shown(others)})"
+    return None
 
 
 def _checkpoint_entries(checkpoint_dir: Path) -> list[Path]:
