@@ -188,6 +188,40 @@ def run_main(args: list, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_dirpath_holding_other_files_is_refused_even_with_overwrite(tmp_path, capsys, overwrite):
+    """#25 item 3: --overwrite deleted any non-empty --export.dirpath."""
+    folder = tmp_path / "my_project"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "config.json").write_text("{}")
+    before = tree(folder)
+    extra = ["--export.dirpath", folder] + (["--overwrite"] if overwrite else [])
+    code, err = run_main(train_args(tmp_path / "run", *extra), capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert line.startswith(f"error: the export directory {folder} holds files that are not part of an export (notes.txt)")
+    assert "--overwrite only ever replaces an earlier export" in line
+    assert tree(folder) == before
+
+
+@pytest.mark.parametrize("where", ["root", "parent", "checkpoints"])
+def test_export_dirpath_may_not_be_the_run_directory_or_its_checkpoints(tmp_path, capsys, where):
+    root = tmp_path / "runs" / "run"
+    export_dir = {"root": root, "parent": tmp_path / "runs", "checkpoints": root / "checkpoints"}[where]
+    code, err = run_main(train_args(root, "--export.dirpath", export_dir), capsys)
+    assert code == 2
+    assert "give --export.dirpath a directory of its own" in one_error_line(err)
+
+
+def test_an_earlier_export_in_export_dirpath_is_still_replaced_with_overwrite(tmp_path, capsys):
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "model.safetensors").write_bytes(b"an earlier model")
+    code, err = run_main(train_args(tmp_path / "run", "--export.dirpath", export_dir, "--overwrite"), capsys)
+    assert code == 2 and "/no/such/corpus" in one_error_line(err)  # past the directory checks, at the data
+
+
 # ------------------------------------------------------------------------------------------
 # Killed saves: their temporaries are removed at the next start
 # ------------------------------------------------------------------------------------------

@@ -6,12 +6,14 @@ export (recognised by its files, :func:`export_problem`), never a run's director
 from __future__ import annotations
 
 import fnmatch
+import os
 from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ._locks import LockBusy, acquire, describe_holder
+from .atomic import remove_path
 
 __all__ = [
     "RunError",
@@ -85,10 +87,34 @@ def export_problem(path) -> Optional[str]:
     return None
 
 
+def _same_or_inside(path: Path, other: Path) -> bool:
+    """Whether ``path`` is ``other`` or inside it (links and spellings resolved)."""
+    path, other = Path(os.path.realpath(path)), Path(os.path.realpath(other))
+    return path == other or other in path.parents
+
+
 def _checkpoint_entries(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
         return []
     return sorted(p for p in checkpoint_dir.iterdir() if p.name.endswith(".ckpt"))
+
+
+def _check_export_dir(export: Path, root: Path, checkpoint_dir: Path) -> None:
+    """The end-of-training export replaces ``export`` as a whole: it must be a directory of its own
+    that is empty, missing, or an earlier export."""
+    overlaps = _same_or_inside(export, checkpoint_dir) or _same_or_inside(checkpoint_dir, export)
+    if overlaps or _same_or_inside(root, export):
+        raise RunError(
+            f"the export directory {export} is, holds or lies in the run's own directory or checkpoints; the "
+            "export replaces its directory as a whole: give --export.dirpath a directory of its own (default: "
+            "<default_root_dir>/hf)"
+        )
+    problem = export_problem(export)
+    if problem:
+        raise RunError(
+            f"the export directory {export} {problem}; the export would replace it, and --overwrite only ever "
+            "replaces an earlier export: give another --export.dirpath"
+        )
 
 
 def claim_root_dir(
@@ -99,8 +125,10 @@ def claim_root_dir(
     Takes the run lock ``<root>/.run.lock`` (held until the process exits: a second live run in the
     same directory is refused at once), then refuses a directory that holds another run (checkpoints,
     or an export in ``export_dir``) unless this run continues it (``resume``) or replaces it
-    (``overwrite``). Returns what a replacing run must remove once it is ready to train (see
-    :func:`remove_previous_run`). Raises :class:`RunError`.
+    (``overwrite``). ``export_dir`` must be empty, missing or an earlier export (see
+    :func:`export_problem`), and apart from the run's directory and checkpoints. Returns what a
+    replacing run must remove once it is ready to train (see :func:`remove_previous_run`). Raises
+    :class:`RunError`.
     """
     root_path = Path(root)
     if resume and overwrite:
@@ -114,17 +142,21 @@ def claim_root_dir(
             f"another run ({describe_holder(e.holder)}) is using {root_path} right now; wait for it to finish, "
             "or give this one another --trainer.default_root_dir"
         ) from None
-    checkpoints = _checkpoint_entries(Path(checkpoint_dir))
     export = Path(export_dir) if export_dir else None
+    if export is not None:
+        _check_export_dir(export, root_path, Path(checkpoint_dir))
+    checkpoints = _checkpoint_entries(Path(checkpoint_dir))
     exported = export is not None and _non_empty(export)
-    if resume or not (checkpoints or exported):
-        return []
     held = []
     if checkpoints:
         files = [p for p in checkpoints if not p.is_symlink()] or checkpoints
         held.append(f"{len(files)} checkpoint(s) in {checkpoint_dir}")
     if exported:
         held.append(f"an export in {export}")
+    if not held:
+        return []
+    if resume:
+        return []
     if not overwrite:
         raise RunError(
             f"{root_path} holds another run ({' and '.join(held)}); continue it with --ckpt_path last, "
@@ -136,13 +168,8 @@ def claim_root_dir(
 def remove_previous_run(paths: list[Path]) -> None:
     """Delete what :func:`claim_root_dir` listed (an overwritten run's checkpoints and export; its
     logs stay, in their own ``logs/version_N``)."""
-    import shutil
-
     removed = [p for p in paths if p.exists() or p.is_symlink()]
     for path in removed:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        remove_path(path)
     if removed:
         rank_zero_info(f"Replacing the earlier run: removed {', '.join(str(p) for p in removed)}")
