@@ -222,6 +222,36 @@ def test_an_earlier_export_in_export_dirpath_is_still_replaced_with_overwrite(tm
     assert code == 2 and "/no/such/corpus" in one_error_line(err)  # past the directory checks, at the data
 
 
+def _fake_checkpoint(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}}, path)  # readable: what the cheap check before any data work needs
+    return path
+
+
+def test_a_checkpoint_of_another_run_is_not_continued_in_a_directory_holding_a_run(tmp_path, capsys):
+    """#25 item 2: continuing run B from its checkpoint in run A's directory mixed the two runs."""
+    run_a = a_run_directory(tmp_path / "a")
+    before = tree(run_a)
+    b_checkpoint = _fake_checkpoint(tmp_path / "b" / "checkpoints" / "step=0000002.ckpt")
+    code, err = run_main(train_args(run_a, "--ckpt_path", b_checkpoint), capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert line.startswith(f"error: --ckpt_path {b_checkpoint} is a checkpoint of another run (in {b_checkpoint.parent})")
+    assert f"{run_a} holds a run of its own" in line
+    assert tree(run_a) == before
+
+
+@pytest.mark.parametrize("target", ["its own run", "a new directory"])
+def test_a_checkpoint_is_continued_in_its_own_run_or_a_new_directory(tmp_path, capsys, target):
+    own = tmp_path / "b"
+    b_checkpoint = _fake_checkpoint(own / "checkpoints" / "step=0000002.ckpt")
+    (own / "hf").mkdir()
+    (own / "hf" / "config.json").write_text("b's export")
+    root = own if target == "its own run" else tmp_path / "new"
+    code, err = run_main(train_args(root, "--ckpt_path", b_checkpoint), capsys)
+    assert code == 2 and "/no/such/corpus" in one_error_line(err)  # past the directory checks, at the data
+
+
 # ------------------------------------------------------------------------------------------
 # Killed saves: their temporaries are removed at the next start
 # ------------------------------------------------------------------------------------------

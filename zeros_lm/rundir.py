@@ -99,6 +99,19 @@ def _checkpoint_entries(checkpoint_dir: Path) -> list[Path]:
     return sorted(p for p in checkpoint_dir.iterdir() if p.name.endswith(".ckpt"))
 
 
+# Lightning's own names for a checkpoint of the run being resumed (not paths)
+CKPT_PATH_KEYWORDS = ("last", "best", "hpc")
+
+
+def _foreign_checkpoint_folder(ckpt_path: str, checkpoint_dir: str) -> Optional[Path]:
+    """The folder of ``ckpt_path`` when that is not this run's checkpoint directory (None when it
+    is, or ``ckpt_path`` is one of Lightning's keywords)."""
+    if ckpt_path in CKPT_PATH_KEYWORDS or str(ckpt_path).startswith("registry"):
+        return None
+    folder = Path(os.path.realpath(ckpt_path)).parent
+    return None if folder == Path(os.path.realpath(checkpoint_dir)) else folder
+
+
 def _check_export_dir(export: Path, root: Path, checkpoint_dir: Path) -> None:
     """The end-of-training export replaces ``export`` as a whole: it must be a directory of its own
     that is empty, missing, or an earlier export."""
@@ -118,20 +131,21 @@ def _check_export_dir(export: Path, root: Path, checkpoint_dir: Path) -> None:
 
 
 def claim_root_dir(
-    root: str, checkpoint_dir: str, export_dir: Optional[str], resume: bool, overwrite: bool
+    root: str, checkpoint_dir: str, export_dir: Optional[str], ckpt_path: Optional[str], overwrite: bool
 ) -> list[Path]:
     """Make ``root`` this run's own, before any data is prepared.
 
     Takes the run lock ``<root>/.run.lock`` (held until the process exits: a second live run in the
     same directory is refused at once), then refuses a directory that holds another run (checkpoints,
-    or an export in ``export_dir``) unless this run continues it (``resume``) or replaces it
-    (``overwrite``). ``export_dir`` must be empty, missing or an earlier export (see
+    or an export in ``export_dir``) unless this run continues it from one of its own checkpoints
+    (``ckpt_path``) or replaces it (``overwrite``). A checkpoint of another run is continued only in
+    a directory that holds no run. ``export_dir`` must be empty, missing or an earlier export (see
     :func:`export_problem`), and apart from the run's directory and checkpoints. Returns what a
     replacing run must remove once it is ready to train (see :func:`remove_previous_run`). Raises
     :class:`RunError`.
     """
     root_path = Path(root)
-    if resume and overwrite:
+    if ckpt_path is not None and overwrite:
         raise RunError("--ckpt_path continues the run in the directory and --overwrite replaces it: give one of them")
     root_path.mkdir(parents=True, exist_ok=True)
     lock = root_path / RUN_LOCK_NAME
@@ -155,7 +169,14 @@ def claim_root_dir(
         held.append(f"an export in {export}")
     if not held:
         return []
-    if resume:
+    if ckpt_path is not None:
+        foreign = _foreign_checkpoint_folder(ckpt_path, checkpoint_dir)
+        if foreign is not None:
+            raise RunError(
+                f"--ckpt_path {ckpt_path} is a checkpoint of another run (in {foreign}), and {root_path} holds a "
+                f"run of its own ({' and '.join(held)}); continue from it in its own run's directory or in a new, "
+                "empty --trainer.default_root_dir"
+            )
         return []
     if not overwrite:
         raise RunError(
