@@ -10,7 +10,7 @@ peak of allocated tensor memory. Prints a Markdown table.
     python benchmarks/train.py --device cuda --precision bf16 --seq-lens 512 2048 8192
     python benchmarks/train.py --device cuda --precision bf16 --compile    # every block torch.compile'd
 
-On CUDA the table also gives model FLOPs utilisation (MFU: zeros_lm.training.model_flops_per_token x
+On CUDA the table also gives model FLOPs utilisation (MFU: zeros_lm.flops.model_flops_per_token x
 tokens/s over the card's bf16 peak, where the card is known), as the training log does.
 
 Models of equal parameter count: ZeroS's u projection and gates make it larger than softmax at one config
@@ -73,8 +73,7 @@ def run_point(args) -> dict:
 
     import torch
 
-    from zeros_lm.callbacks import peak_flops_of
-    from zeros_lm.training import model_flops_per_token
+    from zeros_lm.flops import model_flops_per_token, peak_flops_of
 
     model, step, sync, batch = training_step(args)
     device = torch.device(args.device)

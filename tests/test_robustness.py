@@ -292,7 +292,7 @@ def test_export_refuses_a_non_empty_directory_and_leaves_it_alone(checkpoints, t
     (out / "config.json").write_text("{}")
     (out / "model-00001-of-00002.safetensors").write_bytes(b"shard")
     code, err = _export([str(checkpoints.good), str(out), "--no-check"], capsys)
-    assert code == 1
+    assert code == 2  # misuse, as every zeros-lm command (#25)
     assert err.strip().splitlines() == [
         f"error: the export target {out} is not empty (it holds config.json, model-00001-of-00002.safetensors); "
         "choose another directory, or replace it as a whole with --overwrite"
@@ -342,7 +342,7 @@ def test_a_failed_overwrite_leaves_the_old_export_intact(checkpoints, tmp_path, 
 def test_export_of_an_unreadable_checkpoint_names_the_newest_readable_one(checkpoints, tmp_path, capsys, which):
     path = getattr(checkpoints, which)
     code, err = _export([str(path), str(tmp_path / "out")], capsys)
-    assert code == 1
+    assert code == 2  # misuse, as every zeros-lm command (#25)
     (line,) = err.strip().splitlines()
     assert line.startswith(f"error: cannot read the checkpoint {path}")
     assert line.endswith(f"the newest readable checkpoint there is {checkpoints.good}: use that one")
@@ -635,7 +635,8 @@ def test_a_malformed_jsonl_line_is_named_in_the_last_line_of_the_error(tmp_path,
 
 
 def test_tokenising_refuses_non_string_text_from_any_source():
-    from zeros_lm.data import DataError, _tokenize_batch
+    from zeros_lm.data import DataError
+    from zeros_lm.data.corpus import _tokenize_batch
 
     with pytest.raises(DataError, match=r"the text column holds an int \(7\), not a string"):
         _tokenize_batch({"text": ["fine", 7]}, tokenizer_json="unused")

@@ -4,6 +4,7 @@ the same; every config file parses."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -284,7 +285,7 @@ def test_export_command_on_a_plain_checkpoint(smoke_run, tmp_path):
     ids = torch.randint(0, mid.config.vocab_size, (1, 24))
     torch.testing.assert_close(logits_of(mid, ids), logits_of(reference, ids), rtol=0, atol=1e-6)
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
-    assert export.main([str(root / "nope.ckpt"), str(tmp_path / "x")]) == 1
+    assert export.main([str(root / "nope.ckpt"), str(tmp_path / "x")]) == 2  # misuse, as every zeros-lm command (#25)
 
 
 def test_export_options_dtype_tokenizer_and_no_check(smoke_run, tmp_path, monkeypatch, capsys):
@@ -508,15 +509,50 @@ def test_build_locks_stale_recent_ignored_and_unrelated(tmp_path, capsys):
     recent = lock_at("cpu_adam", 5)
     lock_at("my_own_extension", 10 * STALE_BUILD_LOCK_SECONDS)  # not DeepSpeed's: not ours to judge
     assert deepspeed_build_locks(tmp_path) == [recent]
-    check_build_locks(tmp_path, now=now)  # a build running now: a warning, not an error
-    assert "another process is building DeepSpeed's cpu_adam op" in capsys.readouterr().err
+    with process_holding(recent, "os.open(path, os.O_RDONLY)"):  # torch's builder holds it open
+        check_build_locks(tmp_path, now=now)  # a build running now: a warning, not an error
+        assert "another process is building DeepSpeed's cpu_adam op" in capsys.readouterr().err
 
-    # torch's default layout has one more level (py<version>_<device>/<op>/lock)
-    stale = lock_at("py311_cpu/fused_adam", STALE_BUILD_LOCK_SECONDS + 60)
-    with pytest.raises(RunError, match="fused_adam op that started 11 min ago and was interrupted") as error:
-        check_build_locks(tmp_path, now=now)
-    assert str(stale) in str(error.value)
-    check_build_locks(tmp_path, ignore=("fused_adam",), now=now)
+        # torch's default layout has one more level (py<version>_<device>/<op>/lock)
+        stale = lock_at("py311_cpu/fused_adam", STALE_BUILD_LOCK_SECONDS + 60)
+        with pytest.raises(RunError, match="fused_adam op that started 11 min ago and was interrupted") as error:
+            check_build_locks(tmp_path, now=now)
+        assert str(stale) in str(error.value)
+        check_build_locks(tmp_path, ignore=("fused_adam",), now=now)
+
+
+@contextlib.contextmanager
+def process_holding(path: Path, opens: str):
+    """A live child process that has run ``opens`` (Python, with ``path`` set) and holds what it opened."""
+    code = f"import os, sys, time; path = sys.argv[1]; handle = {opens}; print('holding', flush=True); time.sleep(600)"
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "holding"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_build_lock_whose_process_is_gone_is_stale_whatever_its_age(tmp_path, capsys):
+    """#25 item 12: a lock younger than ten minutes, left by a killed build, hung the next run."""
+    from zeros_lm.rundir import RunError
+    from zeros_lm.strategies import STALE_BUILD_LOCK_SECONDS, check_build_locks
+
+    lock = tmp_path / "cpu_adam" / "lock"
+    lock.parent.mkdir()
+    # torch's own lock, as its extension builder takes it
+    with process_holding(lock, "__import__('torch.utils.file_baton').utils.file_baton.FileBaton(path).try_acquire()"):
+        check_build_locks(tmp_path)
+        assert "another process is building DeepSpeed's cpu_adam op" in capsys.readouterr().err
+        a_long_build = time.time() - 2 * STALE_BUILD_LOCK_SECONDS
+        os.utime(lock, (a_long_build, a_long_build))
+        check_build_locks(tmp_path)  # a build that runs long is still running: never an error
+        assert "another process is building DeepSpeed's cpu_adam op" in capsys.readouterr().err
+    os.utime(lock)  # the build is killed seconds after it started
+    with pytest.raises(RunError, match=r"cpu_adam op that started \d+ s ago and was interrupted") as error:
+        check_build_locks(tmp_path)
+    assert str(lock) in str(error.value) and "delete" in str(error.value)
 
 
 def losses_by_step(rows: list[dict]) -> dict[int, float]:

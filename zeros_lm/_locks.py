@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-__all__ = ["LockBusy", "acquire", "release", "held", "lock_holder"]
+__all__ = ["LockBusy", "acquire", "release", "held", "lock_holder", "processes_holding"]
 
 POLL_SECONDS = 0.2
 
@@ -38,6 +38,26 @@ class LockBusy(RuntimeError):
     def __init__(self, path: Path, holder: Optional[str]):
         super().__init__(f"{path} is locked by {describe_holder(holder)}")
         self.path, self.holder = path, holder
+
+
+def processes_holding(path: Path) -> Optional[list[int]]:
+    """The processes of this machine, other than this one, that have ``path`` open (read from
+    ``/proc``; processes of other users may be missed); None where ``/proc`` cannot tell."""
+    target = os.path.realpath(path)
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    holders = []
+    for pid_dir in proc.glob("[0-9]*"):
+        pid = int(pid_dir.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (pid_dir / "fd").iterdir()):
+                holders.append(pid)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return holders
 
 
 def lock_holder(path: Path) -> Optional[str]:

@@ -11,12 +11,13 @@ This module uses the standard library only: the exported model's modeling code i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 TMP_MARK = ".tmp-"  # the part of a temporary sibling's name that marks it as one
 
@@ -29,11 +30,23 @@ def temporary_sibling(path, tag: str = "") -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{tag}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _remove(path: Path) -> None:
+def remove_path(path) -> None:
+    """Delete a file, a link (not what it points to) or a directory tree; nothing if it is gone."""
+    path = Path(path)
     if path.is_symlink() or path.is_file():
-        path.unlink()
+        path.unlink(missing_ok=True)
     elif path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path)
+
+
+def _discard(path: Path) -> None:
+    """:func:`remove_path` in cleanups, where a failure must not hide the error being handled."""
+    with contextlib.suppress(OSError):
+        remove_path(path)
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
 
 def _fsync_file(path: Path) -> None:
@@ -52,8 +65,8 @@ def atomic_write_file(path, write_fn: Callable[[Path], None], *, fsync: bool = T
             _fsync_file(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists() or tmp.is_symlink():
-            _remove(tmp)
+        if _exists(tmp):
+            _discard(tmp)
 
 
 def atomic_symlink(target: str, linkpath) -> None:
@@ -71,39 +84,54 @@ def atomic_symlink(target: str, linkpath) -> None:
             tmp.unlink()
 
 
-def atomic_write_dir(path, write_fn: Callable[[Path], None], *, keep_existing: bool = False) -> None:
-    """Call ``write_fn(tmp)`` on a fresh directory beside ``path``, then put it in place.
+def move_into_place(src, path, *, keep_existing: bool = False) -> bool:
+    """Rename the finished ``src`` (a file or directory beside ``path``, normally named by
+    :func:`temporary_sibling`) to ``path``; returns whether it was put there.
 
-    An existing ``path`` is swapped out (renamed aside, the new one renamed in, the old one deleted),
-    or, with ``keep_existing``, kept: the new directory is dropped (another writer got there first,
-    e.g. a rank on another node filling a shared cache). A failure while writing leaves ``path`` as
-    it was."""
+    A file over a file (or link) is one atomic rename. An existing directory (or anything in the
+    way of a directory) is renamed aside, ``src`` renamed in and the old one deleted: a reader
+    sees the old or the new one, never a mix. With ``keep_existing`` an existing ``path`` is kept
+    and ``src`` deleted (another writer got there first, e.g. a rank on another node filling a
+    shared cache)."""
+    src, path = Path(src), Path(path)
+    if not _exists(path):
+        try:
+            os.rename(src, path)
+            return True
+        except OSError:
+            if not _exists(path):
+                raise
+    if keep_existing:
+        _discard(src)
+        return False
+    if not src.is_dir() and not (path.is_dir() and not path.is_symlink()):
+        os.replace(src, path)
+        return True
+    old = temporary_sibling(path, tag="old")
+    os.rename(path, old)
+    try:
+        os.rename(src, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    _discard(old)
+    return True
+
+
+def atomic_write_dir(path, write_fn: Callable[[Path], None], *, keep_existing: bool = False) -> None:
+    """Call ``write_fn(tmp)`` on a fresh directory beside ``path``, then put it in place with
+    :func:`move_into_place` (an existing ``path`` is swapped out as a whole, or, with
+    ``keep_existing``, kept). A failure while writing leaves ``path`` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     tmp.mkdir()
     try:
         write_fn(tmp)
-        if not (path.exists() or path.is_symlink()):
-            try:
-                os.rename(tmp, path)
-                return
-            except OSError:
-                if not path.exists():
-                    raise
-        if keep_existing:
-            return
-        old = temporary_sibling(path, tag="old")
-        os.rename(path, old)
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            os.rename(old, path)
-            raise
-        _remove(old)
+        move_into_place(tmp, path, keep_existing=keep_existing)
     finally:
-        if tmp.exists():
-            _remove(tmp)
+        if _exists(tmp):
+            _discard(tmp)
 
 
 def _writer_alive(name: str) -> bool:
@@ -127,19 +155,29 @@ def _writer_alive(name: str) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder) -> list[Path]:
-    """Delete the temporary siblings in ``folder`` left by writers on this host that are gone (a
-    killed save); returns what was removed. Those of live writers and other hosts are kept."""
+def remove_stale_temporaries(folder, of: Optional[str] = None) -> list[Path]:
+    """Delete the temporary siblings in ``folder`` (only those of the entry named ``of``, if given)
+    left by writers on this host that are gone (a killed save); returns what was removed. Those of
+    live writers and other hosts are kept."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
+    prefix = f".{of}{TMP_MARK}" if of is not None else "."
     for entry in folder.iterdir():
-        if TMP_MARK in entry.name and entry.name.startswith(".") and not _writer_alive(entry.name):
-            _remove(entry)
+        if TMP_MARK in entry.name and entry.name.startswith(prefix) and not _writer_alive(entry.name):
+            _discard(entry)
             removed.append(entry)
     return removed
 
 
-__all__ = ["TMP_MARK", "atomic_symlink", "atomic_write_dir", "atomic_write_file", "remove_stale_temporaries",
-           "temporary_sibling"]
+__all__ = [
+    "TMP_MARK",
+    "atomic_symlink",
+    "atomic_write_dir",
+    "atomic_write_file",
+    "move_into_place",
+    "remove_path",
+    "remove_stale_temporaries",
+    "temporary_sibling",
+]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +16,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, TQDMProgr
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from .atomic import atomic_symlink, atomic_write_file, remove_stale_temporaries
+from .export import compare_logits, export_from_checkpoint, export_model
+from .flops import model_flops_per_token, peak_flops_of
 from .rundir import EXPORT_CHECK_NAME
 from .strategies import uses_deepspeed
 
@@ -31,18 +33,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# Dense bfloat16 tensor-core peak of one device, FLOP/s, for model FLOPs utilisation (MFU).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
-
-
-def peak_flops_of(device: torch.device) -> Optional[float]:
-    """The bf16 peak of a known CUDA device (by name), else None."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
 class ThroughputLogger(Callback):
     """Logs training tokens per second (all ranks together, averaged over the last ``window``
     batches, validation time left out), the number of training tokens seen, and on a GPU the model
@@ -52,7 +42,7 @@ class ThroughputLogger(Callback):
     Args:
         window: batches in the moving average.
         peak_flops: peak FLOP/s of one device (default: the bf16 peak of a known GPU, see
-            ``PEAK_BF16_FLOPS``; no MFU where it is unknown, e.g. on a CPU).
+            ``zeros_lm.flops.PEAK_BF16_FLOPS``; no MFU where it is unknown, e.g. on a CPU).
     """
 
     def __init__(self, window: int = 20, peak_flops: Optional[float] = None):
@@ -81,8 +71,6 @@ class ThroughputLogger(Callback):
             peak = self.peak_flops or peak_flops_of(pl_module.device)
             if peak:
                 if self._flops_per_token is None:
-                    from .training import model_flops_per_token
-
                     self._flops_per_token = model_flops_per_token(pl_module.model, seq_len=int(batch.shape[1]) - 1)
                 mfu = tok_s * self._flops_per_token / (peak * trainer.world_size)
                 pl_module.log("mfu", mfu, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
@@ -177,27 +165,25 @@ class ModelSummaryWithoutFlops(ModelSummary):
 
 # ----------------------------------------------------------------------------------------------
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint file next to its final name, fsyncs it, then renames it into place."""
+    """Writes a checkpoint file next to its final name, fsyncs it, then renames it into place
+    (:func:`zeros_lm.atomic.atomic_write_file`)."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:
                 torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+
+        atomic_write_file(path, write)
 
 
 class ZeroSCheckpoint(ModelCheckpoint):
     """Checkpoint every ``every_n_train_steps`` optimizer steps, keep the last ``keep_last``, point
     ``last.ckpt`` at the newest (``--ckpt_path last`` resumes from it), and save once more when
-    training ends. Writes are atomic: a crash mid-write leaves the previous checkpoints intact.
+    training ends. Writes are atomic: a crash mid-write leaves the previous checkpoints intact, and
+    what it left half-written is removed when the next run starts.
 
     Args:
         dirpath: the checkpoint directory (``train.py`` sets it to ``<default_root_dir>/checkpoints``).
@@ -232,23 +218,14 @@ class ZeroSCheckpoint(ModelCheckpoint):
         if not uses_deepspeed(strategy) and type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
         super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath:
+            remove_stale_temporaries(self.dirpath)  # what saves that were killed left half-written
 
     @staticmethod
     def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            # A name no other saver uses (two savers in one directory must not remove each
-            # other's temporary link), then an atomic rename over the old link.
-            tmp = f"{linkpath}.tmp-link-{os.getpid()}-{uuid.uuid4().hex}"
-            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
-            try:
-                if os.path.isdir(linkpath) and not os.path.islink(linkpath):
-                    import shutil
-
-                    shutil.rmtree(linkpath)
-                os.replace(tmp, linkpath)
-            finally:
-                if os.path.lexists(tmp):
-                    os.remove(tmp)
+            # (a temporary link no other saver uses, renamed over the old one)
+            atomic_symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), linkpath)
         trainer.strategy.barrier()
 
     def save_final(self, trainer: Trainer) -> Optional[str]:
@@ -321,8 +298,6 @@ class HFExport(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.global_step == 0:
             return
-        from .export import export_from_checkpoint, export_model, compare_logits
-
         out = self.out_dir(trainer)
         probe = self._probe(trainer, pl_module)
         reference = pl_module.probe_logits(probe)  # every rank: ZeRO-3 gathers parameters

@@ -1,11 +1,12 @@
-"""What a zeros-lm training checkpoint holds beyond Lightning's own keys, written and read here only.
+"""What a zeros-lm training checkpoint holds beyond Lightning's own keys, and how it is read back.
 
 A checkpoint (a ``.ckpt`` file, or DeepSpeed's client state) carries:
 
 - under :data:`CHECKPOINT_KEY`, the model's configuration (``ZeroSConfig.to_dict()``), written by
   the LightningModule (:func:`model_state`);
 - the tokenizer, serialized, in the data module's own state (Lightning saves ``state_dict()`` of
-  the data module; :func:`data_state` / :func:`tokenizer_json_from_data_state`).
+  the data module; :func:`data_state` / :func:`tokenizer_json_from_data_state`, defined with the
+  tokenizer in :mod:`zeros_lm.data.tokenizer` and re-exported here).
 
 :func:`read_config` and :func:`read_tokenizer_json` take a whole checkpoint dict and are what the
 export and a resume use; they also read checkpoints of the first format (tokenizer stored next to
@@ -18,17 +19,17 @@ import inspect
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from .configuration_zeros import ZeroSConfig
+from .data.tokenizer import TOKENIZER_KEY, data_state, tokenizer_from_json, tokenizer_json_from_data_state
+
 CHECKPOINT_KEY = "zeros_lm"
-FORMAT = 2  # 1: the tokenizer was stored under CHECKPOINT_KEY too; 2: in the data module's state
-TOKENIZER_KEY = "zeros_lm_tokenizer_json"  # in the data module's state_dict
+FORMAT = 2  # 1: the tokenizer was stored under CHECKPOINT_KEY too; 2: in the data module's state (TOKENIZER_KEY)
 _DERIVED_CONFIG_KEYS = ("auto_map", "architectures", "transformers_version", "model_type")
 
 
 def config_fields(config_class=None) -> tuple[str, ...]:
     """The model configuration's fields: the named parameters of ``ZeroSConfig.__init__`` (of a
     subclass: its own, then ZeroSConfig's; never PreTrainedConfig's generic ones)."""
-    from .configuration_zeros import ZeroSConfig
-
     names: list[str] = []
     for cls in (config_class or ZeroSConfig).__mro__:
         if "__init__" not in cls.__dict__:
@@ -46,19 +47,8 @@ def model_state(config) -> dict:
     return {"format": FORMAT, "config": config.to_dict()}
 
 
-def data_state(tokenizer) -> dict:
-    """The data module's ``state_dict()``: its tokenizer (what an export of the checkpoint ships)."""
-    return {TOKENIZER_KEY: tokenizer.backend_tokenizer.to_str() if tokenizer is not None else None}
-
-
-def tokenizer_json_from_data_state(state: dict) -> Optional[str]:
-    return state.get(TOKENIZER_KEY)
-
-
 def read_config(checkpoint: dict):
     """The ``ZeroSConfig`` a checkpoint was trained with; ``ValueError`` if it holds none."""
-    from .configuration_zeros import ZeroSConfig
-
     stored = (checkpoint.get(CHECKPOINT_KEY) or {}).get("config")
     if stored:
         fields = {k: v for k, v in stored.items() if k not in _DERIVED_CONFIG_KEYS}
@@ -112,8 +102,6 @@ def read_tokenizer_json(checkpoint: dict) -> Optional[str]:
 
 def read_tokenizer(checkpoint: dict) -> Any:
     """The checkpoint's tokenizer as a ``PreTrainedTokenizerFast`` (None if it holds none)."""
-    from .data import tokenizer_from_json
-
     tokenizer_json = read_tokenizer_json(checkpoint)
     return tokenizer_from_json(tokenizer_json) if tokenizer_json else None
 

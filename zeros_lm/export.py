@@ -13,9 +13,10 @@ Command line (``zeros-lm export`` runs the same)::
 What the checkpoint holds besides its weights (the model's config, the tokenizer) is read through
 :mod:`zeros_lm.checkpoint`.
 
-A directory that is not empty is only replaced with ``--overwrite`` (``overwrite=True``), and then
-as a whole: the export is written to a temporary directory beside it and swapped in, so the
-directory never holds a mix of two models.
+A directory that is not empty is only replaced with ``--overwrite`` (``overwrite=True``), only if
+it is an earlier export (it holds nothing but a model directory's files: never a training run's
+directory or a folder of other files), and then as a whole: the export is written to a temporary
+directory beside it and swapped in, so the directory never holds a mix of two models.
 """
 
 from __future__ import annotations
@@ -23,15 +24,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
 import tempfile
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers.utils import logging as hf_logging
+
+from .atomic import atomic_write_dir, remove_stale_temporaries
+from .checkpoint import read_config, read_tokenizer
+from .data import load_tokenizer
+from .modeling_zeros import ZeroSForCausalLM
+from .rundir import export_problem
 
 __all__ = [
     "ExportError",
@@ -46,6 +53,7 @@ __all__ = [
 ]
 
 MODEL_PREFIX = "model."
+EXIT_ERROR = 2  # bad input or misuse: one line starting with "error:", as every zeros-lm command
 
 
 class ExportError(ValueError):
@@ -204,8 +212,6 @@ def _model_state_dict(checkpoint: dict) -> dict:
 
 
 def _config_from_checkpoint(checkpoint: dict):
-    from .checkpoint import read_config
-
     try:
         return read_config(checkpoint)
     except ValueError as e:
@@ -214,8 +220,6 @@ def _config_from_checkpoint(checkpoint: dict):
 
 def build_model(checkpoint: dict):
     """A ``ZeroSForCausalLM`` with the checkpoint's trained weights (float32)."""
-    from zeros_lm import ZeroSForCausalLM
-
     config = _config_from_checkpoint(checkpoint)
     model = ZeroSForCausalLM(config)
     state = _model_state_dict(checkpoint)
@@ -230,8 +234,6 @@ def build_model(checkpoint: dict):
 
 
 def _generation_config(model_config, generation: Optional[dict]):
-    from transformers import GenerationConfig
-
     g = {"max_new_tokens": 200, "temperature": 0.8, "top_p": 0.95}
     g.update(generation or {})
     return GenerationConfig(
@@ -246,8 +248,6 @@ def _generation_config(model_config, generation: Optional[dict]):
 @contextlib.contextmanager
 def _quiet_transformers():
     """No per-shard progress bars from transformers while exporting / reloading."""
-    from transformers.utils import logging as hf_logging
-
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -258,11 +258,19 @@ def _quiet_transformers():
 
 
 def check_target(out_dir, overwrite: bool = False) -> None:
-    """Raise :class:`ExportError` if ``out_dir`` may not be written: a file, or a directory that is
-    not empty when ``overwrite`` is false."""
+    """Raise :class:`ExportError` if ``out_dir`` may not be written: a file; a directory that is not
+    an earlier export (a run's directory, or one holding other files: see
+    :func:`zeros_lm.rundir.export_problem`), whatever ``overwrite`` says; an earlier export unless
+    ``overwrite``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"the export target {out} exists and is not a directory")
+    problem = export_problem(out)
+    if problem:
+        raise ExportError(
+            f"the export target {out} {problem}; an export replaces its directory as a whole, and --overwrite "
+            "only ever replaces an earlier export: choose another directory"
+        )
     if out.is_dir() and not overwrite:
         names = sorted(p.name for p in out.iterdir())
         if names:
@@ -271,36 +279,6 @@ def check_target(out_dir, overwrite: bool = False) -> None:
                 f"the export target {out} is not empty (it holds {shown}); choose another directory, "
                 "or replace it as a whole with --overwrite"
             )
-
-
-def write_dir_atomically(out_dir, write_fn) -> None:
-    """Call ``write_fn(tmp)`` on a fresh directory beside ``out_dir``, then swap it in: an existing
-    ``out_dir`` is renamed away, the new one renamed into place, and the old one deleted. A failure
-    (or a kill) while writing leaves ``out_dir`` as it was."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out.with_name(f".{out.name}.tmp-{token}")
-    tmp.mkdir()
-    try:
-        write_fn(tmp)
-        if out.exists() or out.is_symlink():
-            old = out.with_name(f".{out.name}.old-{token}")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        else:
-            os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_model(
@@ -314,10 +292,13 @@ def export_model(
     """Write ``model`` (a ``ZeroSForCausalLM``), ``tokenizer`` and a generation config to ``out_dir``.
 
     A non-empty ``out_dir`` raises :class:`ExportError` unless ``overwrite``; it is then replaced
-    as a whole (see :func:`write_dir_atomically`)."""
+    as a whole: written beside it and swapped in (:func:`zeros_lm.atomic.atomic_write_dir`), so it
+    never holds a mix of two models, and a failure leaves it as it was."""
     check_target(out_dir, overwrite)
+    out = Path(out_dir).absolute()
+    remove_stale_temporaries(out.parent, of=out.name)  # what exports that were killed left beside it
     with _quiet_transformers():
-        write_dir_atomically(out_dir, lambda tmp: _export_model(model, tokenizer, tmp, generation, dtype))
+        atomic_write_dir(out_dir, lambda tmp: _export_model(model, tokenizer, tmp, generation, dtype))
     return str(out_dir)
 
 
@@ -357,8 +338,6 @@ def export_from_checkpoint(
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint)
     if tokenizer is None:
-        from .checkpoint import read_tokenizer
-
         tokenizer = read_tokenizer(checkpoint)
     if tokenizer is None:
         raise ExportError("the checkpoint holds no tokenizer; pass one with --tokenizer DIR")
@@ -373,10 +352,7 @@ def export_from_checkpoint(
 @torch.no_grad()
 def compare_logits(out_dir: str, input_ids: torch.Tensor, reference: torch.Tensor) -> dict:
     """Reload ``out_dir`` with ``AutoModelForCausalLM.from_pretrained`` and compare its logits with
-    ``reference`` on ``input_ids``."""
-    import zeros_lm  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoModelForCausalLM
-
+    ``reference`` on ``input_ids`` (importing zeros_lm registered the model with the Auto classes)."""
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
     logits = model(input_ids=input_ids, use_cache=False).logits.float()
@@ -398,17 +374,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--no-check", action="store_true", help="skip reloading the export and comparing logits")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUT_DIR if it is not empty (as a whole, never mixed)"
+        "--overwrite", action="store_true", help="replace OUT_DIR if it holds an earlier export (as a whole, never mixed)"
     )
     args = parser.parse_args(argv)
-
-    import zeros_lm  # noqa: F401
 
     try:
         tokenizer = None
         if args.tokenizer:
-            from .data import load_tokenizer
-
             tokenizer = load_tokenizer(args.tokenizer)
         dtype = getattr(torch, args.dtype)
         model = export_from_checkpoint(
@@ -416,7 +388,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     print(f"Exported {args.checkpoint} -> {args.out_dir}")
     if not args.no_check:
         g = torch.Generator().manual_seed(0)

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
+import zeros_lm
+from zeros_lm import ZeroSConfig, ZeroSForCausalLM
+from zeros_lm.configuration_zeros import ATTENTION_TYPES
+
 __all__ = ["main"]
 
 
 def main() -> int:
     """Import the package and run a forward pass of a tiny model of each attention type on the CPU;
     exit status 1 if any logit is not finite."""
-    import torch
-
-    import zeros_lm
-    from zeros_lm import ZeroSConfig, ZeroSForCausalLM
-    from zeros_lm.configuration_zeros import ATTENTION_TYPES
-
     vocab = 300
     ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
     for attention_type in ATTENTION_TYPES:

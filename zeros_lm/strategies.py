@@ -17,11 +17,13 @@ DeepSpeed's ops compile on first use through torch, which holds a ``lock`` file 
 directory meanwhile and makes every other process wait, with no time limit, for that file to go.
 A build that was killed midway leaves the file behind, and every later run would hang at
 "initializing deepspeed distributed". Before DeepSpeed starts, :func:`check_build_locks` turns a
-lock older than any build into one error that names the file, and warns of a recent one.
+lock that no process holds open (whatever its age) into one error that names the file, and warns
+of one that a build running now holds.
 
-Checkpoints are also written atomically: DeepSpeed writes its shards into ``<path>.partial`` and the
-directory is renamed into place once every rank has finished, so an interrupted save never leaves a
-half-written checkpoint under a name that ``--ckpt_path`` could pick up.
+Checkpoints are also written atomically: DeepSpeed writes its shards into a temporary directory
+beside the checkpoint (``zeros_lm.atomic.temporary_sibling``) that is moved into place once every
+rank has finished, so an interrupted save never leaves a half-written checkpoint under a name that
+``--ckpt_path`` could pick up.
 
 Importing this module registers the subclass under all of Lightning's DeepSpeed strategy names
 (``deepspeed``, ``deepspeed_stage_2``, ``deepspeed_stage_3_offload``, ...), so
@@ -33,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,13 +51,17 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry  # noqa: 
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy as _LightningDeepSpeedStrategy  # noqa: E402
 from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
 
+from zeros_lm._locks import processes_holding  # noqa: E402
+from zeros_lm.atomic import move_into_place, remove_path, temporary_sibling  # noqa: E402
 from zeros_lm.rundir import RunError  # noqa: E402
 
 __all__ = ["DeepSpeedStrategy", "uses_deepspeed", "deepspeed_offloads_optimizer", "register", "check_build_locks"]
 
-# The longest a build of one of DeepSpeed's ops can take (CPU Adam, the largest built on CPU, takes
-# about a minute on two cores): a build lock older than this was left by a build that was killed.
+# Where it cannot be told whether a process holds a build lock (no /proc): the longest a build of
+# one of DeepSpeed's ops can take (CPU Adam, the largest built on CPU, takes about a minute on two
+# cores); a build lock older than this was left by a build that was killed.
 STALE_BUILD_LOCK_SECONDS = 600
+BUILD_LOCK_RELEASE_SECONDS = 0.5  # torch's builder closes the lock file, then deletes it: look again after this
 SHARED_MEMORY_COMM_OP = "deepspeed_shm_comm"  # the op that DeepSpeedStrategy leaves out on CPU
 
 
@@ -147,21 +152,20 @@ class DeepSpeedStrategy(_LightningDeepSpeedStrategy):
 
     # -- atomic checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
-        filepath = self.broadcast(str(filepath))
-        final = Path(filepath)
-        partial = final.with_name(final.name + ".partial")
-        if self.is_global_zero and partial.exists():
-            _remove_path(partial)  # left over from a crash during an earlier save
+        # Every rank writes its shards into one temporary directory (named by rank 0; a killed
+        # save's is removed when the next run starts), which rank 0 then moves into place.
+        final = Path(self.broadcast(str(filepath)))
+        partial = Path(self.broadcast(str(temporary_sibling(final))))
         self.barrier("zeros_lm_ckpt_pre")
         super().save_checkpoint(checkpoint, str(partial), storage_options=storage_options)
         self.barrier("zeros_lm_ckpt_written")
         if self.is_global_zero:
-            _replace_path(partial, final)
+            move_into_place(partial, final)
         self.barrier("zeros_lm_ckpt_renamed")
 
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
-            _remove_path(Path(filepath))
+            remove_path(filepath)
 
 
 @contextlib.contextmanager
@@ -201,10 +205,29 @@ def deepspeed_build_locks(root: Optional[Path] = None) -> list[Path]:
     return sorted(lock for pattern in ("*/lock", "*/*/lock") for lock in root.glob(pattern) if lock.parent.name in names)
 
 
+def _age(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _build_running(lock: Path, age: float) -> Optional[list[int]]:
+    """The processes building the op of ``lock`` (torch's builder holds the lock file open until it
+    deletes it), or None if none is: a killed build left it. Where ``/proc`` cannot tell, a lock
+    younger than ``STALE_BUILD_LOCK_SECONDS`` counts as a build running (by an unknown process)."""
+    holders = processes_holding(lock)
+    if holders is None:
+        return [] if age <= STALE_BUILD_LOCK_SECONDS else None
+    if not holders:
+        time.sleep(BUILD_LOCK_RELEASE_SECONDS)  # a build that just finished closes the file, then deletes it
+        if not lock.exists():
+            return []
+        holders = processes_holding(lock) or None
+    return holders
+
+
 def check_build_locks(root: Optional[Path] = None, ignore: tuple[str, ...] = (), now: Optional[float] = None) -> None:
     """Raise :class:`RunError` for a build lock of a DeepSpeed op (other than those in ``ignore``)
-    older than ``STALE_BUILD_LOCK_SECONDS``: a killed build left it, and torch would wait for it
-    forever. Warn of a recent one: a build running now, which a run needing the op waits for."""
+    that no process holds, whatever its age: a killed build left it, and torch would wait for it
+    forever. Warn of one held by a build running now, which a run needing the op waits for."""
     now = time.time() if now is None else now
     for lock in deepspeed_build_locks(root):
         if lock.parent.name in ignore:
@@ -214,42 +237,22 @@ def check_build_locks(root: Optional[Path] = None, ignore: tuple[str, ...] = (),
         except FileNotFoundError:  # the build finished meanwhile
             continue
         op = lock.parent.name
-        if age > STALE_BUILD_LOCK_SECONDS:
+        builders = _build_running(lock, age)
+        if builders is None:
             raise RunError(
-                f"{lock} is left from a build of DeepSpeed's {op} op that started {age / 60:.0f} min ago and "
-                f"was interrupted; DeepSpeed would wait for it forever. Make sure no other run is compiling "
-                f"{op}, delete {lock}, and start again"
+                f"{lock} is left from a build of DeepSpeed's {op} op that started {_age(age)} ago and was "
+                f"interrupted (no process on this machine has it open); DeepSpeed would wait for it forever. "
+                f"Make sure no other run is compiling {op}, delete {lock}, and start again"
             )
+        if not lock.exists():
+            continue
+        who = f", held by process {builders[0]}" if builders else ""
         print(
-            f"warning: another process is building DeepSpeed's {op} op ({lock}); a run that needs the op "
-            f"waits until it is built. If no build is running, stop this run and delete that file.",
+            f"warning: another process is building DeepSpeed's {op} op ({lock}{who}, for {_age(age)} now); a run "
+            f"that needs the op waits until it is built. If no build is running, stop this run and delete that file.",
             file=sys.stderr,
             flush=True,
         )
-
-
-def _remove_path(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def _replace_path(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is swapped out first and deleted after."""
-    if src.is_file():
-        os.replace(src, dst)
-        return
-    if dst.is_symlink() or dst.is_file():
-        dst.unlink()
-    elif dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        _remove_path(old)
-        os.rename(dst, old)
-        os.rename(src, dst)
-        _remove_path(old)
-        return
-    os.rename(src, dst)
 
 
 _NAMES = {

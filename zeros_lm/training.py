@@ -18,6 +18,7 @@ from . import strategies  # noqa: F401  (registers the CPU-capable DeepSpeed str
 from .callbacks import AtomicCheckpointIO, HFExport, StepProgressBar, ThroughputLogger, ZeroSCheckpoint  # noqa: F401
 from .checkpoint import CHECKPOINT_KEY, config_fields, model_state
 from .configuration_zeros import ZeroSConfig
+from .flops import model_flops_per_token  # noqa: F401  (re-exported)
 from .modeling_zeros import ZeroSForCausalLM, packed_position_ids
 from .rundir import RunError, claim_root_dir, remove_previous_run  # noqa: F401  (re-exported)
 from .strategies import deepspeed_offloads_optimizer, uses_deepspeed
@@ -33,6 +34,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "HFExport",
     "StepProgressBar",
+    "model_flops_per_token",
     "RunError",
     "claim_root_dir",
     "remove_previous_run",
@@ -107,27 +109,6 @@ def compile_blocks(model: ZeroSForCausalLM) -> None:
     """``torch.compile`` each decoder block in place, so parameter names (and checkpoints) stay unchanged."""
     for block in model.model.layers:
         block.compile(**COMPILE_KWARGS)
-
-
-def model_flops_per_token(model: ZeroSForCausalLM, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward) of ``model`` on sequences of ``seq_len``:
-    6 per weight that multiplies activations (all but the input embedding; the LM head counts, tied or not),
-    plus each layer's token mixing, per head:
-
-    - softmax: causal Q K^T and (weights) V over T / 2 keys on average: 2 * 2 * (T / 2) * d;
-    - ZeroS: the same two products over C / 2 keys in a chunk of C, plus the state readout and update
-      (three d x d matrices each): 2 * 2 * (C / 2) * d + 2 * 2 * 3 * d * d;
-    - linear: as ZeroS with one d x d state.
-    """
-    config = model.config
-    H, d, C = config.num_attention_heads, config.head_dim, min(config.chunk_size, seq_len)
-    mixing = {"softmax": 2 * seq_len * d, "zeros": 2 * C * d + 12 * d * d, "linear": 2 * C * d + 4 * d * d}
-    forward = sum(H * mixing[kind] for kind in config.mixer_types)
-    embedding = model.get_input_embeddings().weight
-    weights = sum(p.numel() for p in model.parameters() if p is not embedding)
-    if config.tie_word_embeddings:
-        weights += embedding.numel()  # the tied head still multiplies
-    return 6 * weights + 3 * forward
 
 
 class ZeroSLitModule(LightningModule):

@@ -216,7 +216,7 @@ class ZeroSCLI(LightningCLI):
         if _launched_rank_zero():
             export_dir = (config.export.dirpath or os.path.join(root, "hf")) if config.export.enabled else None
             self.previous_run = claim_root_dir(
-                root, checkpoint_dir, export_dir, resume=config.ckpt_path is not None, overwrite=config.overwrite
+                root, checkpoint_dir, export_dir, ckpt_path=config.ckpt_path, overwrite=config.overwrite
             )
 
     def instantiate_classes(self) -> None:

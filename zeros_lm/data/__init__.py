@@ -18,7 +18,7 @@ names below are re-exported, so ``from zeros_lm.data import X`` works for all of
 """
 
 from .cache import CACHE_LOCK_NAME, DEFAULT_LOCK_TIMEOUT_S, LOCK_TIMEOUT_ENV, default_cache_dir, lock_timeout
-from .corpus import CorpusOptions, PreparedCorpus, _tokenize_batch, prepare_corpus  # noqa: F401  (_tokenize_batch: tests)
+from .corpus import CorpusOptions, PreparedCorpus, prepare_corpus
 from .errors import DataError
 from .loading import BlockDataset, BlockSampler, ResumableDataLoader, StreamingBlocks, collate_blocks
 from .module import PackedPipeline, StreamingPipeline, TextDataModule

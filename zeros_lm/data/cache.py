@@ -1,6 +1,6 @@
 """The on-disk data cache: its location, its lock (one process at a time prepares data in it; a
-killed preparation never blocks later runs and leaves nothing behind), atomic cache entries, and
-the cache keys."""
+killed preparation never blocks later runs and leaves nothing behind), the cleanup of its
+half-written entries (written with :func:`zeros_lm.atomic.atomic_write_dir`), and the cache keys."""
 
 from __future__ import annotations
 
@@ -15,17 +15,21 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from .._locks import LockBusy, describe_holder, held, processes_holding
+from ..atomic import TMP_MARK
 from .errors import DataError
 
-_CACHE_VERSION = "1"
+CACHE_VERSION = "1"  # part of every cache key: raise it when what the cache holds changes
 CACHE_LOCK_NAME = ".lock"
 LOCK_TIMEOUT_ENV = "ZEROS_LM_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT_S = 3600.0
 _WORK_PREFIX = "work-"
-_TMP_MARK = ".tmp-"  # _atomic_save_dir's temporary directories
+CACHE_KEY_CHARS = 20  # hex digits of the hash that names a cache entry
 
-def _hash(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+def cache_key(*parts: Any) -> str:
+    """The name of a cache entry: a hash of ``parts`` (anything JSON can write, else its ``str``)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:CACHE_KEY_CHARS]
 
 
 def lock_timeout() -> float:
@@ -40,17 +44,15 @@ def lock_timeout() -> float:
 
 
 @contextlib.contextmanager
-def _cache_lock(cache_root: Path):
+def cache_lock(cache_root: Path):
     """Hold the cache's lock: one process at a time prepares data in ``cache_root``.
 
     The lock dies with its owner (see ``_locks.py``), so a killed preparation never blocks later
     runs; a live owner is waited for, with a message, for at most :func:`lock_timeout` seconds.
     Once held, whatever a killed preparation left behind is removed (only the holder writes
     there): its ``work-*`` folder, half-written cache entries, and the processes it had forked
-    (``datasets`` workers and managers; see :func:`_work_dir`).
+    (``datasets`` workers and managers; see :func:`work_dir`).
     """
-    from .._locks import LockBusy, describe_holder, held
-
     path = cache_root / CACHE_LOCK_NAME
     timeout = lock_timeout()
 
@@ -78,7 +80,7 @@ _OWNER_FILE = "owner"
 
 
 @contextlib.contextmanager
-def _work_dir(cache_root: Path):
+def work_dir(cache_root: Path):
     """A fresh ``work-<pid>-<ms>`` folder for ``datasets``' intermediate files, removed afterwards.
 
     The preparing process keeps its ``owner`` file open while it works; every process it forks
@@ -97,21 +99,9 @@ def _work_dir(cache_root: Path):
 
 def _kill_processes_holding(path: Path) -> None:
     """SIGKILL every other process with ``path`` open (Linux: read from /proc; elsewhere a no-op)."""
-    target = os.path.realpath(path)
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return
-    for pid_dir in proc.glob("[0-9]*"):
-        pid = int(pid_dir.name)
-        if pid == os.getpid():
-            continue
-        try:
-            holds = any(os.readlink(fd) == target for fd in (pid_dir / "fd").iterdir())
-        except OSError:  # gone meanwhile, or another user's
-            continue
-        if holds:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+    for pid in processes_holding(path) or []:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _remove_leftovers(cache_root: Path) -> None:
@@ -122,7 +112,8 @@ def _remove_leftovers(cache_root: Path) -> None:
         if (work / _OWNER_FILE).exists():
             _kill_processes_holding(work / _OWNER_FILE)
     for sub in ("tokenizers", "data"):
-        leftovers += [p for p in (cache_root / sub).glob(f"*{_TMP_MARK}*")]
+        # (with the lock held no one else is writing: every temporary entry there is a leftover)
+        leftovers += [p for p in (cache_root / sub).glob(f"*{TMP_MARK}*")]
     for path in leftovers:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -132,7 +123,7 @@ _PARENT_WATCH_SET_IN: Optional[int] = None
 _PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
-def _die_with(parent_pid: int) -> None:
+def die_with(parent_pid: int) -> None:
     """In a worker process of ``datasets`` (forked from the preparing process ``parent_pid``): be
     killed when that process dies, instead of living on as an orphan. Linux only; a no-op in the
     preparing process itself and elsewhere."""
@@ -156,23 +147,15 @@ def default_cache_dir() -> str:
     return os.environ.get("ZEROS_LM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zeros_lm")
 
 
-def _atomic_save_dir(write_fn, final: Path) -> None:
-    """Write a directory under a temporary name and rename it into place. If another process (a
-    rank on another node sharing the cache) got there first, its result is kept."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}{_TMP_MARK}{os.uname().nodename}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write_fn(str(tmp))
-        if not final.exists():
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.exists():
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-__all__ = ["CACHE_LOCK_NAME", "LOCK_TIMEOUT_ENV", "DEFAULT_LOCK_TIMEOUT_S", "default_cache_dir", "lock_timeout"]
+__all__ = [
+    "CACHE_VERSION",
+    "CACHE_LOCK_NAME",
+    "LOCK_TIMEOUT_ENV",
+    "DEFAULT_LOCK_TIMEOUT_S",
+    "cache_key",
+    "cache_lock",
+    "default_cache_dir",
+    "die_with",
+    "lock_timeout",
+    "work_dir",
+]

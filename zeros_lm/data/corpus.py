@@ -16,10 +16,11 @@ from typing import Any, Literal, Optional
 import numpy as np
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from .cache import _CACHE_VERSION, _atomic_save_dir, _cache_lock, _die_with, _hash, _work_dir, default_cache_dir
+from ..atomic import atomic_write_dir
+from .cache import CACHE_VERSION, cache_key, cache_lock, default_cache_dir, die_with, work_dir
 from .errors import DataError
-from .sources import _files_fingerprint, load_documents, load_hub_documents, resolve_files
-from .tokenizer import _check_texts, _train_tokenizer_on, check_vocab_size, load_tokenizer
+from .sources import files_fingerprint, load_documents, load_hub_documents, resolve_files
+from .tokenizer import check_texts, check_vocab_size, load_tokenizer, train_tokenizer_on
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,8 +50,8 @@ def _tokenize_batch(
     batch: dict, tokenizer_json: str, split_special_tokens: bool = True, parent_pid: Optional[int] = None
 ) -> dict:
     if parent_pid is not None:
-        _die_with(parent_pid)
-    _check_texts(batch["text"])
+        die_with(parent_pid)
+    check_texts(batch["text"])
     tok = _backend(tokenizer_json, split_special_tokens)
     texts = [t if (t and t.strip()) else "" for t in batch["text"]]
     encodings = tok.encode_batch(texts, add_special_tokens=False)
@@ -60,7 +61,7 @@ def _tokenize_batch(
 
 def _pack_batch(batch: dict, block_size: int, eos_id: int, parent_pid: Optional[int] = None) -> dict:
     if parent_pid is not None:
-        _die_with(parent_pid)
+        die_with(parent_pid)
     pieces = []
     for ids in batch["ids"]:
         if len(ids):
@@ -73,9 +74,11 @@ def _pack_batch(batch: dict, block_size: int, eos_id: int, parent_pid: Optional[
     return {"input_ids": stream[: n * block_size].reshape(n, block_size)}
 
 
-def _tokenize_and_pack(
+def tokenize_and_pack(
     batch: dict, tokenizer_json: str, block_size: int, eos_id: int, split_special_tokens: bool = True
 ) -> dict:
+    """A ``datasets.map`` batch of documents -> blocks of ``block_size`` tokens (EOS after each
+    document; the last incomplete block of the batch is dropped)."""
     return _pack_batch(_tokenize_batch(batch, tokenizer_json, split_special_tokens), block_size, eos_id)
 
 
@@ -174,7 +177,7 @@ def _pack_documents(
 
 def _batched_map(ds, fn, batch_size: int, num_proc: Optional[int], fn_kwargs: dict, features, desc: str):
     """``ds.map(fn)`` in batches, replacing the columns; worker processes (``num_proc``) die with
-    this one (``parent_pid``, see :func:`~zeros_lm.data.cache._die_with`)."""
+    this one (``parent_pid``, see :func:`~zeros_lm.data.cache.die_with`)."""
     return ds.map(
         fn,
         batched=True,
@@ -207,7 +210,7 @@ def prepare_corpus(
     cache_root.mkdir(parents=True, exist_ok=True)
     source_fp = _source_fingerprint(o, train_files)
 
-    with _cache_lock(cache_root), _work_dir(cache_root) as work:
+    with cache_lock(cache_root), work_dir(cache_root) as work:
         docs = None
 
         def get_docs():
@@ -231,10 +234,10 @@ def prepare_corpus(
         tok = _corpus_tokenizer(o, cache_root / "tokenizers", source_fp, get_docs, use_cache)
         tokenizer_json = tok.backend_tokenizer.to_str()
         block_size = o.seq_len + 1
-        data_dir = cache_root / "data" / _hash(
-            _CACHE_VERSION,
+        data_dir = cache_root / "data" / cache_key(
+            CACHE_VERSION,
             source_fp,
-            _files_fingerprint(val_files) if val_files else None,
+            files_fingerprint(val_files) if val_files else None,
             hashlib.sha256(tokenizer_json.encode()).hexdigest(),
             block_size,
             o.val_fraction,
@@ -275,27 +278,27 @@ def _source_fingerprint(o: CorpusOptions, train_files) -> str:
     """What the training documents are: the hub dataset's name (and a local one's files), or the
     files' paths, sizes and modification times; with how they are read."""
     if o.dataset_name:
-        source_fp = _hash("hub", o.dataset_name, o.dataset_config, o.dataset_split, o.text_column)
+        source_fp = cache_key("hub", o.dataset_name, o.dataset_config, o.dataset_split, o.text_column)
         if os.path.isdir(o.dataset_name):  # a local dataset directory: its files' state counts
-            source_fp = _hash(source_fp, _files_fingerprint(resolve_files(o.dataset_name)))
+            source_fp = cache_key(source_fp, files_fingerprint(resolve_files(o.dataset_name)))
         return source_fp
-    return _hash("files", _files_fingerprint(train_files), o.text_column, o.sample_by)
+    return cache_key("files", files_fingerprint(train_files), o.text_column, o.sample_by)
 
 
 def _corpus_tokenizer(o: CorpusOptions, cache: Path, source_fp: str, get_docs, use_cache: bool):
     """The tokenizer given by ``o.tokenizer``, else a BPE from the cache or trained on the documents."""
     if o.tokenizer is not None:
         return load_tokenizer(o.tokenizer)
-    tok_dir = cache / _hash(_CACHE_VERSION, source_fp, o.tokenizer_vocab_size, o.tokenizer_train_chars, o.seed)
+    tok_dir = cache / cache_key(CACHE_VERSION, source_fp, o.tokenizer_vocab_size, o.tokenizer_train_chars, o.seed)
     if use_cache and (tok_dir / "tokenizer.json").is_file():
         tok = load_tokenizer(str(tok_dir))
         rank_zero_info(f"Tokenizer: loaded from the cache {tok_dir}")
         return tok
     t0 = time.time()
-    tok = _train_tokenizer_on(get_docs(), o.tokenizer_vocab_size, o.tokenizer_train_chars)
+    tok = train_tokenizer_on(get_docs(), o.tokenizer_vocab_size, o.tokenizer_train_chars)
     rank_zero_info(f"Tokenizer: trained a byte-level BPE of {len(tok)} entries in {time.time() - t0:.1f} s")
     if use_cache:
-        _atomic_save_dir(lambda d: tok.save_pretrained(d), tok_dir)
+        atomic_write_dir(tok_dir, tok.save_pretrained, keep_existing=True)  # another rank's entry, if first, is kept
     return tok
 
 
@@ -362,7 +365,7 @@ def _save_blocks(data_dir: Path, train, val, stats: dict):
             val.save_to_disk(os.path.join(d, "val"))
         Path(d, "meta.json").write_text(json.dumps(stats, indent=1))
 
-    _atomic_save_dir(write, data_dir)
+    atomic_write_dir(data_dir, write, keep_existing=True)  # another rank's entry, if first, is kept
     train = datasets.load_from_disk(str(data_dir / "train"))
     val = datasets.load_from_disk(str(data_dir / "val")) if val is not None else None
     return train, val
@@ -381,4 +384,4 @@ def _load_blocks(data_dir: Path, tok) -> PreparedCorpus:
     return PreparedCorpus(train, val, tok, stats, True, str(data_dir))
 
 
-__all__ = ["CorpusOptions", "PreparedCorpus", "prepare_corpus"]
+__all__ = ["CorpusOptions", "PreparedCorpus", "prepare_corpus", "tokenize_and_pack"]

@@ -22,12 +22,13 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from .cache import _CACHE_VERSION, _cache_lock, _atomic_save_dir, _hash, default_cache_dir
-from .corpus import CorpusOptions, PreparedCorpus, _tokenize_and_pack, prepare_corpus
+from ..atomic import atomic_write_dir
+from .cache import CACHE_VERSION, cache_key, cache_lock, default_cache_dir
+from .corpus import CorpusOptions, PreparedCorpus, prepare_corpus, tokenize_and_pack
 from .errors import DataError
 from .loading import BlockDataset, BlockSampler, ResumableDataLoader, StreamingBlocks, collate_blocks
-from .sources import _files_fingerprint, _unwrap_generation_error, load_documents, load_hub_documents, resolve_files
-from .tokenizer import _text_sample, check_vocab_size, load_tokenizer, train_tokenizer
+from .sources import files_fingerprint, load_documents, load_hub_documents, resolve_files, unwrap_generation_error
+from .tokenizer import check_vocab_size, data_state, load_tokenizer, text_sample, train_tokenizer
 
 __all__ = ["TextDataModule", "PackedPipeline", "StreamingPipeline"]
 
@@ -106,25 +107,25 @@ class StreamingPipeline:
             return load_tokenizer(o.tokenizer)
         check_vocab_size(o.tokenizer_vocab_size)
         cache_root = Path(dm.cache_dir)
-        key = _hash(_CACHE_VERSION, "stream", o.dataset_name, o.dataset_config, o.dataset_split, o.text_column,
-                    _files_fingerprint(dm.train_files) if dm.train_files else None,
+        key = cache_key(CACHE_VERSION, "stream", o.dataset_name, o.dataset_config, o.dataset_split, o.text_column,
+                    files_fingerprint(dm.train_files) if dm.train_files else None,
                     o.tokenizer_vocab_size, o.tokenizer_train_chars)
         tok_dir = cache_root / "tokenizers" / key
-        with _cache_lock(cache_root):
+        with cache_lock(cache_root):
             if (tok_dir / "tokenizer.json").is_file():
                 return load_tokenizer(str(tok_dir))
             docs = self.documents()
             try:
-                sample = [t for batch in _text_sample(docs, o.tokenizer_train_chars) for t in batch]
+                sample = [t for batch in text_sample(docs, o.tokenizer_train_chars) for t in batch]
             except DataError:
                 raise
             except Exception as e:  # noqa: BLE001
-                _unwrap_generation_error(e)
+                unwrap_generation_error(e)
                 raise
             if not any(t.strip() for t in sample):
                 raise DataError("empty corpus: the streamed training data holds no text")
             tok = train_tokenizer(iter(sample), o.tokenizer_vocab_size)
-            _atomic_save_dir(lambda d: tok.save_pretrained(d), tok_dir)
+            atomic_write_dir(tok_dir, tok.save_pretrained, keep_existing=True)  # another rank's, if first, is kept
             return tok
 
     def blocks(self, docs, rank: int, world: int):
@@ -133,7 +134,7 @@ class StreamingPipeline:
         if world > 1:
             docs = split_dataset_by_node(docs, rank=rank, world_size=world)
         return docs.map(
-            _tokenize_and_pack,
+            tokenize_and_pack,
             batched=True,
             batch_size=256,
             remove_columns=["text"],
@@ -281,8 +282,6 @@ class TextDataModule(LightningDataModule):
 
     def state_dict(self) -> dict:
         """Saved by Lightning in every checkpoint: the tokenizer (an export of the checkpoint ships it)."""
-        from ..checkpoint import data_state
-
         return data_state(self.tokenizer)
 
     def load_state_dict(self, state_dict: dict) -> None:

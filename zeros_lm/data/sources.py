@@ -12,7 +12,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from .cache import _die_with
+from .cache import die_with
 from .errors import DataError
 
 STDLIB_EXCLUDED_DIRS = ("test", "tests", "idle_test", "site-packages", "__pycache__")
@@ -116,7 +116,8 @@ def _kind(path: str) -> str:
     return "text"
 
 
-def _files_fingerprint(files: Sequence[str]) -> str:
+def files_fingerprint(files: Sequence[str]) -> str:
+    """A hash of the files' paths, sizes and modification times (part of the cache keys)."""
     h = hashlib.sha256()
     for f in files:
         st = os.stat(f)
@@ -147,13 +148,15 @@ def _split_text(text: str, sample_by: str) -> list[str]:
 
 def _text_generator(files: list[str], sample_by: str, parent_pid: Optional[int] = None) -> Iterator[dict]:
     if parent_pid is not None:
-        _die_with(parent_pid)
+        die_with(parent_pid)
     for f in files:
         for doc in _split_text(_read_text_file(f), sample_by):
             yield {"text": doc}
 
 
-def _unwrap_generation_error(e: BaseException) -> None:
+def unwrap_generation_error(e: BaseException) -> None:
+    """Raise the :class:`DataError` that ``e`` (an error of ``datasets`` reading our generator) wraps,
+    if any; else return."""
     cause = e
     while cause is not None:
         if isinstance(cause, DataError):
@@ -170,7 +173,7 @@ def _load_structured(kind: str, files: list[str], text_column: str, cache_dir: s
             kind, data_files=files, split="train", cache_dir=None if streaming else cache_dir, streaming=streaming
         )
     except Exception as e:  # noqa: BLE001 - turned into one clear message
-        _unwrap_generation_error(e)
+        unwrap_generation_error(e)
         problem = _first_structured_problem(kind, files, text_column)
         if problem:
             raise DataError(problem) from None
@@ -187,7 +190,8 @@ def _load_structured(kind: str, files: list[str], text_column: str, cache_dir: s
     return ds
 
 
-def _describe_value(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """``a <type> (<short repr>)``, for error messages about a value that is not text."""
     shown = repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
@@ -197,7 +201,7 @@ def _describe_value(value: Any) -> str:
 
 def _not_a_string(path: str, where: str, text_column: str, value: Any) -> str:
     return (
-        f"{path}, {where}: the text column {text_column!r} holds {_describe_value(value)}, not a string; "
+        f"{path}, {where}: the text column {text_column!r} holds {describe_value(value)}, not a string; "
         "fix that row, or choose another column with --data.text_column"
     )
 
@@ -331,7 +335,7 @@ def load_documents(
             except DataError:
                 raise
             except Exception as e:  # noqa: BLE001
-                _unwrap_generation_error(e)
+                unwrap_generation_error(e)
                 raise
         parts.append(ds)
     for kind in ("json", "parquet"):
@@ -362,4 +366,7 @@ __all__ = [
     "resolve_files",
     "load_documents",
     "load_hub_documents",
+    "describe_value",
+    "files_fingerprint",
+    "unwrap_generation_error",
 ]

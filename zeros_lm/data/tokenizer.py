@@ -7,7 +7,7 @@ import os
 from typing import Any, Iterable, Iterator, Optional
 
 from .errors import DataError
-from .sources import _describe_value
+from .sources import describe_value
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -35,6 +35,21 @@ def tokenizer_from_json(tokenizer_json: str):
     from tokenizers import Tokenizer
 
     return _wrap_tokenizer(Tokenizer.from_str(tokenizer_json))
+
+
+# The data module's state in a checkpoint (Lightning saves ``TextDataModule.state_dict()``): the
+# tokenizer, serialized, so that an export of the checkpoint ships it (read back by
+# :func:`zeros_lm.checkpoint.read_tokenizer`).
+TOKENIZER_KEY = "zeros_lm_tokenizer_json"
+
+
+def data_state(tokenizer) -> dict:
+    """The data module's ``state_dict()``: its tokenizer (what an export of the checkpoint ships)."""
+    return {TOKENIZER_KEY: tokenizer.backend_tokenizer.to_str() if tokenizer is not None else None}
+
+
+def tokenizer_json_from_data_state(state: dict) -> Optional[str]:
+    return state.get(TOKENIZER_KEY)
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -88,21 +103,21 @@ def load_tokenizer(path: str):
     return tok
 
 
-def _check_texts(texts: Iterable[Any]) -> None:
+def check_texts(texts: Iterable[Any]) -> None:
     """Raise :class:`DataError` for a text that is neither a string nor null (files are checked row by
     row when they are loaded; this catches what streams in from elsewhere)."""
     for t in texts:
         if t is not None and not isinstance(t, str):
-            raise DataError(f"the text column holds {_describe_value(t)}, not a string; set --data.text_column")
+            raise DataError(f"the text column holds {describe_value(t)}, not a string; set --data.text_column")
 
 
-def _text_sample(ds, max_chars: int, batch: int = 256) -> Iterator[list[str]]:
+def text_sample(ds, max_chars: int, batch: int = 256) -> Iterator[list[str]]:
     """Batches of document texts from ``ds`` (map-style or iterable) up to about ``max_chars``."""
     total = 0
     if hasattr(ds, "__len__"):
         for start in range(0, len(ds), batch):
             texts = ds[start : start + batch]["text"]
-            _check_texts(texts)
+            check_texts(texts)
             texts = [t for t in texts if t]
             yield texts
             total += sum(len(t) for t in texts)
@@ -112,7 +127,7 @@ def _text_sample(ds, max_chars: int, batch: int = 256) -> Iterator[list[str]]:
         buf = []
         for row in ds:
             t = row["text"]
-            _check_texts([t])
+            check_texts([t])
             if t:
                 buf.append(t)
                 total += len(t)
@@ -125,8 +140,9 @@ def _text_sample(ds, max_chars: int, batch: int = 256) -> Iterator[list[str]]:
             yield buf
 
 
-def _train_tokenizer_on(ds, vocab_size: int, max_chars: int):
-    sample = (t for batch in _text_sample(ds, max_chars) for t in batch)
+def train_tokenizer_on(ds, vocab_size: int, max_chars: int):
+    """:func:`train_tokenizer` on about the first ``max_chars`` characters of the documents ``ds``."""
+    sample = (t for batch in text_sample(ds, max_chars) for t in batch)
     return train_tokenizer(sample, vocab_size)
 
 
@@ -136,7 +152,13 @@ __all__ = [
     "SPECIAL_TOKENS",
     "MIN_VOCAB_SIZE",
     "tokenizer_from_json",
+    "TOKENIZER_KEY",
+    "data_state",
+    "tokenizer_json_from_data_state",
     "check_vocab_size",
     "train_tokenizer",
     "load_tokenizer",
+    "check_texts",
+    "text_sample",
+    "train_tokenizer_on",
 ]
