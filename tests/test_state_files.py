@@ -1,5 +1,6 @@
 """Recurrent states as files: ZeroSCache.save / load / copy, and generate.py --save-state / --load-state."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -406,3 +407,24 @@ def test_state_files_of_earlier_formats_keep_their_fingerprint_rule():
     for old in (C.STATE_FILE_FORMAT_NAMED, C.STATE_FILE_FORMAT_TUPLES):
         assert C._state_identity({}, model, old) == C._state_identity({}, unchanged, old)  # the old rule's blind spot
     assert C._state_identity({}, model) != C._state_identity({}, unchanged)
+
+
+def test_a_save_removes_what_a_killed_save_of_the_same_file_left(tmp_path):
+    """A save killed mid-write leaves its temporary sibling; the next save of that file removes it (a
+    live writer's, another host's, or another file's temporaries are kept)."""
+    import socket
+
+    from zeros_lm.atomic import TMP_MARK
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    left = tmp_path / f".a.state{TMP_MARK}{host}-{dead.pid}-deadbeef"
+    other_file = tmp_path / f".b.state{TMP_MARK}{host}-{dead.pid}-deadbeef"
+    live = tmp_path / f".a.state{TMP_MARK}{host}-{os.getpid()}-cafebabe"
+    for p in (left, other_file, live):
+        p.write_bytes(b"half a state")
+    model = tiny_model("zeros")
+    _read(model, _ids(5, 0)).save(tmp_path / "a.state", model)
+    assert not left.exists() and other_file.exists() and live.exists()
+    assert ZeroSCache.load(tmp_path / "a.state", model).get_seq_length() == 5

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .atomic import atomic_write_file
+from .atomic import atomic_write_file, remove_stale_temporaries
 from .configuration_zeros import ZeroSConfig
 from .ops import ZeroSState
 
@@ -479,7 +479,9 @@ class ZeroSCache(Cache):
             "user": json.dumps(metadata or {}),
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        atomic_write_file(os.fspath(path), lambda tmp: save_file(tensors, os.fspath(tmp), metadata=header))
+        path = os.fspath(path)
+        remove_stale_temporaries(os.path.dirname(path) or ".", of=os.path.basename(path))  # a killed save's
+        atomic_write_file(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=header))
 
     @classmethod
     def load(cls, path, model: "PreTrainedModel", *, check_weights: bool = True) -> "ZeroSCache":
