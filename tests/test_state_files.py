@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ATTENTION_TYPES, tiny_model
+from conftest import ATTENTION_TYPES, TOKENIZER_VOCAB, tiny_model
 
 from zeros_lm import ZeroSCache
 
@@ -428,3 +428,22 @@ def test_a_save_removes_what_a_killed_save_of_the_same_file_left(tmp_path):
     _read(model, _ids(5, 0)).save(tmp_path / "a.state", model)
     assert not left.exists() and other_file.exists() and live.exists()
     assert ZeroSCache.load(tmp_path / "a.state", model).get_seq_length() == 5
+
+
+def test_init_from_refuses_a_model_directory_whose_weights_do_not_fit(tiny_model_dir, tmp_path):
+    """``--model.init_from`` loads through the same strict loader as generate.py: a directory whose
+    weights do not fit its config is an error, not a half-random model to continue training."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from zeros_lm.pretrained import WeightsMismatchError
+    from zeros_lm.training import ZeroSLitModule
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    save_file({"layers.0.0": torch.zeros(3)}, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsMismatchError, match="do not fit its config.json"):
+        ZeroSLitModule(init_from=str(broken))
+    intact = ZeroSLitModule(init_from=str(tiny_model_dir), vocab_size=TOKENIZER_VOCAB)  # the whole directory loads
+    assert intact.model.training

@@ -20,6 +20,7 @@ from .checkpoint import CHECKPOINT_KEY, config_fields, model_state
 from .configuration_zeros import ZeroSConfig
 from .flops import model_flops_per_token  # noqa: F401  (re-exported)
 from .modeling_zeros import ZeroSForCausalLM, packed_position_ids
+from .pretrained import load_pretrained
 from .rundir import RunError, claim_root_dir, remove_previous_run  # noqa: F401  (re-exported)
 from .strategies import deepspeed_offloads_optimizer, uses_deepspeed
 
@@ -177,7 +178,7 @@ class ZeroSLitModule(LightningModule):
         if init_from:
             if not os.path.isdir(init_from):
                 raise ValueError(f"--model.init_from: no such directory {init_from!r}")
-            self.model = ZeroSForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+            self.model = load_pretrained(init_from, dtype=torch.float32)
             self.model.train()  # from_pretrained returns a model in eval mode
             vocab_size = config.get("vocab_size", ZeroSConfig().vocab_size)
             if self.model.config.vocab_size != vocab_size:

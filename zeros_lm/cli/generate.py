@@ -46,7 +46,6 @@ from pathlib import Path
 EXIT_USAGE = 2
 DEFAULT_MAX_NEW_TOKENS = 128  # when neither --max-new-tokens nor the model's generation_config sets a length
 PENDING_KEY = "generate.pending_ids"  # state-file metadata: tokens of the context not yet in the state
-SHOWN_WEIGHT_NAMES = 3  # weight names an error about a model directory's weights shows per kind
 
 
 class CLIError(Exception):
@@ -215,18 +214,6 @@ def one_line(e) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def weights_problem(loading: dict) -> str | None:
-    """What ``from_pretrained(..., output_loading_info=True)`` reports as wrong with the weights it
-    read (missing, unexpected or mismatched ones), in a few words; None if nothing."""
-    parts = []
-    for key, word in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of another shape")):
-        names = sorted(str(n if isinstance(n, str) else n[0]) for n in loading.get(key) or ())
-        if names:
-            more = f", ... {len(names) - SHOWN_WEIGHT_NAMES} more" if len(names) > SHOWN_WEIGHT_NAMES else ""
-            parts.append(f"{len(names)} {word}: {', '.join(names[:SHOWN_WEIGHT_NAMES])}{more}")
-    return "; ".join(parts) or None
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -239,7 +226,8 @@ class Session:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        from zeros_lm import ZeroSCache, ZeroSForCausalLM
+        from zeros_lm import ZeroSCache
+        from zeros_lm.pretrained import WeightsMismatchError, load_pretrained
 
         self.torch = torch
         self.args = args
@@ -259,13 +247,11 @@ class Session:
         except Exception as e:  # noqa: BLE001 - any failure is reported in one line
             raise CLIError(f"could not load the tokenizer from '{path}': {one_line(e)}") from None
         try:
-            model, loading = ZeroSForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
+            model = load_pretrained(path, dtype=getattr(torch, dtype))
+        except WeightsMismatchError as e:
+            raise CLIError(str(e)) from None
         except Exception as e:  # noqa: BLE001
             raise CLIError(f"could not load the model from '{path}': {one_line(e)}") from None
-        problem = weights_problem(loading)
-        if problem:  # transformers only logs this (and initialises the missing weights at random)
-            raise CLIError(f"the weights in '{path}' do not fit its config.json ({problem}); it would generate "
-                           "noise: export the model again (python -m zeros_lm.export CHECKPOINT DIR)")
         self.model = model.to(self.device).eval()
         self.cache_class = ZeroSCache
         self.cache = ZeroSCache(self.model.config)
