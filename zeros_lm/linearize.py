@@ -241,11 +241,22 @@ def layer_types_from(num_layers: int, softmax_layers) -> list[str]:
     return [FULL_LAYER if i in chosen else LINEAR_LAYER for i in range(num_layers)]
 
 
+def _supports_grouped_kv() -> bool:
+    """Whether this ZeroSConfig has the fields for grouped K/V heads and a free head dimension."""
+    from .checkpoint import config_fields
+
+    return {"num_key_value_heads", "head_dim"} <= set(config_fields(ZeroSConfig))
+
+
 def student_config(spec: TeacherSpec, softmax_layers=(), **overrides) -> ZeroSConfig:
     """A ZeroS config with the teacher's shapes, norm epsilon and RoPE base; the layers in
     ``softmax_layers`` stay softmax attention. Every converted layer has the zero-order term (the
     teacher's weights have it: see :func:`init_converted_layers`). ``overrides``: other ZeroSConfig fields
-    (conv_size, ...)."""
+    (conv_size, ...).
+
+    Grouped K/V heads: where the model has no ``num_key_value_heads`` the student gets one K/V head per
+    query head and :func:`map_weights` repeats each teacher K/V head over its group (the same function;
+    a larger state). A head dimension other than hidden_size / heads needs the model's ``head_dim``."""
     fields: dict = dict(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads, intermediate_size=spec.intermediate_size,
@@ -253,8 +264,14 @@ def student_config(spec: TeacherSpec, softmax_layers=(), **overrides) -> ZeroSCo
         bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id,
         attention_type="zeros", zero_order_all_layers=True,
     )
-    if spec.num_key_value_heads != spec.num_attention_heads or spec.head_dim * spec.num_attention_heads != spec.hidden_size:
+    free_head_dim = spec.head_dim * spec.num_attention_heads != spec.hidden_size
+    if _supports_grouped_kv():
         fields.update(num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim)
+    elif free_head_dim:
+        raise LinearizeError(
+            f"the teacher's head dimension {spec.head_dim} is not hidden_size / heads = "
+            f"{spec.hidden_size // spec.num_attention_heads}; this version of the model cannot hold it"
+        )
     fields["layer_types"] = layer_types_from(spec.num_hidden_layers, softmax_layers)
     fields.update(overrides)
     try:
@@ -264,7 +281,8 @@ def student_config(spec: TeacherSpec, softmax_layers=(), **overrides) -> ZeroSCo
 
 
 def _kv_heads(config) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    """K/V heads of a student config (its query heads where the model has no grouped K/V heads)."""
+    return getattr(config, "num_key_value_heads", None) if _supports_grouped_kv() else config.num_attention_heads
 
 
 @dataclasses.dataclass
@@ -307,11 +325,15 @@ def map_weights(teacher: nn.Module, student: ZeroSForCausalLM) -> None:
     A softmax layer of the student is then its teacher's layer exactly; a ZeroS layer gets q, k, v, o,
     and the rows of u (the logit's input) are left to :func:`init_converted_layers`."""
     spec = teacher_spec(teacher)
+    group = _kv_heads(student.config) // spec.num_key_value_heads  # > 1: K/V heads repeated over their group
     student.model.embed_tokens.weight.copy_(teacher.get_input_embeddings().weight)
     student.model.norm.weight.copy_(teacher.model.norm.weight)
     if not student.config.tie_word_embeddings:
         student.lm_head.weight.copy_(teacher.get_output_embeddings().weight)
     for i, (w, block) in enumerate(zip(_teacher_layers(teacher, spec), student.model.layers)):
+        if group > 1:
+            w.k, w.v = (x.view(-1, spec.head_dim, x.shape[-1]).repeat_interleave(group, dim=0).flatten(0, 1)
+                        for x in (w.k, w.v))
         block.attn_norm.weight.copy_(w.attn_norm)
         block.mlp_norm.weight.copy_(w.mlp_norm)
         block.mlp.gate_up_proj.weight.copy_(torch.cat([w.gate, w.up]))
@@ -477,9 +499,11 @@ CONVERTED_GATE = 0.5
 
 
 @torch.no_grad()
-def _mean_queries(teacher, calibration_ids: torch.Tensor, layers: list[int], spec: TeacherSpec) -> dict[int, torch.Tensor]:
-    """Per layer, the teacher's mean query of each key/value head (Hkv, d): the mean, over the calibration
-    tokens and the head's group of query heads, of q = W_q x (before RoPE)."""
+def _mean_queries(teacher, calibration_ids: torch.Tensor, layers: list[int], spec: TeacherSpec,
+                  kv_heads: int) -> dict[int, torch.Tensor]:
+    """Per layer, the teacher's mean query of each of the student's ``kv_heads`` key/value heads
+    (kv_heads, d): the mean, over the calibration tokens and the head's group of query heads, of
+    q = W_q x (before RoPE)."""
     inputs: dict[int, torch.Tensor] = {}
     mixers = _attention_modules(teacher)
     handles = [mixers[i].register_forward_hook(
@@ -491,7 +515,7 @@ def _mean_queries(teacher, calibration_ids: torch.Tensor, layers: list[int], spe
         for h in handles:
             h.remove()
     weights = _teacher_layers(teacher, spec)
-    H, Hkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+    H, Hkv, d = spec.num_attention_heads, kv_heads, spec.head_dim
     return {i: (inputs[i].reshape(-1, inputs[i].shape[-1]).float() @ weights[i].q.float().T)
             .reshape(-1, Hkv, H // Hkv, d).mean(dim=(0, 2)) for i in layers}
 
@@ -522,7 +546,7 @@ def init_converted_layers(teacher, student: ZeroSForCausalLM, calibration_ids: O
     spec = teacher_spec(teacher)
     mixers = _attention_modules(student)
     d, H, Hkv = config.head_dim, config.num_attention_heads, _kv_heads(config)
-    mean_q = _mean_queries(teacher, calibration_ids, layers, spec) if calibration_ids is not None else {}
+    mean_q = _mean_queries(teacher, calibration_ids, layers, spec, Hkv) if calibration_ids is not None else {}
     gate_logit = {"g1": 0.0, "gh": 0.0, "g0": math.atanh(CONVERTED_GATE)}  # sigmoid(0) = 1/2
     for i in layers:
         attn = mixers[i]
