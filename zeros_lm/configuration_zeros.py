@@ -7,12 +7,15 @@ field added here reaches all of them. The defaults are those of the embedded def
 (``configs/default.yaml``).
 
 This file is copied next to the weights by ``save_pretrained`` (it is imported relatively by
-``modeling_zeros.py``), so it must import nothing from the ``zeros_lm`` package.
+``modeling_zeros.py``), so it must import nothing from the ``zeros_lm`` package but its flat siblings,
+relatively (``ops_contract.py``, which holds the one rule for a chunk size; it is copied along).
 """
 
 from typing import Literal, get_args
 
 from transformers import PreTrainedConfig
+
+from .ops_contract import check_chunk_size
 
 AttentionType = Literal["zeros", "softmax", "linear"]
 LogitType = Literal["deviation", "norm"]
@@ -180,9 +183,9 @@ class ZeroSConfig(PreTrainedConfig):
             "num_hidden_layers",
             "num_attention_heads",
             "intermediate_size",
-            "chunk_size",
         ):
             positive_int(name)
+        check_chunk_size(self.chunk_size, "ZeroSConfig.chunk_size")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"ZeroSConfig: num_attention_heads ({self.num_attention_heads}) must divide "

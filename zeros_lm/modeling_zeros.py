@@ -169,9 +169,9 @@ class ZeroSAttention(nn.Module):
 
     q, k, v, u projections (one fused matrix, optionally through a short causal convolution); a gate
     projection with two gates per head (g1, gh), three when ``has_zero_order`` (g0 of the zero-order
-    term g0/t; the block decides, from the stack: see :func:`zero_order_layers`); RoPE on q and k at the positions of the
-    real tokens, then L2 normalisation; the radial logit s; the core op; a per-head LayerNorm without
-    affine parameters; the output projection.
+    term g0/t; the model decides which layer carries it: :func:`zero_order_layers`); RoPE on q and k at
+    the positions of the real tokens, then L2 normalisation; the radial logit s; the core op; a per-head
+    LayerNorm without affine parameters; the output projection.
 
     Cache slot: a ZeroSLayerState (cache_zeros.py).
     """
@@ -218,13 +218,14 @@ class ZeroSAttention(nn.Module):
         acc = _acc(x.dtype)
         valid, documents = context.valid, context.documents
         state = cache.layer_state(self.layer_idx) if cache is not None else None
-        core_state, usum, conv_state = (state.core, state.u_sum, state.conv) if state is not None else (None, None, None)
+        core_state, usum, conv_state = (None, None, None) if state is None else (state.core, state.u_sum, state.conv)
         qkvu = self.qkvu_proj(x)
         if self.conv is not None:
             qkvu, conv_state = self.conv(qkvu, valid=valid, state=conv_state, documents=documents)
         qkvu = qkvu.view(B, T, 4, H, d)
         # q and k together: RoPE, then L2 normalisation
-        q, k = F.normalize(apply_rope(qkvu[:, :, :2], context.cos, context.sin).to(acc), dim=-1).to(x.dtype).unbind(dim=2)
+        qk = apply_rope(qkvu[:, :, :2], context.cos, context.sin)
+        q, k = F.normalize(qk.to(acc), dim=-1).to(x.dtype).unbind(dim=2)
         v, u = qkvu[:, :, 2], qkvu[:, :, 3]
         s, usum = self._logits(u, valid, context.counts, usum, documents)
 
@@ -614,4 +615,5 @@ class ZeroSForCausalLM(ZeroSPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["PackedDocuments", "packed_position_ids", "ZeroSCache", "ZeroSForCausalLM", "ZeroSModel", "ZeroSPreTrainedModel"]
+__all__ = ["MixerContext", "PackedDocuments", "ZeroSCache", "ZeroSForCausalLM", "ZeroSModel", "ZeroSPreTrainedModel",
+           "packed_position_ids", "zero_order_layers"]

@@ -126,9 +126,11 @@ def _own_key(T: int, S: int, device) -> torch.Tensor:
 
 def softmax_attention_mask(valid, past_valid, B: int, T: int, device,
                            documents: PackedDocuments | None = None) -> torch.Tensor | None:
-    """Boolean SDPA mask (B, 1, T, S+T), or None where plain causal attention is exact. valid (B, T) bool or
-    None (all real): the new tokens that are real; past_valid (B, S) bool or None: the cached keys that are real. With packed ``documents`` (no cache) it is block-diagonal: a query
-    sees the earlier keys of its document."""
+    """Boolean SDPA mask (B, 1, T, S+T), or None where plain causal attention is exact.
+
+    valid (B, T) bool or None (all real): the new tokens that are real; past_valid (B, S) bool or None: the
+    cached keys that are real. With packed ``documents`` (no cache) it is block-diagonal: a query sees the
+    earlier keys of its document."""
     if documents is not None:
         keys = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=device)
         same = documents.segment[:, :, None] == documents.segment[:, None, :]
