@@ -5,6 +5,7 @@ tokens, and the generation state of each against the teacher's KV cache.
     python benchmarks/linearize.py --teacher runs/softmax/hf --tokens 160000 --out runs/linearize-bench
     python benchmarks/linearize.py --teacher path/to/SmolLM2-135M-Instruct.Q4_1.gguf --tokens 2000000 \
         --softmax-every 4 --data-train-files stdlib:json --seq-len 512
+    python benchmarks/linearize.py --state-table --layers 30 --heads 9 --kv-heads 3 --head-dim 64   # SmolLM2's shapes
 
 Every conversion runs the real command (``zeros-lm linearize``); the from-scratch row runs
 ``zeros-lm train`` with the hybrid's config and the same token budget. Results go to OUT/results.json
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 CONTEXTS = (1024, 8192)  # state size vs KV cache at these context lengths
+STATE_PROBE = 16  # state_table's short prefills: this many tokens and twice as many
 
 
 def _run(argv: list[str]) -> None:
@@ -56,9 +58,46 @@ def state_bytes(model, context: int) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * context * 4  # keys and values, float32
 
 
+def state_table(layers: int, heads: int, kv_heads: int, head_dim: int, softmax_every: int = 4,
+                contexts=CONTEXTS) -> list[dict]:
+    """Measured generation state (``ZeroSCache.nbytes``, float32) of students of a teacher with these
+    attention shapes: K/V heads shared (the model's grouped K/V heads) or repeated to one per query head,
+    pure ZeroS and 1 softmax layer in ``softmax_every``; and the teacher's KV cache (a softmax model of the
+    same shapes). The state depends on these shapes only, so the models are narrow (hidden size, MLP and
+    vocabulary are small). Every state is a constant plus a part linear in the context (the KV caches),
+    so it is measured after prefills of two short contexts and evaluated at ``contexts``."""
+    import zeros_lm
+    from zeros_lm.configuration_zeros import FULL_LAYER, LINEAR_LAYER
+
+    hybrid = [FULL_LAYER if (i + 1) % softmax_every == 0 else LINEAR_LAYER for i in range(layers)]
+    variants = [("teacher (softmax, KV cache)", "softmax", kv_heads, None),
+                ("pure ZeroS, K/V shared per group", "zeros", kv_heads, None),
+                ("pure ZeroS, K/V repeated per query head", "zeros", heads, None),
+                (f"hybrid 1 in {softmax_every}, K/V shared", "zeros", kv_heads, hybrid)]
+    rows = []
+    for name, kind, kv, layer_types in variants:
+        config = zeros_lm.ZeroSConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=layers,
+                                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+                                      attention_type=kind, layer_types=layer_types, attention_backend="torch")
+        model = zeros_lm.ZeroSForCausalLM(config).eval()
+        short = (STATE_PROBE, 2 * STATE_PROBE)
+        small, large = (state_bytes(model, c) for c in short)
+        per_token = (large - small) // STATE_PROBE
+        row = {"model": name, "bytes_per_token": per_token}
+        for context in contexts:
+            row[f"state_bytes_{context}"] = small + per_token * (context - STATE_PROBE)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--teacher")
+    parser.add_argument("--state-table", action="store_true", help="only measure the state sizes of the shapes below")
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--out", default="runs/linearize-bench")
     parser.add_argument("--tokens", type=int, default=160_000)
     parser.add_argument("--softmax-every", type=int, default=4)
@@ -68,6 +107,16 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--skip-scratch", action="store_true")
     args = parser.parse_args(argv)
+    if args.state_table:
+        rows = state_table(args.layers, args.heads, args.kv_heads, args.head_dim, args.softmax_every)
+        print(f"| {args.layers} layers, {args.heads} heads, {args.kv_heads} K/V heads, d {args.head_dim} | "
+              + " | ".join(f"state @ {c}" for c in CONTEXTS) + " | per token |\n|---|" + "---|" * (len(CONTEXTS) + 1))
+        for row in rows:
+            print(f"| {row['model']} | " + " | ".join(f"{row[f'state_bytes_{c}'] / 2**20:.2f} MiB" for c in CONTEXTS)
+                  + f" | {row['bytes_per_token'] / 2**10:.1f} KiB |")
+        return 0
+    if not args.teacher:
+        parser.error("--teacher is required (or --state-table)")
 
     import zeros_lm  # noqa: F401
     from zeros_lm.data import TextDataModule
@@ -100,7 +149,12 @@ def main(argv=None) -> int:
                   "--trainer.max_steps", str(steps), "--data.tokenizer", str(tok_dir), "--data.document_resets", "false",
                   "--model.hidden_size", str(hybrid.hidden_size), "--model.num_hidden_layers", str(hybrid.num_hidden_layers),
                   "--model.num_attention_heads", str(hybrid.num_attention_heads),
+                  "--model.num_key_value_heads", str(hybrid.num_key_value_heads),
+                  "--model.head_dim", str(hybrid.head_dim), "--model.rope_theta", str(hybrid.rope_theta),
+                  "--model.rms_norm_eps", str(hybrid.rms_norm_eps),
                   "--model.intermediate_size", str(hybrid.intermediate_size),
+                  # the conversion's stages warm up over a tenth of their steps: so does this run
+                  "--model.warmup_steps", str(max(1, steps // 10)),
                   "--model.softmax_every", str(args.softmax_every), "--model.zero_order_all_layers", "true",
                   "--model.tie_word_embeddings", str(hybrid.tie_word_embeddings).lower(), *data])
         rows["scratch (hybrid architecture)"] = zeros_lm.ZeroSForCausalLM.from_pretrained(scratch / "hf").eval()

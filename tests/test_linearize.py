@@ -98,6 +98,27 @@ def test_a_hybrid_keeps_its_softmax_layers_and_the_mlps_exactly():
     assert torch.equal(u, k) and torch.equal(k, t[0].self_attn.k_proj.weight)
 
 
+def test_grouped_kv_heads_and_a_free_head_dim_map_onto_the_students_own():
+    """A GQA teacher whose head_dim is not hidden / heads: the student has the same K/V heads (not repeated)
+    and head dimension, its softmax layers reproduce the teacher, and its ZeroS layers keep one state per
+    K/V head."""
+    teacher = llama_teacher(num_key_value_heads=2, head_dim=24)  # 4 heads x 24 = 96 != hidden 64
+    exact = convert(teacher, softmax_layers=range(3))
+    ids = tokens(6)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(input_ids=ids, use_cache=False).logits, teacher(input_ids=ids).logits,
+                                   atol=1e-5, rtol=0)
+    student = convert(teacher, softmax_layers=[2], calibration_ids=tokens(7))
+    assert (student.config.num_key_value_heads, student.config.head_dim) == (2, 24)
+    attn, t = student.model.layers[0].attn, teacher.model.layers[0].self_attn
+    q, k, v, u = attn.qkvu_proj.weight.split(attn.qkvu_sizes)
+    assert torch.equal(k, t.k_proj.weight) and torch.equal(v, t.v_proj.weight) and torch.equal(u, k)
+    assert attn.mu.shape == (2, 24)
+    with torch.no_grad():
+        cache = student(input_ids=ids, use_cache=True).cache
+    assert cache.layer_states[0].core.kv.shape[1] == 2 and cache.layer_states[2].keys.shape[1] == 2
+
+
 # -- initialisation -------------------------------------------------------------------------------
 
 

@@ -196,7 +196,7 @@ def load_teacher(path) -> tuple[nn.Module, Any]:
         try:
             import gguf  # noqa: F401
         except ImportError:
-            raise LinearizeError("reading a GGUF teacher needs the gguf package: pip install gguf") from None
+            raise LinearizeError("reading a GGUF teacher needs the gguf package: pip install gguf (or the zeros-lm[gguf] extra)") from None
         directory, kwargs = str(p.parent), {"gguf_file": p.name}
         from transformers import AutoConfig
 
@@ -241,48 +241,28 @@ def layer_types_from(num_layers: int, softmax_layers) -> list[str]:
     return [FULL_LAYER if i in chosen else LINEAR_LAYER for i in range(num_layers)]
 
 
-def _supports_grouped_kv() -> bool:
-    """Whether this ZeroSConfig has the fields for grouped K/V heads and a free head dimension."""
-    from .checkpoint import config_fields
-
-    return {"num_key_value_heads", "head_dim"} <= set(config_fields(ZeroSConfig))
-
-
 def student_config(spec: TeacherSpec, softmax_layers=(), **overrides) -> ZeroSConfig:
     """A ZeroS config with the teacher's shapes, norm epsilon and RoPE base; the layers in
     ``softmax_layers`` stay softmax attention. Every converted layer has the zero-order term (the
     teacher's weights have it: see :func:`init_converted_layers`). ``overrides``: other ZeroSConfig fields
     (conv_size, ...).
 
-    Grouped K/V heads: where the model has no ``num_key_value_heads`` the student gets one K/V head per
-    query head and :func:`map_weights` repeats each teacher K/V head over its group (the same function;
-    a larger state). A head dimension other than hidden_size / heads needs the model's ``head_dim``."""
+    Grouped K/V heads map onto the student's own (``num_key_value_heads``: k, v and u per K/V head, one
+    ZeroS state per K/V head), and the teacher's ``head_dim`` is kept whatever hidden_size / heads is."""
     fields: dict = dict(
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads, intermediate_size=spec.intermediate_size,
         rms_norm_eps=spec.rms_norm_eps, rope_theta=spec.rope_theta, tie_word_embeddings=spec.tie_word_embeddings,
         bos_token_id=spec.bos_token_id, eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id,
         attention_type="zeros", zero_order_all_layers=True,
+        num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim,
     )
-    free_head_dim = spec.head_dim * spec.num_attention_heads != spec.hidden_size
-    if _supports_grouped_kv():
-        fields.update(num_key_value_heads=spec.num_key_value_heads, head_dim=spec.head_dim)
-    elif free_head_dim:
-        raise LinearizeError(
-            f"the teacher's head dimension {spec.head_dim} is not hidden_size / heads = "
-            f"{spec.hidden_size // spec.num_attention_heads}; this version of the model cannot hold it"
-        )
     fields["layer_types"] = layer_types_from(spec.num_hidden_layers, softmax_layers)
     fields.update(overrides)
     try:
         return ZeroSConfig(**fields)
     except (TypeError, ValueError) as e:
         raise LinearizeError(f"cannot build the student's config: {' '.join(str(e).split())}") from None
-
-
-def _kv_heads(config) -> int:
-    """K/V heads of a student config (its query heads where the model has no grouped K/V heads)."""
-    return getattr(config, "num_key_value_heads", None) if _supports_grouped_kv() else config.num_attention_heads
 
 
 @dataclasses.dataclass
@@ -325,15 +305,11 @@ def map_weights(teacher: nn.Module, student: ZeroSForCausalLM) -> None:
     A softmax layer of the student is then its teacher's layer exactly; a ZeroS layer gets q, k, v, o,
     and the rows of u (the logit's input) are left to :func:`init_converted_layers`."""
     spec = teacher_spec(teacher)
-    group = _kv_heads(student.config) // spec.num_key_value_heads  # > 1: K/V heads repeated over their group
     student.model.embed_tokens.weight.copy_(teacher.get_input_embeddings().weight)
     student.model.norm.weight.copy_(teacher.model.norm.weight)
     if not student.config.tie_word_embeddings:
         student.lm_head.weight.copy_(teacher.get_output_embeddings().weight)
     for i, (w, block) in enumerate(zip(_teacher_layers(teacher, spec), student.model.layers)):
-        if group > 1:
-            w.k, w.v = (x.view(-1, spec.head_dim, x.shape[-1]).repeat_interleave(group, dim=0).flatten(0, 1)
-                        for x in (w.k, w.v))
         block.attn_norm.weight.copy_(w.attn_norm)
         block.mlp_norm.weight.copy_(w.mlp_norm)
         block.mlp.gate_up_proj.weight.copy_(torch.cat([w.gate, w.up]))
@@ -545,7 +521,7 @@ def init_converted_layers(teacher, student: ZeroSForCausalLM, calibration_ids: O
         return
     spec = teacher_spec(teacher)
     mixers = _attention_modules(student)
-    d, H, Hkv = config.head_dim, config.num_attention_heads, _kv_heads(config)
+    d, H, Hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     mean_q = _mean_queries(teacher, calibration_ids, layers, spec, Hkv) if calibration_ids is not None else {}
     gate_logit = {"g1": 0.0, "gh": 0.0, "g0": math.atanh(CONVERTED_GATE)}  # sigmoid(0) = 1/2
     for i in layers:
