@@ -140,3 +140,13 @@ def test_defaults_are_one_kv_head_per_query_head_and_hidden_over_heads():
 def test_bad_grouping_is_one_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         grouped_config(**overrides)
+
+
+@pytest.mark.parametrize("overrides", MIXERS)
+def test_packed_documents_equal_separate_rows(overrides):
+    model = random_model(grouped_config(**overrides))
+    first, second = torch.randint(0, 64, (1, 7)), torch.randint(0, 64, (1, 9))
+    position_ids = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    packed = model(torch.cat([first, second], dim=1), position_ids=position_ids, use_cache=False).logits
+    separate = torch.cat([model(doc, use_cache=False).logits for doc in (first, second)], dim=1)
+    torch.testing.assert_close(packed, separate, atol=1e-10, rtol=1e-10)
