@@ -113,8 +113,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def repeat_kv_heads(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
-    """x with each K/V head (along ``dim``) repeated for the ``groups`` query heads it serves, in place
-    (K/V head j serves query heads j * groups ... (j + 1) * groups - 1); x itself when groups is 1."""
+    """x with each K/V head (along ``dim``) repeated next to itself, once per query head it serves (K/V
+    head j serves query heads j * groups ... (j + 1) * groups - 1); x itself when groups is 1."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
 
 
