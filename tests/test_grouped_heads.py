@@ -150,3 +150,18 @@ def test_packed_documents_equal_separate_rows(overrides):
     packed = model(torch.cat([first, second], dim=1), position_ids=position_ids, use_cache=False).logits
     separate = torch.cat([model(doc, use_cache=False).logits for doc in (first, second)], dim=1)
     torch.testing.assert_close(packed, separate, atol=1e-10, rtol=1e-10)
+
+
+def test_the_state_table_measures_shared_states_and_kv_caches():
+    from benchmarks.linearize import state_table
+
+    layers, heads, kv_heads, d = 4, 4, 2, 8
+    rows = {r["model"].split(",")[0] + ("" if "shared" in r["model"] else " repeated"): r
+            for r in state_table(layers, heads, kv_heads, d, softmax_every=2, contexts=(64,))}
+    teacher, shared = rows["teacher (softmax repeated"], rows["pure ZeroS"]
+    # keys and values (float32) of the K/V heads, and a byte per key saying it is real
+    assert teacher["bytes_per_token"] == layers * (2 * kv_heads * d * 4 + 1)
+    assert shared["bytes_per_token"] == 0
+    counter = 8  # the cache's count of the row's tokens (one int64), beside the layers' states
+    assert (shared["state_bytes_64"] - counter) * (heads // kv_heads) == rows["pure ZeroS repeated"]["state_bytes_64"] - counter
+    assert rows["hybrid 1 in 2"]["bytes_per_token"] == teacher["bytes_per_token"] // 2
