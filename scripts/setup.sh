@@ -24,5 +24,5 @@ fi
 if ! "$py" -c "import sys; sys.path.insert(0, 'zeros_lm'); from _torch_floor import check_torch_version; check_torch_version()" 2>/dev/null; then
   "$py" -m pip install -q "torch==2.13.0"
 fi
-"$py" -m pip install -q -e ".[dev]"
+"$py" -m pip install -q -e ".[dev,gguf]"
 "$py" -c "import torch, transformers, lightning, deepspeed; print(f'zeros-lm ready: torch {torch.__version__}, transformers {transformers.__version__}, lightning {lightning.__version__}')" 2>&1 | grep -v "^\[" || true

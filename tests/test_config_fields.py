@@ -27,7 +27,10 @@ SMALL = {"vocab_size": 320, "hidden_size": 32, "num_hidden_layers": 1, "num_atte
 
 
 # Fields whose valid values cannot be guessed from their type alone.
-DOMAIN_VALUES = {"layer_types": [["full_attention"] * SMALL["num_hidden_layers"]]}
+DOMAIN_VALUES = {"layer_types": [["full_attention"] * SMALL["num_hidden_layers"]],
+                 "num_key_value_heads": [1]}  # a divisor of SMALL's 2 heads other than 2
+# Fields that are None in the signature and derived from other fields when built (stored resolved).
+DERIVED = {"intermediate_size", "num_key_value_heads", "head_dim"}
 
 
 def candidates(name: str, default, hint) -> list:
@@ -93,7 +96,7 @@ def test_every_config_field_is_an_option_with_the_config_default(capsys):
             assert name not in model
             continue
         assert name in model, f"ZeroSConfig.{name} is not a --model option"
-        if name != "intermediate_size":  # None in the signature: derived from hidden_size
+        if name not in DERIVED:
             assert model[name] == getattr(defaults, name), name
     # and nothing of PreTrainedConfig's own (id2label, problem_type, ...) leaks in
     own = set(inspect.signature(training.ZeroSLitModule.__init__).parameters) - {"self", "config"}

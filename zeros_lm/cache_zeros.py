@@ -15,7 +15,8 @@ disagree about what sits where.
 ``save_pretrained`` copies this file beside ``modeling_zeros.py`` (``trust_remote_code``), so it imports
 nothing from the ``zeros_lm`` package except its flat siblings (``.atomic``, ``.configuration_zeros``, ``.ops``).
 
-Shapes: B batch, H heads, d head dimension, S keys in the cache, K ``conv_size``, C the convolved channels.
+Shapes: B batch, Hkv key/value heads (``num_key_value_heads``: a state is kept once per K/V head, not per
+query head), d head dimension, S keys in the cache, K ``conv_size``, C the convolved channels.
 """
 
 from __future__ import annotations
@@ -133,10 +134,12 @@ class LayerState:
 class ZeroSLayerState(LayerState):
     """Slot of a ZeroS layer (``ZeroSAttention``).
 
-    core: the ``ZeroSState`` of ``zeros_attention`` (float32; O(H d^2) per row);
-    u_sum: (B, H, d) float32, the running sum of u over the real tokens (the deviation logit's mean);
+    core: the ``ZeroSState`` of ``zeros_attention``, per K/V head (float32; O(Hkv d^2) per row: every entry
+        is key-side, so a group of query heads shares one);
+    u_sum: (B, Hkv, d) float32, the running sum of u over the real tokens (the deviation logit's mean);
         None with ``logit_type="norm"``;
-    conv: (B, K - 1, 4 C) in the model's dtype, the short convolution's last real inputs; None without one.
+    conv: (B, K - 1, C) in the model's dtype, the short convolution's last real inputs (C = (H + 3 Hkv) d,
+        the q, k, v, u projections); None without one.
     """
 
     KIND: ClassVar[str] = "zeros"
@@ -152,9 +155,10 @@ class ZeroSLayerState(LayerState):
 class LinearLayerState(LayerState):
     """Slot of a plain linear-attention layer (``LinearAttention``), the running sums over the real tokens.
 
-    kv_sum: (B, H, d, d) float32, S = sum phi(k) v^T;
-    k_sum: (B, H, d) float32, z = sum phi(k) (the normaliser);
-    conv: (B, K - 1, 3 C) in the model's dtype, the short convolution's last real inputs; None without one.
+    kv_sum: (B, Hkv, d, d) float32, S = sum phi(k) v^T;
+    k_sum: (B, Hkv, d) float32, z = sum phi(k) (the normaliser);
+    conv: (B, K - 1, C) in the model's dtype, the short convolution's last real inputs (C = (H + 2 Hkv) d);
+        None without one.
     """
 
     KIND: ClassVar[str] = "linear"
@@ -170,7 +174,7 @@ class LinearLayerState(LayerState):
 class SoftmaxLayerState(LayerState):
     """Slot of a softmax layer (``SoftmaxAttention``): the usual KV cache, which grows with the context.
 
-    keys, values: (B, H, S, d) in the model's dtype (keys after RoPE);
+    keys, values: (B, Hkv, S, d) in the model's dtype (keys after RoPE; grouped K/V heads once each);
     valid: (B, S) bool, which of the S keys are real (padding keys are never attended to).
     """
 
@@ -202,6 +206,7 @@ STATE_FILE_FORMATS = (STATE_FILE_FORMAT, STATE_FILE_FORMAT_NAMED, STATE_FILE_FOR
 STATE_CONFIG_FIELDS = (
     "model_type", "attention_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "logit_type",
     "vocab_size", "first_layer_zero_order", "zero_order_all_layers", "layer_types", "conv_size",
+    "num_key_value_heads", "head_dim",
 )
 # The canonical form of a floating-point weight in the fingerprint: the same checkpoint loaded in float32 or
 # bfloat16 has the same bfloat16 values (a cast rounds to nearest), so both fingerprint the same.
@@ -209,6 +214,13 @@ _FINGERPRINT_DTYPE = torch.bfloat16
 # How many leading elements of each weight the fingerprint of each format reads (None: all of them). Formats 1
 # and 2 read 256 only, so a model whose later weights all changed passed; kept to check those files.
 _FINGERPRINT_ELEMENTS = {STATE_FILE_FORMAT: None, STATE_FILE_FORMAT_NAMED: 256, STATE_FILE_FORMAT_TUPLES: 256}
+# Fields added to STATE_CONFIG_FIELDS after files were written without them: a file that lacks one was
+# saved from a model with the field's default, computed here from the file's own fields.
+_STATE_FIELD_DEFAULTS = {
+    "num_key_value_heads": lambda fields: fields.get("num_attention_heads"),
+    "head_dim": lambda fields: (fields["hidden_size"] // fields["num_attention_heads"]
+                                if fields.get("hidden_size") and fields.get("num_attention_heads") else None),
+}
 
 
 def _weights_fingerprint(model: nn.Module, leading: int | None = None) -> str:
@@ -497,7 +509,10 @@ class ZeroSCache(Cache):
             raise FileNotFoundError(f"state file '{path}' does not exist")
         header, tensors = _read_state_file(path)
         cache = cls(model.config)
-        saved = header["identity"]
+        saved = dict(header["identity"])
+        for name, default in _STATE_FIELD_DEFAULTS.items():
+            if name not in saved:
+                saved[name] = default(saved)
         current = _state_identity(cache.config_fields, model if check_weights else None, header["format"])
         # Config fields must all match; the weights are compared when both sides have a fingerprint.
         mismatched = [k for k in current if k != "weights" and saved.get(k) != current[k]]

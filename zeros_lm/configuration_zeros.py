@@ -47,10 +47,20 @@ class ZeroSConfig(PreTrainedConfig):
         vocab_size: size of the vocabulary.
         hidden_size: width of the residual stream.
         num_hidden_layers: number of blocks.
-        num_attention_heads: heads per attention layer; must divide ``hidden_size`` and give an even
-            head dimension (RoPE rotates pairs of channels).
+        num_attention_heads: query heads per attention layer; without ``head_dim`` it must divide
+            ``hidden_size`` and give an even head dimension (RoPE rotates pairs of channels).
         intermediate_size: width of the SwiGLU MLP; ``None`` picks 8/3 * hidden_size rounded up to a
             multiple of 64 (704 for hidden_size 256, 1024 for 384).
+        num_key_value_heads: grouped K/V heads (GQA): key/value heads per attention layer, each shared by a
+            group of ``num_attention_heads / num_key_value_heads`` query heads (it must divide
+            ``num_attention_heads``). ``None`` (default): one per query head. Softmax layers cache only
+            these heads; ZeroS layers project k, v and u (the logit's input) per K/V head and keep one
+            state per K/V head (F, G, H, the logit sums and maximum all come from the key side), so the
+            state shrinks by the group size; the query and the gates stay per query head. Linear
+            attention keeps its sums per K/V head too.
+        head_dim: the head dimension d of every attention layer (q, k, v, u are ``heads * head_dim``
+            wide, the output projection reads ``num_attention_heads * head_dim``); even. ``None``
+            (default): ``hidden_size / num_attention_heads``. Stored resolved (an int) after init.
         rope_theta: RoPE base.
         chunk_size: chunk length of the chunked (training / prefill) forms.
         attention_type: ``"zeros"``, ``"softmax"`` or ``"linear"``.
@@ -102,6 +112,8 @@ class ZeroSConfig(PreTrainedConfig):
         num_hidden_layers: int = 4,
         num_attention_heads: int = 4,
         intermediate_size: int | None = None,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
         rope_theta: float = 10000.0,
         chunk_size: int = 64,
         attention_type: AttentionType = "zeros",
@@ -131,6 +143,13 @@ class ZeroSConfig(PreTrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.intermediate_size = intermediate_size
+        if num_key_value_heads is None:
+            num_key_value_heads = num_attention_heads
+        if head_dim is None and isinstance(hidden_size, int) and isinstance(num_attention_heads, int) \
+                and num_attention_heads > 0 and hidden_size % num_attention_heads == 0:
+            head_dim = hidden_size // num_attention_heads  # (else None, which _check refuses)
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
         self.rope_theta = rope_theta
         self.chunk_size = chunk_size
         self.attention_type = attention_type
@@ -164,8 +183,9 @@ class ZeroSConfig(PreTrainedConfig):
         )
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def num_key_value_groups(self) -> int:
+        """Query heads per K/V head (1 without grouped K/V heads)."""
+        return self.num_attention_heads // self.num_key_value_heads
 
     @property
     def mixer_types(self) -> tuple:
@@ -188,18 +208,27 @@ class ZeroSConfig(PreTrainedConfig):
             "num_hidden_layers",
             "num_attention_heads",
             "intermediate_size",
+            "num_key_value_heads",
         ):
             positive_int(name)
         check_chunk_size(self.chunk_size, "ZeroSConfig.chunk_size")
-        if self.hidden_size % self.num_attention_heads != 0:
+        if self.head_dim is None:  # not given, and num_attention_heads does not divide hidden_size
             raise ValueError(
                 f"ZeroSConfig: num_attention_heads ({self.num_attention_heads}) must divide "
-                f"hidden_size ({self.hidden_size})"
+                f"hidden_size ({self.hidden_size}); or give head_dim"
             )
+        positive_int("head_dim")
         if self.head_dim % 2 != 0:
+            derived = self.head_dim * self.num_attention_heads == self.hidden_size
+            where = "hidden_size / num_attention_heads" if derived else "head_dim"
             raise ValueError(
-                f"ZeroSConfig: the head dimension hidden_size / num_attention_heads = {self.head_dim} "
+                f"ZeroSConfig: the head dimension {where} = {self.head_dim} "
                 "must be even (RoPE rotates pairs of channels)"
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"ZeroSConfig: num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads}): each K/V head serves a whole group of query heads"
             )
         if self.attention_type not in ATTENTION_TYPES:
             raise ValueError(

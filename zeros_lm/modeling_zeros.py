@@ -9,7 +9,8 @@ GenerationMixin). Beside it: the cache and its state files (cache_zeros.py), pac
 loading, together with the files it imports relatively, recursively (as flat siblings). It and they
 must therefore import nothing from the ``zeros_lm`` package but those flat siblings (no subpackages).
 
-Shapes: B batch, T new tokens, S tokens already in the cache, H heads, d head dimension.
+Shapes: B batch, T new tokens, S tokens already in the cache, H (query) heads, Hkv key/value heads
+(``num_key_value_heads``; each serves H / Hkv query heads), d head dimension.
 """
 
 import dataclasses
@@ -111,6 +112,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def repeat_kv_heads(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+    """x with each K/V head (along ``dim``) repeated next to itself, once per query head it serves (K/V
+    head j serves query heads j * groups ... (j + 1) * groups - 1); x itself when groups is 1."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
+
+
+def one_per_group(x: torch.Tensor, groups: int, dim: int = 1) -> torch.Tensor:
+    """The inverse of :func:`repeat_kv_heads` on a key-side tensor whose heads are equal within each group
+    (a state computed from repeated K/V heads): the first head of every group, in its own storage (a
+    view would keep the repeated heads' memory alive)."""
+    return x if groups == 1 else x.unflatten(dim, (-1, groups)).select(dim + 1, 0).contiguous()
+
+
 class ZeroSMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); gate and up share one matrix."""
 
@@ -173,7 +187,12 @@ class ZeroSAttention(nn.Module):
     the positions of the real tokens, then L2 normalisation; the radial logit s; the core op; a per-head
     LayerNorm without affine parameters; the output projection.
 
-    Cache slot: a ZeroSLayerState (cache_zeros.py).
+    Grouped K/V heads: k, v and u (so the logit s and its prior mu, tau) are per K/V head, q and the
+    gates per query head. Every key-side sum of the state (F, G, H, E, the logits' maximum and mean, the
+    u-sum) is then the same for a group's query heads, and the cache keeps it once per K/V head
+    (docs/method.md, "Grouped K/V heads"). The op itself runs per query head on the repeated k, v, s.
+
+    Cache slot: a ZeroSLayerState (cache_zeros.py), Hkv heads.
     """
 
     def __init__(self, config: ZeroSConfig, layer_idx: int, *, has_zero_order: bool):
@@ -181,21 +200,24 @@ class ZeroSAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.has_zero_order = has_zero_order
         self.num_gates = 3 if self.has_zero_order else 2
-        self.qkvu_proj = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=False)
-        self.conv = ShortConvolution(4 * config.hidden_size, config.conv_size) if config.conv_size else None
+        # rows: q (H d), k, v, u (Hkv d each)
+        self.qkvu_sizes = [n * self.head_dim for n in (self.num_heads,) + (self.num_kv_heads,) * 3]
+        self.qkvu_proj = nn.Linear(config.hidden_size, sum(self.qkvu_sizes), bias=False)
+        self.conv = ShortConvolution(sum(self.qkvu_sizes), config.conv_size) if config.conv_size else None
         if config.use_gates:
             self.gate_proj = nn.Linear(config.hidden_size, self.num_heads * self.num_gates, bias=True)
         if config.logit_type == "deviation":
-            self.mu = nn.Parameter(torch.zeros(self.num_heads, self.head_dim))
-            self.log_tau = nn.Parameter(torch.zeros(self.num_heads))
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+            self.mu = nn.Parameter(torch.zeros(self.num_kv_heads, self.head_dim))
+            self.log_tau = nn.Parameter(torch.zeros(self.num_kv_heads))
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
     def _logits(self, u, valid, counts, usum, documents=None):
-        """Radial logits s (B, T, H) in float32 and the new running sum of u (deviation logit); with
+        """Radial logits s (B, T, Hkv) in float32 and the new running sum of u (deviation logit); with
         packed ``documents`` the running mean restarts at each document."""
         uf = u.to(_acc(u.dtype))
         d = self.head_dim
@@ -214,7 +236,8 @@ class ZeroSAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
         """x (B, T, hidden) -> (B, T, hidden); reads and updates this layer's slot of ``cache``."""
         B, T, _ = x.shape
-        H, d = self.num_heads, self.head_dim
+        H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = H // Hkv
         acc = _acc(x.dtype)
         valid, documents = context.valid, context.documents
         state = cache.layer_state(self.layer_idx) if cache is not None else None
@@ -222,12 +245,20 @@ class ZeroSAttention(nn.Module):
         qkvu = self.qkvu_proj(x)
         if self.conv is not None:
             qkvu, conv_state = self.conv(qkvu, valid=valid, state=conv_state, documents=documents)
-        qkvu = qkvu.view(B, T, 4, H, d)
-        # q and k together: RoPE, then L2 normalisation
-        qk = apply_rope(qkvu[:, :, :2], context.cos, context.sin)
-        q, k = F.normalize(qk.to(acc), dim=-1).to(x.dtype).unbind(dim=2)
-        v, u = qkvu[:, :, 2], qkvu[:, :, 3]
+        if groups == 1:
+            qkvu = qkvu.view(B, T, 4, H, d)
+            # q and k together: RoPE, then L2 normalisation
+            qk = apply_rope(qkvu[:, :, :2], context.cos, context.sin)
+            q, k = F.normalize(qk.to(acc), dim=-1).to(x.dtype).unbind(dim=2)
+            v, u = qkvu[:, :, 2], qkvu[:, :, 3]
+        else:  # q (B, T, H, d); k, v, u (B, T, Hkv, d)
+            q, k, v, u = (p.unflatten(-1, (-1, d)) for p in qkvu.split(self.qkvu_sizes, dim=-1))
+            q, k = (F.normalize(apply_rope(p, context.cos, context.sin).to(acc), dim=-1).to(x.dtype) for p in (q, k))
         s, usum = self._logits(u, valid, context.counts, usum, documents)
+        # the op runs per query head: the key side repeated over each group (its state stays per K/V head)
+        k, v, s = (repeat_kv_heads(t, groups, dim=2) for t in (k, v, s))
+        if core_state is not None:
+            core_state = core_state._map(lambda t: repeat_kv_heads(t, groups, dim=1))
 
         if self.config.use_gates:
             gl = self.gate_proj(x).view(B, T, H, self.num_gates).to(acc)
@@ -247,6 +278,7 @@ class ZeroSAttention(nn.Module):
                 initial_state=core_state, output_final_state=cache is not None,
             )
         if cache is not None:
+            core_state = core_state._map(lambda t: one_per_group(t, groups))
             cache.update_layer_state(self.layer_idx, ZeroSLayerState(core=core_state, u_sum=usum, conv=conv_state))
         if self.config.use_output_norm:
             o = F.layer_norm(o.to(acc), (d,), eps=OUTPUT_NORM_EPS)
@@ -257,32 +289,44 @@ class SoftmaxAttention(nn.Module):
     """Causal softmax attention (SDPA) with RoPE and a KV cache: the baseline, and the "full_attention"
     layers of hybrid stacks.
 
-    Cache slot: a SoftmaxLayerState (cache_zeros.py): keys, values and which keys are real.
+    Cache slot: a SoftmaxLayerState (cache_zeros.py): keys, values (Hkv heads: grouped K/V heads are
+    cached once) and which keys are real.
     """
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.qkv_sizes = [n * self.head_dim for n in (self.num_heads, self.num_kv_heads, self.num_kv_heads)]
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
     def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
         """x (B, T, hidden) -> (B, T, hidden); appends the new keys and values to this layer's slot of ``cache``."""
         B, T, _ = x.shape
-        H, d = self.num_heads, self.head_dim
+        H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = H // Hkv
         valid, documents = context.valid, context.documents
-        qkv = self.qkv_proj(x).view(B, T, 3, H, d)
-        q, k = apply_rope(qkv[:, :, :2], context.cos, context.sin).transpose(1, 3).unbind(dim=2)  # (B, H, T, d) each
-        v = qkv[:, :, 2].transpose(1, 2)
+        if groups == 1:
+            qkv = self.qkv_proj(x).view(B, T, 3, H, d)
+            q, k = apply_rope(qkv[:, :, :2], context.cos, context.sin).transpose(1, 3).unbind(dim=2)  # (B, H, T, d) each
+            v = qkv[:, :, 2].transpose(1, 2)
+        else:  # q (B, H, T, d); k, v (B, Hkv, T, d)
+            q, k, v = (p.unflatten(-1, (-1, d)) for p in self.qkv_proj(x).split(self.qkv_sizes, dim=-1))
+            q, k = (apply_rope(p, context.cos, context.sin).transpose(1, 2) for p in (q, k))
+            v = v.transpose(1, 2)
         past = cache.layer_state(self.layer_idx) if cache is not None else None
         past_valid = None
         if past is not None:
             k = torch.cat([past.keys, k], dim=2)
             v = torch.cat([past.values, v], dim=2)
             past_valid = past.valid
+        # the cache holds the Hkv heads; attention reads them repeated over each group
+        k_cached, v_cached = k, v
+        k, v = repeat_kv_heads(k, groups, dim=1), repeat_kv_heads(v, groups, dim=1)
         if documents is not None and valid is None:
             o = packed_softmax_attention(q, k, v, documents)
             if o is not None:
@@ -291,7 +335,7 @@ class SoftmaxAttention(nn.Module):
         if cache is not None:
             new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
             keys_valid = new_valid if past_valid is None else torch.cat([past_valid, new_valid], dim=1)
-            cache.update_layer_state(self.layer_idx, SoftmaxLayerState(keys=k, values=v, valid=keys_valid))
+            cache.update_layer_state(self.layer_idx, SoftmaxLayerState(keys=k_cached, values=v_cached, valid=keys_valid))
         S = k.shape[2] - T
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=(T > 1 and S == 0))
@@ -306,23 +350,26 @@ class SoftmaxAttention(nn.Module):
 class LinearAttention(nn.Module):
     """Plain causal linear attention (Katharopoulos et al.): phi = elu + 1, normalised. Weak baseline.
 
-    Cache slot: a LinearLayerState (cache_zeros.py)."""
+    Cache slot: a LinearLayerState (cache_zeros.py), its sums per K/V head (they are key-side)."""
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.conv = ShortConvolution(3 * config.hidden_size, config.conv_size) if config.conv_size else None
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.qkv_sizes = [n * self.head_dim for n in (self.num_heads, self.num_kv_heads, self.num_kv_heads)]
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=False)
+        self.conv = ShortConvolution(sum(self.qkv_sizes), config.conv_size) if config.conv_size else None
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
     def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
         """x (B, T, hidden) -> (B, T, hidden); reads and updates this layer's slot of ``cache``. (No RoPE.)"""
         B, T, _ = x.shape
-        H, d = self.num_heads, self.head_dim
+        H, Hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        groups = H // Hkv
         acc = _acc(x.dtype)
         valid, documents = context.valid, context.documents
         state = cache.layer_state(self.layer_idx) if cache is not None else None
@@ -330,7 +377,13 @@ class LinearAttention(nn.Module):
         qkv = self.qkv_proj(x)
         if self.conv is not None:
             qkv, conv_state = self.conv(qkv, valid=valid, state=conv_state, documents=documents)
-        q, k, v = qkv.view(B, T, 3, H, d).to(acc).permute(2, 0, 3, 1, 4).unbind(dim=0)  # (B, H, T, d)
+        if groups == 1:
+            q, k, v = qkv.view(B, T, 3, H, d).to(acc).permute(2, 0, 3, 1, 4).unbind(dim=0)  # (B, H, T, d)
+        else:  # the key side repeated over each group (the sums stay per K/V head)
+            q, k, v = (p.unflatten(-1, (-1, d)).to(acc).transpose(1, 2) for p in qkv.split(self.qkv_sizes, dim=-1))
+            k, v = repeat_kv_heads(k, groups, dim=1), repeat_kv_heads(v, groups, dim=1)
+            if S0 is not None:
+                S0, z0 = repeat_kv_heads(S0, groups, dim=1), repeat_kv_heads(z0, groups, dim=1)
         q, k = F.elu(q) + 1, F.elu(k) + 1
         if valid is not None:
             k = k * valid[:, None, :, None]
@@ -342,6 +395,7 @@ class LinearAttention(nn.Module):
                 S0, z0 = q.new_zeros(B, H, d, d), q.new_zeros(B, H, d)
             o, S1, z1 = linear_attention_chunked(q, k, v, S0, z0, self.config.chunk_size)
             if cache is not None:
+                S1, z1 = one_per_group(S1, groups), one_per_group(z1, groups)
                 cache.update_layer_state(self.layer_idx, LinearLayerState(kv_sum=S1, k_sum=z1, conv=conv_state))
         o = o.transpose(1, 2)
         if valid is not None:

@@ -3,6 +3,7 @@
     zeros-lm train    [--config FILE.yaml ...] [--model.hidden_size 384 ...]     pretrain (train.py)
     zeros-lm generate MODEL_DIR [--prompt TEXT ...]                               stream text (generate.py)
     zeros-lm export   CHECKPOINT OUT_DIR [...]                                    checkpoint -> HF directory
+    zeros-lm linearize TEACHER --out DIR [...]                                    softmax model -> ZeroS / hybrid
 
 ``zeros-lm <command> --help`` lists a command's options. The root scripts ``train.py`` and
 ``generate.py`` and ``python -m zeros_lm.export`` are thin wrappers of the same code.
@@ -18,13 +19,14 @@ COMMANDS = {
     "train": ("zeros_lm.cli.train", "pretrain a model (LightningCLI: --config, --model.*, --data.*, --trainer.*)"),
     "generate": ("zeros_lm.cli.generate", "stream text from a model directory, with its recurrent state"),
     "export": ("zeros_lm.export", "export a training checkpoint as a Hugging Face directory"),
+    "linearize": ("zeros_lm.cli.linearize", "convert a pretrained softmax model (Llama family, GGUF) into ZeroS"),
 }
 EXIT_USAGE = 2
 
 
 def _usage() -> str:
     lines = ["usage: zeros-lm <command> [options]", "", "commands:"]
-    lines += [f"  {name:<9} {description}" for name, (_, description) in COMMANDS.items()]
+    lines += [f"  {name:<10} {description}" for name, (_, description) in COMMANDS.items()]
     return "\n".join(lines + ["", "zeros-lm <command> --help shows the options of a command."])
 
 
