@@ -151,7 +151,7 @@ def _trained_model(module, trainer):
 
 
 def _save(model, tokenizer, directory: Path, generation_config=None) -> None:
-    from zeros_lm.export import write_dir_atomically
+    from zeros_lm.atomic import atomic_write_dir
 
     def write(tmp):
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -159,7 +159,7 @@ def _save(model, tokenizer, directory: Path, generation_config=None) -> None:
             generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
 
-    write_dir_atomically(directory, write)
+    atomic_write_dir(directory, write)
 
 
 def _teacher_generation_config(teacher, spec):
@@ -302,9 +302,9 @@ def run(args) -> int:
 
 
 def _save_tokenizer(tokenizer, directory: Path) -> None:
-    from zeros_lm.export import write_dir_atomically
+    from zeros_lm.atomic import atomic_write_dir
 
-    write_dir_atomically(directory, lambda tmp: tokenizer.save_pretrained(str(tmp)))
+    atomic_write_dir(directory, lambda tmp: tokenizer.save_pretrained(str(tmp)))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
