@@ -3,6 +3,7 @@
     zeros-lm train    [--config FILE.yaml ...] [--model.hidden_size 384 ...]     pretrain (train.py)
     zeros-lm generate MODEL_DIR [--prompt TEXT ...]                               stream text (generate.py)
     zeros-lm export   CHECKPOINT OUT_DIR [...]                                    checkpoint -> HF directory
+    zeros-lm serve    MODEL_DIR [--port 8000 ...]                                 OpenAI-compatible server (serve.py)
 
 ``zeros-lm <command> --help`` lists a command's options. The root scripts ``train.py`` and
 ``generate.py`` and ``python -m zeros_lm.export`` are thin wrappers of the same code.
@@ -18,6 +19,7 @@ COMMANDS = {
     "train": ("zeros_lm.cli.train", "pretrain a model (LightningCLI: --config, --model.*, --data.*, --trainer.*)"),
     "generate": ("zeros_lm.cli.generate", "stream text from a model directory, with its recurrent state"),
     "export": ("zeros_lm.export", "export a training checkpoint as a Hugging Face directory"),
+    "serve": ("zeros_lm.cli.serve", "serve a model directory over an OpenAI-compatible HTTP API"),
 }
 EXIT_USAGE = 2
 
