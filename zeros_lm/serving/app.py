@@ -328,7 +328,8 @@ async def _respond(server: Server, req, job: Job, queue: asyncio.Queue, request:
                 if not done:  # the client went away (or the server stops): free the stream's slot
                     server.engine.cancel(job)
 
-        return EventSourceResponse(events())
+        # on shutdown (SIGTERM), running streams get the drain timeout to finish before they are cut
+        return EventSourceResponse(events(), shutdown_grace_period=server.config.drain_timeout)
 
     texts, reasons = [""] * req.n, [None] * req.n
     try:
