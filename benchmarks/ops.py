@@ -6,11 +6,18 @@
 
 On CUDA the table also has the fused Triton kernels (mode="fused") and, when flash-linear-attention
 is installed (a yardstick, not a dependency), its ``chunk_simple_gla`` at the same shape: a
-scalar-gated linear attention, the floor that a ZeroS kernel can approach.
+scalar-gated linear attention, the floor that a ZeroS kernel can approach, twice: with a decay per head
+(``g_gamma``, column "fla") and with a per-token gate (``g``, its gradient included, column "fla_g": the
+fair match, as ZeroS has per-token logits and gates).
 
-B=1, H=8, d=64 by default (--batch, --heads, --head-dim), float32 (bfloat16 with --dtype bf16). Each cell runs in a fresh subprocess, so the
-peak-memory column is that run's own, taken on its first call: on CUDA torch.cuda.max_memory_allocated,
-on CPU the growth of the process's peak resident set over its state just before. Prints Markdown.
+On CUDA every row holds B*T fixed (--tokens, default 32768: B = tokens / T), so that short sequences
+are not launch-bound on one side only, and the time is taken with CUDA events on the device. On CPU B
+is --batch (1) unless --tokens is given, and the time is wall clock.
+
+H=8, d=64 by default (--heads, --head-dim), float32 (bfloat16 with --dtype bf16). Each CPU cell runs in a
+fresh subprocess, so the peak-memory column is that run's own, taken on its first call: on CUDA
+torch.cuda.max_memory_allocated (reset per cell), on CPU the growth of the process's peak resident set over
+its state just before. Prints Markdown.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import torch.nn.functional as F
 from zeros_lm.ops import zeros_attention  # the installed package (scripts/setup.sh: pip install -e .)
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
+CUDA_TOKENS = 32768  # B*T of every row on CUDA (--tokens)
 NAIVE_MAX_T = 4096  # the naive form holds a (d, d) matrix per token: beyond this it does not fit usefully
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -72,11 +80,21 @@ FLA_HEAD_DECAYS = (2.0, 6.0)  # the yardstick's per-head decays: logsigmoid of t
 
 def fla_simple_gla(q, k, v, *_):
     """flash-linear-attention's chunked simple GLA at the same shape (the yardstick), with a decay per head
-    (``g_gamma``): fla refuses the backward of a per-token gate on Hopper with Triton < 3.7.1 (it computes
-    it wrong there), and the kernels' cost is the same either way."""
+    (``g_gamma``). (fla refuses the backward of a per-token gate on Hopper with Triton < 3.7.1: it computes it
+    wrong there; fla_simple_gla_gated is the per-token form.)"""
     from fla.ops.simple_gla import chunk_simple_gla
     gamma = F.logsigmoid(torch.linspace(*FLA_HEAD_DECAYS, q.shape[2], device=q.device))
     return chunk_simple_gla(q, k, v, g_gamma=gamma)[0]
+
+
+FLA_GATE_SHIFT = 4.0  # per-token log gates logsigmoid(FLA_GATE_SHIFT + s): decays in the range of FLA_HEAD_DECAYS
+
+
+def fla_simple_gla_gated(q, k, v, s, *_):
+    """The yardstick with a per-token log gate ``g`` (B, T, H) made from the logits s (so that, like ZeroS's
+    logits, it has a gradient in the backward): the cost a per-token scalar gate adds."""
+    from fla.ops.simple_gla import chunk_simple_gla
+    return chunk_simple_gla(q, k, v, g=F.logsigmoid(FLA_GATE_SHIFT + s.float()))[0]
 
 
 def sdpa(q, k, v, *_):
@@ -94,13 +112,16 @@ def measure(method, T, backward, device, dtype, chunk_size, repeats, compile_op,
         if compile_op:
             op = torch.compile(op, dynamic=False)
     else:
-        op = {"sdpa": sdpa, "naive": naive_prefix_sum, "fla": fla_simple_gla}[method]
+        op = {"sdpa": sdpa, "naive": naive_prefix_sum, "fla": fla_simple_gla, "fla_g": fla_simple_gla_gated}[method]
 
-    def step():
+    def run():
         with torch.set_grad_enabled(backward):
             out = op(*inputs)
             if backward:
                 out.float().sum().backward()
+
+    def step():
+        run()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -120,10 +141,23 @@ def measure(method, T, backward, device, dtype, chunk_size, repeats, compile_op,
     step()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"tok_s": shape[0] * T / statistics.median(times), "peak": max(peak, 0)}
+        if device.type == "cuda":  # the device's time: events around the launches, no host sync in between
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return {"tok_s": shape[0] * T / statistics.median(times), "peak": max(peak, 0), "batch": shape[0]}
+
+
+def batch_for(args, T: int) -> int:
+    """B of the rows of length T: tokens / T when B*T is held fixed (--tokens), else --batch."""
+    return max(1, args.tokens // T) if args.tokens else args.batch
 
 
 def recurrent_step_latency(device, dtype, repeats=200):
@@ -143,10 +177,11 @@ def recurrent_step_latency(device, dtype, repeats=200):
 
 
 def run_cell(args, method, T, backward, compile_op=False):
+    shape = (batch_for(args, T), args.heads, args.head_dim)
     if args.device.startswith("cuda"):  # CUDA peak memory can be reset in-process
         try:
             return measure(method, T, backward, torch.device(args.device), DTYPES[args.dtype], args.chunk_size,
-                           args.repeats, compile_op, args.shape)
+                           args.repeats, compile_op, shape)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return {"error": "OOM"}
@@ -154,7 +189,7 @@ def run_cell(args, method, T, backward, compile_op=False):
             traceback.print_exc()
             return {"error": f"{type(e).__name__}"}
     cmd = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(
-        {"method": method, "T": T, "backward": backward, "compile": compile_op})] + args.passthrough
+        {"method": method, "T": T, "backward": backward, "compile": compile_op, "batch": shape[0]})] + args.passthrough
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
@@ -206,11 +241,15 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--batch", type=int, default=BATCH, help="B of every row when --tokens is not given")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help=f"hold B*T fixed at this (B = tokens / T; default {CUDA_TOKENS} on CUDA, off on CPU)")
     parser.add_argument("--heads", type=int, default=HEADS)
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd chunked ZeroS column")
+    parser.add_argument("--methods", type=str, default=None,
+                        help="comma-separated subset of the columns (zeros, zeros_compiled, fused, fla, fla_g, sdpa, naive)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cell", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,7 +257,8 @@ def main():
     dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.shape = (args.batch, args.heads, args.head_dim)
+    if args.tokens is None and device.type == "cuda":
+        args.tokens = CUDA_TOKENS
     args.passthrough = ["--device", args.device, "--dtype", args.dtype, "--chunk-size", str(args.chunk_size),
                         "--repeats", str(args.repeats), "--batch", str(args.batch), "--heads", str(args.heads),
                         "--head-dim", str(args.head_dim)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -226,17 +266,26 @@ def main():
     if args.cell:
         cell = json.loads(args.cell)
         print(json.dumps(measure(cell["method"], cell["T"], cell["backward"], device, dtype,
-                                 args.chunk_size, args.repeats, cell["compile"], args.shape)))
+                                 args.chunk_size, args.repeats, cell["compile"], (cell["batch"], args.heads,
+                                                                                  args.head_dim))))
         return
 
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else (
         [512, 2048] if args.quick else [512, 2048, 8192, 16384])
     methods = ["zeros"] + (["zeros_compiled"] if args.compile else [])
     if device.type == "cuda":  # the Triton kernels, and the simple-GLA yardstick when fla is installed
-        methods += ["fused"] + (["fla"] if importlib.util.find_spec("fla") else [])
+        methods += ["fused"] + (["fla", "fla_g"] if importlib.util.find_spec("fla") else [])
     methods += ["sdpa"] + (["naive"] if device.type == "cpu" else [])  # naive: the memory contrast, CPU only
-    print(f"# ZeroS op benchmark: B={args.batch}, H={args.heads}, d={args.head_dim}, {args.dtype}, "
-          f"chunk {args.chunk_size}, median of {args.repeats}")
+    if args.methods:
+        wanted = args.methods.split(",")
+        unknown = set(wanted) - {"zeros", "zeros_compiled", "fused", "fla", "fla_g", "sdpa", "naive"}
+        if unknown:
+            parser.error(f"--methods: unknown {', '.join(sorted(unknown))}")
+        methods = [m for m in methods if m in wanted]
+    rows = f"B*T={args.tokens} (B = {args.tokens} / T)" if args.tokens else f"B={args.batch}"
+    clock = "CUDA events" if device.type == "cuda" else "wall clock"
+    print(f"# ZeroS op benchmark: {rows}, H={args.heads}, d={args.head_dim}, {args.dtype}, "
+          f"chunk {args.chunk_size}, median of {args.repeats} ({clock})")
     print(f"# {machine_line(device)}\n")
     for backward in (True, False):
         results = {}
@@ -250,14 +299,15 @@ def main():
                 print(f"  measured {method} T={T}", file=sys.stderr, flush=True)
         title = "forward + backward" if backward else "forward only"
         ratios = [(m, "sdpa") for m in methods if m in ("zeros", "fused")] + (
-            [("fused", "fla")] if "fla" in methods else [])
-        header = (["T"] + [f"{m} tok/s" for m in methods] + [f"{a} / {b}" for a, b in ratios]
-                  + [f"{m} peak" for m in methods])
+            [("fused", "fla"), ("fused", "fla_g")] if "fla" in methods else [])
+        header = (["T"] + (["B"] if args.tokens else []) + [f"{m} tok/s" for m in methods]
+                  + [f"{a} / {b}" for a, b in ratios] + [f"{m} peak" for m in methods])
         print(f"## {title}\n")
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for T in lengths:
-            row = [str(T)] + [fmt(results[m, T], "tok_s") for m in methods]
+            row = [str(T)] + ([str(batch_for(args, T))] if args.tokens else []) + [
+                fmt(results[m, T], "tok_s") for m in methods]
             for a, b in ratios:
                 x, y = results[a, T], results[b, T]
                 row.append(f"{x['tok_s'] / y['tok_s']:.2f}x" if x and y and "error" not in x and "error" not in y else "-")

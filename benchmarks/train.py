@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training throughput and peak memory: the ZeroS LM against the softmax baseline (same config).
+"""Training throughput and peak memory: the ZeroS LM against the softmax baseline of the same parameters.
 
 Each (attention, seq_len) point runs in a fresh subprocess so that its peak memory is its own:
 forward + backward + AdamW step on random tokens, a few warm-up steps, then timed steps; the
@@ -12,6 +12,11 @@ peak of allocated tensor memory. Prints a Markdown table.
 
 On CUDA the table also gives model FLOPs utilisation (MFU: zeros_lm.training.model_flops_per_token x
 tokens/s over the card's bf16 peak, where the card is known), as the training log does.
+
+Models of equal parameter count: ZeroS's u projection and gates make it larger than softmax at one config
+(117M against 110M at 768 x 12), so every other attention gets the MLP width that matches ZeroS's count
+(--match-params zeros, the default; MLP parameters are linear in the width, so two counts give it). The
+table gives each row's parameters and MLP width; --match-params none keeps one config for all.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ def training_step(args):
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    cfg = ZeroSConfig(**model_fields(args, args.attention))
+    cfg = ZeroSConfig(**model_fields(args, args.attention, getattr(args, "intermediate_size", None)))
     model = ZeroSForCausalLM(cfg).to(device).train()
     if args.compile:
         compile_blocks(model)
@@ -96,6 +101,7 @@ def run_point(args) -> dict:
         "step_s": dt,
         "peak_bytes": peak,
         "params": sum(p.numel() for p in model.parameters()),
+        "intermediate_size": model.config.intermediate_size,
         "threads": torch.get_num_threads(),
         "mfu": (flops_per_token * batch * args.seq_len / dt / peak_flops) if (peak_flops := peak_flops_of(device))
         else None,
@@ -111,6 +117,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--attention-backend", choices=["auto", "torch"], default="auto",
                    help="ZeroS: auto = the fused Triton kernels on CUDA; torch = the PyTorch chunked form")
+    p.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: the config's, 8/3 hidden)")
 
 
 def add_step_options(p: argparse.ArgumentParser, steps: int) -> None:
@@ -125,11 +132,48 @@ def add_step_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--steps", type=int, default=steps)
 
 
-def model_fields(args, attention: str) -> dict:
-    """ZeroSConfig fields from the options of add_model_options."""
-    return dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-                num_attention_heads=args.heads, chunk_size=args.chunk_size, attention_type=attention,
-                attention_backend=args.attention_backend)
+def model_fields(args, attention: str, intermediate_size: int | None = None) -> dict:
+    """ZeroSConfig fields from the options of add_model_options (intermediate_size: overrides the option's)."""
+    fields = dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, chunk_size=args.chunk_size, attention_type=attention,
+                  attention_backend=args.attention_backend)
+    width = intermediate_size or getattr(args, "intermediate_size", None)
+    if width:
+        fields["intermediate_size"] = width
+    return fields
+
+
+MLP_WIDTH_STEP = 64  # the second width of the two-point solve (and ZeroSConfig's rounding of its default)
+MLP_WIDTH_ALIGN = 8  # a matched width is rounded to this (tensor-core friendly) where that stays within tolerance
+PARAM_TOLERANCE = 0.01  # matched parameter counts agree within this fraction
+
+
+def parameter_count(fields: dict) -> int:
+    """Parameters of the model of these ZeroSConfig fields (built on the meta device: no memory, no init)."""
+    import torch
+
+    from zeros_lm import ZeroSConfig, ZeroSForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in ZeroSForCausalLM(ZeroSConfig(**fields)).parameters())
+
+
+def matched_mlp_width(args, attention: str, reference: str) -> tuple[int, int, int]:
+    """(MLP width, its parameter count, the reference's count): the width that gives ``attention`` the
+    parameter count of ``reference`` at the same other fields (the MLP's parameters are linear in its width),
+    a multiple of MLP_WIDTH_ALIGN where that stays within PARAM_TOLERANCE, else the nearest width."""
+    from zeros_lm import ZeroSConfig
+
+    target = parameter_count(model_fields(args, reference))
+    width = ZeroSConfig(**model_fields(args, attention)).intermediate_size
+    count = parameter_count(model_fields(args, attention, width))
+    per_unit = (parameter_count(model_fields(args, attention, width + MLP_WIDTH_STEP)) - count) // MLP_WIDTH_STEP
+    exact = max(1, width + round((target - count) / per_unit))
+    aligned = max(MLP_WIDTH_ALIGN, MLP_WIDTH_ALIGN * round(exact / MLP_WIDTH_ALIGN))
+    params_at = lambda w: count + per_unit * (w - width)  # noqa: E731  (linear in the width)
+    if abs(params_at(aligned) - target) <= PARAM_TOLERANCE * target:
+        exact = aligned
+    return exact, params_at(exact), target
 
 
 def main() -> int:
@@ -138,6 +182,8 @@ def main() -> int:
     p.add_argument("--attentions", nargs="+", default=["zeros", "softmax"])
     add_model_options(p)
     add_step_options(p, steps=4)
+    p.add_argument("--match-params", choices=["zeros", "none"], default="zeros",
+                   help="give the other attentions the MLP width that matches this one's parameters (default zeros)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--attention", help=argparse.SUPPRESS)
@@ -148,6 +194,13 @@ def main() -> int:
         print(json.dumps(run_point(args)))
         return 0
 
+    widths = {}  # attention -> MLP width matching the reference's parameters
+    if args.match_params != "none":
+        for attention in args.attentions:
+            if attention != args.match_params:
+                widths[attention], count, target = matched_mlp_width(args, attention, args.match_params)
+                print(f"  {attention}: MLP width {widths[attention]} for {count / 1e6:.2f} M parameters "
+                      f"({args.match_params}: {target / 1e6:.2f} M)", file=sys.stderr, flush=True)
     results = []
     for seq_len in args.seq_lens:
         for attention in args.attentions:
@@ -155,6 +208,9 @@ def main() -> int:
             for key in ("device", "precision", "tokens_per_step", "hidden_size", "layers", "heads", "vocab_size",
                         "chunk_size", "attention_backend", "warmup", "steps"):
                 cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+            width = widths.get(attention, args.intermediate_size)
+            if width:
+                cmd += ["--intermediate-size", str(width)]
             cmd += [f"--{flag.replace('_', '-')}" for flag in ("gradient_checkpointing", "compile") if getattr(args, flag)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -174,26 +230,28 @@ def main() -> int:
     else:
         threads = next((r["threads"] for r in results if "threads" in r), None)
         device = f"CPU ({os.cpu_count()} cores, {threads} torch thread{'s' if threads != 1 else ''})"
-    params = next((r["params"] for r in results if "params" in r), 0)
+    matched = f"parameters matched to {args.match_params}'s by the MLP width" if widths else "one config"
     print(
         f"\nTraining throughput, {args.layers} layers x {args.hidden_size}, {args.heads} heads, vocab "
-        f"{args.vocab_size} ({params / 1e6:.1f} M parameters), {args.tokens_per_step} tokens per step, "
+        f"{args.vocab_size} ({matched}), {args.tokens_per_step} tokens per step, "
         f"{args.precision}, AdamW, {'compiled blocks' if args.compile else 'eager'}, ZeroS backend "
         f"{args.attention_backend}, on {device}"
         + ("; memory = peak process RSS" if not args.device.startswith("cuda") else "; memory = peak allocated")
         + "\n"
     )
     mfu = any(r.get("mfu") for r in results)
-    print("| seq_len | attention | batch | tokens/s | peak memory (MiB) | tokens/s vs softmax |" + (" MFU |" if mfu else ""))
-    print("|---:|---|---:|---:|---:|---:|" + ("---:|" if mfu else ""))
+    print("| seq_len | attention | parameters (M) | MLP width | batch | tokens/s | peak memory (MiB) | tokens/s vs softmax |"
+          + (" MFU |" if mfu else ""))
+    print("|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if mfu else ""))
     for seq_len in args.seq_lens:
         base = next((r for r in results if r["seq_len"] == seq_len and r["attention"] == "softmax" and "error" not in r), None)
         for r in (r for r in results if r["seq_len"] == seq_len):
             if "error" in r:
-                print(f"| {seq_len} | {r['attention']} | | failed: {r['error']} | | |" + (" |" if mfu else ""))
+                print(f"| {seq_len} | {r['attention']} | | | | failed: {r['error']} | | |" + (" |" if mfu else ""))
                 continue
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
-            print(f"| {seq_len} | {r['attention']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+            print(f"| {seq_len} | {r['attention']} | {r['params'] / 1e6:.2f} | {r['intermediate_size']} | "
+                  f"{r['batch']} | {r['tokens_per_s']:,.0f} | "
                   f"{r['peak_bytes'] / 2**20:,.0f} | {ratio} |" + (f" {100 * r['mfu']:.1f}% |" if mfu else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "results": results}, indent=1))

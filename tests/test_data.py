@@ -193,6 +193,63 @@ def test_pack_puts_eos_between_documents_and_loses_nothing_but_the_tail(tmp_path
     assert total - block < len(stream) <= total
 
 
+def special_token_texts(tokenizer) -> list[str]:
+    """The text of every special token of ``tokenizer`` (``<|endoftext|>``, ``<|pad|>``, ...)."""
+    return sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special})
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["packed", "streaming"])
+def test_special_token_text_in_a_document_is_ordinary_text(tmp_path: Path, streaming: bool):
+    """A document that writes ``<|endoftext|>`` or ``<|pad|>`` as text is one document: EOS comes only
+    after each document (never from its text), no pad id enters the blocks, and every complete piece
+    of the stream decodes to a whole document."""
+    specials = [D.EOS_TOKEN, D.PAD_TOKEN]
+    docs = [
+        f"{make_text(24, i).strip()} {specials[0]} then{specials[1]}more {make_text(12, 50 + i)}{''.join(specials)}"
+        for i in range(30)
+    ]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    kw = dict(val_docs=0, shuffle_buffer=0) if streaming else dict(val_fraction=0.0)
+    dm = TextDataModule(train_files=str(path), streaming=streaming, **dm_kwargs(tmp_path, seq_len=16, **kw))
+    tok = dm.tokenizer
+    assert set(special_token_texts(tok)) == set(specials)  # the corpus holds every special token's text
+    if streaming:
+        rows = [row["input_ids"] for row in dm.pipeline.blocks(dm.pipeline.documents(), 0, 1)]
+    else:
+        rows = dm.corpus.train.with_format("numpy")["input_ids"]
+    stream = np.asarray(rows).reshape(-1)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    assert pad not in stream
+    # Every document is longer than a block, so only the last one's EOS can fall in the cut-off tail.
+    assert int((stream == eos).sum()) == len(docs) - (0 if stream[-1] == eos else 1)
+    pieces = complete_documents(stream, eos)
+    assert len(pieces) >= len(docs) - 1
+    assert all(tok.decode(list(p)) in docs for p in pieces)
+
+
+def test_special_tokens_in_text_on_request(tmp_path: Path):
+    """``split_special_tokens=False`` (asked for) reads a special token's text as the token."""
+    docs = [f"{make_text(24, i).strip()} {D.EOS_TOKEN} {make_text(24, 50 + i)}" for i in range(10)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    dm = TextDataModule(train_files=str(tmp_path / "docs.jsonl"),
+                        **dm_kwargs(tmp_path, seq_len=16, val_fraction=0.0, split_special_tokens=False))
+    stream = np.asarray(dm.corpus.train.with_format("numpy")["input_ids"]).reshape(-1)
+    assert int((stream == dm.tokenizer.eos_token_id).sum()) >= 2 * len(docs) - 2
+
+
+def test_statistics_count_only_documents_with_text(tmp_path: Path):
+    """Empty, blank and null texts are no documents: the statistics count the others."""
+    texts = [make_text(30, i) for i in range(6)]
+    rows = [{"text": t} for t in texts] + [{"text": ""}, {"text": "  \n\t"}, {"text": None}] * 2
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": texts[0]}) + "\n" + json.dumps({"text": ""}) + "\n")
+    dm = TextDataModule(train_files=str(tmp_path / "docs.jsonl"), val_files=str(tmp_path / "val.jsonl"),
+                        **dm_kwargs(tmp_path, seq_len=8))
+    assert dm.corpus.stats["documents"] == len(texts)
+    assert dm.corpus.stats["val_documents"] == 1
+
+
 def test_second_run_loads_from_cache(tmp_path: Path, corpus: Path, monkeypatch):
     first = TextDataModule(train_files=str(corpus), **dm_kwargs(tmp_path))
     assert not first.from_cache

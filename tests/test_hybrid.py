@@ -53,7 +53,9 @@ def test_layer_types_follow_the_transformers_vocabulary_and_the_shorthand():
     (dict(softmax_every=2, layer_types=["full_attention", "linear_attention"]), "disagree"),
     (dict(conv_size=1), "at least 2"),
     (dict(conv_size=-3), "integer >= 0"),
+    (dict(conv_size=65), "conv_size must be at most 64"),
     (dict(softmax_every=True), "integer >= 0"),
+    (dict(num_hidden_layers=2, softmax_every=3), "softmax_every \\(3\\) is larger than num_hidden_layers \\(2\\)"),
 ])
 def test_bad_hybrid_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -203,3 +205,47 @@ def test_packed_documents_equal_each_document_alone(name):
     for g, ga in zip(grads, grads_alone):
         if g is not None or ga is not None:
             torch.testing.assert_close(g, ga, rtol=1e-8, atol=1e-10)
+
+
+def test_conv_size_is_bounded_by_a_named_limit():
+    from zeros_lm.configuration_zeros import MAX_CONV_SIZE
+
+    assert tiny_config(conv_size=MAX_CONV_SIZE).conv_size == MAX_CONV_SIZE
+    with pytest.raises(ValueError, match=f"at most {MAX_CONV_SIZE}"):
+        tiny_config(conv_size=MAX_CONV_SIZE + 1)
+
+
+@pytest.mark.parametrize("overrides, described", [
+    (dict(), "zeros attention"),
+    (dict(attention_type="linear"), "linear attention"),
+    (dict(attention_type="softmax"), "softmax attention"),
+    (dict(layer_types=["full_attention"] * 4), "softmax attention"),
+    (dict(softmax_every=4), "zeros attention + 1 softmax layer in 4"),
+    (dict(softmax_every=2, attention_type="linear"), "linear attention + 2 softmax layers in 4"),
+    (dict(softmax_every=4, num_hidden_layers=8), "zeros attention + 2 softmax layers in 8"),
+])
+def test_the_training_model_line_names_the_real_layer_mix(overrides, described):
+    from zeros_lm.cli.train import layer_mix
+
+    config = tiny_config(**{"num_hidden_layers": 4, **overrides})
+    assert layer_mix(config) == described
+
+
+@pytest.mark.parametrize("name", ["hybrid+conv", "linear+conv"])
+def test_a_float32_state_continues_in_a_bfloat16_model(name, tmp_path):
+    """States do not depend on the weights' dtype (the same checkpoint in float32 or bfloat16): a file
+    saved by the float32 model loads into the bfloat16 one, its softmax keys / values and convolution
+    inputs in bfloat16 (the recurrent sums stay float32), and continues as the bfloat16 model would."""
+    model = _model(name)
+    a, b = _ids(9, 1), _ids(4, 2)
+    with torch.no_grad():
+        model(a, use_cache=True).cache.save(tmp_path / "a.state", model)
+        half = _model(name).to(torch.bfloat16)
+        loaded = ZeroSCache.load(tmp_path / "a.state", half)
+        for state in loaded.layer_states:
+            for field in type(state).MODEL_DTYPE:
+                assert getattr(state, field) is None or getattr(state, field).dtype == torch.bfloat16
+        continued = half(b, cache=loaded).logits.float()
+        whole = half(torch.cat([a, b], 1)).logits[:, 9:].float()
+    assert torch.isfinite(continued).all()
+    torch.testing.assert_close(continued, whole, rtol=0.05, atol=0.05)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ATTENTION_TYPES, tiny_model
 
-from zeros_lm import ZeroSCache, ZeroSConfig, modeling_zeros
+from zeros_lm import ZeroSCache, ZeroSConfig, ops_softmax
 from zeros_lm.modeling_zeros import PackedDocuments, packed_position_ids
 
 # chunk_size 4 (tiny_config): in row 0 the documents 4 | 3 | 1 | 6 put a boundary on a chunk edge (4),
@@ -50,7 +50,7 @@ def logits_and_grads(model, weight, **inputs):
 def test_packed_documents_equal_each_document_alone(attention_type, padded, monkeypatch):
     """Logits of every real token and the gradients of every parameter, float64. Softmax: padded rows
     take the block-diagonal mask, unpadded ones (made to) one SDPA call per document."""
-    monkeypatch.setattr(modeling_zeros, "_SDPA_CALL_PAIRS", 0)
+    monkeypatch.setattr(ops_softmax, "_SDPA_CALL_PAIRS", 0)
     model = tiny_model(attention_type).double()
     ids, mask, positions, documents = packed_batch() if padded else packed_batch(rows=UNPADDED_ROWS, left_pad=[0, 0])
     weight = torch.randn(len(ROWS), WIDTH, model.config.vocab_size, dtype=torch.float64)
@@ -140,7 +140,7 @@ def test_position_ids_from_separators(attention_type):
 def test_softmax_packed_kernel_choice():
     """Packed softmax: on a CPU long rows of short documents go per document, short rows keep the mask; on
     CUDA half precision at a flash head size takes varlen attention, anything else the mask."""
-    choose = modeling_zeros._packed_softmax_kernel
+    choose = ops_softmax._packed_softmax_kernel
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     long_row, short_rows = [[200] * 10 + [48]], [[200, 56]] * 8
     assert choose(long_row, 2048, cpu, torch.float32, 64) == "per_document"
@@ -174,9 +174,9 @@ def reference_varlen(calls):
 
 @pytest.fixture
 def fresh_varlen():
-    modeling_zeros._varlen_causal_attention.cache_clear()
+    ops_softmax._varlen_causal_attention.cache_clear()
     yield
-    modeling_zeros._varlen_causal_attention.cache_clear()
+    ops_softmax._varlen_causal_attention.cache_clear()
 
 
 def test_softmax_varlen_path_equals_each_document_alone(monkeypatch, fresh_varlen):
@@ -187,7 +187,7 @@ def test_softmax_varlen_path_equals_each_document_alone(monkeypatch, fresh_varle
 
     calls = []
     monkeypatch.setattr(varlen, "varlen_attn", reference_varlen(calls))
-    monkeypatch.setattr(modeling_zeros, "_packed_softmax_kernel", lambda *args: "varlen")
+    monkeypatch.setattr(ops_softmax, "_packed_softmax_kernel", lambda *args: "varlen")
     model = tiny_model("softmax").double()
     ids, _, positions, documents = packed_batch(rows=UNPADDED_ROWS, left_pad=[0, 0])
     weight = torch.randn(len(UNPADDED_ROWS), WIDTH, model.config.vocab_size, dtype=torch.float64)
@@ -198,7 +198,7 @@ def test_softmax_varlen_path_equals_each_document_alone(monkeypatch, fresh_varle
     assert calls[0]["max"] == (max(lengths), max(lengths)) and calls[0]["window_size"] == (-1, 0)
     assert calls[0]["shape"] == (len(UNPADDED_ROWS) * WIDTH, model.config.num_attention_heads, model.config.head_dim)
 
-    monkeypatch.setattr(modeling_zeros, "_packed_softmax_kernel", lambda *args: "mask")
+    monkeypatch.setattr(ops_softmax, "_packed_softmax_kernel", lambda *args: "mask")
     masked, masked_grads = logits_and_grads(model, weight, input_ids=ids, position_ids=positions)
     torch.testing.assert_close(packed, masked, rtol=0, atol=1e-10)
     for got, expected in zip(packed_grads, masked_grads):
@@ -225,19 +225,19 @@ def test_varlen_is_used_only_in_its_window_size_form(monkeypatch, fresh_varlen):
 
     monkeypatch.setattr(varlen, "varlen_attn", newer)
     q = torch.zeros(5, 2, 8)
-    modeling_zeros._varlen_causal_attention()(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5)
+    ops_softmax._varlen_causal_attention()(q, q, q, torch.tensor([0, 5], dtype=torch.int32), 5)
     assert seen == {"window_size": (-1, 0), "max": (5, 5)}
-    modeling_zeros._varlen_causal_attention.cache_clear()
+    ops_softmax._varlen_causal_attention.cache_clear()
     monkeypatch.setattr(varlen, "varlen_attn", first)
-    assert modeling_zeros._varlen_causal_attention() is None
-    assert modeling_zeros._packed_softmax_kernel([[4, 4]], 8, torch.device("cuda"), torch.bfloat16, 64) == "mask"
+    assert ops_softmax._varlen_causal_attention() is None
+    assert ops_softmax._packed_softmax_kernel([[4, 4]], 8, torch.device("cuda"), torch.bfloat16, 64) == "mask"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch's varlen flash attention)")
 def test_softmax_varlen_on_cuda_within_bf16_noise_of_the_mask():
     """On a GPU under bf16 autocast, the varlen route's logits and gradients against the float32 masked
     route are as close as the bf16 masked route's own."""
-    if modeling_zeros._varlen_causal_attention() is None:
+    if ops_softmax._varlen_causal_attention() is None:
         pytest.skip("this torch has no varlen_attn with window_size: packed softmax keeps the mask")
     torch.manual_seed(0)
     model = tiny_model("softmax").cuda()
@@ -249,11 +249,11 @@ def test_softmax_varlen_on_cuda_within_bf16_noise_of_the_mask():
     for kernel in ("varlen", "mask"):
         with pytest.MonkeyPatch.context() as mp, torch.autocast("cuda", dtype=torch.bfloat16):
             if kernel == "mask":
-                mp.setattr(modeling_zeros, "_packed_softmax_kernel", lambda *args: "mask")
+                mp.setattr(ops_softmax, "_packed_softmax_kernel", lambda *args: "mask")
             logits, grads = logits_and_grads(model, weight, input_ids=ids, position_ids=positions)
         errors[kernel] = (float((logits.float() - exact).abs().max()),
                           max(float((g - e).abs().max()) for g, e in zip(grads, exact_grads) if e is not None))
-    assert modeling_zeros._packed_softmax_kernel(UNPADDED_ROWS, WIDTH, torch.device("cuda"), torch.bfloat16,
+    assert ops_softmax._packed_softmax_kernel(UNPADDED_ROWS, WIDTH, torch.device("cuda"), torch.bfloat16,
                                                  model.config.head_dim) == "varlen"
     assert errors["varlen"][0] <= 2 * errors["mask"][0] + 1e-3, errors
     assert errors["varlen"][1] <= 2 * errors["mask"][1] + 1e-3, errors

@@ -479,6 +479,8 @@ def test_a_directory_in_use_by_a_live_run_is_refused(tmp_path, tiny_data, capsys
         (("--model.learning_rate", "0"), "--model.learning_rate must be a positive number, got 0"),
         (("--model.learning_rate", "-0.001"), "--model.learning_rate must be a positive number, got -0.001"),
         (("--trainer.max_steps", "0"), "--trainer.max_steps must be a positive number of optimizer steps"),
+        (("--model.conv_size", "100000000"), "--model.conv_size must be at most 64 (a short convolution"),
+        (("--model.softmax_every", "3"), "--model.softmax_every (3) is larger than num_hidden_layers (2)"),
     ],
 )
 def test_bad_model_and_trainer_arguments_are_one_line_before_any_data_work(tmp_path, tiny_data, capsys, extra, message):
@@ -509,6 +511,51 @@ def test_resuming_from_an_unreadable_checkpoint_names_the_newest_readable_one(tm
     shown = root / "checkpoints" / ("last.ckpt (-> step=0000020.ckpt)" if given == "last" else "step=0000020.ckpt")
     assert line.startswith(f"error: cannot read the checkpoint {shown}: truncated")
     assert line.endswith(f"the newest readable checkpoint there is {root / 'checkpoints' / 'step=0000010.ckpt'}: use that one")
+
+
+def _run_with_a_checkpoint_of(root: Path, **changes) -> None:
+    """A run directory whose last checkpoint holds the model of ``tiny_args`` (configs/smoke.yaml),
+    with ``changes``. No weights: a resume compares the stored config before it reads them."""
+    import yaml
+
+    from zeros_lm import ZeroSConfig
+    from zeros_lm.checkpoint import CHECKPOINT_KEY, config_fields, model_state
+
+    smoke = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())["model"]
+    config = ZeroSConfig(**{k: v for k, v in smoke.items() if k in config_fields()}, vocab_size=300, **changes)
+    (root / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}, CHECKPOINT_KEY: model_state(config), "global_step": 4},
+               root / "checkpoints" / "step=0000004.ckpt")
+    os.symlink("step=0000004.ckpt", root / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize("extra, named", [
+    (("--model.conv_size", "4"), "(--model.conv_size 4 asked for, 0 in the checkpoint)"),
+    (("--model.hidden_size", "128", "--model.softmax_every", "2", "--model.use_gates", "false"),
+     "(--model.hidden_size 128 asked for, 64 in the checkpoint; --model.use_gates false asked for, true in the checkpoint; --model.layer_types "
+     '["linear_attention", "full_attention"] asked for, null in the checkpoint; --model.softmax_every 2 asked for, '
+     "0 in the checkpoint)"),
+])
+def test_resuming_with_another_model_names_the_fields_before_any_data_work(tmp_path, tiny_data, capsys, extra, named):
+    root = tmp_path / "run"
+    _run_with_a_checkpoint_of(root)
+    code, err = run_main(tiny_args(root, tiny_data, *NO_DATA, "--ckpt_path", "last", *extra), capsys)
+    assert code == 2
+    assert one_error_line(err) == (
+        f"error: --ckpt_path last: {root / 'checkpoints' / 'last.ckpt'} was trained with another model {named}; "
+        "resume with the run's own model options, or start a new run in another --trainer.default_root_dir"
+    )
+
+
+@pytest.mark.parametrize("extra", [(), ("--model.attention_backend", "torch", "--model.chunk_size", "8")])
+def test_resuming_with_the_same_model_goes_on_to_the_data(tmp_path, tiny_data, capsys, extra):
+    """The run's own options (and a change of how the model runs, not of what it computes) pass the
+    comparison: the next thing to fail is the missing corpus."""
+    root = tmp_path / "run"
+    _run_with_a_checkpoint_of(root)
+    code, err = run_main(tiny_args(root, tiny_data, *NO_DATA, "--ckpt_path", "last", *extra), capsys)
+    assert code == 2
+    assert one_error_line(err) == "error: no such file or directory: '/no/such/corpus'"
 
 
 def test_ctrl_c_exits_130_without_a_traceback_and_the_run_holds_its_directory(tmp_path, tiny_data, capsys, env):

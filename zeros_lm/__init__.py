@@ -8,8 +8,9 @@ check_torch_version()  # before transformers, which would fail later and less cl
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .cache_zeros import ZeroSCache
 from .configuration_zeros import ZeroSConfig
-from .modeling_zeros import ZeroSCache, ZeroSForCausalLM, ZeroSModel, ZeroSPreTrainedModel
+from .modeling_zeros import ZeroSForCausalLM, ZeroSModel, ZeroSPreTrainedModel
 
 # Importing zeros_lm makes model_type "zeros" known to the Auto classes ...
 AutoConfig.register(ZeroSConfig.model_type, ZeroSConfig, exist_ok=True)

@@ -15,7 +15,8 @@ the config), and ones with only Lightning's ``hyper_parameters``.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 CHECKPOINT_KEY = "zeros_lm"
 FORMAT = 2  # 1: the tokenizer was stored under CHECKPOINT_KEY too; 2: in the data module's state
@@ -69,6 +70,37 @@ def read_config(checkpoint: dict):
     return ZeroSConfig(**{k: v for k, v in hyper_parameters.items() if k in known})
 
 
+def stored_config(path) -> Optional[Any]:
+    """The ``ZeroSConfig`` of the checkpoint at ``path`` (a ``.ckpt`` file, or a DeepSpeed directory:
+    its client state sits in the model-state shards), read without loading its tensors (memory-mapped);
+    None if it cannot be read or holds none. Cheap: what a resume compares before any data work."""
+    import torch
+
+    p = Path(path)
+    if p.is_dir():
+        tag = (p / "latest").read_text().strip() if (p / "latest").is_file() else "checkpoint"
+        shards = sorted((p / tag).glob("*model_states.pt"))
+        if not shards:
+            return None
+        p = shards[0]
+    try:
+        checkpoint = torch.load(str(p), map_location="cpu", weights_only=False, mmap=True)
+        return read_config(checkpoint)
+    except Exception:  # noqa: BLE001 - unreadable: the resume itself reports it
+        return None
+
+
+def config_differences(stored, requested, ignore: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
+    """``(field, stored value, requested value)`` for every field of the model configuration (see
+    :func:`config_fields`) on which two configs differ, but those in ``ignore``."""
+    skip = set(ignore)
+    return [
+        (name, getattr(stored, name, None), getattr(requested, name, None))
+        for name in config_fields(type(requested))
+        if name not in skip and getattr(stored, name, None) != getattr(requested, name, None)
+    ]
+
+
 def read_tokenizer_json(checkpoint: dict) -> Optional[str]:
     """The serialized tokenizer of a checkpoint (None if it holds none): from the data module's
     state (any top-level entry holding :data:`TOKENIZER_KEY`), or the first format's place."""
@@ -94,6 +126,8 @@ __all__ = [
     "data_state",
     "tokenizer_json_from_data_state",
     "read_config",
+    "stored_config",
+    "config_differences",
     "read_tokenizer_json",
     "read_tokenizer",
 ]

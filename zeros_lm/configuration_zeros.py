@@ -7,12 +7,15 @@ field added here reaches all of them. The defaults are those of the embedded def
 (``configs/default.yaml``).
 
 This file is copied next to the weights by ``save_pretrained`` (it is imported relatively by
-``modeling_zeros.py``), so it must import nothing from the ``zeros_lm`` package.
+``modeling_zeros.py``), so it must import nothing from the ``zeros_lm`` package but its flat siblings,
+relatively (``ops_contract.py``, which holds the one rule for a chunk size; it is copied along).
 """
 
 from typing import Literal, get_args
 
 from transformers import PreTrainedConfig
+
+from .ops_contract import check_chunk_size
 
 AttentionType = Literal["zeros", "softmax", "linear"]
 LogitType = Literal["deviation", "norm"]
@@ -23,6 +26,11 @@ ATTENTION_BACKENDS = get_args(AttentionBackend)
 # Hybrid stacks: entries of ``layer_types``, in transformers' own vocabulary (which it validates).
 LINEAR_LAYER, FULL_LAYER = "linear_attention", "full_attention"
 LAYER_TYPES = (LINEAR_LAYER, FULL_LAYER)
+# The widest short convolution accepted. It mixes a few neighbouring tokens (GLA, DeltaNet and Mamba
+# use 4); long-range mixing is the attention's job. Its cost grows with the width (one product per
+# lag in every forward, conv_size - 1 inputs per layer in the generation state), so a width far
+# beyond a chunk of the chunked form (64 by default) is a mistake, not a short convolution.
+MAX_CONV_SIZE = 64
 
 
 class ZeroSConfig(PreTrainedConfig):
@@ -76,8 +84,8 @@ class ZeroSConfig(PreTrainedConfig):
             term stays on the first ZeroS layer of the stack.
         conv_size: width of a short causal depthwise convolution (then SiLU) on the projected q, k, v (and
             u, which feeds the logit) of the ZeroS and linear-attention layers, as in GLA / DeltaNet /
-            Mamba; its generation state is the last ``conv_size - 1`` inputs. 0 (default): off. Softmax
-            layers have none.
+            Mamba; its generation state is the last ``conv_size - 1`` inputs. 0 (default): off; else 2 to
+            ``MAX_CONV_SIZE`` (64). Softmax layers have none.
         attention_backend: ZeroS only: ``"auto"`` (default) runs the fused Triton kernels for CUDA tensors
             when Triton is installed, else the PyTorch chunked form; ``"torch"`` always the PyTorch form
             (debugging, comparisons).
@@ -180,9 +188,9 @@ class ZeroSConfig(PreTrainedConfig):
             "num_hidden_layers",
             "num_attention_heads",
             "intermediate_size",
-            "chunk_size",
         ):
             positive_int(name)
+        check_chunk_size(self.chunk_size, "ZeroSConfig.chunk_size")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"ZeroSConfig: num_attention_heads ({self.num_attention_heads}) must divide "
@@ -211,8 +219,19 @@ class ZeroSConfig(PreTrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ZeroSConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.softmax_every > self.num_hidden_layers:
+            raise ValueError(
+                f"ZeroSConfig.softmax_every ({self.softmax_every}) is larger than num_hidden_layers "
+                f"({self.num_hidden_layers}): no layer would be softmax attention; give at most "
+                f"{self.num_hidden_layers}, or 0 for no softmax layer"
+            )
         if self.conv_size == 1:
             raise ValueError("ZeroSConfig.conv_size must be 0 (off) or at least 2 (a width-1 convolution only rescales)")
+        if self.conv_size > MAX_CONV_SIZE:
+            raise ValueError(
+                f"ZeroSConfig.conv_size must be at most {MAX_CONV_SIZE} (a short convolution mixes a few "
+                f"neighbouring tokens; 4 is usual), got {self.conv_size}"
+            )
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
                 raise ValueError(
@@ -234,4 +253,4 @@ class ZeroSConfig(PreTrainedConfig):
                 raise ValueError(f"ZeroSConfig.{name} must be a positive number, got {value!r}")
 
 
-__all__ = ["ZeroSConfig"]
+__all__ = ["ZeroSConfig", "MAX_CONV_SIZE"]

@@ -1,35 +1,26 @@
-"""ZeroS language model with Hugging Face interfaces (one file, in the style of modeling_mamba.py).
+"""ZeroS language model with Hugging Face interfaces (in the style of modeling_mamba.py).
 
-Contents: ZeroSCache (the recurrent-state / KV cache), RMSNorm, RoPE, the three token mixers
-(ZeroSAttention, SoftmaxAttention, LinearAttention), the SwiGLU MLP, the block, ZeroSModel and
-ZeroSForCausalLM (PreTrainedModel + GenerationMixin).
+Contents: RMSNorm, RoPE, the short convolution, the three token mixers (ZeroSAttention, SoftmaxAttention,
+LinearAttention), the SwiGLU MLP, the block, ZeroSModel and ZeroSForCausalLM (PreTrainedModel +
+GenerationMixin). Beside it: the cache and its state files (cache_zeros.py), packed documents
+(packing.py), the kernels (ops.py, ops_fused.py, ops_softmax.py).
 
 ``save_pretrained`` copies this file into the model directory for ``trust_remote_code=True``
-loading, together with the files it imports relatively (as flat siblings). It must therefore import
-nothing from the ``zeros_lm`` package except ``.configuration_zeros`` and ``.ops``.
+loading, together with the files it imports relatively, recursively (as flat siblings). It and they
+must therefore import nothing from the ``zeros_lm`` package but those flat siblings (no subpackages).
 
 Shapes: B batch, T new tokens, S tokens already in the cache, H heads, d head dimension.
 """
 
-import copy
 import dataclasses
 import functools
-import hashlib
-import inspect
-import itertools
-import json
 import math
-import os
-import uuid
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.profiler import record_function
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
@@ -39,8 +30,16 @@ try:  # transformers' init functions skip weights that were loaded from a checkp
 except ImportError:  # pragma: no cover - older transformers
     from torch.nn import init
 
+from .cache_zeros import LinearLayerState, SoftmaxLayerState, ZeroSCache, ZeroSLayerState
 from .configuration_zeros import ZeroSConfig
-from .ops import ZeroSState, cumsum_tokens, linear_attention_chunked, linear_attention_packed, zeros_attention
+from .ops import cumsum_tokens, linear_attention_chunked, zeros_attention
+from .ops_softmax import packed_softmax_attention, softmax_attention_mask
+from .packing import (
+    PackedDocuments,
+    linear_attention_over_documents,
+    packed_position_ids,
+    zeros_attention_over_documents,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -52,365 +51,29 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# --------------------------------------------------------------------------------------------------
-# Cache
-# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MixerContext:
+    """What every token mixer of one forward pass reads besides its input; the model builds it once.
 
+    cos, sin: (B, T, 1, d/2) RoPE at each column's position (counts - 1);
+    counts: (B, T) long, the real tokens of the row (of its document with packed documents) up to and
+        including each column, those already in the cache included: the t of docs/method.md;
+    valid: (B, T) bool, which columns are real tokens; None when all are;
+    documents: the packed documents of the rows (no cache then), or None: one sequence per row.
 
-def _batch_op(x, tensor_fn, state_fn):
-    """Apply a batch-dimension operation to one element of a layer state (tensor, ZeroSState or None)."""
-    if x is None:
-        return None
-    return state_fn(x) if isinstance(x, ZeroSState) else tensor_fn(x)
-
-
-def _nbytes(x) -> int:
-    if x is None:
-        return 0
-    if isinstance(x, ZeroSState):
-        return int(x.nbytes)
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    return sum(_nbytes(y) for y in x)
-
-
-# State files (ZeroSCache.save / load): the format tag, and the config fields a state depends on.
-STATE_FILE_FORMAT = "zeros-lm-state/1"
-STATE_CONFIG_FIELDS = (
-    "model_type", "attention_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "logit_type",
-    "vocab_size", "first_layer_zero_order", "zero_order_all_layers", "layer_types", "conv_size",
-)
-_FINGERPRINT_ELEMENTS = 256  # leading elements of each weight that enter the fingerprint
-
-
-def _weights_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's weights: names, shapes and the leading elements of each, rounded to
-    bfloat16 so that the same checkpoint loaded in float32 or bfloat16 gives the same fingerprint."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        head = p.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS].to("cpu", torch.bfloat16).view(torch.int16)
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(head.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _state_identity(config_fields: dict, model: nn.Module | None) -> dict:
-    ident = {k: v for k, v in config_fields.items()}
-    if model is not None:
-        ident["weights"] = _weights_fingerprint(model)
-    return ident
-
-
-class ZeroSCache(Cache):
-    """Generation cache of a :class:`ZeroSForCausalLM`.
-
-    Per layer it holds what that layer's mixer needs (``config.mixer_types``; hybrid stacks mix them):
-
-    - ``"zeros"``: the core ``ZeroSState`` of :func:`zeros_attention`, the running sum of u (float32,
-      (B, H, d)) of the deviation logit, and the short convolution's last inputs (or None);
-    - ``"linear"``: the running sums S = sum phi(k) v^T (B, H, d, d) and z = sum phi(k) (B, H, d), float32,
-      and the short convolution's last inputs (or None);
-    - ``"softmax"``: the keys and values (B, H, S, d) — the usual KV cache — and which of its S keys are
-      real (B, S) bool.
-
-    and, shared by all layers, the number of real (non-padding) tokens consumed in each row, which
-    gives the RoPE positions and the counts t of the running means. The size grows with the context
-    only through softmax layers (see :attr:`nbytes`).
-
-    A recurrent state cannot be rolled back, so :meth:`crop` raises. It can be saved to a file and loaded
-    again (:meth:`save`, :meth:`load`): a prompt read once is reused by any number of later generations,
-    and :meth:`copy` / ``batch_repeat_interleave`` fork it.
+    (The cache travels beside it, as its own argument: gradient checkpointing drops it.)
     """
 
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, config: ZeroSConfig):
-        super().__init__(layers=[])
-        self.layer_kinds = config.mixer_types
-        self.num_layers = config.num_hidden_layers
-        self.layer_states: list = [None] * self.num_layers
-        self.num_tokens: torch.Tensor | None = None  # (B,) long: real tokens consumed per row
-        self.seen_tokens = 0  # columns consumed, padding included (= the KV length for softmax)
-        self.config_fields = {name: getattr(config, name, None) for name in STATE_CONFIG_FIELDS}
-        self.metadata: dict[str, str] = {}  # what load() read besides the state (see save)
-
-    def __repr__(self):
-        return (
-            f"ZeroSCache(layers={list(self.layer_kinds)}, "
-            f"seen_tokens={self.seen_tokens}, nbytes={self.nbytes})"
-        )
-
-    # -- used by the model ------------------------------------------------------------------------
-    def layer_state(self, layer_idx: int):
-        return self.layer_states[layer_idx]
-
-    def update_layer_state(self, layer_idx: int, state) -> None:
-        self.layer_states[layer_idx] = state
-
-    def advance(self, valid: torch.Tensor | None, batch_size: int, num_new: int, device) -> None:
-        """Record that ``num_new`` columns (``valid`` marks the real ones) went through every layer."""
-        if valid is None:
-            added = torch.full((batch_size,), num_new, dtype=torch.long, device=device)
-        else:
-            added = valid.sum(dim=1, dtype=torch.long)
-        self.num_tokens = added if self.num_tokens is None else self.num_tokens + added
-        self.seen_tokens += num_new
-
-    # -- transformers Cache API -------------------------------------------------------------------
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        """Number of token columns consumed so far (padding included)."""
-        return self.seen_tokens
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
-    @property
-    def is_linear(self) -> list[bool]:
-        # generate() slices the prompt by get_seq_length() only for non-linear (KV) caches
-        return [kind != "softmax" for kind in self.layer_kinds]
-
-    @property
-    def batch_size(self) -> int:
-        return -1 if self.num_tokens is None else int(self.num_tokens.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        """Size of everything the cache holds, in bytes."""
-        return sum(_nbytes(s) for s in self.layer_states) + _nbytes(self.num_tokens)
-
-    def get_nbytes(self) -> int:
-        return self.nbytes
-
-    def _apply_batch(self, tensor_fn, state_fn) -> None:
-        def op(x):
-            return _batch_op(x, tensor_fn, state_fn)
-
-        self.layer_states = [None if s is None else tuple(op(x) for x in s) for s in self.layer_states]
-        self.num_tokens = op(self.num_tokens)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the rows ``indices`` (in that order)."""
-        self._apply_batch(lambda x: x.index_select(0, indices.to(x.device)), lambda s: s.index_select(indices))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Reorder the rows for beam search."""
-        self.batch_select_indices(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply_batch(lambda x: x.repeat_interleave(repeats, dim=0), lambda s: s.repeat_interleave(repeats))
-
-    def reset(self) -> None:
-        self.layer_states = [None] * self.num_layers
-        self.num_tokens = None
-        self.seen_tokens = 0
-
-    def crop(self, max_length: int) -> None:
-        raise ValueError(
-            "ZeroSCache cannot be cropped: a recurrent state cannot be rolled back to an earlier token. "
-            "Recompute the prefix instead (features that need crop, e.g. assisted generation, are unsupported)."
-        )
-
-    def activate_past_recording(self):
-        raise ValueError("ZeroSCache cannot record past states (a recurrent state cannot be rolled back).")
-
-    # -- state files ------------------------------------------------------------------------------
-    def copy(self) -> "ZeroSCache":
-        """An independent copy (fork a conversation: both continue separately from here)."""
-        twin = copy.copy(self)
-        twin._apply_batch(torch.Tensor.clone, ZeroSState.clone)
-        return twin
-
-    def save(self, path, model: "PreTrainedModel | None" = None, metadata: dict[str, str] | None = None) -> None:
-        """Write the cache to ``path`` (safetensors), atomically: a reader never sees half a file.
-
-        The file records what the state depends on: the config fields of ``STATE_CONFIG_FIELDS`` and, when
-        ``model`` is given, a fingerprint of its weights, so that :meth:`load` refuses a model it does not
-        fit. ``metadata`` (str -> str) is stored alongside (e.g. generate.py's pending tokens).
-        """
-        if self.num_tokens is None:
-            raise ValueError("ZeroSCache.save: the cache is empty (no token has been read yet)")
-        tensors, layout = {}, []
-        for i, layer in enumerate(self.layer_states):
-            kinds = []
-            for j, x in enumerate(() if layer is None else layer):
-                key = f"layers.{i}.{j}"
-                if isinstance(x, ZeroSState):
-                    tensors.update({f"{key}.{f.name}": getattr(x, f.name) for f in dataclasses.fields(x)})
-                    kinds.append("zeros_state")
-                elif isinstance(x, torch.Tensor):
-                    tensors[key] = x
-                    kinds.append("tensor")
-                else:
-                    kinds.append("none")
-            layout.append(None if layer is None else kinds)
-        tensors["num_tokens"] = self.num_tokens
-        header = {
-            "format": STATE_FILE_FORMAT,
-            "layout": json.dumps(layout),
-            "seen_tokens": str(self.seen_tokens),
-            "identity": json.dumps(_state_identity(self.config_fields, model)),
-            "user": json.dumps(metadata or {}),
-        }
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    @classmethod
-    def load(cls, path, model: "PreTrainedModel", *, check_weights: bool = True) -> "ZeroSCache":
-        """Read a state written by :meth:`save` for ``model`` (on its device); one clear error if the file is
-        missing, is not a ZeroS state file, or was saved from a model this one is not. The returned cache
-        continues exactly where the saved one stopped (pass it to ``generate(..., cache=...)``)."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"state file '{path}' does not exist")
-        try:
-            with safe_open(path, framework="pt") as f:
-                header = f.metadata() or {}
-                if header.get("format") != STATE_FILE_FORMAT:
-                    raise ValueError("no ZeroS state header")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            layout = json.loads(header["layout"])
-            seen_tokens = int(header["seen_tokens"])
-            saved = json.loads(header["identity"])
-            user = json.loads(header["user"])
-        except Exception as e:  # noqa: BLE001 - truncated, foreign or corrupt files all land here
-            raise ValueError(
-                f"'{path}' is not a readable ZeroS state file ({' '.join(str(e).split())[:200]}); "
-                "write one with ZeroSCache.save or generate.py --save-state"
-            ) from None
-        cache = cls(model.config)
-        current = _state_identity(cache.config_fields, model if check_weights else None)
-        # Config fields must all match; the weights are compared when both sides have a fingerprint.
-        mismatched = [k for k in current if k != "weights" and saved.get(k) != current[k]]
-        if "weights" in saved and "weights" in current and saved["weights"] != current["weights"]:
-            mismatched.append("weights")
-        if mismatched:
-            detail = ", ".join(f"{k}: file {saved.get(k)!r} vs model {current.get(k)!r}" for k in mismatched if k != "weights")
-            if "weights" in mismatched:
-                detail = (detail + "; " if detail else "") + "the weights differ (another checkpoint)"
-            raise ValueError(f"state file '{path}' was saved from a different model ({detail}); "
-                             "load it into the model that wrote it")
-        if len(layout) != cache.num_layers:
-            raise ValueError(f"state file '{path}' has {len(layout)} layers, the model {cache.num_layers}")
-        device = model.device
-        for i, kinds in enumerate(layout):
-            if kinds is None:
-                continue
-            items = []
-            for j, kind in enumerate(kinds):
-                key = f"layers.{i}.{j}"
-                if kind == "zeros_state":
-                    items.append(ZeroSState(**{f.name: tensors[f"{key}.{f.name}"].to(device)
-                                               for f in dataclasses.fields(ZeroSState)}))
-                else:
-                    items.append(tensors[key].to(device) if kind == "tensor" else None)
-            cache.layer_states[i] = tuple(items)
-        cache.num_tokens = tensors["num_tokens"].to(device)
-        cache.seen_tokens = seen_tokens
-        cache.metadata = user
-        return cache
-
-
-# --------------------------------------------------------------------------------------------------
-# Packed documents
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class PackedDocuments:
-    """Document boundaries inside the rows of a packed batch, so that no document sees another.
-
-    Follows the Hugging Face convention of ``DataCollatorWithFlattening``: ``position_ids`` restart at 0
-    where a document starts. Every row start and every document start begins a segment; the rows stay
-    rows (``zeros_attention``'s ``sequence_starts``, so the chunked forms keep the rows in parallel).
-
-    Fields: row_lengths, per row the lengths of its segments (host lists, handed to every layer); segment (B, T) long, the segment of each token (numbered row by row);
-    first (B T,) long, the flat position of each token's segment start; counts (B, T) long, the real
-    tokens of the document up to and including each column (the t of docs/method.md; RoPE position counts - 1);
-    position (B, T) long, each column's offset from its segment's start.
-    """
-
-    row_lengths: list
-    segment: torch.Tensor
-    first: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
     counts: torch.Tensor
-    position: torch.Tensor
-
-    @classmethod
-    def from_position_ids(cls, position_ids, valid, B: int, T: int, device) -> "PackedDocuments | None":
-        """None unless some ``position_ids`` restart at 0 after a real token of the same row (padding
-        before a row's first token, as generate() numbers it, starts nothing). valid: (B, T) bool or None."""
-        if position_ids is None:
-            return None
-        if position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] < T:
-            raise ValueError(f"position_ids must have shape (batch or 1, >= {T}), got {tuple(position_ids.shape)}")
-        real = valid.long() if valid is not None else torch.ones(B, T, dtype=torch.long, device=device)
-        starts = (position_ids[:, -T:].to(device) == 0).expand(B, T) & (real.cumsum(1) - real > 0)
-        if not bool(starts.any()):
-            return None
-        starts[:, 0] = True
-        flat = starts.flatten()
-        begin = flat.nonzero().squeeze(1)                                           # (S,)
-        segment = flat.long().cumsum(0) - 1                                         # (B T,)
-        bounds = begin.tolist() + [B * T]
-        row_lengths = [[] for _ in range(B)]
-        for lo, hi in zip(bounds, bounds[1:]):
-            row_lengths[lo // T].append(hi - lo)
-        first = begin[segment]
-        position = (torch.arange(B * T, device=device) - first).view(B, T)
-        documents = cls(row_lengths=row_lengths, segment=segment.view(B, T), first=first,
-                        counts=real, position=position)
-        documents.counts = documents.running_sum(real)
-        return documents
-
-    def running_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Inclusive running sum of x (B, T, ...) over each document, in x's dtype: the row's running sum
-        less its value before the document's start (the rounding of a sum over one row, as without
-        documents)."""
-        total = cumsum_tokens(x)
-        before = F.pad(total[:, :-1], (0, 0) * (x.dim() - 2) + (1, 0)).flatten(0, 1)   # sums before each column
-        return total - before.index_select(0, self.first).view(x.shape)
-
-
-def packed_position_ids(input_ids: torch.Tensor, separator_id: int) -> torch.LongTensor:
-    """position_ids (B, T) for blocks packed as ``doc SEP doc SEP ...``: they restart at 0 at every separator.
-
-    Each separator then opens the next document (as a BOS would), so every next-token target stays
-    inside its document: the separator predicts the document's first token, its last token predicts
-    the separator. Pass them to the model's forward to keep the documents apart.
-    """
-    B, T = input_ids.shape
-    columns = torch.arange(T, device=input_ids.device).expand(B, T)
-    return columns - torch.where(input_ids == separator_id, columns, 0).cummax(dim=1).values  # since the last start
+    valid: torch.Tensor | None = None
+    documents: PackedDocuments | None = None
 
 
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-
-
-# The packed-documents paths plan on the host from the documents' lengths (PackedDocuments.row_lengths,
-# Python lists): traced by torch.compile, every new batch layout would be a recompile (and past dynamo's
-# recompile limit the block runs eagerly anyway). They run outside the compiled graph; the rest of a
-# compiled block (projections, RoPE, gates, MLP) still compiles.
-# (They take the PackedDocuments itself: a list handed over from traced code would be guarded on too.)
-@torch.compiler.disable
-def _zeros_attention_packed(documents: "PackedDocuments", *args, **kwargs):
-    """zeros_attention with every packed document from an empty state (its lengths, known on the host:
-    no device read per layer)."""
-    return zeros_attention(*args, sequence_starts=documents.row_lengths, **kwargs)
-
-
-@torch.compiler.disable
-def _linear_attention_packed(q, k, v, documents: "PackedDocuments", chunk_size: int) -> torch.Tensor:
-    return linear_attention_packed(q, k, v, documents.row_lengths, chunk_size)
 
 
 class ZeroSRMSNorm(nn.Module):
@@ -505,22 +168,21 @@ class ZeroSAttention(nn.Module):
     """ZeroS zero-sum linear attention (docs/method.md section 2).
 
     q, k, v, u projections (one fused matrix, optionally through a short causal convolution); a gate
-    projection with two gates per head (g1, gh), three on the layer that carries the zero-order term
-    (g0: the first ZeroS layer of the stack, as in the paper); RoPE on q and k at the positions of the
-    real tokens, then L2 normalisation; the radial logit s; the core op; a per-head LayerNorm without
-    affine parameters; the output projection.
+    projection with two gates per head (g1, gh), three when ``has_zero_order`` (g0 of the zero-order
+    term g0/t; the model decides which layer carries it: :func:`zero_order_layers`); RoPE on q and k at
+    the positions of the real tokens, then L2 normalisation; the radial logit s; the core op; a per-head
+    LayerNorm without affine parameters; the output projection.
 
-    Cache slot: (ZeroSState, running sum of u or None, convolution state or None).
+    Cache slot: a ZeroSLayerState (cache_zeros.py).
     """
 
-    def __init__(self, config: ZeroSConfig, layer_idx: int):
+    def __init__(self, config: ZeroSConfig, layer_idx: int, *, has_zero_order: bool):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        first_zeros = config.mixer_types.index("zeros")
-        self.has_zero_order = config.zero_order_all_layers or (config.first_layer_zero_order and layer_idx == first_zeros)
+        self.has_zero_order = has_zero_order
         self.num_gates = 3 if self.has_zero_order else 2
         self.qkvu_proj = nn.Linear(config.hidden_size, 4 * config.hidden_size, bias=False)
         self.conv = ShortConvolution(4 * config.hidden_size, config.conv_size) if config.conv_size else None
@@ -549,20 +211,23 @@ class ZeroSAttention(nn.Module):
         s = -(uf * ubar).sum(-1) / math.sqrt(d)
         return s, csum[:, -1]
 
-    def forward(self, x, *, cos, sin, counts, valid, cache=None, documents=None, **kwargs):
+    def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden); reads and updates this layer's slot of ``cache``."""
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
         acc = _acc(x.dtype)
+        valid, documents = context.valid, context.documents
         state = cache.layer_state(self.layer_idx) if cache is not None else None
-        core_state, usum, conv_state = state if state is not None else (None, None, None)
+        core_state, usum, conv_state = (None, None, None) if state is None else (state.core, state.u_sum, state.conv)
         qkvu = self.qkvu_proj(x)
         if self.conv is not None:
             qkvu, conv_state = self.conv(qkvu, valid=valid, state=conv_state, documents=documents)
         qkvu = qkvu.view(B, T, 4, H, d)
         # q and k together: RoPE, then L2 normalisation
-        q, k = F.normalize(apply_rope(qkvu[:, :, :2], cos, sin).to(acc), dim=-1).to(x.dtype).unbind(dim=2)
+        qk = apply_rope(qkvu[:, :, :2], context.cos, context.sin)
+        q, k = F.normalize(qk.to(acc), dim=-1).to(x.dtype).unbind(dim=2)
         v, u = qkvu[:, :, 2], qkvu[:, :, 3]
-        s, usum = self._logits(u, valid, counts, usum, documents)
+        s, usum = self._logits(u, valid, context.counts, usum, documents)
 
         if self.config.use_gates:
             gl = self.gate_proj(x).view(B, T, H, self.num_gates).to(acc)
@@ -575,119 +240,24 @@ class ZeroSAttention(nn.Module):
         mode = "auto" if self.config.attention_backend == "auto" else "chunked"
         if T == 1 and cache is not None and documents is None:
             mode = "recurrent"
-        attend = zeros_attention if documents is None else functools.partial(_zeros_attention_packed, documents)
+        attend = zeros_attention if documents is None else functools.partial(zeros_attention_over_documents, documents)
         with record_function("zeros_lm.op"):  # (a named range for benchmarks/profile_step.py)
             o, core_state = attend(
                 q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
                 initial_state=core_state, output_final_state=cache is not None,
             )
         if cache is not None:
-            cache.update_layer_state(self.layer_idx, (core_state, usum, conv_state))
+            cache.update_layer_state(self.layer_idx, ZeroSLayerState(core=core_state, u_sum=usum, conv=conv_state))
         if self.config.use_output_norm:
             o = F.layer_norm(o.to(acc), (d,), eps=OUTPUT_NORM_EPS)
         return self.o_proj(o.to(x.dtype).reshape(B, T, H * d))
-
-
-# On a CPU one SDPA call (forward and backward) costs about as much as this many more (query, key) pairs
-# (measured at head size 64 with benchmarks/packed.py's batches: 200-token documents gain from one call
-# each in rows of 1024 tokens and more, and lose in rows of 256).
-_SDPA_CALL_PAIRS = 256 * 256
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)  # what torch's flash kernels (varlen_attn) take
-_FLASH_MAX_HEAD_DIM = 256
-_FLASH_HEAD_DIM_MULTIPLE = 8
-
-
-@functools.lru_cache(maxsize=None)
-def _varlen_causal_attention():
-    """torch's variable-length flash attention (``torch.nn.attention.varlen.varlen_attn``, CUDA only) as
-    ``fn(q, k, v, cu_seqlens, max_len)`` with causal masking, q, k, v (N, H, d) for N tokens of flattened
-    documents, cu_seqlens (D + 1,) int32; or None where this torch has none we use. Only its form with
-    ``window_size`` (causal: (-1, 0)) is used: the first release's form (torch 2.10, ``is_causal``) is left
-    alone, as a fix to its backward came after it (pytorch PR 170142) and no GPU here has run it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    if "window_size" not in inspect.signature(varlen_attn).parameters:
-        return None
-
-    def attend(q, k, v, cu_seqlens, max_len):
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(-1, 0))
-    return attend
-
-
-def _attention_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype an attention kernel computes x in: autocast's on x's device where it is on, else x's."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
-def _packed_softmax_kernel(row_lengths: list, T: int, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """How softmax attends over packed documents (rows of T tokens, row_lengths: per row, its documents'
-    lengths), computing in ``dtype``: "varlen" (on CUDA in half precision: torch's varlen flash attention,
-    sum l^2 pairs in one call), "per_document" (on a CPU when the pairs saved outweigh the calls' overhead:
-    one causal SDPA call per document), else "mask" (one SDPA call with a block-diagonal mask: all T^2
-    pairs of each row; many small calls would starve a GPU)."""
-    if (device.type == "cuda" and dtype in _FLASH_DTYPES and head_dim <= _FLASH_MAX_HEAD_DIM
-            and head_dim % _FLASH_HEAD_DIM_MULTIPLE == 0 and _varlen_causal_attention() is not None):
-        return "varlen"
-    if device.type != "cpu":
-        return "mask"
-    per_document = sum(n * n + _SDPA_CALL_PAIRS for row in row_lengths for n in row)
-    return "per_document" if per_document < len(row_lengths) * T * T else "mask"
-
-
-@torch.compiler.disable  # planned from host lists (see _zeros_attention_packed)
-def _packed_softmax_attention(q, k, v, documents: PackedDocuments):
-    """Causal attention over packed documents, q, k, v (B, H, T, d), by the way _packed_softmax_kernel
-    picks: (B, H, T, d), or None where that is the block-diagonal mask (the caller's SDPA call)."""
-    rows = documents.row_lengths
-    kernel = _packed_softmax_kernel(rows, q.shape[2], q.device, _attention_dtype(q), q.shape[-1])
-    if kernel == "mask":
-        return None
-    return (_attention_varlen if kernel == "varlen" else _attention_per_document)(q, k, v, rows)
-
-
-def _attention_per_document(q, k, v, row_lengths: list) -> torch.Tensor:
-    """Causal SDPA over packed documents, q, k, v (B, H, T, d), one call per document; row_lengths: per row,
-    the lengths of its documents. Returns (B, H, T, d)."""
-    rows = []
-    for r, lengths in enumerate(row_lengths):
-        bounds = [0, *itertools.accumulate(lengths)]
-        rows.append(torch.cat([F.scaled_dot_product_attention(q[r:r + 1, :, lo:hi], k[r:r + 1, :, lo:hi],
-                                                               v[r:r + 1, :, lo:hi], is_causal=True)
-                               for lo, hi in zip(bounds, bounds[1:])], dim=2))
-    return torch.cat(rows, dim=0)
-
-
-def _attention_varlen(q, k, v, row_lengths: list) -> torch.Tensor:
-    """Causal attention over packed documents in one varlen flash call: the rows' documents laid end to end,
-    q, k, v (B, H, T, d), row_lengths as in _attention_per_document. Returns (B, H, T, d)."""
-    B, H, T, d = q.shape
-    dtype = _attention_dtype(q)
-    lengths = [n for row in row_lengths for n in row]
-    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32).to(q.device, non_blocking=True)
-
-    def tokens(x):  # (B, H, T, d) -> (B T, H, d)
-        return x.transpose(1, 2).reshape(B * T, H, d).to(dtype)
-
-    o = _varlen_causal_attention()(tokens(q), tokens(k), tokens(v), cu_seqlens, max(lengths))
-    return o.view(B, T, H, d).transpose(1, 2)
-
-
-def _diag(T: int, S: int, device) -> torch.Tensor:
-    """(T, S+T) boolean mask that is True where query i meets its own key S+i."""
-    mask = torch.zeros(T, S + T, dtype=torch.bool, device=device)
-    idx = torch.arange(T, device=device)
-    mask[idx, S + idx] = True
-    return mask[None]
 
 
 class SoftmaxAttention(nn.Module):
     """Causal softmax attention (SDPA) with RoPE and a KV cache: the baseline, and the "full_attention"
     layers of hybrid stacks.
 
-    Cache slot: (keys, values, which keys are real): (B, H, S, d), (B, H, S, d), (B, S) bool.
+    Cache slot: a SoftmaxLayerState (cache_zeros.py): keys, values and which keys are real.
     """
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
@@ -699,50 +269,29 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
-    @staticmethod
-    def _mask(valid, past_valid, B, T, device, documents=None):
-        """Boolean SDPA mask (B, 1, T, S+T), or None where plain causal attention is exact. past_valid (B, S):
-        the cached keys that are real. With packed ``documents`` (no cache) it is block-diagonal: a query
-        sees the earlier keys of its document."""
-        if documents is not None:
-            keys = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=device)
-            same = documents.segment[:, :, None] == documents.segment[:, None, :]
-            mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] & same & keys[:, None, :]
-            return (mask | _diag(T, 0, device))[:, None]
-        S = 0 if past_valid is None else past_valid.shape[1]
-        past_all_valid = past_valid is None or bool(past_valid.all())
-        if valid is None and past_all_valid and (S == 0 or T == 1):
-            return None  # is_causal (S == 0) or attend to everything (one new token)
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=device)
-        keys = valid if past_valid is None else torch.cat([past_valid.to(device), valid], dim=1)
-        causal = torch.ones(T, S + T, dtype=torch.bool, device=device).tril(diagonal=S)
-        mask = causal[None] & keys[:, None, :]
-        # A padding query would otherwise see no key at all (SDPA gives NaN); let it see itself.
-        mask |= _diag(T, S, device)
-        return mask[:, None]
-
-    def forward(self, x, *, cos, sin, valid, cache=None, documents=None, **kwargs):
+    def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden); appends the new keys and values to this layer's slot of ``cache``."""
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
+        valid, documents = context.valid, context.documents
         qkv = self.qkv_proj(x).view(B, T, 3, H, d)
-        q, k = apply_rope(qkv[:, :, :2], cos, sin).transpose(1, 3).unbind(dim=2)  # (B, H, T, d) each
+        q, k = apply_rope(qkv[:, :, :2], context.cos, context.sin).transpose(1, 3).unbind(dim=2)  # (B, H, T, d) each
         v = qkv[:, :, 2].transpose(1, 2)
         past = cache.layer_state(self.layer_idx) if cache is not None else None
         past_valid = None
         if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-            past_valid = past[2]
+            k = torch.cat([past.keys, k], dim=2)
+            v = torch.cat([past.values, v], dim=2)
+            past_valid = past.valid
         if documents is not None and valid is None:
-            o = _packed_softmax_attention(q, k, v, documents)
+            o = packed_softmax_attention(q, k, v, documents)
             if o is not None:
                 return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
-        mask = self._mask(valid, past_valid, B, T, x.device, documents)
+        mask = softmax_attention_mask(valid, past_valid, B, T, x.device, documents)
         if cache is not None:
             new_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
             keys_valid = new_valid if past_valid is None else torch.cat([past_valid, new_valid], dim=1)
-            cache.update_layer_state(self.layer_idx, (k, v, keys_valid))
+            cache.update_layer_state(self.layer_idx, SoftmaxLayerState(keys=k, values=v, valid=keys_valid))
         S = k.shape[2] - T
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=(T > 1 and S == 0))
@@ -757,7 +306,7 @@ class SoftmaxAttention(nn.Module):
 class LinearAttention(nn.Module):
     """Plain causal linear attention (Katharopoulos et al.): phi = elu + 1, normalised. Weak baseline.
 
-    Cache slot: (S, z, convolution state or None)."""
+    Cache slot: a LinearLayerState (cache_zeros.py)."""
 
     def __init__(self, config: ZeroSConfig, layer_idx: int):
         super().__init__()
@@ -770,12 +319,14 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
-    def forward(self, x, *, valid, cache=None, documents=None, **kwargs):
+    def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden); reads and updates this layer's slot of ``cache``. (No RoPE.)"""
         B, T, _ = x.shape
         H, d = self.num_heads, self.head_dim
         acc = _acc(x.dtype)
+        valid, documents = context.valid, context.documents
         state = cache.layer_state(self.layer_idx) if cache is not None else None
-        S0, z0, conv_state = state if state is not None else (None, None, None)
+        S0, z0, conv_state = (state.kv_sum, state.k_sum, state.conv) if state is not None else (None, None, None)
         qkv = self.qkv_proj(x)
         if self.conv is not None:
             qkv, conv_state = self.conv(qkv, valid=valid, state=conv_state, documents=documents)
@@ -785,13 +336,13 @@ class LinearAttention(nn.Module):
             k = k * valid[:, None, :, None]
             v = v * valid[:, None, :, None]
         if documents is not None:
-            o = _linear_attention_packed(q, k, v, documents, self.config.chunk_size)
+            o = linear_attention_over_documents(q, k, v, documents, self.config.chunk_size)
         else:
             if S0 is None:
                 S0, z0 = q.new_zeros(B, H, d, d), q.new_zeros(B, H, d)
             o, S1, z1 = linear_attention_chunked(q, k, v, S0, z0, self.config.chunk_size)
             if cache is not None:
-                cache.update_layer_state(self.layer_idx, (S1, z1, conv_state))
+                cache.update_layer_state(self.layer_idx, LinearLayerState(kv_sum=S1, k_sum=z1, conv=conv_state))
         o = o.transpose(1, 2)
         if valid is not None:
             o = o * valid[:, :, None, None]
@@ -801,18 +352,38 @@ class LinearAttention(nn.Module):
 ATTENTION_CLASSES = {"zeros": ZeroSAttention, "softmax": SoftmaxAttention, "linear": LinearAttention}
 
 
-class ZeroSBlock(GradientCheckpointingLayer):
-    """RMSNorm -> token mixer (this layer's entry of ``config.mixer_types``) -> residual; RMSNorm -> SwiGLU -> residual."""
+def zero_order_layers(config: ZeroSConfig) -> frozenset[int]:
+    """The layers whose mixer carries the zero-order term g0/t (docs/method.md): every ZeroS layer with
+    ``zero_order_all_layers``; else, with ``first_layer_zero_order``, the first ZeroS layer of the stack (as
+    in the paper; in a hybrid stack it need not be layer 0); else none."""
+    zeros = [i for i, kind in enumerate(config.mixer_types) if kind == "zeros"]
+    if config.zero_order_all_layers:
+        return frozenset(zeros)
+    return frozenset(zeros[:1]) if config.first_layer_zero_order else frozenset()
 
-    def __init__(self, config: ZeroSConfig, layer_idx: int):
+
+class ZeroSBlock(GradientCheckpointingLayer):
+    """RMSNorm -> token mixer (this layer's entry of ``config.mixer_types``) -> residual; RMSNorm -> SwiGLU -> residual.
+
+    ``has_zero_order``: whether its mixer (ZeroS only) carries the zero-order term; the model decides it
+    from the whole stack (:func:`zero_order_layers`).
+    """
+
+    def __init__(self, config: ZeroSConfig, layer_idx: int, *, has_zero_order: bool = False):
         super().__init__()
+        kind = config.mixer_types[layer_idx]
         self.attn_norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn = ATTENTION_CLASSES[config.mixer_types[layer_idx]](config, layer_idx)
+        if kind == "zeros":
+            self.attn = ZeroSAttention(config, layer_idx, has_zero_order=has_zero_order)
+        elif has_zero_order:
+            raise ValueError(f"layer {layer_idx} is a {kind} layer: only ZeroS layers carry the zero-order term")
+        else:
+            self.attn = ATTENTION_CLASSES[kind](config, layer_idx)
         self.mlp_norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = ZeroSMLP(config)
 
-    def forward(self, hidden_states, cache=None, **ctx):
-        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), cache=cache, **ctx)
+    def forward(self, hidden_states: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None):
+        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), context, cache=cache)
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
@@ -862,7 +433,10 @@ class ZeroSModel(ZeroSPreTrainedModel):
     def __init__(self, config: ZeroSConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([ZeroSBlock(config, i) for i in range(config.num_hidden_layers)])
+        zero_order = zero_order_layers(config)
+        self.layers = nn.ModuleList(
+            [ZeroSBlock(config, i, has_zero_order=i in zero_order) for i in range(config.num_hidden_layers)]
+        )
         self.norm = ZeroSRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -949,12 +523,12 @@ class ZeroSModel(ZeroSPreTrainedModel):
         if cache is not None and cache.num_tokens is not None:
             counts = counts + cache.num_tokens.to(device)[:, None]
         cos, sin = rope_cos_sin((counts - 1).clamp_min(0), self.config.head_dim, self.config.rope_theta)
-        ctx = {"cos": cos, "sin": sin, "counts": counts, "valid": valid, "documents": documents}
+        context = MixerContext(cos=cos, sin=sin, counts=counts, valid=valid, documents=documents)
 
         hidden_states = inputs_embeds
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for block in self.layers:
-            hidden_states = block(hidden_states, cache=cache, **ctx)
+            hidden_states = block(hidden_states, context, cache=cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
@@ -1041,4 +615,5 @@ class ZeroSForCausalLM(ZeroSPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["PackedDocuments", "packed_position_ids", "ZeroSCache", "ZeroSForCausalLM", "ZeroSModel", "ZeroSPreTrainedModel"]
+__all__ = ["MixerContext", "PackedDocuments", "ZeroSCache", "ZeroSForCausalLM", "ZeroSModel", "ZeroSPreTrainedModel",
+           "packed_position_ids", "zero_order_layers"]

@@ -21,8 +21,8 @@ Forms:
 
 Chunked and fused share everything but the chunk core: the per-token scalars below are prepared
 once in PyTorch (cumulative ops, autograd through them), the tokens are laid out chunk by chunk
-(``_ChunkLayout``), and the core (``_chunk_core_torch`` or ``ops_fused.chunk_core_fused``, one
-contract) does the (C, C) blocks and the state recurrence. ``cu_seqlens`` packs several sequences
+(``_ChunkLayout``), and the core (``chunk_core_torch`` or ``ops_fused.fused_chunk_core``, one
+contract: ``ops_contract.py``) does the (C, C) blocks and the state recurrence. ``cu_seqlens`` packs several sequences
 into one row (flash-linear-attention's convention), ``sequence_starts`` several into each row; every
 form restarts at each sequence. Where a state per sequence goes in or out (and in the fused kernels)
 each sequence gets chunks of its own; otherwise (training) sequences share chunks and the PyTorch
@@ -50,6 +50,7 @@ float64 inputs), whatever the input dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
@@ -58,6 +59,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
+
+from .ops_contract import ChunkScalars, CoreLayout, call_flat, check_chunk_size, flat_entry, kernel_chunk_size
 
 __all__ = ["zeros_attention", "ZeroSState", "MODES", "linear_attention_chunked", "linear_attention_packed"]
 
@@ -162,11 +165,16 @@ def cumsum_tokens(x: torch.Tensor, blocked: Optional[bool] = None) -> torch.Tens
     if not (x.is_cuda if blocked is None else blocked) or T <= SCAN_BLOCK:
         return x.cumsum(1)
     N = -(-T // SCAN_BLOCK)
-    padded = F.pad(x, (0, 0) * (x.dim() - 2) + (0, N * SCAN_BLOCK - T))
+    padded = _pad_tokens(x, N * SCAN_BLOCK - T)
     within = padded.view(x.shape[0], N, SCAN_BLOCK, *x.shape[2:]).cumsum(2)     # (B, N, SCAN_BLOCK, ...)
     totals = within[:, :, -1]                                                   # (B, N, ...)
     before = totals.cumsum(1) - totals                                          # the blocks before each block
     return (within + before.unsqueeze(2)).flatten(1, 2)[:, :T]
+
+
+def _pad_tokens(x: torch.Tensor, pad: int, value: float = 0.0) -> torch.Tensor:
+    """x (B, T, ...) with ``pad`` more tokens of ``value`` at the end; x itself (no copy) when pad is 0."""
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad), value=value) if pad else x
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -263,8 +271,7 @@ def _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size
             raise ValueError(f"zeros_attention: {name} must be (B, T, H) = {tuple(q.shape[:3])}, got {tuple(x.shape)}")
     if valid is not None and valid.shape != q.shape[:2]:
         raise ValueError(f"zeros_attention: valid must be (B, T) = {tuple(q.shape[:2])}, got {tuple(valid.shape)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"zeros_attention: chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size, "zeros_attention: chunk_size")
     if initial_state is not None:
         H, d_k = q.shape[2:]
         expected = (num_sequences, H, 3, d_k, v.shape[-1])
@@ -291,7 +298,10 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
         mode: "chunked" (training, prefill), "recurrent" (token by token), "reference" (T x T),
             "fused" (the chunked form in Triton kernels; not float64) or "auto" ("fused" for CUDA
             tensors when Triton is installed, else "chunked").
-        chunk_size: tokens per chunk in chunked mode (fused: rounded up to a power of two >= 16).
+        chunk_size: tokens per chunk in chunked mode, a positive integer (at most the longest sequence
+            is used). The fused kernels tile powers of two >= 16: they run the smallest such chunk that
+            holds min(chunk_size, longest sequence), and warn when chunk_size itself is no such tile
+            (``ops_contract.kernel_chunk_size``).
         valid: (B, T) bool, False marks padding: it is not read, does not enter the state, does
             not advance t, and its output is exactly 0.
         initial_state: the ``ZeroSState`` after the preceding tokens (not in reference mode), one row
@@ -334,12 +344,12 @@ def _load_fused_core():
     use so that CPU installs need no Triton; None when it or Triton is missing. (A ``from .ops_fused``
     import, so that ``save_pretrained`` copies the kernels next to ops.py for trust_remote_code.)"""
     try:
-        from .ops_fused import HAS_TRITON, MAX_HEAD_DIM, MIN_CHUNK_SIZE, chunk_core_fused
+        from .ops_fused import HAS_TRITON, MAX_HEAD_DIM, chunk_core_fused
     except ImportError:
         return None
     if not HAS_TRITON:
         return None
-    return SimpleNamespace(chunk_core_fused=chunk_core_fused, MIN_CHUNK_SIZE=MIN_CHUNK_SIZE, MAX_HEAD_DIM=MAX_HEAD_DIM)
+    return SimpleNamespace(chunk_core_fused=chunk_core_fused, MAX_HEAD_DIM=MAX_HEAD_DIM)
 
 
 def _fused_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -409,14 +419,16 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
         core, fused = _chunked_core(mode, q.dtype)
         # Packed sequences share chunks (no alignment padding) where nothing needs a state per sequence.
         shared = lengths is not None and initial_state is None and not output_final_state
-        if fused is not None:  # the kernels take one 16-bit or float32 dtype and a power-of-two chunk >= their minimum
+        if fused is not None:  # the kernels take one 16-bit or float32 dtype and a chunk they can tile
             longest = T if lengths is None or shared else max(max(flat_lengths), 1)
-            chunk_size = max(fused.MIN_CHUNK_SIZE, 1 << (min(chunk_size, longest) - 1).bit_length())
+            chunk_size = kernel_chunk_size(chunk_size, longest)
             low = low or q.dtype
         if low is not None:
             q, k, v = (x.to(low) for x in (q, k, v))
+        # The fused kernels write o in the inputs' 16-bit dtype (no float32 copy to cast afterwards).
+        out_dtype = q.dtype if fused is not None and q.dtype != acc else None
         o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core,
-                            exact_chunk=fused is not None, shared=shared)
+                            exact_chunk=fused is not None, shared=shared, out_dtype=out_dtype)
     elif lengths is None:
         o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state)
     else:  # one sequence after the other, each from its own state
@@ -481,6 +493,10 @@ def _reference_final_state(k, v, s, valid, segments, num_sequences, acc):
 # Chunked: the chunk-aligned layout, the per-token scalars, and the chunk core
 # ----------------------------------------------------------------------------------------------
 
+# The chunk tables' integer type: what the kernels read (no conversion per call).
+_TABLE_DTYPE = torch.int32
+
+
 @dataclass
 class _ChunkLayout:
     """Where the tokens sit in the chunk-aligned layout (B', N C) that the chunk core works on.
@@ -502,11 +518,13 @@ class _ChunkLayout:
     Padding is not valid: it has zero q, k, v, logit and coefficients and carries the running
     statistics forward.
 
-    rows, num_chunks, chunk_size: B', N, C. num_sequences: S, the rows of the states (row by row).
-    valid: (B', N, C) bool, real tokens. chunk_load, chunk_store: (B', N) long, the core's contract
-    (the state a chunk starts from / the row of out_states that receives the state after it).
+    rows, num_chunks: B', N. num_sequences: S, the rows of the states (row by row).
+    core: the chunk core's view (``ops_contract.CoreLayout``: chunk size C, the state each chunk
+    loads / stores as (B', N) tensors and as host lists, the sequence of each position when shared),
+    built here once; ``chunk_size`` and ``chunk_load`` read it.
+    valid: (B', N, C) bool, real tokens.
     last: (S,) long, the flat position (row * N C + t) of each sequence's last aligned position.
-    plan: (chunk_load, chunk_store) as lists, known on the host. shared: which layout.
+    shared: which layout.
     Segments only (else None): dest (B T,) long, the flat aligned position of each token (None in the
     shared layout: the row as it is); segment (B', N, C) long, the sequence of each position (padding:
     the sequence it follows); first (B', N C) long, the position in its row where that sequence's first
@@ -515,14 +533,11 @@ class _ChunkLayout:
 
     rows: int
     num_chunks: int
-    chunk_size: int
     num_sequences: int
     tokens: int
     valid: torch.Tensor
-    chunk_load: torch.Tensor
-    chunk_store: torch.Tensor
+    core: CoreLayout
     last: torch.Tensor
-    plan: tuple = ()
     shared: bool = False
     dest: Optional[torch.Tensor] = None
     segment: Optional[torch.Tensor] = None
@@ -537,16 +552,16 @@ class _ChunkLayout:
         if row_lengths is None or shared:
             N = -(-T // C)
             valid = torch.ones(B, T, dtype=torch.bool, device=device) if valid is None else valid
-            valid = F.pad(valid, (0, N * C - T), value=False).view(B, N, C)
+            valid = _pad_tokens(valid, N * C - T, value=False).view(B, N, C)
         if row_lengths is None:
             rows = torch.arange(B, device=device)
-            chunk_load = torch.full((B, N), -1, dtype=torch.long, device=device)
-            chunk_store = torch.full((B, N), -1, dtype=torch.long, device=device)
+            chunk_load = torch.full((B, N), -1, dtype=_TABLE_DTYPE, device=device)
+            chunk_store = torch.full((B, N), -1, dtype=_TABLE_DTYPE, device=device)
             chunk_load[:, 0] = rows
             chunk_store[:, -1] = rows
             plan = ([[r] + [-1] * (N - 1) for r in range(B)], [[-1] * (N - 1) + [r] for r in range(B)])
-            return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=B, tokens=T, valid=valid,
-                       chunk_load=chunk_load, chunk_store=chunk_store, last=rows * (N * C) + N * C - 1, plan=plan)
+            return cls(rows=B, num_chunks=N, num_sequences=B, tokens=T, valid=valid,
+                       core=CoreLayout(chunk_load, chunk_store, B, C, plan), last=rows * (N * C) + N * C - 1)
         # Host-side index arithmetic over the S sequences (listed row by row), then one copy to the device.
         lengths = torch.tensor([n for row in row_lengths for n in row], dtype=torch.long)            # (S,)
         per_row = torch.tensor([len(r) for r in row_lengths])                                        # (B,)
@@ -595,15 +610,25 @@ class _ChunkLayout:
             valid = valid_flat.view(B, N, C)
         reach = int((torch.arange(L) - first).max()) + 1
         to = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return cls(rows=B, num_chunks=N, chunk_size=C, num_sequences=S, tokens=T, valid=valid,
-                   chunk_load=to(chunk_load), chunk_store=to(chunk_store), plan=(chunk_load.tolist(), chunk_store.tolist()),
-                   last=to(last), shared=shared, dest=to(dest), segment=to(segment.view(B, N, C)), first=to(first),
-                   reach=reach)
+        segment = to(segment.view(B, N, C))
+        tables = (chunk_load.to(device, _TABLE_DTYPE), chunk_store.to(device, _TABLE_DTYPE))
+        core = CoreLayout(*tables, S, C, (chunk_load.tolist(), chunk_store.tolist()),
+                          segment.flatten(1) if shared else None)
+        return cls(rows=B, num_chunks=N, num_sequences=S, tokens=T, valid=valid, core=core, last=to(last),
+                   shared=shared, dest=to(dest), segment=segment, first=to(first), reach=reach)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.core.chunk_size
+
+    @property
+    def chunk_load(self) -> torch.Tensor:
+        return self.core.chunk_load
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (B', N C, ...), zeros on alignment padding."""
         if self.dest is None:
-            return F.pad(x, (0, 0) * (x.dim() - 2) + (0, self.num_chunks * self.chunk_size - self.tokens))
+            return _pad_tokens(x, self.num_chunks * self.chunk_size - self.tokens)
         aligned = x.new_zeros((self.rows * self.num_chunks * self.chunk_size,) + tuple(x.shape[2:]))
         return aligned.index_copy(0, self.dest, x.flatten(0, 1)).view(self.rows, -1, *x.shape[2:])
 
@@ -633,16 +658,16 @@ class _ChunkLayout:
     def running(self, x: torch.Tensor, op: str) -> torch.Tensor:
         """Inclusive running sum / max / log-sum-exp of x (B', H or 1, N, C) over each sequence.
 
-        Over the whole row when it is one sequence; else the sum is a difference of prefix sums (exact
-        enough in float64, which the callers use) and max / log-sum-exp a log-step (Hillis-Steele) scan
-        that stops at each sequence's first position.
+        Over the whole row when it is one sequence: a scan inside each chunk, then over the chunks'
+        totals (``_chunk_scan``), so a rounding error grows with C + N, not with T (float32 suffices for
+        the centred inputs the callers give). Else the sum is a difference of such prefix sums and max /
+        log-sum-exp a log-step (Hillis-Steele) scan that stops at each sequence's first position.
         """
         flat = x.flatten(2)                                                         # (B', H, L)
         if self.first is None:
-            out = {"sum": lambda: flat.cumsum(-1), "max": lambda: flat.cummax(-1).values,
-                   "lse": lambda: flat.logcumsumexp(-1)}[op]()
+            out = _chunk_scan(x, op)
         elif op == "sum":
-            total = flat.cumsum(-1)
+            total = _chunk_scan(x, "sum").flatten(2)
             before = F.pad(total, (1, 0))[..., :-1]                                 # sums before each position
             out = total - before.gather(-1, self.first.unsqueeze(1).expand_as(flat))
         else:
@@ -656,35 +681,79 @@ class _ChunkLayout:
         return out.view(x.shape)
 
 
+_SCANS = {"sum": (lambda x: x.cumsum(-1), torch.add, 0.0),
+          "max": (lambda x: x.cummax(-1).values, torch.maximum, _NO_MAX),
+          "lse": (lambda x: x.logcumsumexp(-1), torch.logaddexp, _NO_MAX)}
+
+
+def _chunk_scan(x: torch.Tensor, op: str) -> torch.Tensor:
+    """Inclusive running sum / max / log-sum-exp of x (..., N, C) along the row (N C): inside each chunk,
+    then the chunks' totals (exclusive), combined. Returns (..., N, C)."""
+    within_chunk, combine, empty = _SCANS[op]
+    within = within_chunk(x)                                                        # (..., N, C)
+    if x.shape[-2] == 1:
+        return within
+    totals = within_chunk(within[..., -1])                                          # (..., N) through each chunk
+    before = F.pad(totals[..., :-1], (1, 0), value=empty)                           # before each chunk
+    return combine(within, before.unsqueeze(-1))
+
+
+def _first_real_logits(s: torch.Tensor, layout: "_ChunkLayout") -> torch.Tensor:
+    """The logit of each sequence's first real token, (S, H) (0 for a sequence without one); s (B', H, N, C)."""
+    rows, H = s.shape[:2]
+    flat = s.flatten(2)                                                             # (B', H, L)
+    valid = layout.valid.flatten(1)                                                 # (B', L)
+    if layout.segment is None:  # one sequence per row
+        first = valid.to(torch.uint8).argmax(-1)                                    # (B',)
+        c = flat.gather(-1, first.view(rows, 1, 1).expand(rows, H, 1)).squeeze(-1)
+        return torch.where(valid.any(-1, keepdim=True), c, 0.0)
+    L = flat.shape[-1]
+    position = torch.arange(rows * L, device=s.device).view(rows, L)               # flat (row, position)
+    none = rows * L
+    first = torch.full((layout.num_sequences,), none, dtype=torch.long, device=s.device).scatter_reduce(
+        0, layout.segment.flatten(), torch.where(valid, position, none).flatten(), "amin")
+    c = flat.transpose(1, 2).reshape(none, H)[first.clamp(max=none - 1)]           # (S, H)
+    return torch.where((first < none).unsqueeze(-1), c, 0.0)
+
+
 def _chunk_scalars(s, g1, gh, g0, state, layout):
     """The per-token scalars of the chunked form, O(T) and differentiable.
 
-    s, g1, gh, g0: (B', H, N, C) in the chunk-aligned layout (accumulation dtype). Returns
-    (m, a, b, hc) (B', H, N, C), the chunk reference points (m0, m1, sb0, sb1) (B', H, N) and the
-    final statistics (E, m, sbar, n), each (S, H):
+    s, g1, gh, g0: (B', H, N, C) in the chunk-aligned layout (accumulation dtype). Returns the
+    ``ChunkScalars`` of the chunk core (per token (B', H, N C): s, m, a, b, hc; per chunk (B', H, N):
+    the reference points m0, m1, sb0, sb1) and the final statistics (E, m, sbar, n), each (S, H):
 
         n_t, sbar_t, m_t        count, mean and maximum of the real logits (incoming state included)
-        E~_t = E_t exp(-m_t)    from a log-cum-sum-exp in float64, the incoming E included
+        E~_t = E_t exp(-m_t)    from a log-cum-sum-exp, the incoming E included
         a_t = gh_t / E~_t,  b_t = (g1_t - gh_t) / n_t,  hc_t = b_t (sb0_j - sbar_t) + (g0_t - gh_t) / n_t
 
     with (m0_j, sb0_j) / (m1_j, sb1_j) the maximum and mean at the start / end of chunk j. Padding gets
-    zero coefficients. Sums are taken in float64, so long float32 streams keep their precision.
+    zero coefficients.
+
+    Everything is in the accumulation dtype (float32 unless the inputs are float64; no float64 op on a
+    GPU): counts are exact integers in float32 (up to 2^24 tokens), and the sums and the log-sum-exp run
+    over logits centred on a per-sequence constant c (its first real logit, detached: the values do not
+    depend on it, and causal: a later token never changes an earlier output)
+    through chunk-then-carry scans, so a stream of 10^5 tokens with a large mean logit keeps float64's
+    answer to ~1e-5 (tests/test_ops.py: test_long_float32_stream_stays_close_to_float64).
     """
     acc = s.dtype
     valid = layout.valid.unsqueeze(1)                                               # (B', 1, N, C)
-    wide = torch.float64
-    s64 = s.to(wide)
-    n = layout.running(valid.to(wide), "sum") + layout.per_sequence(state.n.to(wide))
-    total = layout.running(torch.where(valid, s64, 0.0), "sum") + layout.per_sequence(state.n.to(wide) * state.sbar.to(wide))
-    sbar = (total / n.clamp(min=1.0)).to(acc)
+    count = valid.to(acc)
+    c = layout.per_sequence(_first_real_logits(s.detach(), layout))                # the centre, per sequence
+    centred = torch.where(valid, s - c, 0.0)
+    n_in = layout.per_sequence(state.n)
+    n = layout.running(count, "sum") + n_in
+    total = layout.running(centred, "sum") + n_in * (layout.per_sequence(state.sbar) - c)  # sum of (s - c)
+    sbar = torch.where(n > 0, c + total / n.clamp(min=1.0), 0.0)                   # (no token yet: 0)
     m_state = state.m.detach()
     m = torch.maximum(layout.running(s.detach().masked_fill(~valid, _NO_MAX), "max"), layout.per_sequence(m_state))
-    # log E_t = log(E_state exp(m_state) + sum_{i<=t} exp(s_i)), then E~_t = exp(log E_t - m_t) <= n_t.
-    E_in = state.E.to(wide)
-    log_E_in = torch.where(E_in > 0, E_in.clamp(min=torch.finfo(wide).tiny).log() + m_state.to(wide), _NO_MAX)
-    log_E = torch.logaddexp(layout.running(s64.masked_fill(~valid, _NO_MAX), "lse"), layout.per_sequence(log_E_in))
-    E = torch.where(n > 0, torch.exp(log_E - m.to(wide)), 0.0).to(acc)
-    n = n.to(acc)
+    # log E_t - c = log(E_state exp(m_state - c) + sum_{i<=t} exp(s_i - c)), then E~_t = exp(log E_t - m_t) <= n_t.
+    log_E_in = torch.where(state.E > 0, state.E.clamp(min=torch.finfo(acc).tiny).log() + m_state, _NO_MAX)
+    log_E_in = layout.per_sequence(log_E_in)
+    log_E = torch.logaddexp(layout.running(centred.masked_fill(~valid, _NO_MAX), "lse"),
+                            torch.where(log_E_in > _NO_MAX, log_E_in - c, _NO_MAX))
+    E = torch.where(n > 0, torch.exp(log_E - (m - c)), 0.0)
 
     m1, sb1 = m[..., -1], sbar[..., -1]                                             # (B', H, N)
     m0, sb0 = layout.at_chunk_starts(m1, m_state), layout.at_chunk_starts(sb1, state.sbar)
@@ -694,16 +763,19 @@ def _chunk_scalars(s, g1, gh, g0, state, layout):
     hc = b * (sb0.unsqueeze(-1) - sbar) + c
     a, b, hc = (x.masked_fill(~valid, 0.0) for x in (a, b, hc))
     final = tuple(layout.at_ends(x) for x in (E, m, sbar, n))
-    return (m, a, b, hc), (m0, m1, sb0, sb1), final
+    s, m, a, b, hc = (x.flatten(2) for x in (s, m, a, b, hc))                       # (B', H, N C)
+    return ChunkScalars(s=s, m=m, a=a, b=b, hc=hc, m0=m0, m1=m1, sb0=sb0, sb1=sb1), final
 
 
-def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, exact_chunk=False, shared=False):
+def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, exact_chunk=False, shared=False,
+             out_dtype=None):
     """The chunked form: shared scalar preparation, then ``core`` (the PyTorch or the fused chunk core).
 
     Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed); lengths: None or,
     per row, the lengths of its sequences; shared: sequences may share a chunk (``_ChunkLayout``;
     empty initial state, no final state). The chunk is chunk_size tokens, or the longest
-    sequence (the row, when shared) when that is shorter, unless exact_chunk. Returns o (B, T, H, d_v)
+    sequence (the row, when shared) when that is shorter, unless exact_chunk. out_dtype: o's dtype from
+    the core (``CoreLayout.out_dtype``; None: the accumulation dtype). Returns o (B, T, H, d_v)
     and the final state (one row per sequence; None when shared).
     """
     B, T, H, _ = q.shape
@@ -717,46 +789,25 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, ex
         return layout.pack(x.to(acc)).transpose(1, 2).reshape(layout.rows, H, N, C)
 
     with record_function("zeros_lm.scalars"):  # (named ranges for benchmarks/profile_step.py)
-        (m, a, b, hc), (m0, m1, sb0, sb1), (E, m_end, sbar_end, n_end) = _chunk_scalars(
+        scalars, (E, m_end, sbar_end, n_end) = _chunk_scalars(
             aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
-    flat = lambda x: x.flatten(2)  # noqa: E731  (B', H, N, C) -> (B', H, N C)
-    extra = {"plan": layout.plan}  # (host lists: neither core waits for the device to read the chunk tables)
-    if shared:
-        extra["segments"] = layout.segment.flatten(1)
     with record_function("zeros_lm.core"):
-        o, kv = core(layout.pack(q), layout.pack(k), layout.pack(v), flat(aligned(s)), flat(m), flat(a), flat(b),
-                     flat(hc), m0, m1, sb0, sb1, state.kv, layout.chunk_load, layout.chunk_store, layout.num_sequences,
-                     C, **extra)
+        core_layout = layout.core if out_dtype is None else dataclasses.replace(layout.core, out_dtype=out_dtype)
+        o, kv = call_flat(core, layout.pack(q), layout.pack(k), layout.pack(v), scalars, state.kv, core_layout)
     return layout.unpack(o), (None if shared else ZeroSState(kv=kv, E=E, m=m_end, sbar=sbar_end, n=n_end))
 
 
-def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-                      num_out_states, chunk_size, plan=None, segments=None):
-    """The chunk core in PyTorch; same contract as ``ops_fused.chunk_core_fused``.
+def chunk_core_torch(q, k, v, scalars: ChunkScalars, start_states: torch.Tensor, layout: CoreLayout):
+    """The chunk core in PyTorch (the contract and its math: ``ops_contract.py``; the fused core is
+    ``ops_fused.fused_chunk_core``). Outputs in start_states' dtype (the accumulation dtype).
 
-    Chunk-aligned inputs (T = N C; padding has zero k, v and coefficients):
-        q, k: (B, T, H, d_k); v: (B, T, H, d_v); s, m, a, b, hc: (B, H, T) key logits, running max
-        (detached) and per-query coefficients; m0, m1, sb0, sb1: (B, H, N) reference max / mean at
-        each chunk's start and end; start_states: (S_in, H, 3, d_k, d_v); chunk_load, chunk_store:
-        (B, N) long, -1 or the row of start_states a chunk starts from / of out_states that receives
-        the state after the chunk (chunk_load[:, 0] >= 0).
-    Per chunk j with start state (F, G, H):
-        o_t = sum_{i<=t in chunk} (q_t.k_i) R[t,i] v_i + q_t^T (a_t exp(m0_j - m_t) F + b_t G + hc_t H),
-        R[t,i] = a_t exp(min(s_i - m_t, 0)) + b_t (s_i - sb0_j) + hc_t;
-        F' = exp(m0_j - m1_j) F + sum_i exp(min(s_i - m1_j, 0)) k_i v_i^T,
-        G' = G + (sb0_j - sb1_j) H + sum_i (s_i - sb1_j) k_i v_i^T,  H' = H + sum_i k_i v_i^T.
-    Returns o (B, T, H, d_v) and out_states (num_out_states, H, 3, d_k, d_v), in start_states' dtype.
-
-    plan: chunk_load and chunk_store as lists when the caller knows them on the host (no device sync,
-    and torch.compile traces one graph); else they are read from the tensors.
-    segments: (B, T) long, the sequence of each position when a chunk may hold several (the shared
-    layout of ``_ChunkLayout``). Then R[t, i] = 0 across sequences, only the tokens
-    of a chunk's first sequence read its start state, only those of its last write the state after
-    it, and a chunk in which a sequence starts drops the state it started from (later sequences start
-    empty). Without it every chunk is one sequence.
+    Per chunk, a float64-exact loop over the chunks carries the state; inside a chunk the (C, C) weights
+    are explicit. ``_chunk_core_torch`` is this core in the flat convention (what ``_chunked`` calls).
     """
     B, T, H, d_k = q.shape
-    d_v, C = v.shape[-1], chunk_size
+    d_v, C = v.shape[-1], layout.chunk_size
+    s, m, a, b, hc, m0, m1, sb0, sb1 = scalars.tensors()
+    segments = layout.segments
     N = T // C
     acc = start_states.dtype
     prod = q.dtype if _tensor_core_products(q) else acc
@@ -787,7 +838,7 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
     # Scan over chunks: the state at each chunk's start, O(N d^2), through the same transition as the
     # recurrent form. Per-chunk slices are taken once with unbind: indexing inside the loop would make
     # autograd materialise a full-size gradient per slice. Loads and stores are planned on the host.
-    load, store = plan if plan is not None else (chunk_load.tolist(), chunk_store.tolist())
+    load, store = layout.host_plan()
     steps = zip(decay_exponent.exp().unbind(-1), (sb0 - sb1).unbind(-1), added_kv.unbind(2),
                 carry.unbind(-1) if carry is not None else itertools.repeat(None))
     kv, kv_starts, stored = None, [], []
@@ -801,7 +852,7 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
         kv = (moved if kept is None else moved * kept[:, None, None, None, None]) + added
         stored += [(store[r][j], kv[r]) for r in range(B) if store[r][j] >= 0]
     kv_starts = torch.stack(kv_starts, dim=2)                                       # (B, H, N, 3, d_k, d_v)
-    out_states = start_states.new_zeros(num_out_states, H, 3, d_k, d_v)
+    out_states = start_states.new_zeros(layout.num_out_states, H, 3, d_k, d_v)
     if stored:
         index = torch.tensor([i for i, _ in stored], device=q.device)
         out_states = out_states.index_copy(0, index, torch.stack([x for _, x in stored]))
@@ -828,6 +879,8 @@ def _chunk_core_torch(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, c
     o = o + _readout(q_acc, kv_starts, ra * torch.exp(readout_exponent), rb, rhc)
     return o.reshape(B, H, T, d_v).transpose(1, 2), out_states
 
+
+_chunk_core_torch = flat_entry(chunk_core_torch)
 
 # 16-bit dtypes whose products may run on tensor cores (docs/gpu.md: safe for q.k and for (weights) V when the
 # weights are formed in float32; not for the state readout, which cancels).
@@ -904,7 +957,7 @@ def linear_attention_chunked(q, k, v, S0, z0, chunk_size: int, segments: torch.T
     """
     B, H, T, d = q.shape
     dv = v.shape[-1]
-    C = max(1, min(chunk_size, T))
+    C = max(1, min(check_chunk_size(chunk_size, "linear_attention_chunked: chunk_size"), T))  # (T = 0: one empty chunk)
     N = -(-T // C)
     pad = N * C - T
     if pad:
@@ -948,7 +1001,8 @@ def linear_attention_packed(q, k, v, row_lengths: list, chunk_size: int):
     the lengths of its documents. The rows as they are, chunks shared by documents (``_ChunkLayout``'s shared
     layout), every document's sums starting empty. Returns o (B, H, T, dv)."""
     B, H, T, _ = q.shape
-    layout = _ChunkLayout.build(B, T, None, row_lengths, max(1, min(chunk_size, T)), q.device, shared=True)
+    C = max(1, min(check_chunk_size(chunk_size, "linear_attention_packed: chunk_size"), T))
+    layout = _ChunkLayout.build(B, T, None, row_lengths, C, q.device, shared=True)
     zeros = q.new_zeros(B, H, q.shape[-1], v.shape[-1]), q.new_zeros(B, H, q.shape[-1])
     o, _, _ = linear_attention_chunked(q, k, v, *zeros, layout.chunk_size, segments=layout.segment)
     return o

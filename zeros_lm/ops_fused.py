@@ -1,22 +1,11 @@
 """Fused Triton kernels for the chunk core of ZeroS (the work ``zeros_attention(mode="fused")`` does per chunk).
 
-    o, out_states = chunk_core_fused(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states,
-                                     chunk_load, chunk_store, num_out_states, chunk_size,
-                                     plan=None, segments=None)
+    o, out_states = fused_chunk_core(q, k, v, scalars, start_states, layout)
 
-The caller (``ops.py``) prepares the per-token scalars in PyTorch and lays the tokens out chunk by
-chunk (T = N C, padding with k = v = 0). For chunk j of a row, with start state (F, G, H) (loaded
-from ``start_states`` or carried from the previous chunk of the row) and tokens t, i of the chunk:
-
-    o_t    = sum_{i<=t} (q_t . k_i) R[t, i] v_i + q_t^T (a_t exp(m0_j - m_t) F + b_t G + hc_t H)
-    R[t,i] = a_t exp(min(s_i - m_t, 0)) + b_t (s_i - sb0_j) + hc_t
-    F' = exp(m0_j - m1_j) F + sum_i exp(min(s_i - m1_j, 0)) k_i v_i^T
-    G' = G + (sb0_j - sb1_j) H + sum_i (s_i - sb1_j) k_i v_i^T
-    H' = H + sum_i k_i v_i^T
-
-With ``segments`` (packed sequences sharing chunks, training's layout) R is also zero across
-sequences, only the chunk's first sequence reads (F, G, H), only its last one's keys enter
-(F', G', H'), and a chunk in which a sequence starts drops (F, G, H) from the transition.
+The contract (``ChunkScalars``, ``CoreLayout``) and its math are in ``ops_contract.py``; the caller
+(``ops.py``) prepares the per-token scalars in PyTorch and lays the tokens out chunk by chunk (T = N C,
+padding with k = v = 0). ``chunk_core_fused`` is the same core in the flat convention of the contract.
+The arguments become plain tensors only at the ``torch.library`` custom ops below.
 
 Kernels (one program per (batch row x head) or per (chunk, batch row x head)):
 - ``_states_fwd_kernel``: sequential over the chunks of a row; records the float32 state at each
@@ -41,10 +30,13 @@ imports it early, through torch._dynamo), the kernels run in Triton's interprete
 (slow; for tests without a GPU); bfloat16 is computed in float32 there (the interpreter gets it wrong).
 """
 
+import dataclasses
 import re
 from typing import Optional
 
 import torch
+
+from .ops_contract import MIN_KERNEL_CHUNK, ChunkScalars, CoreLayout, flat_entry, is_kernel_chunk
 
 try:
     import triton
@@ -54,13 +46,13 @@ except ImportError:  # CPU installs without Triton: the other modes of ops.py ke
     triton = tl = None
     HAS_TRITON = False
 
-__all__ = ["chunk_core_fused", "HAS_TRITON", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MIN_CHUNK_SIZE"]
+__all__ = ["chunk_core_fused", "fused_chunk_core", "HAS_TRITON", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MIN_CHUNK_SIZE"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The output and backward kernels hold a whole (C, d_k) tile (Q K^T sums over d_k).
 MAX_HEAD_DIM = 128
-# tl.dot needs every dimension >= 16 on a GPU; tl.arange needs powers of two.
-MIN_CHUNK_SIZE = 16
+# tl.dot needs every dimension >= 16 on a GPU; tl.arange needs powers of two (ops_contract.is_kernel_chunk).
+MIN_CHUNK_SIZE = MIN_KERNEL_CHUNK
 _MIN_BLOCK = 16
 # Block sizes: the states kernels split d_k and d_v into blocks (more programs in flight, smaller
 # tiles), the output kernel splits d_v, the per-chunk backward loops over d_v blocks. Those that hold
@@ -296,7 +288,7 @@ if HAS_TRITON:
             t = j * C + o_c
             row = (i_b * T + t[:, None]) * H + i_h
             q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-            do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+            do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
             tok = i_bh * T + t
             m_c = tl.load(m + tok)
             p = i_bh * N + j
@@ -355,7 +347,7 @@ if HAS_TRITON:
         o_v = v0 + tl.arange(0, BV)
         mask_v = o_v < V
         v_f = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
-        do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
+        do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
         return o_v, mask_v, mask_k[:, None] & mask_v[None, :], v_f, do_c
 
     @triton.jit
@@ -527,42 +519,53 @@ def _segment_ids(segments, chunk_load):
     return segments.to(device=chunk_load.device, dtype=torch.int32).contiguous(), True
 
 
-def _prepare(q, k, v, scalars, start_states, chunk_load, chunk_store):
-    """Contiguous kernel operands: q, k, v in their dtype (float32 for bfloat16 under the interpreter,
-    which computes bfloat16 wrong), scalars and states float32, chunk tables int32."""
-    if q.dtype == torch.bfloat16 and _interpreting():
-        q, k, v = (x.float() for x in (q, k, v))
-    q, k, v = (x.contiguous() for x in (q, k, v))
-    scalars = [x.to(torch.float32).contiguous() for x in scalars]
-    start_states = start_states.to(torch.float32).contiguous()
+def _prepare(q, k, v, scalars: ChunkScalars, start_states, chunk_load, chunk_store, *extra):
+    """Contiguous kernel operands: q, k, v and the ``extra`` tensors (the gradients coming in) in their
+    dtype (float32 for bfloat16 under the interpreter, which computes bfloat16 wrong), scalars and states
+    float32, chunk tables int32 (each a no-op when it is so already, as ops.py passes them)."""
+    interpreted_bf16 = lambda x: x.float() if x.dtype == torch.bfloat16 and _interpreting() else x  # noqa: E731
+    q, k, v = (interpreted_bf16(x).contiguous() for x in (q, k, v))
+    f32 = lambda x: x.to(torch.float32).contiguous()  # noqa: E731
     chunk_load, chunk_store = (x.to(device=q.device, dtype=torch.int32).contiguous() for x in (chunk_load, chunk_store))
-    return q, k, v, scalars, start_states, chunk_load, chunk_store
+    return (q, k, v, scalars.map(f32), f32(start_states), chunk_load, chunk_store,
+            *(interpreted_bf16(x).contiguous() for x in extra))
 
 
-def _forward_impl(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-                  num_out_states, chunk_size, segments):
-    q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1), start_states, chunk_load, chunk_store = _prepare(
-        q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1), start_states, chunk_load, chunk_store)
-    z = _meta(q, v, chunk_size)
-    seg, z["HAS_SEG"] = _segment_ids(segments, chunk_load)
+def _out_dtype(layout: CoreLayout, q) -> torch.dtype:
+    """o's dtype: the layout's out_dtype (float32 for bfloat16 under the interpreter), else float32."""
+    if layout.out_dtype is None or (layout.out_dtype == torch.bfloat16 and _interpreting()):
+        return torch.float32
+    return layout.out_dtype
+
+
+def _forward_impl(q, k, v, scalars: ChunkScalars, start_states, layout: CoreLayout):
+    q, k, v, scalars, start_states, chunk_load, chunk_store = _prepare(
+        q, k, v, scalars, start_states, layout.chunk_load, layout.chunk_store)
+    s, m, a, b, hc, m0, m1, sb0, sb1 = scalars.tensors()
+    z = _meta(q, v, layout.chunk_size)
+    seg, z["HAS_SEG"] = _segment_ids(layout.segments, chunk_load)
     # At least one row, so that the kernel always gets a real pointer; the extra row is never written.
-    out_states = torch.zeros(max(num_out_states, 1), z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=q.device)
+    out_states = torch.zeros(max(layout.num_out_states, 1), z["H"], 3, z["K"], z["V"], dtype=torch.float32,
+                             device=q.device)
     kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, out_states, seg, z)
-    o = torch.empty(z["B"], z["T"], z["H"], z["V"], dtype=torch.float32, device=q.device)
+    o = torch.empty(z["B"], z["T"], z["H"], z["V"], dtype=_out_dtype(layout, q), device=q.device)
     _output_fwd_kernel[(triton.cdiv(z["V"], z["BV"]), z["N"], z["B"] * z["H"])](
         q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, seg, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
         BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"], F32=z["F32"], HAS_SEG=z["HAS_SEG"])
-    return o, out_states[:num_out_states]
+    return o, out_states[:layout.num_out_states]
 
 
-def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load,
-                   chunk_store, chunk_size, num_loads, segments):
+def _backward_impl(do, d_out_states, q, k, v, scalars: ChunkScalars, start_states, layout: CoreLayout,
+                   num_loads: int):
+    """Gradients of q, k, v (their dtypes), of the differentiable scalars (s, a, b, hc, sb0, sb1) and of
+    start_states. num_loads: how many chunks load a start state (a host int: nothing waits for the device)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     num_in = start_states.shape[0]
-    q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1, do, d_out_states), start_states, chunk_load, chunk_store = _prepare(
-        q, k, v, (s, m, a, b, hc, m0, m1, sb0, sb1, do, d_out_states), start_states, chunk_load, chunk_store)
-    z = _meta(q, v, chunk_size)
-    seg, z["HAS_SEG"] = _segment_ids(segments, chunk_load)
+    q, k, v, scalars, start_states, chunk_load, chunk_store, do, d_out_states = _prepare(
+        q, k, v, scalars, start_states, layout.chunk_load, layout.chunk_store, do, d_out_states)
+    s, m, a, b, hc, m0, m1, sb0, sb1 = scalars.tensors()
+    z = _meta(q, v, layout.chunk_size)
+    seg, z["HAS_SEG"] = _segment_ids(layout.segments, chunk_load)
     dev = q.device
     kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, None, seg, z)
 
@@ -584,9 +587,8 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
         seg, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"], BK=z["BK_SPLIT"], BV=z["BV"], F32=z["F32"],
         HAS_SEG=z["HAS_SEG"])
 
-    dq = torch.empty(q.shape, dtype=torch.float32, device=dev)
-    dk = torch.empty(k.shape, dtype=torch.float32, device=dev)
-    dv = torch.empty(v.shape, dtype=torch.float32, device=dev)
+    # Written by the kernels in the inputs' dtype (their float32 sums rounded once, on the store).
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (q, k, v))
     ds, da, db, dhc = (torch.empty_like(s) for _ in range(4))
     dsb0, dsb1 = torch.empty_like(sb0), torch.empty_like(sb1)
     chunk_grid = (z["N"], z["B"] * z["H"])
@@ -598,12 +600,13 @@ def _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, 
                                      z["T"], z["H"], z["N"], **sizes)
     d_start_states = torch.zeros(num_in, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=dev)
     d_start_states.index_add_(0, load_rows, d_starts[:num_loads])
-    dq, dk, dv = (x.to(dtype) for x, dtype in zip((dq, dk, dv), dtypes))
+    dq, dk, dv = (x.to(dtype) for x, dtype in zip((dq, dk, dv), dtypes))  # (no-ops but for interpreted bf16)
     return dq, dk, dv, ds, da, db, dhc, dsb0, dsb1, d_start_states
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops (torch.compile sees one opaque node per call) and autograd
+# Custom ops (torch.compile sees one opaque node per call) and autograd: the one place where the
+# contract is flat (torch.library takes plain tensors and ints; ops_contract.py fixes the order)
 # ----------------------------------------------------------------------------------------------
 
 # A copy of this module loaded under another name (an exported model's trust_remote_code copy)
@@ -612,22 +615,29 @@ _NAMESPACE = "zeros_lm" if __name__ == "zeros_lm.ops_fused" else "zeros_lm_" + r
 _Tensor = torch.Tensor
 
 
+def _typed(scalar_tensors, start_states, chunk_load, chunk_store, num_out_states, chunk_size, segments):
+    """The custom ops' flat arguments as (scalars, start_states, layout)."""
+    return (ChunkScalars(*scalar_tensors), start_states,
+            CoreLayout(chunk_load, chunk_store, num_out_states, chunk_size, segments=segments))
+
+
 @torch.library.custom_op(f"{_NAMESPACE}::chunk_core_fused", mutates_args=())
 def _chunk_core_op(q: _Tensor, k: _Tensor, v: _Tensor, s: _Tensor, m: _Tensor, a: _Tensor, b: _Tensor, hc: _Tensor,
                    m0: _Tensor, m1: _Tensor, sb0: _Tensor, sb1: _Tensor, start_states: _Tensor, chunk_load: _Tensor,
                    chunk_store: _Tensor, num_out_states: int, chunk_size: int, num_loads: int,
-                   segments: Optional[_Tensor]) -> tuple[_Tensor, _Tensor]:
-    return _forward_impl(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-                         num_out_states, chunk_size, segments)
+                   segments: Optional[_Tensor], out_dtype: Optional[torch.dtype] = None) -> tuple[_Tensor, _Tensor]:
+    scalars, start_states, layout = _typed((s, m, a, b, hc, m0, m1, sb0, sb1), start_states, chunk_load, chunk_store,
+                                           num_out_states, chunk_size, segments)
+    return _forward_impl(q, k, v, scalars, start_states, dataclasses.replace(layout, out_dtype=out_dtype))
 
 
 @_chunk_core_op.register_fake
 def _(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states, chunk_size,
-      num_loads, segments):
+      num_loads, segments, out_dtype=None):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    return (q.new_empty(B, T, H, V, dtype=torch.float32),
-            q.new_empty(num_out_states, H, 3, K, V, dtype=torch.float32))
+    o_dtype = _out_dtype(CoreLayout(chunk_load, chunk_store, num_out_states, chunk_size, out_dtype=out_dtype), q)
+    return (q.new_empty(B, T, H, V, dtype=o_dtype), q.new_empty(num_out_states, H, 3, K, V, dtype=torch.float32))
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::chunk_core_fused_backward", mutates_args=())
@@ -637,13 +647,13 @@ def _chunk_core_backward_op(do: _Tensor, d_out_states: _Tensor, q: _Tensor, k: _
                             chunk_size: int, num_loads: int, segments: Optional[_Tensor]
                             ) -> tuple[_Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor, _Tensor,
                                        _Tensor]:
-    return _backward_impl(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load,
-                          chunk_store, chunk_size, num_loads, segments)
+    scalars, start_states, layout = _typed((s, m, a, b, hc, m0, m1, sb0, sb1), start_states, chunk_load, chunk_store,
+                                           d_out_states.shape[0], chunk_size, segments)
+    return _backward_impl(do, d_out_states, q, k, v, scalars, start_states, layout, num_loads)
 
 
 @_chunk_core_backward_op.register_fake
-def _(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-      chunk_size, num_loads, segments):
+def _(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, *rest):
     # Contiguous, as _backward_impl returns them whatever the inputs' strides (the model passes (B, H, T)
     # views of (B, T, H) tensors; compiled code checks the real strides against these).
     new = lambda x, dtype=torch.float32: x.new_empty(x.shape, dtype=dtype)  # noqa: E731
@@ -652,21 +662,21 @@ def _(do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states,
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, _num_out_states, chunk_size, num_loads, segments = inputs
+    *tensors, _num_out_states, chunk_size, num_loads, segments, _out_dtype = inputs
     ctx.save_for_backward(*tensors, segments)
     ctx.chunk_size, ctx.num_loads = chunk_size, num_loads
 
 
 def _backward(ctx, do, d_out_states):
-    q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, segments = ctx.saved_tensors
+    *tensors, segments = ctx.saved_tensors
+    q, v, start_states = tensors[0], tensors[2], tensors[12]
     if do is None:
-        do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
+        do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     if d_out_states is None:
         d_out_states = torch.zeros(0, *start_states.shape[1:], dtype=torch.float32, device=q.device)
     dq, dk, dv, ds, da, db, dhc, dsb0, dsb1, d_start = _chunk_core_backward_op(
-        do, d_out_states, q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-        ctx.chunk_size, ctx.num_loads, segments)
-    return dq, dk, dv, ds, None, da, db, dhc, None, None, dsb0, dsb1, d_start, None, None, None, None, None, None
+        do, d_out_states, *tensors, ctx.chunk_size, ctx.num_loads, segments)
+    return dq, dk, dv, ds, None, da, db, dhc, None, None, dsb0, dsb1, d_start, None, None, None, None, None, None, None
 
 
 _chunk_core_op.register_autograd(_backward, setup_context=_setup_context)
@@ -676,8 +686,7 @@ _chunk_core_op.register_autograd(_backward, setup_context=_setup_context)
 # The entry ops.py calls
 # ----------------------------------------------------------------------------------------------
 
-def _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states,
-           chunk_size):
+def _check(q, k, v, scalars: ChunkScalars, start_states, layout: CoreLayout):
     name = "chunk_core_fused"
     if not HAS_TRITON:
         raise RuntimeError(f"{name}: mode='fused' needs Triton (pip install triton, Linux); "
@@ -694,24 +703,27 @@ def _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, 
     if max(K, V) > MAX_HEAD_DIM:
         raise ValueError(f"{name}: head dimensions up to {MAX_HEAD_DIM} are supported, got d_k={K}, d_v={V}; "
                          "use mode='chunked'")
-    if not isinstance(chunk_size, int) or chunk_size < MIN_CHUNK_SIZE or chunk_size & (chunk_size - 1):
-        raise ValueError(f"{name}: chunk_size must be a power of two >= {MIN_CHUNK_SIZE}, got {chunk_size!r}")
-    if T == 0 or T % chunk_size:
-        raise ValueError(f"{name}: T = {T} must be a positive multiple of chunk_size = {chunk_size}; "
-                         "pad the chunks first")
-    N = T // chunk_size
-    expected = {"s": (s, (B, H, T)), "m": (m, (B, H, T)), "a": (a, (B, H, T)), "b": (b, (B, H, T)),
-                "hc": (hc, (B, H, T)), "m0": (m0, (B, H, N)), "m1": (m1, (B, H, N)), "sb0": (sb0, (B, H, N)),
-                "sb1": (sb1, (B, H, N)), "chunk_load": (chunk_load, (B, N)), "chunk_store": (chunk_store, (B, N))}
-    for key, (x, shape) in expected.items():
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name}: {key} must have shape {shape}, got {tuple(x.shape)}")
+    C = layout.chunk_size
+    if not is_kernel_chunk(C):
+        raise ValueError(f"{name}: chunk_size must be a power of two >= {MIN_CHUNK_SIZE} (the kernels' tile), "
+                         f"got {C!r}; ops_contract.kernel_chunk_size picks one")
+    if T == 0 or T % C:
+        raise ValueError(f"{name}: T = {T} must be a positive multiple of chunk_size = {C}; pad the chunks first")
+    N = T // C
+    scalars.check(B, H, T, N, name)
+    for key in ("chunk_load", "chunk_store"):
+        if tuple(getattr(layout, key).shape) != (B, N):
+            raise ValueError(f"{name}: {key} must have shape {(B, N)}, got {tuple(getattr(layout, key).shape)}")
     if start_states.dim() != 5 or tuple(start_states.shape[1:]) != (H, 3, K, V) or start_states.shape[0] < 1:
         raise ValueError(f"{name}: start_states must be (S_in >= 1, H, 3, d_k, d_v) = (S_in, {H}, 3, {K}, {V}), "
                          f"got {tuple(start_states.shape)}")
-    if num_out_states < 0:
-        raise ValueError(f"{name}: num_out_states must be >= 0, got {num_out_states}")
-    tensors = {key: x for key, (x, _) in expected.items()} | {"k": k, "v": v, "start_states": start_states}
+    if layout.num_out_states < 0:
+        raise ValueError(f"{name}: num_out_states must be >= 0, got {layout.num_out_states}")
+    if layout.segments is not None and tuple(layout.segments.shape) != (B, T):
+        raise ValueError(f"{name}: segments must be (B, T) = {(B, T)}, got {tuple(layout.segments.shape)}")
+    tensors = dict(zip(ChunkScalars.NAMES, scalars.tensors()))
+    tensors |= {"k": k, "v": v, "start_states": start_states, "chunk_load": layout.chunk_load,
+                "chunk_store": layout.chunk_store}
     for key, x in tensors.items():
         if x.device != q.device:
             raise ValueError(f"{name}: {key} is on {x.device}, q on {q.device}: put all inputs on one device")
@@ -725,36 +737,18 @@ def _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, 
                          "in the environment before starting Python to run them on CPU in Triton's interpreter")
 
 
-def chunk_core_fused(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
-                     num_out_states: int, chunk_size: int, plan: Optional[tuple] = None,
-                     segments: Optional[torch.Tensor] = None):
-    """The chunk core of ZeroS in Triton, differentiable (see the module docstring for the math).
+def fused_chunk_core(q, k, v, scalars: ChunkScalars, start_states: torch.Tensor, layout: CoreLayout):
+    """The chunk core of ZeroS in Triton, differentiable (the contract and its math: ``ops_contract.py``).
 
-    Args:
-        q, k: (B, T, H, d_k); v: (B, T, H, d_v); one dtype among float32, float16, bfloat16. T = N C with
-            C = chunk_size; padding tokens have k = v = 0.
-        s, m, a, b, hc: (B, H, T) float32: key logits, running maximum (no gradient), query coefficients.
-        m0, m1: (B, H, N) float32 (no gradient): the maximum at each chunk's start and end.
-        sb0, sb1: (B, H, N) float32: the mean logit at each chunk's start and end.
-        start_states: (S_in, H, 3, d_k, d_v) float32: the F, G, H states that chunks load.
-        chunk_load: (B, N) int: -1 = continue from the previous chunk of the row, else a row of start_states
-            (chunk_load[:, 0] >= 0).
-        chunk_store: (B, N) int: -1, or the row of out_states that receives the state after the chunk.
-        num_out_states: rows of out_states. chunk_size: C, a power of two >= 16.
-        plan: optional (chunk_load, chunk_store) as host lists: the backward then sizes its buffers
-            without waiting for the device (ops.py passes it; without it chunk_load is read once).
-        segments: optional (B, T) int, the sequence of each position when a chunk may hold several (the
-            shared layout of ops.py's training path, as its PyTorch core takes it): the weights are then
-            block-diagonal, only a chunk's first sequence reads its start state, only its last one writes
-            the state after it, and a chunk in which a sequence starts drops the state it started from.
-
-    Returns:
-        o: (B, T, H, d_v) float32; out_states: (num_out_states, H, 3, d_k, d_v) float32 (unwritten rows 0).
+    q, k, v share one dtype among float32, float16, bfloat16; scalars and start_states are float32 (or
+    cast to it); layout.chunk_size is a kernel tile (a power of two >= 16). Returns o (B, T, H, d_v) in
+    layout.out_dtype (float32 when None) and out_states (num_out_states, H, 3, d_k, d_v) float32. ``chunk_core_fused`` is this core in the
+    flat convention (what ops.py calls).
     """
-    _check(q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, num_out_states,
-           chunk_size)
-    num_loads = int((chunk_load >= 0).sum()) if plan is None else sum(x >= 0 for row in plan[0] for x in row)
-    if segments is not None and tuple(segments.shape) != tuple(q.shape[:2]):
-        raise ValueError(f"chunk_core_fused: segments must be (B, T) = {tuple(q.shape[:2])}, got {tuple(segments.shape)}")
-    return _chunk_core_op(q, k, v, s, m.detach(), a, b, hc, m0.detach(), m1.detach(), sb0, sb1, start_states,
-                          chunk_load, chunk_store, num_out_states, chunk_size, num_loads, segments)
+    _check(q, k, v, scalars, start_states, layout)
+    scalars = scalars.detach_maxima()
+    return _chunk_core_op(q, k, v, *scalars.tensors(), start_states, layout.chunk_load, layout.chunk_store,
+                          layout.num_out_states, layout.chunk_size, layout.num_loads, layout.segments, layout.out_dtype)
+
+
+chunk_core_fused = flat_entry(fused_chunk_core)

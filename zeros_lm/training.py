@@ -26,6 +26,7 @@ __all__ = [
     "ZeroSLitModule",
     "lr_lambda",
     "check_model_arguments",
+    "model_config",
     # re-exported from their own modules
     "ThroughputLogger",
     "ZeroSCheckpoint",
@@ -57,7 +58,8 @@ class _LRLambda:
         return lr_lambda(step, self.warmup_steps, self.total_steps, self.min_lr_ratio)
 
 
-def _model_config(arguments: dict):
+def model_config(arguments: dict) -> ZeroSConfig:
+    """The ``ZeroSConfig`` that the model arguments (``--model.*``) describe."""
     return ZeroSConfig(**{k: arguments[k] for k in config_fields(ZeroSConfig) if k in arguments})
 
 
@@ -92,7 +94,7 @@ def check_model_arguments(arguments: dict) -> None:
     if arguments.get("init_from"):
         return  # the exported model's own config replaces the model arguments
     try:
-        _model_config(arguments)
+        model_config(arguments)
     except ValueError as e:
         # ZeroSConfig names its fields; on the command line they are --model.<field>.
         message = " ".join(str(e).split()).replace("ZeroSConfig: ", "").replace("ZeroSConfig.", "--model.")

@@ -30,18 +30,23 @@ length, so a long prompt can be read once and reused:
 --save-state FILE writes the state after the prompt (before generating), --save-final-state FILE after
 the generation; --load-state FILE starts from a saved state, and the prompt (may be empty) continues it.
 In interactive mode, `/save FILE` and `/load FILE` do the same between turns.
+Where a state goes is checked before anything is generated (its directory exists and takes a file);
+a save never replaces a file that is not a state file, nor an existing state file unless
+--overwrite-state is given.
 """
 
 import argparse
 import functools
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 EXIT_USAGE = 2
 DEFAULT_MAX_NEW_TOKENS = 128  # when neither --max-new-tokens nor the model's generation_config sets a length
 PENDING_KEY = "generate.pending_ids"  # state-file metadata: tokens of the context not yet in the state
+SHOWN_WEIGHT_NAMES = 3  # weight names an error about a model directory's weights shows per kind
 
 
 class CLIError(Exception):
@@ -72,6 +77,9 @@ def parse_args(argv):
     p.add_argument("--load-state", metavar="FILE", help="start from a state saved by --save-state")
     p.add_argument("--save-state", metavar="FILE", help="save the state after reading the prompt")
     p.add_argument("--save-final-state", metavar="FILE", help="save the state after the generation")
+    p.add_argument("--overwrite-state", action="store_true",
+                   help="let --save-state, --save-final-state and /save replace an existing state file "
+                        "(a file that is not a state file is never replaced)")
     p.add_argument(
         "--prefill-chunk-size",
         type=int,
@@ -104,11 +112,51 @@ def check_args(args) -> None:
             raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.repetition_penalty is not None and not args.repetition_penalty > 0:
         raise CLIError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    if args.load_state is not None and not Path(args.load_state).is_file():
-        raise CLIError(f"state file '{args.load_state}' does not exist")
+    if args.load_state is not None:
+        check_load_source(args.load_state, "--load-state")
     for flag, target in (("--save-state", args.save_state), ("--save-final-state", args.save_final_state)):
-        if target is not None and not Path(target).resolve().parent.is_dir():
-            raise CLIError(f"{flag}: the directory of '{target}' does not exist")
+        if target is not None:
+            check_save_target(target, flag, args.overwrite_state)
+    if (args.save_state is not None and args.save_final_state is not None and not args.overwrite_state
+            and Path(args.save_state).resolve() == Path(args.save_final_state).resolve()):
+        raise CLIError("--save-state and --save-final-state name the same file: the second save would replace "
+                       "the first; give two names, or --overwrite-state")
+
+
+def check_load_source(source: str, what: str) -> None:
+    """``source`` is a file (what it holds is checked when it is read)."""
+    if Path(source).is_dir():
+        raise CLIError(f"{what}: '{source}' is a directory, not a state file")
+    if not Path(source).is_file():
+        raise CLIError(f"state file '{source}' does not exist")
+
+
+def check_save_target(target: str, what: str, overwrite: bool) -> None:
+    """A state can be written to ``target``: its directory exists and is writable, it is not a
+    directory, and it is no existing file but (with ``overwrite``) a state file. Checked before any
+    generation (and by /save), so that nothing is computed for a save that cannot happen."""
+    path = Path(target)
+    if path.is_dir():
+        raise CLIError(f"{what}: '{target}' is a directory; give a file name")
+    parent = path.resolve().parent
+    if not parent.exists():
+        raise CLIError(f"{what}: the directory of '{target}' does not exist")
+    if not parent.is_dir():
+        raise CLIError(f"{what}: the directory of '{target}' ('{parent}') is not a directory")
+    try:  # the honest test (permissions, read-only file systems, root): write a file there
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".zeros-lm-write-check-"):
+            pass
+    except OSError as e:
+        raise CLIError(f"{what}: cannot write into the directory '{parent}' ({e.strerror or one_line(e)})") from None
+    if path.exists() or path.is_symlink():
+        from zeros_lm.cache_zeros import is_state_file
+
+        if not is_state_file(path):
+            raise CLIError(f"{what}: '{target}' exists and is not a ZeroS state file; it is left alone: "
+                           "choose another file name")
+        if not overwrite:
+            raise CLIError(f"{what}: the state file '{target}' exists; replace it with --overwrite-state, "
+                           "or choose another file name")
 
 
 def generation_kwargs(args, generation_config) -> dict:
@@ -167,6 +215,18 @@ def one_line(e) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def weights_problem(loading: dict) -> str | None:
+    """What ``from_pretrained(..., output_loading_info=True)`` reports as wrong with the weights it
+    read (missing, unexpected or mismatched ones), in a few words; None if nothing."""
+    parts = []
+    for key, word in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "of another shape")):
+        names = sorted(str(n if isinstance(n, str) else n[0]) for n in loading.get(key) or ())
+        if names:
+            more = f", ... {len(names) - SHOWN_WEIGHT_NAMES} more" if len(names) > SHOWN_WEIGHT_NAMES else ""
+            parts.append(f"{len(names)} {word}: {', '.join(names[:SHOWN_WEIGHT_NAMES])}{more}")
+    return "; ".join(parts) or None
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -199,9 +259,14 @@ class Session:
         except Exception as e:  # noqa: BLE001 - any failure is reported in one line
             raise CLIError(f"could not load the tokenizer from '{path}': {one_line(e)}") from None
         try:
-            self.model = ZeroSForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device).eval()
+            model, loading = ZeroSForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), output_loading_info=True)
         except Exception as e:  # noqa: BLE001
             raise CLIError(f"could not load the model from '{path}': {one_line(e)}") from None
+        problem = weights_problem(loading)
+        if problem:  # transformers only logs this (and initialises the missing weights at random)
+            raise CLIError(f"the weights in '{path}' do not fit its config.json ({problem}); it would generate "
+                           "noise: export the model again (python -m zeros_lm.export CHECKPOINT DIR)")
+        self.model = model.to(self.device).eval()
         self.cache_class = ZeroSCache
         self.cache = ZeroSCache(self.model.config)
         self.pending = torch.empty(1, 0, dtype=torch.long, device=self.device)  # in the context, not yet in the state
@@ -212,17 +277,23 @@ class Session:
         self.gen_kwargs["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
         self.totals = {"prompt": 0, "generated": 0, "seconds": 0.0}
 
-    def save_state(self, path: str) -> None:
+    def save_state(self, path: str, what: str = "/save") -> None:
         """Write the state and the pending token(s) to ``path``."""
+        check_save_target(path, what, self.args.overwrite_state)
+        if self.cache.get_seq_length() == 0 and self.pending.shape[1] == 0:
+            raise CLIError(f"{what}: nothing to save yet: no text has been read")
         try:
-            self.cache.save(path, self.model, metadata={PENDING_KEY: json.dumps(self.pending[0].tolist())})
-        except (OSError, ValueError) as e:
+            # A one-token prompt leaves the state empty: the file then holds only its pending token.
+            self.cache.save(path, self.model, metadata={PENDING_KEY: json.dumps(self.pending[0].tolist())},
+                            overwrite=self.args.overwrite_state, allow_empty=True)
+        except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' own error: one line
             raise CLIError(f"could not save the state to '{path}': {one_line(e)}") from None
         print(f"[state] saved the state after {self.cache.get_seq_length() + self.pending.shape[1]} tokens "
               f"to {path} ({Path(path).stat().st_size:,} bytes)", file=sys.stderr)
 
-    def load_state(self, path: str) -> None:
+    def load_state(self, path: str, what: str = "/load") -> None:
         """Continue from a state written by :meth:`save_state` (the current one is dropped)."""
+        check_load_source(path, what)
         try:
             cache = self.cache_class.load(path, self.model)
             pending = json.loads(cache.metadata.get(PENDING_KEY, "[]"))
@@ -257,7 +328,7 @@ class Session:
         if save_after_prompt is not None:  # all but the last token enter the state; the last one stays pending
             self._prefill(ids[:, :-1])
             self.pending = ids = ids[:, -1:]
-            self.save_state(save_after_prompt)
+            self.save_state(save_after_prompt, "--save-state")
         past = self.cache.get_seq_length()
         streamer = _timed_streamer_class()(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.no_grad():
@@ -331,14 +402,14 @@ def run(args) -> None:
     session = Session(args)
     first = True
     if args.load_state is not None:
-        session.load_state(args.load_state)
+        session.load_state(args.load_state, "--load-state")
         first = False
 
     if not args.interactive:
         stats = session.generate(prompt or "", first=first, save_after_prompt=args.save_state)
         print(format_stats(stats, detailed=args.stats), file=sys.stderr)
         if args.save_final_state is not None:
-            session.save_state(args.save_final_state)
+            session.save_state(args.save_final_state, "--save-final-state")
         return
 
     if prompt is not None:
@@ -382,7 +453,7 @@ def run(args) -> None:
             file=sys.stderr,
         )
     if args.save_final_state is not None:
-        session.save_state(args.save_final_state)
+        session.save_state(args.save_final_state, "--save-final-state")
 
 
 def main(argv=None) -> int:

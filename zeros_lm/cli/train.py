@@ -38,14 +38,20 @@ from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningCLI
 
 from zeros_lm.callbacks import HFExport, ModelSummaryWithoutFlops, StepProgressBar, ThroughputLogger, ZeroSCheckpoint
+from zeros_lm.checkpoint import config_differences, stored_config
+from zeros_lm.configuration_zeros import ZeroSConfig
 from zeros_lm.data import DataError, TextDataModule
 from zeros_lm.export import ExportError, check_checkpoint, newest_readable_checkpoint
 from zeros_lm.rundir import RunError, claim_root_dir, remove_previous_run
-from zeros_lm.training import ZeroSLitModule, check_model_arguments
+from zeros_lm.training import ZeroSLitModule, check_model_arguments, model_config
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 LAST_CHECKPOINT = "last.ckpt"
+# The model fields that follow the data module's tokenizer (linked when the classes are built).
+TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+# Model fields that say how the model runs, not what it computes: a resumed run may change them.
+RESUME_MAY_CHANGE = ("attention_backend", "chunk_size", "use_cache")
 
 # The embedded default run: what `python train.py` does with no arguments (configs/default.yaml
 # holds the same values). Model and data defaults live in the classes' signatures.
@@ -108,10 +114,18 @@ def check_trainer_arguments(trainer: Any) -> None:
         )
 
 
+def _resume_path(ckpt_path: Optional[str], checkpoint_dir: str) -> Optional[Path]:
+    """The checkpoint file (or DeepSpeed directory) a resume reads; None where Lightning resolves it."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+        return None
+    return Path(checkpoint_dir) / LAST_CHECKPOINT if ckpt_path == "last" else Path(ckpt_path)
+
+
 def check_resume_checkpoint(ckpt_path: Optional[str], checkpoint_dir: str) -> None:
     """An unreadable checkpoint to resume from (given, or behind ``last``), as one error naming the
     newest readable one."""
-    if ckpt_path is None or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+    path = _resume_path(ckpt_path, checkpoint_dir)
+    if path is None:
         return
     if ckpt_path == "last":
         path = Path(checkpoint_dir) / LAST_CHECKPOINT
@@ -123,9 +137,43 @@ def check_resume_checkpoint(ckpt_path: Optional[str], checkpoint_dir: str) -> No
                     f"resume with --ckpt_path {newest}"
                 )
             return  # nothing to resume: Lightning says so and starts afresh
-    else:
-        path = Path(ckpt_path)
     check_checkpoint(path)
+
+
+def check_resume_model(ckpt_path: Optional[str], checkpoint_dir: str, model_arguments: dict) -> None:
+    """A resume must build the model its checkpoint holds: one error naming every model field that
+    the arguments (YAML and command line) set otherwise. Read from the checkpoint without its
+    tensors, before any data work. The fields the tokenizer sets and those that only say how the
+    model runs (:data:`RESUME_MAY_CHANGE`) are not compared."""
+    path = _resume_path(ckpt_path, checkpoint_dir)
+    if path is None or not os.path.lexists(path):
+        return
+    stored = stored_config(path)
+    if stored is None:
+        return
+    init_from = model_arguments.get("init_from")
+    try:  # with init_from, the exported model's config replaces the model arguments
+        requested = ZeroSConfig.from_pretrained(init_from) if init_from else model_config(model_arguments)
+    except (OSError, ValueError):
+        return  # reported where the model is built
+    differences = config_differences(stored, requested, ignore=TOKENIZER_FIELDS + RESUME_MAY_CHANGE)
+    if differences:
+        where = f"in {init_from}" if init_from else "asked for"
+        shown = "; ".join(
+            f"{'' if init_from else '--model.'}{name} {_shown(asked)} {where}, {_shown(trained)} in the checkpoint"
+            for name, trained, asked in differences
+        )
+        raise RunError(
+            f"--ckpt_path {ckpt_path}: {path} was trained with another model ({shown}); resume with the run's "
+            "own model options, or start a new run in another --trainer.default_root_dir"
+        )
+
+
+def _shown(value: Any) -> str:
+    """A config value as it is written on the command line (true / null / [..])."""
+    import json
+
+    return json.dumps(value) if isinstance(value, (bool, list, type(None))) else str(value)
 
 
 class ZeroSCLI(LightningCLI):
@@ -147,7 +195,7 @@ class ZeroSCLI(LightningCLI):
         parser.add_lightning_class_args(HFExport, "export")
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
         # The model's vocabulary and special tokens follow the tokenizer that the data module owns.
-        for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+        for key in TOKENIZER_FIELDS:
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         # Whether the packed documents are kept apart describes the blocks: a data option.
         parser.link_arguments("data.document_resets", "model.document_resets")
@@ -163,6 +211,7 @@ class ZeroSCLI(LightningCLI):
         root = config.trainer.default_root_dir or os.getcwd()
         checkpoint_dir = config.checkpoint.dirpath or _checkpoint_dir(root)
         check_resume_checkpoint(config.ckpt_path, checkpoint_dir)
+        check_resume_model(config.ckpt_path, checkpoint_dir, dict(config.model))
         self.previous_run: list = []
         if _launched_rank_zero():
             export_dir = (config.export.dirpath or os.path.join(root, "hf")) if config.export.enabled else None
@@ -190,6 +239,16 @@ class ZeroSCLI(LightningCLI):
         if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in configured):
             callbacks = list(callbacks) + [ModelSummaryWithoutFlops()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def layer_mix(config) -> str:
+    """The token mixers a config builds, in words: "zeros attention", "softmax attention" (every layer
+    ``full_attention``), "zeros attention + 1 softmax layer in 4"."""
+    kinds = config.mixer_types
+    if len(set(kinds)) == 1:
+        return f"{kinds[0]} attention"
+    n_softmax = kinds.count("softmax")
+    return f"{config.attention_type} attention + {n_softmax} softmax layer{'s' if n_softmax > 1 else ''} in {len(kinds)}"
 
 
 def default_loggers(root: str) -> list:
@@ -270,7 +329,7 @@ def main(args=None) -> int:
     if trainer.is_global_zero:
         cfg = model.config
         print(
-            f"Model: {cfg.attention_type} attention, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
+            f"Model: {layer_mix(cfg)}, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, "
             f"{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}: {model.num_parameters() / 1e6:.2f} M parameters",
             flush=True,
         )

@@ -28,7 +28,11 @@ from .tokenizer import _check_texts, _train_tokenizer_on, check_vocab_size, load
 _TOKENIZER_CACHE: dict[str, Any] = {}
 
 
-def _backend(tokenizer_json: str):
+def _backend(tokenizer_json: str, split_special_tokens: bool = True):
+    """The ``tokenizers.Tokenizer`` of ``tokenizer_json``, kept between batches. With
+    ``split_special_tokens`` the text of a special token (``<|endoftext|>`` written inside a
+    document) is encoded as the ordinary text it is, never as the special token: only the pipeline
+    itself puts EOS between documents."""
     key = hashlib.sha1(tokenizer_json.encode()).hexdigest()
     tok = _TOKENIZER_CACHE.get(key)
     if tok is None:
@@ -37,14 +41,17 @@ def _backend(tokenizer_json: str):
         tok = Tokenizer.from_str(tokenizer_json)
         _TOKENIZER_CACHE.clear()
         _TOKENIZER_CACHE[key] = tok
+    tok.encode_special_tokens = split_special_tokens  # a setting of the encoder, not of the saved tokenizer
     return tok
 
 
-def _tokenize_batch(batch: dict, tokenizer_json: str, parent_pid: Optional[int] = None) -> dict:
+def _tokenize_batch(
+    batch: dict, tokenizer_json: str, split_special_tokens: bool = True, parent_pid: Optional[int] = None
+) -> dict:
     if parent_pid is not None:
         _die_with(parent_pid)
     _check_texts(batch["text"])
-    tok = _backend(tokenizer_json)
+    tok = _backend(tokenizer_json, split_special_tokens)
     texts = [t if (t and t.strip()) else "" for t in batch["text"]]
     encodings = tok.encode_batch(texts, add_special_tokens=False)
     ids = [np.asarray(e.ids, dtype=np.int32) if t else np.zeros(0, dtype=np.int32) for e, t in zip(encodings, texts)]
@@ -66,8 +73,10 @@ def _pack_batch(batch: dict, block_size: int, eos_id: int, parent_pid: Optional[
     return {"input_ids": stream[: n * block_size].reshape(n, block_size)}
 
 
-def _tokenize_and_pack(batch: dict, tokenizer_json: str, block_size: int, eos_id: int) -> dict:
-    return _pack_batch(_tokenize_batch(batch, tokenizer_json), block_size, eos_id)
+def _tokenize_and_pack(
+    batch: dict, tokenizer_json: str, block_size: int, eos_id: int, split_special_tokens: bool = True
+) -> dict:
+    return _pack_batch(_tokenize_batch(batch, tokenizer_json, split_special_tokens), block_size, eos_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,6 +98,11 @@ class CorpusOptions:
             training data (cached).
         tokenizer_vocab_size: size of the BPE to train (special tokens included).
         tokenizer_train_chars: train the BPE on at most this many characters of the corpus.
+        split_special_tokens: ``True`` (the default): the text of a special token inside a document
+            (``<|endoftext|>``, ``<|pad|>``, a loaded tokenizer's own) is encoded as ordinary text,
+            so only the pipeline's own EOS separates documents. ``False`` turns such text into the
+            special token (transformers' ``split_special_tokens=False``), for corpora that write
+            their separators as text on purpose.
         seq_len: tokens per training sequence (blocks hold ``seq_len + 1``).
         val_fraction: share of the packed blocks held out for validation (0 disables validation).
         seed: document order, validation split and batch order.
@@ -102,6 +116,7 @@ class CorpusOptions:
     tokenizer: Optional[str] = None
     tokenizer_vocab_size: int = 4096
     tokenizer_train_chars: int = 50_000_000
+    split_special_tokens: bool = True
     seq_len: int = 256
     val_fraction: float = 0.01
     seed: int = 1234
@@ -123,22 +138,28 @@ def _block_features(block_size: int):
     return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"), length=block_size)})
 
 
-def _pack_documents(docs, tokenizer_json: str, block_size: int, eos_id: int, num_proc: Optional[int], what: str):
-    """Tokenise (datasets.map, batched, num_proc) and pack into blocks; returns (blocks, n_docs, n_tokens)."""
+def _pack_documents(
+    docs, tokenizer_json: str, block_size: int, eos_id: int, num_proc: Optional[int], what: str,
+    split_special_tokens: bool = True,
+):
+    """Tokenise (datasets.map, batched, num_proc) and pack into blocks; returns (blocks, n_docs, n_tokens),
+    where ``n_docs`` counts the documents with text (an empty or blank one adds nothing to the blocks)."""
     import datasets
 
-    n_docs = len(docs)
-    if n_docs == 0:
+    n_rows = len(docs)
+    if n_rows == 0:
         raise DataError(f"empty corpus: {what} holds no documents")
-    nproc = num_proc if (num_proc and num_proc > 1 and n_docs >= 8 * num_proc) else None
+    nproc = num_proc if (num_proc and num_proc > 1 and n_rows >= 8 * num_proc) else None
     if nproc:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenized = _batched_map(
-        docs, _tokenize_batch, 256, nproc, {"tokenizer_json": tokenizer_json},
+        docs, _tokenize_batch, 256, nproc,
+        {"tokenizer_json": tokenizer_json, "split_special_tokens": split_special_tokens},
         datasets.Features({"ids": datasets.Sequence(datasets.Value("int32")), "n_tokens": datasets.Value("int64")}),
         f"Tokenising {what}",
     )
-    n_tokens = int(np.sum(tokenized.with_format("numpy")["n_tokens"])) if len(tokenized) else 0
+    lengths = np.asarray(tokenized.with_format("numpy")["n_tokens"]) if len(tokenized) else np.zeros(0)
+    n_tokens, n_docs = int(lengths.sum()), int((lengths > 0).sum())
     if n_tokens == 0:
         raise DataError(f"empty corpus: {what} contains no text")
     # Pack in few large batches so little is lost at batch ends; several processes only when there
@@ -218,6 +239,7 @@ def prepare_corpus(
             block_size,
             o.val_fraction,
             o.seed,
+            o.split_special_tokens,
         )
         if use_cache and (data_dir / "meta.json").is_file():
             return _load_blocks(data_dir, tok)
@@ -282,7 +304,10 @@ def _cut_blocks(o: CorpusOptions, docs, get_val_docs, tok, num_proc: Optional[in
     else the last ``val_fraction`` of the blocks); returns (train, val, stats)."""
     t0 = time.time()
     tokenizer_json, eos_id, block_size = tok.backend_tokenizer.to_str(), tok.eos_token_id, o.seq_len + 1
-    blocks, n_docs, n_tokens = _pack_documents(docs, tokenizer_json, block_size, eos_id, num_proc, "the training data")
+    split = o.split_special_tokens
+    blocks, n_docs, n_tokens = _pack_documents(
+        docs, tokenizer_json, block_size, eos_id, num_proc, "the training data", split
+    )
     n_blocks = len(blocks)
     if n_blocks == 0:
         raise DataError(
@@ -293,7 +318,9 @@ def _cut_blocks(o: CorpusOptions, docs, get_val_docs, tok, num_proc: Optional[in
     val_stats: dict = {}
     if get_val_docs is not None:
         val_docs = get_val_docs()
-        val, vd, vt = _pack_documents(val_docs, tokenizer_json, block_size, eos_id, num_proc, "the validation data")
+        val, vd, vt = _pack_documents(
+            val_docs, tokenizer_json, block_size, eos_id, num_proc, "the validation data", split
+        )
         if len(val) == 0:
             raise DataError(
                 f"validation data too small: {vt} tokens make no block of seq_len + 1 = {block_size} tokens"

@@ -141,6 +141,7 @@ class StreamingPipeline:
                 "tokenizer_json": self.tokenizer.backend_tokenizer.to_str(),
                 "block_size": self.dm.seq_len + 1,
                 "eos_id": self.tokenizer.eos_token_id,
+                "split_special_tokens": self.dm.options.split_special_tokens,
             },
         )
 

@@ -1,0 +1,78 @@
+"""ZeroSCache's typed per-layer slots: each mixer keeps its own slot type, with named entries that the
+state file names too, and each slot selects / repeats its rows itself."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors import safe_open
+
+from zeros_lm import ZeroSCache
+from zeros_lm.cache_zeros import LinearLayerState, SoftmaxLayerState, ZeroSLayerState
+from zeros_lm.ops import ZeroSState
+
+HYBRID = dict(num_hidden_layers=3, conv_size=3, layer_types=["full_attention", "linear_attention", "linear_attention"])
+
+
+def _ids(B, T, seed):
+    return torch.randint(2, 320, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_each_layer_keeps_its_named_slot():
+    model = tiny_model("zeros", **HYBRID)
+    B, T, H, d, C = 2, 7, 4, 16, 64
+    with torch.no_grad():
+        cache = model(_ids(B, T, 0), use_cache=True).cache
+    softmax, zeros, _ = cache.layer_states
+    assert isinstance(softmax, SoftmaxLayerState) and isinstance(zeros, ZeroSLayerState)
+    assert softmax.keys.shape == softmax.values.shape == (B, H, T, d) and softmax.valid.shape == (B, T)
+    assert isinstance(zeros.core, ZeroSState) and zeros.u_sum.shape == (B, H, d)
+    assert zeros.conv.shape == (B, HYBRID["conv_size"] - 1, 4 * C)
+    linear = tiny_model("linear", conv_size=3)
+    with torch.no_grad():
+        state = linear(_ids(B, T, 0), use_cache=True).cache.layer_states[0]
+    assert isinstance(state, LinearLayerState)
+    assert state.kv_sum.shape == (B, H, d, d) and state.k_sum.shape == (B, H, d) and state.conv.shape == (B, 2, 3 * C)
+
+
+def test_a_layer_refuses_another_kinds_slot():
+    model = tiny_model("zeros", **HYBRID)
+    with torch.no_grad():
+        cache = model(_ids(1, 3, 0), use_cache=True).cache
+    with pytest.raises(TypeError, match="SoftmaxLayerState"):
+        cache.update_layer_state(0, cache.layer_states[1])
+    with pytest.raises(TypeError, match="ZeroSLayerState"):
+        cache.update_layer_state(1, tuple(vars(cache.layer_states[1]).values()))
+
+
+def test_state_file_names_each_entry(tmp_path):
+    model = tiny_model("zeros", **HYBRID)
+    with torch.no_grad():
+        model(_ids(1, 5, 0), use_cache=True).cache.save(tmp_path / "s.state", model)
+    with safe_open(tmp_path / "s.state", framework="pt") as f:
+        keys = set(f.keys())
+    assert {"num_tokens", "layers.0.keys", "layers.0.values", "layers.0.valid", "layers.1.core.kv",
+            "layers.1.core.n", "layers.1.u_sum", "layers.1.conv", "layers.2.core.sbar"} <= keys
+
+
+def test_selected_and_repeated_rows_continue_as_those_rows_alone():
+    """batch_select_indices / batch_repeat_interleave move every slot's rows (KV, ZeroS state, running
+    sum of u, convolution history, token counts) together."""
+    model = tiny_model("zeros", **HYBRID)
+    prompt, mask = _ids(3, 6, 0), torch.ones(3, 6, dtype=torch.long)
+    mask[2, :2] = 0  # a left-padded row
+    nxt = _ids(3, 2, 1)
+    with torch.no_grad():
+        cache = model(prompt, attention_mask=mask, use_cache=True).cache
+        order = torch.tensor([2, 0])
+        cache.batch_select_indices(order)
+        cache.batch_repeat_interleave(2)
+        rows = order.repeat_interleave(2)
+        full_mask = torch.cat([mask[rows], torch.ones(4, 2, dtype=torch.long)], dim=1)
+        logits = model(nxt[rows], attention_mask=full_mask, cache=cache).logits
+        ref = model(torch.cat([prompt, nxt], 1)[rows], attention_mask=full_mask).logits[:, -2:]
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_cache_is_all_none():
+    cache = ZeroSCache(tiny_model("zeros", **HYBRID).config)
+    assert cache.layer_states == [None] * 3 and cache.nbytes == 0
