@@ -8,9 +8,9 @@ Every step of the loop
    the streams that are decoding; a job whose prompt is read samples its first token(s), forks its state for
    ``n > 1`` and its streams join the batch;
 3. decodes: one forward of every joined stream's last token through the batched cache (one row per stream;
-   :func:`~zeros_lm.serving.batching.stack_caches` joins rows, softmax layers' KV of ragged lengths left-padded
-   and masked), then samples each row;
-4. lets finished, stopped and cancelled streams leave at once (:func:`~zeros_lm.serving.batching.take_rows`);
+   :meth:`ZeroSCache.stack <zeros_lm.cache_zeros.ZeroSCache.stack>` joins rows, each slot type its own entries,
+   softmax layers' KV of ragged lengths left-padded and masked), then samples each row;
+4. lets finished, stopped and cancelled streams leave at once (:meth:`ZeroSCache.take_rows`);
    a session's stream leaves with its state, which goes back to the session store.
 
 Jobs talk to their request through ``sink(event)`` (called from this thread): ``("delta", index, text)``,
@@ -30,9 +30,8 @@ from typing import Callable
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from zeros_lm.modeling_zeros import ZeroSCache
+from zeros_lm.cache_zeros import ZeroSCache
 
-from .batching import stack_caches, take_rows
 from .sessions import SessionState
 
 logger = logging.getLogger("zeros_lm.serve")
@@ -254,8 +253,8 @@ class Engine:
         self._drop_cancelled_prefills()
         self._prefill()
         if self._joining:
-            self._batch = stack_caches(([self._batch] if self._batch is not None else [])
-                                       + [c.cache for c in self._joining])
+            self._batch = ZeroSCache.stack(([self._batch] if self._batch is not None else [])
+                                           + [c.cache for c in self._joining])
             for c in self._joining:
                 c.cache = None
             self._rows += self._joining
@@ -313,11 +312,11 @@ class Engine:
         for i in leaving:
             c = self._rows[i]
             if c.job.session_id is not None and c.index == 0:
-                self._finish(c, take_rows(self._batch, [i]))
+                self._finish(c, self._batch.take_rows([i]))
             else:
                 self._finish(c, None)
         keep = [i for i in range(len(self._rows)) if i not in set(leaving)]
-        self._batch = take_rows(self._batch, keep) if keep else None
+        self._batch = self._batch.take_rows(keep) if keep else None
         self._rows = [self._rows[i] for i in keep]
 
     def _drop_cancelled_prefills(self) -> None:

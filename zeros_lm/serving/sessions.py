@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from zeros_lm.modeling_zeros import ZeroSCache
+from zeros_lm.cache_zeros import ZeroSCache
 
 logger = logging.getLogger("zeros_lm.serve")
 
@@ -101,7 +101,7 @@ class SessionStore:
         if path is None or state.cache is None:
             return False
         metadata = {HISTORY_KEY: _encode_history(state.history), READ_KEY: str(state.read)}
-        state.cache.save(path, self.model, metadata=metadata)
+        state.cache.save(path, self.model, metadata=metadata, overwrite=True)  # its own earlier state
         return True
 
     def _read(self, session_id: str) -> SessionState | None:
