@@ -209,6 +209,26 @@ def test_served_greedy_equals_generate(kind, model_dirs, tiny_tokenizer, tmp_pat
         assert third["usage"]["prompt_tokens_details"]["cached_tokens"] == len(history) - 1
 
 
+def test_an_idle_session_is_parked_in_one_block_of_its_size():
+    """SessionState.parked copies the state and history into one mapping (no allocator holes between them)."""
+    from zeros_lm.serving.sessions import PARK_ALIGN, SessionState
+
+    model = _model("hybrid_conv")
+    with torch.no_grad():
+        cache = model(torch.randint(2, 300, (1, 9)), use_cache=True).cache
+    state = SessionState(cache, SessionState.tokens(list(range(10))), 9)
+    parked = state.parked()
+    before, after = [state.history], [parked.history]
+    state.cache.map(lambda x: before.append(x) or x)
+    parked.cache.map(lambda x: after.append(x) or x)
+    assert len(before) == len(after) > 10
+    for x, y in zip(before, after):
+        assert torch.equal(x, y) and x.dtype == y.dtype and x.data_ptr() != y.data_ptr()
+    (storage,) = {y.untyped_storage().data_ptr() for y in after}  # one block ...
+    assert after[0].untyped_storage().nbytes() <= state.nbytes + len(after) * PARK_ALIGN  # ... of the state's size
+    assert parked.cache.seen_tokens == cache.seen_tokens and parked.read == 9
+
+
 def test_chat_session_reuses_only_a_matching_state(model_dirs, tiny_tokenizer):
     """A chat conversation re-sent whole reuses the state when it starts with exactly what the state read, and
     is read afresh when it does not; both answer as model.generate on the conversation's tokens."""

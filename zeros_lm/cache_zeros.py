@@ -538,12 +538,14 @@ class ZeroSCache(Cache):
         return self._with_states(states, num_tokens, self.seen_tokens - drop)
 
     # -- state files ------------------------------------------------------------------------------
+    def map(self, fn: TensorFn) -> "ZeroSCache":
+        """A new cache with ``fn`` applied to each of its tensors (this one is left as it is)."""
+        return self._with_states([None if s is None else s.map(fn) for s in self.layer_states],
+                                 None if self.num_tokens is None else fn(self.num_tokens), self.seen_tokens)
+
     def copy(self) -> "ZeroSCache":
         """An independent copy (fork a conversation: both continue separately from here)."""
-        twin = copy.copy(self)
-        twin._apply(LayerState.clone, torch.Tensor.clone)
-        twin.metadata = dict(self.metadata)
-        return twin
+        return self.map(torch.Tensor.clone)
 
     def save(
         self,

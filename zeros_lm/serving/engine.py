@@ -19,6 +19,7 @@ Jobs talk to their request through ``sink(event)`` (called from this thread): ``
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import logging
@@ -39,6 +40,25 @@ logger = logging.getLogger("zeros_lm.serve")
 REPLACEMENT_CHAR = "\ufffd"  # what decode() shows for the bytes of an unfinished UTF-8 character
 IDLE_WAIT_S = 0.5
 POLL_S = 0.02
+
+
+def _libc_malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def return_free_memory() -> None:
+    """Give the free pages of the C heap back to the system (glibc; elsewhere nothing). The steps' temporaries
+    leave holes between the states that stay (idle sessions); without this the server keeps them: about 10%
+    more memory than the idle sessions' states."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class Overloaded(Exception):
@@ -233,6 +253,8 @@ class Engine:
                 logger.exception("engine step failed")
                 self._fail_all(f"the model failed: {' '.join(str(e).split())[:300]}")
             self._gauge()
+            if not self.busy:  # the last stream has left: the heap's holes go back while nothing runs
+                return_free_memory()
 
     def _admit(self) -> None:
         while self._waiting:
@@ -417,3 +439,5 @@ class Engine:
         if self.metrics is not None:
             self.metrics.active_streams.set(self.in_flight)
             self.metrics.waiting_requests.set(len(self._waiting))
+            batch = self._batch
+            self.metrics.active_state_bytes.set(batch.nbytes if batch is not None else 0)

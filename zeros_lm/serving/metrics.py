@@ -33,6 +33,8 @@ class Metrics:
         self.sessions_in_memory = Gauge(PREFIX + "sessions_in_memory", "idle sessions held in memory", registry=r)
         self.session_bytes = Gauge(PREFIX + "session_state_bytes", "bytes of the idle sessions held in memory",
                                    registry=r)
+        self.active_state_bytes = Gauge(PREFIX + "active_state_bytes", "bytes of the decoding streams' batched cache",
+                                        registry=r)
         self.batch_size = Histogram(PREFIX + "decode_batch_size", "streams per decode step", buckets=BATCH_BUCKETS,
                                     registry=r)
         self.time_to_first_token = Histogram(PREFIX + "time_to_first_token_seconds", "arrival to first token",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
+import mmap
 import os
 import re
 import threading
@@ -66,6 +67,39 @@ class SessionState:
     @staticmethod
     def tokens(ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=HISTORY_DTYPE)
+
+    def parked(self) -> "SessionState":
+        """The same session with its state and history copied into one memory mapping of their size (CPU
+        tensors only; otherwise this one): an idle session then costs its state, not the holes its tensors
+        leave in the allocator's heap between the temporaries of the steps that made them (about 20% more)."""
+        tensors = [self.history]
+        if self.cache is not None:
+            self.cache.map(lambda x: tensors.append(x) or x)  # (only lists them)
+        if any(x.device.type != "cpu" for x in tensors):
+            return self
+        mapping = _Mapping(sum(x.numel() * x.element_size() for x in tensors) + len(tensors) * PARK_ALIGN)
+        cache = None if self.cache is None else self.cache.map(mapping.put)
+        return SessionState(cache, mapping.put(self.history), self.read)
+
+
+PARK_ALIGN = 64  # bytes: where each tensor of a parked session starts (the CPU allocator's alignment)
+
+
+class _Mapping:
+    """An anonymous memory mapping that tensors are copied into, one after the other; it is unmapped when the
+    last of them is freed."""
+
+    def __init__(self, nbytes: int):
+        self._bytes = torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)  # keeps the mapping
+        self._offset = 0
+
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        start = -(-self._offset // PARK_ALIGN) * PARK_ALIGN
+        size = x.numel() * x.element_size()
+        out = self._bytes[start : start + size].view(x.dtype).view(x.shape)
+        out.copy_(x)
+        self._offset = start + size
+        return out
 
 
 def _encode_history(history: torch.Tensor) -> str:
@@ -135,6 +169,8 @@ class SessionStore:
 
     def release(self, session_id: str, state: SessionState | None) -> None:
         """Keep ``state`` as the session's (None: keep what the file holds, if anything); spill the excess."""
+        if state is not None:
+            state = state.parked()
         with self._lock:
             self._busy.discard(session_id)
             if state is not None:
