@@ -9,15 +9,23 @@ and served by ``zeros-lm serve`` in a subprocess. Then:
    generated tokens/s, p50 / p95 time to first token and inter-token latency, the server's resident memory;
 2. idle sessions: the server's memory per idle session against the state's size (GET /v1/sessions/ID);
 3. a session's follow-up after a ``--history``-token history: time to first token against re-reading the
-   history (the same text, no session).
+   history (the same text, no session);
+4. memory per active stream at a ``--context``-token context: ``--long-streams`` streams decode together after
+   prompts of that length; the server's resident memory above its idle level, and the batched cache's bytes
+   (``zeros_lm_active_state_bytes``), per stream;
+5. ``--soak SECONDS`` (instead of 1-4): ``--soak-clients`` clients request completions in a loop (some in
+   sessions, spilled to state files) and hang up at random points; errors counted, memory growth reported.
 
     python benchmarks/serve.py                       # 1, 8, 32, 64 clients, zeros and softmax
     python benchmarks/serve.py --quick               # 1 and 8 clients, zeros only, shorter history
     python benchmarks/serve.py --attention zeros --clients 1 32
+    python benchmarks/serve.py --soak 600            # 32 clients with random disconnects for ten minutes
 
 Prints tables; asserts nothing about time. Targets (docs/serving.md): >= 8x a single stream's tokens/s at
 32 streams, p95 inter-token latency at 32 streams <= 3x a single stream's, memory per idle session = its
-state (+-10%), follow-up TTFT after a 4,000-token history >= 20x lower than re-reading it.
+state (+-10%), follow-up TTFT after a 4,000-token history >= 20x lower than re-reading it, ZeroS memory per
+active stream at a 4096-token context <= 1/20 of softmax's; soak: no error, memory growth <= 5%. Every figure
+is printed with the load average of the machine when it was taken (os.getloadavg, 1 minute).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import asyncio
 import json
 import os
 import pathlib
+import random
 import re
 import statistics
 import subprocess
@@ -43,6 +52,18 @@ CORPUS_FILES = 40  # stdlib modules the tokenizer is trained on
 EOS = "<|endoftext|>"
 START_TIMEOUT_S = 300
 PROMPT = "def parse(text, width=70):\n    "
+SETTLE_S = 0.5  # after the last response, before reading idle memory: the server returns its heap's free pages
+PROMPT_IDS = (10, 8000)  # token ids of the synthetic long prompts (inside the tokenizer's vocabulary)
+SOAK_SESSIONS_PER_CLIENT = 3
+SOAK_HANG_UP = 0.3  # share of soak requests whose client goes away mid-stream
+SOAK_IN_SESSION = 0.3  # share of soak requests in a session
+SOAK_SAMPLE_S = 1.0
+SOAK_WINDOW = 0.15  # memory growth: median of the last 15% of the run's samples vs the 15% after the first 15%
+
+
+def load() -> float:
+    """The machine's 1-minute load average (other work running beside the benchmark)."""
+    return os.getloadavg()[0]
 
 
 def build_model_dir(root: pathlib.Path, attention_type: str, config_name: str) -> pathlib.Path:
@@ -99,6 +120,10 @@ class ServerProcess:
         status = pathlib.Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
 
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -151,7 +176,7 @@ async def concurrency_run(server, clients: int, max_tokens: int):
     itl = [b - a for times, _, _ in results for a, b in zip(times, times[1:])]
     total = sum(n for _, n, _ in results)
     return {"clients": clients, "tokens": total, "tok_s": total / wall, "ttft_p50": pct(ttft, 50),
-            "ttft_p95": pct(ttft, 95), "itl_p50": pct(itl, 50), "itl_p95": pct(itl, 95), "rss": peak}
+            "ttft_p95": pct(ttft, 95), "itl_p50": pct(itl, 50), "itl_p95": pct(itl, 95), "rss": peak, "load": load()}
 
 
 def idle_sessions(server, count: int):
@@ -162,12 +187,14 @@ def idle_sessions(server, count: int):
             res.raise_for_status()
 
         complete("warm-up")
+        time.sleep(SETTLE_S)
         before = server.rss_bytes()
         for i in range(count):
             complete(f"idle-{i}")
+        time.sleep(SETTLE_S)
         after = server.rss_bytes()
         state = client.get("/v1/sessions/idle-0").json()["state_bytes"]
-    return {"sessions": count, "rss_per_session": (after - before) / count, "state_bytes": state}
+    return {"sessions": count, "rss_per_session": (after - before) / count, "state_bytes": state, "load": load()}
 
 
 def follow_up(server, history_tokens: int):
@@ -190,7 +217,129 @@ def follow_up(server, history_tokens: int):
         follow, usage_f = ttft(" y = 2\n", session_id="long")
         reread, _ = ttft(history + " y = 2\n")
     return {"history": usage["prompt_tokens"], "cached": usage_f["prompt_tokens_details"]["cached_tokens"],
-            "follow_up_s": follow, "reread_s": reread}
+            "follow_up_s": follow, "reread_s": reread, "load": load()}
+
+
+async def active_streams(server, streams: int, context: int):
+    """Memory per stream while ``streams`` streams decode together at about ``context`` tokens each: the server's
+    resident memory above its idle level (prefill temporaries included) and the batched cache's bytes."""
+    # each stream's prompt is read in steps of the prefill budget (512) while the others decode: enough new
+    # tokens that all of them are still decoding when the last one joins
+    max_tokens = 16 + streams * (context // 512 + 1)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(*PROMPT_IDS) for _ in range(context - max_tokens)] for _ in range(streams)]
+    async with httpx.AsyncClient(base_url=server.url, timeout=1800) as client:
+        await stream_one(client, server.name, PROMPT, 2)  # warm-up
+        await asyncio.sleep(SETTLE_S)
+        idle = server.rss_bytes()
+        tasks = [asyncio.create_task(stream_one(client, server.name, p, max_tokens)) for p in prompts]
+        peak_rss, peak_state = idle, 0.0
+        while not all(t.done() for t in tasks):
+            peak_rss = max(peak_rss, server.rss_bytes())
+            peak_state = max(peak_state, await asyncio.to_thread(server.metric, "zeros_lm_active_state_bytes"))
+            await asyncio.sleep(0.05)
+        for t in tasks:
+            t.result()
+    return {"streams": streams, "context": context, "rss_per_stream": (peak_rss - idle) / streams,
+            "state_per_stream": peak_state / streams, "load": load()}
+
+
+async def soak(server, seconds: float, clients: int, seed: int = 0):
+    """``clients`` loops of streaming completions for ``seconds``: random prompt lengths and max_tokens, some in
+    sessions (spilled and restored), some hung up mid-stream. Returns counts and the server's memory over time."""
+    counts = {"requests": 0, "completed": 0, "hung_up": 0, "busy_409": 0, "errors": 0, "tokens": 0}
+    errors: list[str] = []
+    end = time.perf_counter() + seconds
+    samples: list[tuple[float, int]] = []
+
+    async def one_client(i: int, client):
+        r = random.Random(seed * 1000 + i)
+        while time.perf_counter() < end:
+            max_tokens = r.randint(4, 48)
+            body = {"model": server.name, "prompt": [r.randrange(*PROMPT_IDS) for _ in range(r.randint(1, 200))],
+                    "max_tokens": max_tokens, "temperature": r.choice([0, 0.8]), "seed": r.randrange(2**31),
+                    "stream": True}
+            if r.random() < SOAK_IN_SESSION:
+                body["session_id"] = f"soak-{i}-{r.randrange(SOAK_SESSIONS_PER_CLIENT)}"
+            hang_up_after = r.randint(0, max_tokens // 2) if r.random() < SOAK_HANG_UP else None
+            counts["requests"] += 1
+            try:
+                async with client.stream("POST", "/v1/completions", json=body) as res:
+                    if res.status_code == 409:  # its session still winds down a stream it hung up on
+                        counts["busy_409"] += 1
+                        await res.aread()
+                        continue
+                    if res.status_code != 200:
+                        counts["errors"] += 1
+                        errors.append(f"{res.status_code}: {(await res.aread())[:200]!r}")
+                        continue
+                    chunks = 0
+                    async for line in res.aiter_lines():
+                        if line.startswith("data: {") and '"error"' in line[:20]:
+                            counts["errors"] += 1
+                            errors.append(line[:200])
+                        elif line.startswith("data: {"):
+                            chunks += 1
+                        if hang_up_after is not None and chunks > hang_up_after:
+                            counts["hung_up"] += 1
+                            break
+                    else:
+                        counts["completed"] += 1
+                    counts["tokens"] += chunks
+            except httpx.HTTPError as e:
+                counts["errors"] += 1
+                errors.append(f"{type(e).__name__}: {e}")
+
+    async def sampler():
+        while time.perf_counter() < end:
+            samples.append((time.perf_counter(), server.rss_bytes()))
+            await asyncio.sleep(SOAK_SAMPLE_S)
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
+        await asyncio.gather(sampler(), *(one_client(i, client) for i in range(clients)))
+        await asyncio.sleep(SETTLE_S * 4)
+        health = (await client.get("/health")).status_code
+    rss = [m for _, m in samples]
+    w = max(1, int(len(rss) * SOAK_WINDOW))
+    early, late = statistics.median(rss[w : 2 * w]), statistics.median(rss[-w:])
+    return {**counts, "error_samples": errors[:5], "health": health, "rss_early": early, "rss_late": late,
+            "rss_max": max(rss), "rss_idle_after": server.rss_bytes(),
+            "active_after": server.metric("zeros_lm_active_streams"),
+            "spills": server.metric("zeros_lm_session_spills_total"),
+            "restores": server.metric("zeros_lm_session_restores_total"), "load": load()}
+
+
+PARTS = ("clients", "idle", "follow-up", "active")
+
+
+def run_parts(server, args, clients, history):
+    if "clients" in args.parts:
+        print("| clients | tokens | tokens/s | x single | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms "
+              "| server RSS MiB | load |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        single = None
+        for n in clients:
+            r = asyncio.run(concurrency_run(server, n, args.max_tokens))
+            single = single or r["tok_s"]
+            print(f"| {n} | {r['tokens']} | {r['tok_s']:.1f} | {r['tok_s'] / single:.2f} | "
+                  f"{r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.1f} | "
+                  f"{r['itl_p95'] * 1e3:.1f} | {r['rss'] / 2**20:.0f} | {r['load']:.1f} |", flush=True)
+    if "idle" in args.parts:
+        s = idle_sessions(server, args.sessions)
+        print(f"\nidle sessions: {s['sessions']}, server memory per session {s['rss_per_session'] / 1024:.0f} KiB, "
+              f"state {s['state_bytes'] / 1024:.0f} KiB (ratio {s['rss_per_session'] / s['state_bytes']:.2f}; "
+              f"load {s['load']:.1f})", flush=True)
+    if "follow-up" in args.parts:
+        f = follow_up(server, history)
+        print(f"follow-up after a {f['history']}-token history ({f['cached']} cached): TTFT "
+              f"{f['follow_up_s'] * 1e3:.0f} ms vs re-reading {f['reread_s'] * 1e3:.0f} ms "
+              f"({f['reread_s'] / f['follow_up_s']:.1f}x; load {f['load']:.1f})", flush=True)
+    if "active" in args.parts:
+        a = asyncio.run(active_streams(server, args.long_streams, args.context))
+        print(f"active streams: {a['streams']} at {a['context']} tokens of context: server memory per stream "
+              f"{a['rss_per_stream'] / 2**20:.2f} MiB (above idle), batched cache per stream "
+              f"{a['state_per_stream'] / 2**20:.2f} MiB (load {a['load']:.1f})", flush=True)
 
 
 def main(argv=None):
@@ -198,42 +347,52 @@ def main(argv=None):
     p.add_argument("--attention", nargs="+", default=None, choices=["zeros", "softmax", "linear"])
     p.add_argument("--config", default="generation", choices=["generation", "default"],
                    help="the generation benchmark's model shape, or the default ZeroSConfig")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure (default: all)")
     p.add_argument("--clients", nargs="+", type=int, default=None)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--history", type=int, default=None, help="tokens of the long session history (default 4000)")
     p.add_argument("--sessions", type=int, default=32, help="idle sessions for the memory measurement")
+    p.add_argument("--context", type=int, default=4096, help="context of the active-stream memory measurement")
+    p.add_argument("--long-streams", type=int, default=4, help="streams of the active-stream memory measurement")
+    p.add_argument("--soak", type=float, default=None, metavar="SECONDS",
+                   help="run the soak test for SECONDS instead of the measurements")
+    p.add_argument("--soak-clients", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="1 and 8 clients, zeros only, a 1,000-token history")
     args = p.parse_args(argv)
-    attention = args.attention or (["zeros"] if args.quick else ["zeros", "softmax"])
+    attention = args.attention or (["zeros"] if args.quick or args.soak else ["zeros", "softmax"])
     clients = args.clients or ([1, 8] if args.quick else [1, 8, 32, 64])
     history = args.history or (1000 if args.quick else 4000)
     import torch
 
     print(f"# zeros-lm serve benchmark: torch {torch.__version__}, {os.cpu_count()} CPUs, config {args.config}, "
-          f"max_tokens {args.max_tokens}, {time.strftime('%Y-%m-%d')}")
+          f"max_tokens {args.max_tokens}, {time.strftime('%Y-%m-%d %H:%M')}, load {load():.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         for attention_type in attention:
             model_dir = build_model_dir(pathlib.Path(tmp), attention_type, args.config)
-            server = ServerProcess(model_dir, "--max-batch", str(max(clients)), "--max-queue", str(max(clients)),
-                                   "--max-sessions", str(args.sessions + 8), "--max-context", str(history + 1024))
+            if args.soak:
+                n = args.soak_clients
+                server = ServerProcess(model_dir, "--max-batch", str(n), "--max-queue", str(2 * n),
+                                       "--max-sessions", str(n // 2), "--state-dir", str(pathlib.Path(tmp) / "states"))
+            else:
+                longest = max(history, args.context) + 1024
+                server = ServerProcess(model_dir, "--max-batch", str(max(clients)), "--max-queue", str(max(clients)),
+                                       "--max-sessions", str(args.sessions + 8), "--max-context", str(longest))
             try:
-                print(f"\n## {attention_type}\n")
-                print("| clients | tokens | tokens/s | x single | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | server RSS MiB |")
-                print("|---|---|---|---|---|---|---|---|---|")
-                single = None
-                for n in clients:
-                    r = asyncio.run(concurrency_run(server, n, args.max_tokens))
-                    single = single or r["tok_s"]
-                    print(f"| {n} | {r['tokens']} | {r['tok_s']:.1f} | {r['tok_s'] / single:.2f} | "
-                          f"{r['ttft_p50'] * 1e3:.0f} | {r['ttft_p95'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.1f} | "
-                          f"{r['itl_p95'] * 1e3:.1f} | {r['rss'] / 2**20:.0f} |", flush=True)
-                s = idle_sessions(server, args.sessions)
-                print(f"\nidle sessions: {s['sessions']}, server memory per session {s['rss_per_session'] / 1024:.0f} KiB, "
-                      f"state {s['state_bytes'] / 1024:.0f} KiB (ratio {s['rss_per_session'] / s['state_bytes']:.2f})")
-                f = follow_up(server, history)
-                print(f"follow-up after a {f['history']}-token history ({f['cached']} cached): TTFT "
-                      f"{f['follow_up_s'] * 1e3:.0f} ms vs re-reading {f['reread_s'] * 1e3:.0f} ms "
-                      f"({f['reread_s'] / f['follow_up_s']:.1f}x)", flush=True)
+                print(f"\n## {attention_type}\n", flush=True)
+                if not args.soak:
+                    run_parts(server, args, clients, history)
+                    continue
+                r = asyncio.run(soak(server, args.soak, args.soak_clients))
+                growth = r["rss_late"] / r["rss_early"] - 1
+                print(f"soak: {args.soak:.0f} s, {args.soak_clients} clients: {r['requests']} requests, "
+                      f"{r['completed']} completed, {r['hung_up']} hung up, {r['busy_409']} answered 409 (session "
+                      f"still closing), {r['errors']} errors, {r['tokens']} chunks; sessions spilled {r['spills']:.0f}, "
+                      f"restored {r['restores']:.0f}; health {r['health']}, active streams after {r['active_after']:.0f}")
+                print(f"soak memory: {r['rss_early'] / 2**20:.0f} MiB early, {r['rss_late'] / 2**20:.0f} MiB late "
+                      f"({growth * 100:+.1f}%), max {r['rss_max'] / 2**20:.0f} MiB, idle after "
+                      f"{r['rss_idle_after'] / 2**20:.0f} MiB (load {r['load']:.1f})")
+                for e in r["error_samples"]:
+                    print("  error:", e)
             finally:
                 server.stop()
 
