@@ -93,10 +93,12 @@ def build_model_dir(root: pathlib.Path, attention_type: str, config_name: str) -
 
 
 class ServerProcess:
-    def __init__(self, model_dir, *options):
+    def __init__(self, model_dir, *options, threads: int | None = None):
         cmd = [sys.executable, "-m", "zeros_lm.cli", "serve", str(model_dir), "--port", "0", "--log-level", "info",  # (info: uvicorn reports its port)
                *options]
         env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+        if threads:  # torch's intra-op threads in the server (on a shared machine, 1 spares it the contention)
+            env["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
         self.port = None
@@ -357,6 +359,7 @@ def main(argv=None):
     p.add_argument("--soak", type=float, default=None, metavar="SECONDS",
                    help="run the soak test for SECONDS instead of the measurements")
     p.add_argument("--soak-clients", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the server (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="1 and 8 clients, zeros only, a 1,000-token history")
     args = p.parse_args(argv)
     attention = args.attention or (["zeros"] if args.quick or args.soak else ["zeros", "softmax"])
@@ -365,18 +368,21 @@ def main(argv=None):
     import torch
 
     print(f"# zeros-lm serve benchmark: torch {torch.__version__}, {os.cpu_count()} CPUs, config {args.config}, "
-          f"max_tokens {args.max_tokens}, {time.strftime('%Y-%m-%d %H:%M')}, load {load():.1f}")
+          f"max_tokens {args.max_tokens}, server threads {args.threads or 'default'}, {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"load {load():.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         for attention_type in attention:
             model_dir = build_model_dir(pathlib.Path(tmp), attention_type, args.config)
             if args.soak:
                 n = args.soak_clients
                 server = ServerProcess(model_dir, "--max-batch", str(n), "--max-queue", str(2 * n),
-                                       "--max-sessions", str(n // 2), "--state-dir", str(pathlib.Path(tmp) / "states"))
+                                       "--max-sessions", str(n // 2), "--state-dir", str(pathlib.Path(tmp) / "states"),
+                                       threads=args.threads)
             else:
                 longest = max(history, args.context) + 1024
                 server = ServerProcess(model_dir, "--max-batch", str(max(clients)), "--max-queue", str(max(clients)),
-                                       "--max-sessions", str(args.sessions + 8), "--max-context", str(longest))
+                                       "--max-sessions", str(args.sessions + 8), "--max-context", str(longest),
+                                       threads=args.threads)
             try:
                 print(f"\n## {attention_type}\n", flush=True)
                 if not args.soak:
