@@ -299,13 +299,20 @@ async def soak(server, seconds: float, clients: int, seed: int = 0):
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
+        await stream_one(client, server.name, PROMPT, 4)  # warm-up
+        await asyncio.sleep(SETTLE_S)
+        idle_before = server.rss_bytes()
         await asyncio.gather(sampler(), *(one_client(i, client) for i in range(clients)))
         await asyncio.sleep(SETTLE_S * 4)
         health = (await client.get("/health")).status_code
     rss = [m for _, m in samples]
     w = max(1, int(len(rss) * SOAK_WINDOW))
     early, late = statistics.median(rss[w : 2 * w]), statistics.median(rss[-w:])
+    start = samples[0][0]
+    per_minute = [statistics.median([m for t, m in samples if k * 60 <= t - start < (k + 1) * 60])
+                  for k in range(int((samples[-1][0] - start) // 60) + 1)]
     return {**counts, "error_samples": errors[:5], "health": health, "rss_early": early, "rss_late": late,
+            "rss_idle_before": idle_before, "rss_per_minute": per_minute,
             "rss_max": max(rss), "rss_idle_after": server.rss_bytes(),
             "active_after": server.metric("zeros_lm_active_streams"),
             "spills": server.metric("zeros_lm_session_spills_total"),
@@ -394,9 +401,11 @@ def main(argv=None):
                       f"{r['completed']} completed, {r['hung_up']} hung up, {r['busy_409']} answered 409 (session "
                       f"still closing), {r['errors']} errors, {r['tokens']} chunks; sessions spilled {r['spills']:.0f}, "
                       f"restored {r['restores']:.0f}; health {r['health']}, active streams after {r['active_after']:.0f}")
-                print(f"soak memory: {r['rss_early'] / 2**20:.0f} MiB early, {r['rss_late'] / 2**20:.0f} MiB late "
+                print(f"soak memory: idle before {r['rss_idle_before'] / 2**20:.0f} MiB, "
+                      f"{r['rss_early'] / 2**20:.0f} MiB early, {r['rss_late'] / 2**20:.0f} MiB late "
                       f"({growth * 100:+.1f}%), max {r['rss_max'] / 2**20:.0f} MiB, idle after "
-                      f"{r['rss_idle_after'] / 2**20:.0f} MiB (load {r['load']:.1f})")
+                      f"{r['rss_idle_after'] / 2**20:.0f} MiB (load {r['load']:.1f}); median per minute: "
+                      + ", ".join(f"{m / 2**20:.0f}" for m in r["rss_per_minute"]) + " MiB")
                 for e in r["error_samples"]:
                     print("  error:", e)
             finally:

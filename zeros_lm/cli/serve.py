@@ -99,6 +99,9 @@ class DrainingServer(uvicorn.Server):
 def run(args) -> None:
     check_args(args)
     check_model_dir(Path(args.model_dir))
+    from zeros_lm.serving.engine import limit_heap_arenas
+
+    limit_heap_arenas()  # before the server's threads start
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
     server, _ = build_server(args)
     server.run()
