@@ -8,8 +8,10 @@ Each layer of the stack keeps one slot, of the type of its token mixer (``config
   convolution's last inputs;
 - :class:`SoftmaxLayerState` (``"softmax"``): the keys, the values, and which keys are real.
 
-A slot names its entries, and it alone knows how to select, repeat, copy and move them and which tensors
-it writes to a state file, so the mixers, :meth:`ZeroSCache.save` and :meth:`ZeroSCache.load` cannot
+A slot names its entries, and it alone knows how to select, repeat, copy and move them, how rows of
+different lengths join one batch and leave it (``stack``, ``leading_padding``, ``drop_leading``: the
+server's continuous batching, through :meth:`ZeroSCache.stack` and :meth:`ZeroSCache.take_rows`) and which
+tensors it writes to a state file, so the mixers, :meth:`ZeroSCache.save` and :meth:`ZeroSCache.load` cannot
 disagree about what sits where.
 
 ``save_pretrained`` copies this file beside ``modeling_zeros.py`` (``trust_remote_code``), so it imports
