@@ -76,3 +76,37 @@ def test_selected_and_repeated_rows_continue_as_those_rows_alone():
 def test_empty_cache_is_all_none():
     cache = ZeroSCache(tiny_model("zeros", **HYBRID).config)
     assert cache.layer_states == [None] * 3 and cache.nbytes == 0
+
+
+@pytest.mark.parametrize("kind, extra", [("zeros", HYBRID), ("linear", dict(conv_size=3)), ("softmax", {})])
+def test_stacked_streams_of_different_lengths_continue_as_each_alone(kind, extra):
+    """ZeroSCache.stack joins caches that read different numbers of tokens (softmax keys left-padded and
+    masked), take_rows takes rows back out (dropping key columns no kept row uses): every row continues
+    exactly as its stream would alone."""
+    model = tiny_model(kind, **extra)
+    lengths, nxt = (5, 2, 9), _ids(3, 3, 7)
+    prompts = [_ids(1, n, i) for i, n in enumerate(lengths)]
+    with torch.no_grad():
+        alone = [model(p, use_cache=True).cache for p in prompts]
+        refs = [model(torch.cat([p, nxt[i : i + 1]], 1)).logits[:, -3:] for i, p in enumerate(prompts)]
+        batch = ZeroSCache.stack(alone)
+        assert batch.num_tokens.tolist() == list(lengths) and batch.seen_tokens == max(lengths)
+        for t in range(2):  # two steps of all three rows together
+            logits = model(nxt[:, t : t + 1], cache=batch, use_cache=True).logits
+            for i in range(3):
+                torch.testing.assert_close(logits[i, -1], refs[i][0, t], rtol=1e-5, atol=1e-5)
+        kept = batch.take_rows([1])  # the shortest row: the longer rows' leading columns go
+        assert kept.seen_tokens == lengths[1] + 2 and batch.num_tokens.shape == (3,)
+        for s in kept.layer_states:
+            if isinstance(s, SoftmaxLayerState):
+                assert s.keys.shape[2] == kept.seen_tokens and bool(s.valid.all())
+        logits = model(nxt[1:2, 2:3], cache=kept, use_cache=True).logits
+    torch.testing.assert_close(logits[0, -1], refs[1][0, 2], rtol=1e-5, atol=1e-5)
+
+
+def test_stack_refuses_an_empty_cache():
+    model = tiny_model("zeros", **HYBRID)
+    with torch.no_grad():
+        full = model(_ids(1, 3, 0), use_cache=True).cache
+    with pytest.raises(ValueError, match="no token"):
+        ZeroSCache.stack([full, ZeroSCache(model.config)])

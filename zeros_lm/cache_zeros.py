@@ -8,8 +8,10 @@ Each layer of the stack keeps one slot, of the type of its token mixer (``config
   convolution's last inputs;
 - :class:`SoftmaxLayerState` (``"softmax"``): the keys, the values, and which keys are real.
 
-A slot names its entries, and it alone knows how to select, repeat, copy and move them and which tensors
-it writes to a state file, so the mixers, :meth:`ZeroSCache.save` and :meth:`ZeroSCache.load` cannot
+A slot names its entries, and it alone knows how to select, repeat, copy and move them, how rows of
+different lengths join one batch and leave it (``stack``, ``leading_padding``, ``drop_leading``: the
+server's continuous batching, through :meth:`ZeroSCache.stack` and :meth:`ZeroSCache.take_rows`) and which
+tensors it writes to a state file, so the mixers, :meth:`ZeroSCache.save` and :meth:`ZeroSCache.load` cannot
 disagree about what sits where.
 
 ``save_pretrained`` copies this file beside ``modeling_zeros.py`` (``trust_remote_code``), so it imports
@@ -29,6 +31,7 @@ import os
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -46,6 +49,17 @@ TensorFn = Callable[[torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------------
 # Per-layer slots
 # --------------------------------------------------------------------------------------------------
+
+
+def _cat_entries(entries: list):
+    """One slot entry of several slots joined along the batch: tensors, ZeroSStates, or all None."""
+    if all(x is None for x in entries):
+        return None
+    if any(x is None for x in entries):
+        raise ValueError("cannot join slots of which some use an entry and some do not (different configurations)")
+    if isinstance(entries[0], ZeroSState):
+        return ZeroSState.cat(entries)
+    return torch.cat(entries, dim=0)
 
 
 def _map_entry(x, fn: TensorFn):
@@ -84,6 +98,20 @@ class LayerState:
 
     def clone(self) -> "LayerState":
         return self.map(torch.Tensor.clone)
+
+    # -- continuous batching: streams join one batch and leave it ----------------------------------
+    @classmethod
+    def stack(cls, slots: list["LayerState"]) -> "LayerState":
+        """One slot whose rows are the rows of ``slots``, in order (the inputs are left as they are)."""
+        return cls(**{f.name: _cat_entries([getattr(s, f.name) for s in slots]) for f in dataclasses.fields(cls)})
+
+    def leading_padding(self) -> int | None:
+        """How many leading token columns no row of the slot uses (None: the slot keeps no columns)."""
+        return None
+
+    def drop_leading(self, columns: int) -> "LayerState":
+        """The slot without its first ``columns`` token columns (which no row uses: :meth:`leading_padding`)."""
+        return self
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "LayerState":
         """Every tensor on ``device``; ``dtype`` (the model's) applies only to the ``MODEL_DTYPE`` fields."""
@@ -184,6 +212,39 @@ class SoftmaxLayerState(LayerState):
     keys: torch.Tensor
     values: torch.Tensor
     valid: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        """S, the key columns."""
+        return self.valid.shape[1]
+
+    def left_padded(self, width: int) -> "SoftmaxLayerState":
+        """The slot with ``width`` key columns: the missing ones in front, zero and not valid (never attended to)."""
+        missing = width - self.width
+        if missing < 0:
+            raise ValueError(f"cannot pad {self.width} key columns to {width}")
+        if missing == 0:
+            return self
+        pad_kv = (0, 0, missing, 0)  # (B, H, S, d): in front of S
+        return SoftmaxLayerState(keys=F.pad(self.keys, pad_kv), values=F.pad(self.values, pad_kv),
+                                 valid=F.pad(self.valid, (missing, 0), value=False))
+
+    @classmethod
+    def stack(cls, slots: list["LayerState"]) -> "SoftmaxLayerState":
+        """Rows of different lengths S join left-padded to the longest, the padding masked by ``valid``."""
+        width = max(s.width for s in slots)
+        return super().stack([s.left_padded(width) for s in slots])
+
+    def leading_padding(self) -> int:
+        used = self.valid.any(dim=0)  # (S,)
+        return int(used.long().argmax()) if bool(used.any()) else self.width
+
+    def drop_leading(self, columns: int) -> "SoftmaxLayerState":
+        if columns == 0:
+            return self
+        return SoftmaxLayerState(keys=self.keys[:, :, columns:].contiguous(),
+                                 values=self.values[:, :, columns:].contiguous(),
+                                 valid=self.valid[:, columns:].contiguous())
 
 
 LAYER_STATE_CLASSES: dict[str, type[LayerState]] = {
@@ -448,13 +509,57 @@ class ZeroSCache(Cache):
     def activate_past_recording(self):
         raise ValueError("ZeroSCache cannot record past states (a recurrent state cannot be rolled back).")
 
+    # -- continuous batching ----------------------------------------------------------------------
+    def _with_states(self, layer_states: list, num_tokens: torch.Tensor | None, seen_tokens: int) -> "ZeroSCache":
+        """A new cache of this one's model with the given contents (this one is left as it is)."""
+        out = copy.copy(self)
+        out.layer_states, out.num_tokens, out.seen_tokens = layer_states, num_tokens, seen_tokens
+        out.metadata = dict(self.metadata)
+        return out
+
+    @classmethod
+    def stack(cls, caches: list["ZeroSCache"]) -> "ZeroSCache":
+        """One cache whose rows are the rows of ``caches``, in order (every one must have read a token; they
+        are left as they are): streams of different lengths join one batch, each slot type joining its own
+        entries (:meth:`LayerState.stack`; softmax keys left-padded and masked)."""
+        if not caches:
+            raise ValueError("ZeroSCache.stack: no cache to join")
+        if any(c.num_tokens is None for c in caches):
+            raise ValueError("ZeroSCache.stack: a cache has read no token yet")
+        if any(c.layer_kinds != caches[0].layer_kinds for c in caches):
+            raise ValueError("ZeroSCache.stack: the caches belong to models with different layers")
+        if len(caches) == 1:
+            return caches[0]
+        states = [LAYER_STATE_CLASSES[kind].stack([c.layer_states[i] for c in caches])
+                  for i, kind in enumerate(caches[0].layer_kinds)]
+        # every row's slots end at the last column; the shorter rows' missing columns are in front
+        return caches[0]._with_states(states, torch.cat([c.num_tokens for c in caches]),
+                                      max(c.seen_tokens for c in caches))
+
+    def take_rows(self, rows: list[int] | torch.Tensor) -> "ZeroSCache":
+        """A new cache of the given rows (in that order), without the leading token columns none of them uses
+        (this one is left as it is): streams leave a batch."""
+        if self.num_tokens is None:
+            raise ValueError("ZeroSCache.take_rows: the cache is empty")
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.num_tokens.device)
+        states = [None if s is None else s.index_select(index) for s in self.layer_states]
+        num_tokens = self.num_tokens.index_select(0, index)
+        # a row of n real tokens uses at most its last n columns; softmax slots know exactly which they use
+        unused = [self.seen_tokens - int(num_tokens.max())] if len(index) else [self.seen_tokens]
+        unused += [p for p in (s.leading_padding() for s in states if s is not None) if p is not None]
+        drop = max(0, min(unused))
+        states = [None if s is None else s.drop_leading(drop) for s in states]
+        return self._with_states(states, num_tokens, self.seen_tokens - drop)
+
     # -- state files ------------------------------------------------------------------------------
+    def map(self, fn: TensorFn) -> "ZeroSCache":
+        """A new cache with ``fn`` applied to each of its tensors (this one is left as it is)."""
+        return self._with_states([None if s is None else s.map(fn) for s in self.layer_states],
+                                 None if self.num_tokens is None else fn(self.num_tokens), self.seen_tokens)
+
     def copy(self) -> "ZeroSCache":
         """An independent copy (fork a conversation: both continue separately from here)."""
-        twin = copy.copy(self)
-        twin._apply(LayerState.clone, torch.Tensor.clone)
-        twin.metadata = dict(self.metadata)
-        return twin
+        return self.map(torch.Tensor.clone)
 
     def save(
         self,

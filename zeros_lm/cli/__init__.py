@@ -4,6 +4,7 @@
     zeros-lm generate MODEL_DIR [--prompt TEXT ...]                               stream text (generate.py)
     zeros-lm export   CHECKPOINT OUT_DIR [...]                                    checkpoint -> HF directory
     zeros-lm linearize TEACHER --out DIR [...]                                    softmax model -> ZeroS / hybrid
+    zeros-lm serve    MODEL_DIR [--port 8000 ...]                                 OpenAI-compatible server (serve.py)
 
 ``zeros-lm <command> --help`` lists a command's options. The root scripts ``train.py`` and
 ``generate.py`` and ``python -m zeros_lm.export`` are thin wrappers of the same code.
@@ -20,6 +21,7 @@ COMMANDS = {
     "generate": ("zeros_lm.cli.generate", "stream text from a model directory, with its recurrent state"),
     "export": ("zeros_lm.export", "export a training checkpoint as a Hugging Face directory"),
     "linearize": ("zeros_lm.cli.linearize", "convert a pretrained softmax model (Llama family, GGUF) into ZeroS"),
+    "serve": ("zeros_lm.cli.serve", "serve a model directory over an OpenAI-compatible HTTP API"),
 }
 EXIT_USAGE = 2
 
