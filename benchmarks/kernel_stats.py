@@ -39,11 +39,15 @@ def kernel_builds(head_dim: int, chunk: int, dtype: str, has_seg: bool = False):
     consts = {"K": z["K"], "V": z["V"], "C": chunk, "DOT_PREC": z["DOT_PREC"], "LOWP": z["LOWP"], "F32": z["F32"],
               "HAS_SEG": has_seg}
     split, whole = dict(BK=z["BK_SPLIT"], BV=z["BV"]), dict(BK=z["BK"], BV=z["BV"])
-    return consts, [(of._states_fwd_kernel, dict(split, STORE_OUT=True), {}),
+    # The training path: no incoming state, no valid map, no zero-order gate (a non-first layer).
+    scalars = dict(HAS_G0=False, HAS_VALID=False, HAS_STATE=False)
+    return consts, [(of._scalars_fwd_kernel, dict(scalars, STORE_OUT=False), {}),
+                    (of._states_fwd_kernel, dict(split, STORE_OUT=True, HAS_START=False), {}),
                     (of._output_fwd_kernel, whole, {}),
-                    (of._states_bwd_kernel, split, {}),
+                    (of._states_bwd_kernel, dict(split, HAS_START=False), {}),
                     (of._chunk_bwd_q_kernel, whole, of._CHUNK_BWD_LAUNCH),
-                    (of._chunk_bwd_kv_kernel, whole, of._CHUNK_BWD_LAUNCH)]
+                    (of._chunk_bwd_kv_kernel, whole, of._CHUNK_BWD_LAUNCH),
+                    (of._scalars_bwd_kernel, dict(scalars, HAS_DOUT=False), {})]
 
 
 def ptxas_report(ptx: str) -> str:
@@ -78,6 +82,8 @@ def main() -> int:
     p.add_argument("--no-ptxas", action="store_true", help="shared memory only (faster)")
     args = p.parse_args()
     import triton
+
+    from zeros_lm import ops_fused as of
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -85,7 +91,7 @@ def main() -> int:
         return 3
     # q, k, v, the output, its gradient and dq, dk, dv are in the model dtype (the launchers pass them so).
     pointers = {**{n: args.dtype for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")},
-                "chunk_load": "i32", "chunk_store": "i32", "load_slot": "i32", "seg": "i32"}
+                "chunk_load": "i32", "chunk_store": "i32", "load_slot": "i32", "seg": "i32", "valid": "i1"}
     dims = ", ".join(map(str, args.head_dim))
     print(f"# fused kernels for sm_90: d = {dims}, chunk {args.chunk_size}, {args.dtype}"
           f"{', packed sequences' if args.packed else ''}, Triton {triton.__version__}\n")
@@ -97,7 +103,7 @@ def main() -> int:
         for kernel, blocks, launch in builds:
             names = [param.name for param in kernel.params]
             constexprs = {n: v for n, v in {**consts, **blocks}.items() if n in names}
-            signature = {n: "constexpr" if n in constexprs else "i32" if n in ("T", "H", "N") else
+            signature = {n: "constexpr" if n in constexprs else "i32" if n in of.INT_ARGS else
                          "*" + pointers.get(n, "fp32") for n in names}
             try:
                 source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)

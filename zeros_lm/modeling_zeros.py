@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - older transformers
 
 from .cache_zeros import LinearLayerState, SoftmaxLayerState, ZeroSCache, ZeroSLayerState
 from .configuration_zeros import ZeroSConfig
-from .ops import cumsum_tokens, linear_attention_chunked, zeros_attention
+from .ops import ChunkLayouts, _fused_applies, cumsum_tokens, linear_attention_chunked, zeros_attention
 from .ops_softmax import packed_softmax_attention, softmax_attention_mask
 from .packing import (
     PackedDocuments,
@@ -59,7 +59,9 @@ class MixerContext:
     counts: (B, T) long, the real tokens of the row (of its document with packed documents) up to and
         including each column, those already in the cache included: the t of docs/method.md;
     valid: (B, T) bool, which columns are real tokens; None when all are;
-    documents: the packed documents of the rows (no cache then), or None: one sequence per row.
+    documents: the packed documents of the rows (no cache then), or None: one sequence per row;
+    chunk_layouts: where the ZeroS op keeps the chunk layouts of this batch (``zeros_attention``'s
+        ``chunk_layouts``): built by the first layer that needs one, reused by the others.
 
     (The cache travels beside it, as its own argument: gradient checkpointing drops it.)
     """
@@ -69,6 +71,7 @@ class MixerContext:
     counts: torch.Tensor
     valid: torch.Tensor | None = None
     documents: PackedDocuments | None = None
+    chunk_layouts: ChunkLayouts = dataclasses.field(default_factory=ChunkLayouts, compare=False, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,10 +226,18 @@ class ZeroSAttention(nn.Module):
         if self.conv is not None:
             qkvu, conv_state = self.conv(qkvu, valid=valid, state=conv_state, documents=documents)
         qkvu = qkvu.view(B, T, 4, H, d)
-        # q and k together: RoPE, then L2 normalisation
-        qk = apply_rope(qkvu[:, :, :2], context.cos, context.sin)
-        q, k = F.normalize(qk.to(acc), dim=-1).to(x.dtype).unbind(dim=2)
+        mode = "auto" if self.config.attention_backend == "auto" else "chunked"
+        if T == 1 and cache is not None and documents is None:
+            mode = "recurrent"
         v, u = qkvu[:, :, 2], qkvu[:, :, 3]
+        # q and k together: RoPE, then L2 normalisation (on the fused kernels' path one kernel, writing the
+        # projections' dtype, which the kernels take)
+        if mode == "auto" and _fused_applies(v, v):
+            from .ops_fused import rope_normalize_fused
+            q, k = rope_normalize_fused(qkvu[:, :, :2], context.cos, context.sin).unbind(dim=2)
+        else:
+            qk = apply_rope(qkvu[:, :, :2], context.cos, context.sin)
+            q, k = F.normalize(qk.to(acc), dim=-1).to(x.dtype).unbind(dim=2)
         s, usum = self._logits(u, valid, context.counts, usum, documents)
 
         if self.config.use_gates:
@@ -237,14 +248,11 @@ class ZeroSAttention(nn.Module):
             g1 = gh = torch.ones(B, T, H, dtype=acc, device=x.device)
             g0 = g1 if self.has_zero_order else None
 
-        mode = "auto" if self.config.attention_backend == "auto" else "chunked"
-        if T == 1 and cache is not None and documents is None:
-            mode = "recurrent"
         attend = zeros_attention if documents is None else functools.partial(zeros_attention_over_documents, documents)
         with record_function("zeros_lm.op"):  # (a named range for benchmarks/profile_step.py)
             o, core_state = attend(
                 q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
-                initial_state=core_state, output_final_state=cache is not None,
+                initial_state=core_state, output_final_state=cache is not None, chunk_layouts=context.chunk_layouts,
             )
         if cache is not None:
             cache.update_layer_state(self.layer_idx, ZeroSLayerState(core=core_state, u_sum=usum, conv=conv_state))
