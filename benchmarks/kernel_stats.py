@@ -39,14 +39,16 @@ def kernel_builds(head_dim: int, chunk: int, dtype: str, has_seg: bool = False):
     consts = {"K": z["K"], "V": z["V"], "C": chunk, "DOT_PREC": z["DOT_PREC"], "LOWP": z["LOWP"], "F32": z["F32"],
               "HAS_SEG": has_seg}
     split, whole = dict(BK=z["BK_SPLIT"], BV=z["BV"]), dict(BK=z["BK"], BV=z["BV"])
-    # The training path: no incoming state, no valid map, no zero-order gate (a non-first layer).
+    backward = dict(BK=z["BK"], BV=z["BV_BWD"])
+    # The training path: no incoming state, no valid map, no zero-order gate (a non-first layer); the
+    # launchers' default tiles and launch options (a GPU autotunes the states and output kernels' d_v block).
     scalars = dict(HAS_G0=False, HAS_VALID=False, HAS_STATE=False)
     return consts, [(of._scalars_fwd_kernel, dict(scalars, STORE_OUT=False), {}),
-                    (of._states_fwd_kernel, dict(split, STORE_OUT=True, HAS_START=False), {}),
-                    (of._output_fwd_kernel, whole, {}),
-                    (of._states_bwd_kernel, dict(split, HAS_START=False), {}),
-                    (of._chunk_bwd_q_kernel, whole, of._CHUNK_BWD_LAUNCH),
-                    (of._chunk_bwd_kv_kernel, whole, of._CHUNK_BWD_LAUNCH),
+                    (of._states_fwd_kernel, dict(split, STORE_OUT=True, HAS_START=False), of._STATES_LAUNCH),
+                    (of._output_fwd_kernel, whole, of._OUTPUT_LAUNCH),
+                    (of._states_bwd_kernel, dict(split, HAS_START=False, LOAD_DOUT=False), of._STATES_LAUNCH),
+                    (of._chunk_bwd_q_kernel, backward, of._CHUNK_BWD_LAUNCH),
+                    (of._chunk_bwd_kv_kernel, backward, of._CHUNK_BWD_LAUNCH),
                     (of._scalars_bwd_kernel, dict(scalars, HAS_DOUT=False), {})]
 
 

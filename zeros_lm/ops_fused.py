@@ -55,16 +55,24 @@ MAX_HEAD_DIM = 128
 # tl.dot needs every dimension >= 16 on a GPU; tl.arange needs powers of two (ops_contract.is_kernel_chunk).
 MIN_CHUNK_SIZE = MIN_KERNEL_CHUNK
 _MIN_BLOCK = 16
-# Block sizes: the states kernels split d_k and d_v into blocks (more programs in flight, smaller
-# tiles), the output kernel splits d_v, the per-chunk backward loops over d_v blocks. Those that hold
-# a whole d_k (Q K^T sums over it) take it in one block of up to MAX_HEAD_DIM. Chosen without a GPU to
-# time them, from compiling for sm_90 (Triton's ahead-of-time compiler): the fewest register spills
-# at d = 64, C = 64 within 80 KiB of shared memory (A100 / H100 both fit).
-SPLIT_BLOCK_K = 32
-SPLIT_BLOCK_V = 32
+# Tiles, as flash-linear-attention's chunk kernels: at d = 64 the states kernels hold one 64 x 64 tile
+# per head (d_k and d_v blocks of STATE_TILE) and the output kernel forms Q K^T once per chunk (a whole
+# d_k, d_v blocks of STATE_TILE); the per-chunk backward kernels hold a whole d_k and loop over d_v in
+# blocks of CHUNK_BWD_BLOCK_V. Chosen without a GPU to time them, from compiling for sm_90 (Triton's
+# ahead-of-time compiler, benchmarks/kernel_stats.py): no register spills at d = 64, C = 64, bf16, within
+# A100's shared memory. On a GPU the states and output kernels autotune their d_v block and warps among
+# AUTOTUNE_BLOCK_V x AUTOTUNE_WARPS (Triton autotunes only with a driver: the interpreter runs the
+# defaults below).
+STATE_TILE = 64
+CHUNK_BWD_BLOCK_V = 16
+_STATES_LAUNCH = dict(num_warps=8, num_stages=2)
+_OUTPUT_LAUNCH = dict(num_warps=8, num_stages=2)
 # The per-chunk backward: 8 warps, no software pipelining of its d_v loop (that would multiply its
-# shared memory), d_v blocks of SPLIT_BLOCK_V.
+# shared memory).
 _CHUNK_BWD_LAUNCH = dict(num_warps=8, num_stages=1)
+AUTOTUNE_BLOCK_V = (32, 64)
+AUTOTUNE_WARPS = (4, 8)
+AUTOTUNE_STAGES = 2
 # The products that must be float32-grade (states, readouts, output gradients): tl.dot's
 # input_precision. "tf32x3" (three TF32 tensor-core products, about float32's accuracy) or "ieee"
 # (CUDA-core FMAs). The interpreter computes both in float32.
@@ -103,7 +111,7 @@ if HAS_TRITON:
         cores): a relative error of each weight. Unscaled, the small weights of nearly uniform logits
         (~0.01 / t) would fall into fp16's subnormals within a few hundred tokens.
         """
-        if LOWP:
+        if LOWP and x.dtype != tl.float32:  # (a float32 x: do of a float32 o, say)
             scale = tl.max(tl.abs(w), axis=1)
             scale = tl.where(scale > 0, scale, 1.0)
             return tl.dot((w / scale[:, None]).to(x.dtype), x) * scale[:, None]
@@ -121,7 +129,7 @@ if HAS_TRITON:
         halves of both operands in registers). For float16, whose range is narrow, the split is of S
         divided by its largest magnitude (multiplied back after the products). Float32 x: tl.dot at F32.
         """
-        if LOWP:
+        if LOWP and x.dtype != tl.float32:  # (a float32 x: do of a float32 o, say)
             if x.dtype == tl.float16:
                 scale = tl.max(tl.max(tl.abs(S), axis=1), axis=0)
                 scale = tl.where(scale > 0, scale, 1.0)
@@ -134,6 +142,16 @@ if HAS_TRITON:
             return out
         else:
             return tl.dot(x.to(tl.float32), S, input_precision=F32)
+
+    @triton.jit
+    def _exact_dot(x, y, LOWP: tl.constexpr, F32: tl.constexpr):
+        """x (M, K) times y (K, N), both in the inputs' dtype: float32 (M, N). 16-bit operands multiply
+        exactly on tensor cores (float32 sums), so nothing is split; float32 operands get F32 products (as
+        when one of them is float32: do of a float32 o, say)."""
+        if LOWP and x.dtype == y.dtype and x.dtype != tl.float32:
+            return tl.dot(x, y)
+        else:
+            return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=F32)
 
     @triton.jit
     def _chunk_segments(seg, i_b, j, T, C: tl.constexpr):
@@ -171,7 +189,7 @@ if HAS_TRITON:
     def _states_fwd_kernel(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, kv_starts,
                            out_states, seg, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, STORE_OUT: tl.constexpr, F32: tl.constexpr,
-                           HAS_SEG: tl.constexpr, HAS_START: tl.constexpr = True):
+                           HAS_SEG: tl.constexpr, HAS_START: tl.constexpr = True, LOWP: tl.constexpr = False):
         """Grid (d_k blocks, d_v blocks, B H). Writes the state at each chunk start to kv_starts (B, H, N, 3, K, V).
         Without HAS_START every loading chunk starts from zero states (start_states is not read)."""
         i_k = tl.program_id(0)
@@ -211,8 +229,7 @@ if HAS_TRITON:
             t = j * C + o_c
             k_c = tl.load(k + ((i_b * T + t[:, None]) * H + i_h) * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
             v_c = tl.load(v + ((i_b * T + t[:, None]) * H + i_h) * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
-            k_c = k_c.to(tl.float32)
-            v_c = v_c.to(tl.float32)
+            v_f = v_c.to(tl.float32)
             s_c = tl.load(s + i_bh * T + t)
             p = i_bh * N + j
             m0_j = tl.load(m0 + p)
@@ -229,10 +246,11 @@ if HAS_TRITON:
             else:
                 F = tl.exp(m0_j - m1_j) * F
                 G = G + (sb0_j - sb1_j) * Hs
+            # k as it is times the float32 (weight x v), split (see _state_dot); K^T V exactly.
             k_t = tl.trans(k_c)
-            F += tl.dot(k_t, v_c * tl.exp(tl.minimum(s_c - m1_j, 0.0))[:, None], input_precision=F32)
-            G += tl.dot(k_t, v_c * (s_c - sb1_j)[:, None], input_precision=F32)
-            Hs += tl.dot(k_t, v_c, input_precision=F32)
+            F += _state_dot(k_t, v_f * tl.exp(tl.minimum(s_c - m1_j, 0.0))[:, None], LOWP, F32)
+            G += _state_dot(k_t, v_f * (s_c - sb1_j)[:, None], LOWP, F32)
+            Hs += _exact_dot(k_t, v_c, LOWP, F32)
             if STORE_OUT:
                 st = tl.load(chunk_store + i_b * N + j)
                 stores = (zero_kv + st) >= 0
@@ -293,7 +311,8 @@ if HAS_TRITON:
     def _states_bwd_kernel(q, do, m, a, b, hc, m0, m1, sb0, sb1, chunk_load, chunk_store, load_slot, d_out,
                            dkv_ends, d_starts, seg, T, H, N, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, F32: tl.constexpr, HAS_SEG: tl.constexpr,
-                           HAS_START: tl.constexpr = True, LOAD_DOUT: tl.constexpr = True):
+                           HAS_START: tl.constexpr = True, LOAD_DOUT: tl.constexpr = True,
+                           LOWP: tl.constexpr = False):
         """Grid (d_k blocks, d_v blocks, B H). Writes the gradient of the state after each chunk to
         dkv_ends (B, H, N, 3, K, V) and that of each loaded start state to d_starts (loads, H, 3, K, V)."""
         i_k = tl.program_id(0)
@@ -330,7 +349,7 @@ if HAS_TRITON:
 
             t = j * C + o_c
             row = (i_b * T + t[:, None]) * H + i_h
-            q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
+            q_c = tl.load(q + row * K + o_k[None, :], mask=mask_k[None, :], other=0.0)
             do_c = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
             tok = i_bh * T + t
             m_c = tl.load(m + tok)
@@ -350,9 +369,10 @@ if HAS_TRITON:
             else:
                 dH += (tl.load(sb0 + p) - tl.load(sb1 + p)) * dG
                 dF = tl.exp(m0_j - m1_j) * dF
-            dF += tl.dot(tl.trans(q_c * alpha[:, None]), do_c, input_precision=F32)
-            dG += tl.dot(tl.trans(q_c * b_r[:, None]), do_c, input_precision=F32)
-            dH += tl.dot(tl.trans(q_c * hc_r[:, None]), do_c, input_precision=F32)
+            q_t = tl.trans(q_c)   # (as it is, times the float32 (coefficient x do), split: see _state_dot)
+            dF += _state_dot(q_t, do_c * alpha[:, None], LOWP, F32)
+            dG += _state_dot(q_t, do_c * b_r[:, None], LOWP, F32)
+            dH += _state_dot(q_t, do_c * hc_r[:, None], LOWP, F32)
 
             ld = tl.load(chunk_load + i_b * N + j)
             loads = (zero_kv + ld) >= 0
@@ -388,13 +408,12 @@ if HAS_TRITON:
     @triton.jit
     def _value_block(v, do, row, v0, mask_k, V: tl.constexpr, BV: tl.constexpr):
         """The d_v block [v0, v0 + BV) of the per-chunk backward kernels' loop: its offsets o_v and mask
-        (BV,), the (d_k, BV) mask of state tiles, the chunk's v (float32) and do tiles (C, BV), do float32
-        and in its own dtype."""
+        (BV,), the (d_k, BV) mask of state tiles, the chunk's v and do tiles (C, BV) in their dtype."""
         o_v = v0 + tl.arange(0, BV)
         mask_v = o_v < V
-        v_f = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
+        v_raw = tl.load(v + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
         do_raw = tl.load(do + row * V + o_v[None, :], mask=mask_v[None, :], other=0.0)
-        return o_v, mask_v, mask_k[:, None] & mask_v[None, :], v_f, do_raw.to(tl.float32), do_raw
+        return o_v, mask_v, mask_k[:, None] & mask_v[None, :], v_raw, do_raw
 
     @triton.jit
     def _chunk_bwd_q_kernel(q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, dkv_ends, do, dq, da, db, dhc, ds, dsb0,
@@ -412,7 +431,6 @@ if HAS_TRITON:
         sb0_j = tl.load(sb0 + p)
         inside = _chunk_mask(seg, i_b, i_n, T, C, o_c, HAS_SEG)
         decay, reader = _chunk_readout(seg, i_b, i_n, T, C, o_c, m0_j, m_c, HAS_SEG)
-        qk = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC)
 
         # Sums over d_v, block by block: do v^T, and the readout of the start state (float32).
         dov = tl.zeros([C, C], dtype=tl.float32)
@@ -422,14 +440,15 @@ if HAS_TRITON:
         read_H = tl.zeros([C], dtype=tl.float32)
         shift_k = tl.zeros([BK], dtype=tl.float32)   # <dG', H> row sums: the gradient of sb0 - sb1
         for v0 in range(0, V, BV):
-            o_v, mask_v, mask_kv, v_f, do_c, do_raw = _value_block(v, do, row, v0, mask_k, V, BV)
+            o_v, mask_v, mask_kv, v_raw, do_raw = _value_block(v, do, row, v0, mask_k, V, BV)
+            do_c = do_raw.to(tl.float32)
             kv_off = o_k[:, None] * V + o_v[None, :]
             start = kv_starts + p * 3 * KV + kv_off
             F0 = tl.load(start, mask=mask_kv, other=0.0)
             G0 = tl.load(start + KV, mask=mask_kv, other=0.0)
             H0 = tl.load(start + 2 * KV, mask=mask_kv, other=0.0)
             dG = tl.load(dkv_ends + p * 3 * KV + KV + kv_off, mask=mask_kv, other=0.0)
-            dov += tl.dot(do_c, tl.trans(v_f), input_precision=F32)
+            dov += _exact_dot(do_raw, tl.trans(v_raw), LOWP, F32)
             # The readout's gradients cancel as the readout does: state products first, coefficients after.
             dq_c += (a_c * decay)[:, None] * _state_dot(do_raw, tl.trans(F0), LOWP, F32)
             dq_c += (b_c * reader)[:, None] * _state_dot(do_raw, tl.trans(G0), LOWP, F32)
@@ -439,7 +458,9 @@ if HAS_TRITON:
             read_H += tl.sum(_state_dot(q_c, H0, LOWP, F32) * do_c, axis=1)
             shift_k += tl.sum(dG * H0, axis=1)
 
-        # With D[t, i] = (q_t . k_i)(do_t . v_i), the gradient of R[t, i].
+        # With D[t, i] = (q_t . k_i)(do_t . v_i), the gradient of R[t, i] (Q K^T formed only now: one (C, C)
+        # tile fewer alive through the loop).
+        qk = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PREC)
         centred = s_c - sb0_j
         diff = s_c[None, :] - m_c[:, None]
         e = tl.exp(tl.minimum(diff, 0.0))
@@ -475,12 +496,12 @@ if HAS_TRITON:
         sb0_j = tl.load(sb0 + p)
         sb1_j = tl.load(sb1 + p)
         inside = _chunk_mask(seg, i_b, i_n, T, C, o_c, HAS_SEG)
-        k_f = k_c.to(tl.float32)
         if HAS_SEG:  # only the keys of the chunk's last sequence are in the state after it
             writers = _chunk_segments(seg, i_b, i_n, T, C)[0]
-            k_f = tl.where(writers[:, None], k_f, 0.0)
+            k_w = tl.where(writers[:, None], k_c, 0.0).to(k_c.dtype)
         else:
             writers = o_c >= 0
+            k_w = k_c
 
         # W = (Q K^T) * R, as in the forward (R is formed again after the loop below, rather than kept
         # alive through it: fewer (C, C) tiles in registers).
@@ -498,20 +519,22 @@ if HAS_TRITON:
         key_F = tl.zeros([C], dtype=tl.float32)      # k_i^T dF' v_i, and likewise for G
         key_G = tl.zeros([C], dtype=tl.float32)
         for v0 in range(0, V, BV):
-            o_v, mask_v, mask_kv, v_f, do_c, _ = _value_block(v, do, row, v0, mask_k, V, BV)
+            o_v, mask_v, mask_kv, v_raw, do_raw = _value_block(v, do, row, v0, mask_k, V, BV)
+            v_f = v_raw.to(tl.float32)
             end = dkv_ends + p * 3 * KV + o_k[:, None] * V + o_v[None, :]
             dF = tl.load(end, mask=mask_kv, other=0.0)
             dG = tl.load(end + KV, mask=mask_kv, other=0.0)
             dH = tl.load(end + 2 * KV, mask=mask_kv, other=0.0)
-            dov += tl.dot(do_c, tl.trans(v_f), input_precision=F32)
-            v_w = tl.where(writers[:, None], v_f, 0.0)
-            dk_c += tl.dot(v_w * e1[:, None], tl.trans(dF), input_precision=F32)
-            dk_c += tl.dot(v_w * centred1[:, None], tl.trans(dG), input_precision=F32)
-            dk_c += tl.dot(v_w, tl.trans(dH), input_precision=F32)
-            kdF = tl.dot(k_f, dF, input_precision=F32)
-            kdG = tl.dot(k_f, dG, input_precision=F32)
-            dv_c = tl.dot(tl.trans(w), do_c, input_precision=F32)
-            dv_c += e1[:, None] * kdF + centred1[:, None] * kdG + tl.dot(k_f, dH, input_precision=F32)
+            dov += _exact_dot(do_raw, tl.trans(v_raw), LOWP, F32)
+            # v and k as they are times the float32 state gradients (split), the key weights applied after.
+            v_w = tl.where(writers[:, None], v_raw, 0.0).to(v_raw.dtype)
+            dk_c += e1[:, None] * _state_dot(v_w, tl.trans(dF), LOWP, F32)
+            dk_c += centred1[:, None] * _state_dot(v_w, tl.trans(dG), LOWP, F32)
+            dk_c += _state_dot(v_w, tl.trans(dH), LOWP, F32)
+            kdF = _state_dot(k_w, dF, LOWP, F32)
+            kdG = _state_dot(k_w, dG, LOWP, F32)
+            dv_c = _weights_dot(tl.trans(w), do_raw, LOWP, F32)
+            dv_c += e1[:, None] * kdF + centred1[:, None] * kdG + _state_dot(k_w, dH, LOWP, F32)
             tl.store(dv + row * V + o_v[None, :], dv_c, mask=mask_v[None, :])
             key_F += tl.sum(kdF * v_f, axis=1)
             key_G += tl.sum(kdG * v_f, axis=1)
@@ -802,13 +825,30 @@ def _meta(q, v, chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
     return dict(B=B, T=T, H=H, N=T // chunk_size, K=K, V=V, C=chunk_size, BK=_block(K),
-                BK_SPLIT=min(_block(K), max(_MIN_BLOCK, SPLIT_BLOCK_K)), BV=min(_block(V), max(_MIN_BLOCK, SPLIT_BLOCK_V)),
+                BK_SPLIT=min(_block(K), STATE_TILE), BV=min(_block(V), STATE_TILE),
+                BV_BWD=min(_block(V), CHUNK_BWD_BLOCK_V),
                 DOT_PREC=FLOAT32_DOT if q.dtype == torch.float32 else "tf32", LOWP=q.dtype != torch.float32,
                 F32=FLOAT32_DOT)
 
 
+_TUNED = {}
+
+
+def _launch(kernel, grid, device, launch: dict, args, kwargs, BV: int):
+    """kernel[grid(BV)](*args, **kwargs): on a GPU autotuned over its d_v block BV and warps (kernels whose
+    launches only write their outputs: the states and output kernels), else with BV and ``launch``."""
+    if device.type == "cuda" and not _interpreting():
+        tuned = _TUNED.get(kernel)
+        if tuned is None:
+            configs = [triton.Config({"BV": bv}, num_warps=w, num_stages=AUTOTUNE_STAGES)
+                       for bv in AUTOTUNE_BLOCK_V for w in AUTOTUNE_WARPS]
+            tuned = _TUNED[kernel] = triton.autotune(configs=configs, key=["K", "V", "C", "HAS_SEG"])(kernel)
+        return tuned[lambda meta: grid(meta["BV"])](*args, **kwargs)
+    return kernel[grid(BV)](*args, **kwargs, BV=BV, **launch)
+
+
 def _states_grid(z):
-    return (triton.cdiv(z["K"], z["BK_SPLIT"]), triton.cdiv(z["V"], z["BV"]), z["B"] * z["H"])
+    return lambda BV: (triton.cdiv(z["K"], z["BK_SPLIT"]), triton.cdiv(z["V"], BV), z["B"] * z["H"])
 
 
 def _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store, out_states, seg, z):
@@ -816,11 +856,11 @@ def _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_sto
     None: every loading chunk starts from zero states."""
     kv_starts = torch.empty(z["B"], z["H"], z["N"], 3, z["K"], z["V"], dtype=torch.float32, device=k.device)
     store_out = out_states is not None
-    _states_fwd_kernel[_states_grid(z)](
+    _launch(_states_fwd_kernel, _states_grid(z), k.device, _STATES_LAUNCH, (
         k, v, s, m0, m1, sb0, sb1, kv_starts if start_states is None else start_states, chunk_load, chunk_store,
-        kv_starts, out_states if store_out else kv_starts, seg, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
-        BK=z["BK_SPLIT"], BV=z["BV"], STORE_OUT=store_out, F32=z["F32"], HAS_SEG=z["HAS_SEG"],
-        HAS_START=start_states is not None)
+        kv_starts, out_states if store_out else kv_starts, seg, z["T"], z["H"], z["N"]), dict(
+        K=z["K"], V=z["V"], C=z["C"], BK=z["BK_SPLIT"], STORE_OUT=store_out, F32=z["F32"], HAS_SEG=z["HAS_SEG"],
+        HAS_START=start_states is not None, LOWP=z["LOWP"]), z["BV"])
     return kv_starts
 
 
@@ -868,9 +908,10 @@ def _core_forward(q, k, v, scalars: ChunkScalars, start_states, layout: CoreLayo
     kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
                               out_states if layout.num_out_states else None, seg, z)
     o = torch.empty(z["B"], z["T"], z["H"], z["V"], dtype=_out_dtype(layout, q), device=q.device)
-    _output_fwd_kernel[(triton.cdiv(z["V"], z["BV"]), z["N"], z["B"] * z["H"])](
-        q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, seg, z["T"], z["H"], z["N"], K=z["K"], V=z["V"], C=z["C"],
-        BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"], F32=z["F32"], HAS_SEG=z["HAS_SEG"])
+    _launch(_output_fwd_kernel, lambda BV: (triton.cdiv(z["V"], BV), z["N"], z["B"] * z["H"]), q.device,
+            _OUTPUT_LAUNCH, (q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, seg, z["T"], z["H"], z["N"]),
+            dict(K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"], F32=z["F32"],
+                 HAS_SEG=z["HAS_SEG"]), z["BV"])
     return o, out_states
 
 
@@ -907,11 +948,11 @@ def _core_backward(do, d_out_states, q, k, v, scalars: ChunkScalars, start_state
         load_slot, d_starts = chunk_load, kv_starts  # (stand-in pointers, never touched)
     load_dout = d_out_states is not None and d_out_states.shape[0] > 0
     dkv_ends = torch.empty_like(kv_starts)
-    _states_bwd_kernel[_states_grid(z)](
+    _launch(_states_bwd_kernel, _states_grid(z), dev, _STATES_LAUNCH, (
         q, do, m, a, b, hc, m0, m1, sb0, sb1, chunk_load, chunk_store, load_slot,
-        d_out_states.contiguous() if load_dout else kv_starts, dkv_ends, d_starts, seg, z["T"], z["H"], z["N"],
-        K=z["K"], V=z["V"], C=z["C"], BK=z["BK_SPLIT"], BV=z["BV"], F32=z["F32"], HAS_SEG=z["HAS_SEG"],
-        HAS_START=has_start, LOAD_DOUT=load_dout)
+        d_out_states.contiguous() if load_dout else kv_starts, dkv_ends, d_starts, seg, z["T"], z["H"], z["N"]), dict(
+        K=z["K"], V=z["V"], C=z["C"], BK=z["BK_SPLIT"], F32=z["F32"], HAS_SEG=z["HAS_SEG"], HAS_START=has_start,
+        LOAD_DOUT=load_dout, LOWP=z["LOWP"]), z["BV"])
 
     # Written by the kernels in the inputs' dtype (their float32 sums rounded once, on the store).
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (q, k, v))
@@ -920,7 +961,7 @@ def _core_backward(do, d_out_states, q, k, v, scalars: ChunkScalars, start_state
     ds, da, db, dhc = dtok.unbind(0)
     dsb0, dsb1 = dchunk.unbind(0)
     chunk_grid = (z["N"], z["B"] * z["H"])
-    sizes = dict(K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"],
+    sizes = dict(K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], BV=z["BV_BWD"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"],
                  F32=z["F32"], HAS_SEG=z["HAS_SEG"], **_CHUNK_BWD_LAUNCH)
     _chunk_bwd_q_kernel[chunk_grid](q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, dkv_ends, do, dq, da, db, dhc, ds,
                                     dsb0, dsb1, seg, z["T"], z["H"], z["N"], **sizes)
