@@ -342,7 +342,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = {row[0]: row[2] for row in (line.strip("| ").split(" | ") for line in proc.stdout.splitlines())
               if row[0].startswith("_") and row[0].endswith("_kernel")}
-    assert len(shared) == 7, proc.stdout  # the scalars kernels (forward, backward) and the five core kernels
+    assert len(shared) == 11, proc.stdout  # scalars (2), core (5), RoPE + L2 norm (2) and logit (2) kernels
     assert all(int(x) <= MAX_SHARED_BYTES for x in shared.values()), shared
 
 
@@ -361,7 +361,7 @@ def test_no_register_spills_at_head_dim_64():
             if row[0].startswith("_") and row[0].endswith("_kernel")]
     if any(row[3] == "-" for row in rows):
         pytest.skip("no ptxas next to this Triton")
-    assert len(rows) == 7 and all(row[4] == row[5] == "0" for row in rows), proc.stdout
+    assert len(rows) == 11 and all(row[4] == row[5] == "0" for row in rows), proc.stdout
 
 
 # ----------------------------------------------------------------------------------------------

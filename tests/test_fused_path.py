@@ -141,3 +141,51 @@ def test_cancelling_readout_in_float16_stays_within_1e_3_of_float64():
     last = slice(T - C, T)
     err = ((out[:, last].double().cpu() - ref[:, last]).norm() / ref[:, last].norm()).item()
     assert err <= 1e-3, err
+
+
+def _logits_reference(u, mu, log_tau, counts, valid, documents):
+    """ZeroSAttention._logits' PyTorch form (deviation logit, no cache)."""
+    uf = u.float()
+    um = uf if valid is None else uf * valid[:, :, None, None]
+    csum = um.cumsum(1) if documents is None else documents.running_sum(um)
+    tau = log_tau.exp()
+    ubar = (tau[:, None] * mu + csum) / (tau[:, None] + counts[:, :, None, None].float())
+    return -(uf * ubar).sum(-1) / u.shape[-1] ** 0.5
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float16, 1e-4)])
+@pytest.mark.parametrize("case", ["rows", "padding", "documents"])
+def test_deviation_logit_kernel_equals_the_pytorch_layer(dtype, tolerance, case):
+    """The logit s in one kernel (a running sum of u over blocks of tokens with a carry, restarting at each
+    document): s and the gradients of the projection's u (strided), mu and log_tau == the layer's PyTorch
+    form, over more than two token blocks, with padding inside and at the start of rows, and with
+    documents starting inside and on the edge of a block."""
+    from zeros_lm.packing import PackedDocuments
+
+    B, T, H, d = 2, 150, 3, 16
+    g = torch.Generator().manual_seed(4)
+    qkvu = torch.randn(B, T, 4, H, d, generator=g).to(dtype).requires_grad_()
+    mu = torch.randn(H, d, generator=g).requires_grad_()
+    log_tau = torch.randn(H, generator=g).requires_grad_()
+    valid, documents, counts = None, None, torch.arange(1, T + 1).expand(B, T)
+    if case == "padding":
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[1, :7] = False
+        valid[0, 70:75] = False
+        counts = valid.long().cumsum(1)
+    if case == "documents":
+        positions = torch.cat([torch.arange(n) for n in (7, 57, 86)])[None].repeat(B, 1)  # (a start at 64)
+        positions[1] = torch.arange(T)
+        documents = PackedDocuments.from_position_ids(positions, None, B, T, "cpu")
+        counts = documents.counts
+    u = qkvu[:, :, 3]
+    expected = _logits_reference(u, mu, log_tau, counts, valid, documents)
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    got = ops_fused.deviation_logits_fused(dev(u), dev(mu), dev(log_tau), dev(counts), dev(valid),
+                                           None if documents is None else dev(documents.segment)).cpu()
+    real = torch.ones(B, T, 1, dtype=torch.bool) if valid is None else valid[:, :, None]
+    weight = torch.randn(B, T, H, generator=g) * real
+    for name, a, b in zip(("u", "mu", "log_tau"), torch.autograd.grad((got * weight).sum(), [qkvu, mu, log_tau]),
+                          torch.autograd.grad((expected * weight).sum(), [qkvu, mu, log_tau])):
+        assert rel_err(a.float(), b.float()) <= tolerance, name
+    assert rel_err(got * real, expected * real) <= 1e-6

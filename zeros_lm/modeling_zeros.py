@@ -167,6 +167,27 @@ class ShortConvolution(nn.Module):
         return F.silu(y), new_state
 
 
+class _SplitProjection(torch.autograd.Function):
+    """The fused projection (B, T, 4, H, d) as views of its parts: qk (B, T, 2, H, d), v and u (B, T, H, d).
+
+    The same as slicing, but the gradient comes back as one concatenation of the parts' gradients instead
+    of a zero-filled buffer, a copy and an addition per part (autograd's backward of a slice).
+    """
+
+    @staticmethod
+    def forward(ctx, qkvu):
+        return qkvu[:, :, :2], qkvu[:, :, 2], qkvu[:, :, 3]
+
+    @staticmethod
+    def backward(ctx, d_qk, d_v, d_u):
+        parts = [d_qk, d_v.unsqueeze(2) if d_v is not None else None, d_u.unsqueeze(2) if d_u is not None else None]
+        shape = {0: 2, 1: 1, 2: 1}
+        like = next(p for p in parts if p is not None)
+        parts = [p if p is not None else like.new_zeros(*like.shape[:2], shape[i], *like.shape[3:])
+                 for i, p in enumerate(parts)]
+        return torch.cat(parts, dim=2)
+
+
 class ZeroSAttention(nn.Module):
     """ZeroS zero-sum linear attention (docs/method.md section 2).
 
@@ -197,9 +218,14 @@ class ZeroSAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
-    def _logits(self, u, valid, counts, usum, documents=None):
+    def _logits(self, u, valid, counts, usum, documents=None, fused=False):
         """Radial logits s (B, T, H) in float32 and the new running sum of u (deviation logit); with
-        packed ``documents`` the running mean restarts at each document."""
+        packed ``documents`` the running mean restarts at each document. fused: the fused kernels' path
+        without a cache (one kernel, ``ops_fused.deviation_logits_fused``; no running sum returned)."""
+        if fused and usum is None and self.config.logit_type == "deviation":
+            from .ops_fused import deviation_logits_fused
+            return deviation_logits_fused(u, self.mu, self.log_tau, counts, valid,
+                                          None if documents is None else documents.segment), None
         uf = u.to(_acc(u.dtype))
         d = self.head_dim
         if self.config.logit_type == "norm":
@@ -229,20 +255,21 @@ class ZeroSAttention(nn.Module):
         mode = "auto" if self.config.attention_backend == "auto" else "chunked"
         if T == 1 and cache is not None and documents is None:
             mode = "recurrent"
-        v, u = qkvu[:, :, 2], qkvu[:, :, 3]
+        qk, v, u = _SplitProjection.apply(qkvu)
         # q and k together: RoPE, then L2 normalisation (on the fused kernels' path one kernel, writing the
         # projections' dtype, which the kernels take)
-        if mode == "auto" and _fused_applies(v, v):
+        fused = mode == "auto" and _fused_applies(v, v)
+        if fused:
             from .ops_fused import rope_normalize_fused
-            q, k = rope_normalize_fused(qkvu[:, :, :2], context.cos, context.sin).unbind(dim=2)
+            q, k = rope_normalize_fused(qk, context.cos, context.sin).unbind(dim=2)
         else:
-            qk = apply_rope(qkvu[:, :, :2], context.cos, context.sin)
+            qk = apply_rope(qk, context.cos, context.sin)
             q, k = F.normalize(qk.to(acc), dim=-1).to(x.dtype).unbind(dim=2)
-        s, usum = self._logits(u, valid, context.counts, usum, documents)
+        s, usum = self._logits(u, valid, context.counts, usum, documents, fused=fused and cache is None)
 
         if self.config.use_gates:
             gl = self.gate_proj(x).view(B, T, H, self.num_gates).to(acc)
-            g1, gh = torch.sigmoid(gl[..., :2]).unbind(dim=-1)
+            g1, gh = torch.sigmoid(gl[..., :2] if self.has_zero_order else gl).unbind(dim=-1)
             g0 = torch.tanh(gl[..., 2]) if self.has_zero_order else None
         else:  # ablation: every gate is the constant 1
             g1 = gh = torch.ones(B, T, H, dtype=acc, device=x.device)

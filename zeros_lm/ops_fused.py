@@ -47,7 +47,7 @@ except ImportError:  # CPU installs without Triton: the other modes of ops.py ke
     HAS_TRITON = False
 
 __all__ = ["chunk_core_fused", "fused_chunk_core", "zeros_chunk_fused", "fused_scalars", "rope_normalize_fused",
-           "HAS_TRITON", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MIN_CHUNK_SIZE"]
+           "deviation_logits_fused", "HAS_TRITON", "SUPPORTED_DTYPES", "MAX_HEAD_DIM", "MIN_CHUNK_SIZE"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The output and backward kernels hold a whole (C, d_k) tile (Q K^T sums over d_k).
@@ -79,7 +79,7 @@ AUTOTUNE_STAGES = 2
 FLOAT32_DOT = "tf32x3"
 # The kernels' integer (not pointer, not constexpr) arguments, by name (benchmarks/kernel_stats.py builds
 # their signatures from it).
-INT_ARGS = frozenset(("T", "H", "N", "T_in", "L", "S_in", "S_out", "R", "x_sb", "x_st", "x_sj", "x_sh", "c_sb", "c_st",
+INT_ARGS = frozenset(("T", "H", "N", "u_sb", "u_st", "u_sh", "T_in", "L", "S_in", "S_out", "R", "x_sb", "x_st", "x_sj", "x_sh", "c_sb", "c_st",
                       "s_sb", "s_st") + tuple(f"{x}_{s}" for x in ("s", "g1", "gh", "g0") for s in ("sb", "st", "sh")))
 # Rows of d channels per program of the RoPE + L2 norm kernels.
 ROPE_ROWS = 16
@@ -812,6 +812,100 @@ if HAS_TRITON:
         tl.store(dst + D // 2, (d2 * c - d1 * s).to(dx.dtype.element_ty), mask=mask[:, None])
 
 
+    # ------------------------------------------------------------------------------------------
+    # The layer's radial logit s (the "deviation" logit of docs/method.md), in one pass
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _logit_block(u, counts, valid, seg, i_b, i_h, j, T, u_sb, u_st, u_sh, D: tl.constexpr, BT: tl.constexpr,
+                     HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr):
+        """Token block j of row i_b, head i_h: u (BT, D) in its dtype (0 on padding and past T), the counts
+        (BT,) float32, incl (BT, BT) [t, i]: i <= t, same document, and head (BT,): the positions that
+        continue the running sum carried from the previous block."""
+        o_t = tl.arange(0, BT)
+        o_d = tl.arange(0, D)
+        t = j * BT + o_t
+        inb = t < T
+        real = inb
+        if HAS_VALID:
+            real = inb & (tl.load(valid + i_b * T + t, mask=inb, other=0) != 0)
+        u_c = tl.load(u + i_b * u_sb + t[:, None] * u_st + i_h * u_sh + o_d[None, :], mask=real[:, None], other=0.0)
+        n = tl.load(counts + i_b * T + t, mask=inb, other=1).to(tl.float32)
+        incl = o_t[None, :] <= o_t[:, None]
+        if HAS_SEG:
+            seg_c = tl.load(seg + i_b * T + t, mask=inb, other=-1)
+            incl = incl & (seg_c[:, None] == seg_c[None, :])
+            head = (seg_c == tl.load(seg + i_b * T + tl.maximum(j * BT - 1, 0))) & (j > 0)
+        else:
+            head = (o_t >= 0) & (j > 0)
+        return t, inb, real, u_c, n, incl, head, o_t, o_d
+
+    @triton.jit
+    def _logit_fwd_kernel(u, mu, log_tau, counts, valid, seg, s, carries, T, H, u_sb, u_st, u_sh, scale,
+                          D: tl.constexpr, BT: tl.constexpr, HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr,
+                          LOWP: tl.constexpr, F32: tl.constexpr):
+        """Grid (B H,), sequential over blocks of BT tokens with the running sum of u carried between them:
+        s_t = -scale u_t . (tau mu + sum_{i<=t} u_i) / (tau + n_t), the sum over the real tokens of the
+        token's document, s (B, T, H) float32; carries (B, H, cdiv(T, BT), D) float32, the running sum at
+        each block's end (for the backward). The in-block running sum is a product with the 0 / 1 mask
+        (exact for 16-bit u)."""
+        i_bh = tl.program_id(0).to(tl.int64)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        tau = tl.exp(tl.load(log_tau + i_h).to(tl.float32))
+        prior = tau * tl.load(mu + i_h * D + tl.arange(0, D)).to(tl.float32)
+        carry = tl.zeros([D], dtype=tl.float32)
+        for j in range(tl.cdiv(T, BT)):
+            t, inb, real, u_c, n, incl, head, o_t, o_d = _logit_block(
+                u, counts, valid, seg, i_b, i_h, j, T, u_sb, u_st, u_sh, D, BT, HAS_VALID, HAS_SEG)
+            total = _exact_dot(incl.to(u_c.dtype), u_c, LOWP, F32) + tl.where(head[:, None], carry[None, :], 0.0)
+            ubar = (prior[None, :] + total) / (tau + n)[:, None]
+            tl.store(s + (i_b * T + t) * H + i_h, -scale * tl.sum(u_c.to(tl.float32) * ubar, axis=1), mask=inb)
+            carry = tl.sum(tl.where((o_t == BT - 1)[:, None], total, 0.0), axis=0)
+            tl.store(carries + (i_bh * tl.cdiv(T, BT) + j) * D + o_d, carry)
+
+    @triton.jit
+    def _logit_bwd_kernel(u, mu, log_tau, counts, valid, seg, carries, ds, du, dmu, dlog_tau, T, H, u_sb, u_st, u_sh,
+                          scale, D: tl.constexpr, BT: tl.constexpr, HAS_VALID: tl.constexpr, HAS_SEG: tl.constexpr,
+                          LOWP: tl.constexpr, F32: tl.constexpr):
+        """Grid (B H,), the reverse sweep of _logit_fwd_kernel (the running sums rebuilt per block from the
+        forward's carries). du (B, T, H, D) contiguous in u's dtype; dmu (B, H, D) and dlog_tau (B, H) float32,
+        this row's shares (summed over the rows afterwards). The carry between blocks is the gradient of the
+        running sum at a block's end."""
+        i_bh = tl.program_id(0).to(tl.int64)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        tau = tl.exp(tl.load(log_tau + i_h).to(tl.float32))
+        mu_h = tl.load(mu + i_h * D + tl.arange(0, D)).to(tl.float32)
+        nblocks = tl.cdiv(T, BT)
+        d_carry = tl.zeros([D], dtype=tl.float32)
+        d_mu = tl.zeros([D], dtype=tl.float32)
+        d_tau = tl.zeros([1], dtype=tl.float32)
+        for jj in range(nblocks):
+            j = nblocks - 1 - jj
+            t, inb, real, u_c, n, incl, head, o_t, o_d = _logit_block(
+                u, counts, valid, seg, i_b, i_h, j, T, u_sb, u_st, u_sh, D, BT, HAS_VALID, HAS_SEG)
+            before = tl.load(carries + (i_bh * nblocks + tl.maximum(j - 1, 0)) * D + o_d)
+            total = _exact_dot(incl.to(u_c.dtype), u_c, LOWP, F32) + tl.where(head[:, None], before[None, :], 0.0)
+            last = o_t == BT - 1
+            den = tau + n
+            u_f = u_c.to(tl.float32)
+            ubar = (tau * mu_h[None, :] + total) / den[:, None]
+            g = -scale * tl.load(ds + (i_b * T + t) * H + i_h, mask=inb, other=0.0)       # ds_t (-scale)
+            through_s = (g / den)[:, None] * u_f            # d s_t / d (running sum at t), times ds_t
+            d_total = through_s + tl.where(last[:, None], d_carry[None, :], 0.0)
+            # (the 0 / 1 mask is exact in u's dtype; the float32 gradients are split: see _state_dot)
+            du_c = g[:, None] * ubar + _state_dot(tl.trans(incl.to(u_c.dtype)), d_total, LOWP, F32)
+            du_c = tl.where(real[:, None], du_c, 0.0)
+            tl.store(du + ((i_b * T + t[:, None]) * H + i_h) * D + o_d[None, :], du_c.to(du.dtype.element_ty),
+                     mask=inb[:, None])
+            d_mu += tau * tl.sum(through_s, axis=0)
+            d_tau += tl.sum(g / den * tl.sum(u_f * (mu_h[None, :] - ubar), axis=1), axis=0)
+            d_carry = tl.sum(tl.where(head[:, None], d_total, 0.0), axis=0)
+        tl.store(dmu + i_bh * D + tl.arange(0, D), d_mu)
+        tl.store(dlog_tau + i_bh + tl.arange(0, 1), tau * d_tau)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -894,10 +988,8 @@ def _prepare(q, k, v, scalars: Optional[ChunkScalars], start_states, chunk_load,
 
 
 def _out_dtype(layout: CoreLayout, q) -> torch.dtype:
-    """o's dtype: the layout's out_dtype (float32 for bfloat16 under the interpreter), else float32."""
-    if layout.out_dtype is None or (layout.out_dtype == torch.bfloat16 and _interpreting()):
-        return torch.float32
-    return layout.out_dtype
+    """o's dtype: the layout's out_dtype, else float32."""
+    return torch.float32 if layout.out_dtype is None else layout.out_dtype
 
 
 def _core_forward(q, k, v, scalars: ChunkScalars, start_states, layout: CoreLayout, chunk_load, chunk_store, seg, z):
@@ -907,12 +999,14 @@ def _core_forward(q, k, v, scalars: ChunkScalars, start_states, layout: CoreLayo
     out_states = torch.zeros(layout.num_out_states, z["H"], 3, z["K"], z["V"], dtype=torch.float32, device=q.device)
     kv_starts = _chunk_starts(k, v, s, m0, m1, sb0, sb1, start_states, chunk_load, chunk_store,
                               out_states if layout.num_out_states else None, seg, z)
-    o = torch.empty(z["B"], z["T"], z["H"], z["V"], dtype=_out_dtype(layout, q), device=q.device)
+    o_dtype = _out_dtype(layout, q)
+    store_dtype = torch.float32 if o_dtype == torch.bfloat16 and _interpreting() else o_dtype  # (see _prepare)
+    o = torch.empty(z["B"], z["T"], z["H"], z["V"], dtype=store_dtype, device=q.device)
     _launch(_output_fwd_kernel, lambda BV: (triton.cdiv(z["V"], BV), z["N"], z["B"] * z["H"]), q.device,
             _OUTPUT_LAUNCH, (q, k, v, s, m, a, b, hc, m0, sb0, kv_starts, o, seg, z["T"], z["H"], z["N"]),
             dict(K=z["K"], V=z["V"], C=z["C"], BK=z["BK"], DOT_PREC=z["DOT_PREC"], LOWP=z["LOWP"], F32=z["F32"],
                  HAS_SEG=z["HAS_SEG"]), z["BV"])
-    return o, out_states
+    return _from_interpreted(o, o_dtype), out_states
 
 
 def _forward_impl(q, k, v, scalars: ChunkScalars, start_states, layout: CoreLayout):
@@ -1067,8 +1161,9 @@ def _zeros_chunk_forward(q, k, v, s, g1, gh, g0, valid, stats_in, start_states, 
 
 def _zeros_chunk_backward(do, d_out_states, d_stats_out, q, k, v, s, g1, gh, g0, valid, stats_in, start_states, tok,
                           chunk, layout: CoreLayout, num_loads: int):
-    """Gradients of q, k, v (their dtypes), s, g1, gh, g0 (float32, (B', T_in, H) contiguous; dg0 None without
-    g0), stats_in (E~ and sbar rows; None without) and start_states (None without)."""
+    """Gradients of q, k, v (their dtypes), of s, g1, gh as one (3, B', T_in, H) float32 tensor (a custom op's
+    outputs must not alias), of g0 ((B', T_in, H); None without g0), stats_in (E~ and sbar rows; None
+    without) and start_states (None without)."""
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, _, start_states, chunk_load, chunk_store, do = _prepare(
         q, k, v, None, start_states, layout.chunk_load, layout.chunk_store, do)
@@ -1078,19 +1173,21 @@ def _zeros_chunk_backward(do, d_out_states, d_stats_out, q, k, v, s, g1, gh, g0,
     dq, dk, dv, dtok, dchunk, d_start_states = _core_backward(
         do, d_out_states, q, k, v, _scalars_of(tok, chunk), start_states, chunk_load, chunk_store, seg, z, num_loads,
         num_in)
-    ds, dg1, dgh, dg0, d_stats_in = _scalars_backward(s, g1, gh, g0, valid, stats_in, tok, chunk, dtok, dchunk,
-                                                      d_stats_out, chunk_load, chunk_store, seg, z)
+    d_scalars, dg0, d_stats_in = _scalars_backward(s, g1, gh, g0, valid, stats_in, tok, chunk, dtok, dchunk,
+                                                   d_stats_out, chunk_load, chunk_store, seg, z)
     dq, dk, dv = (_from_interpreted(x, dtype) for x, dtype in zip((dq, dk, dv), dtypes))
-    return dq, dk, dv, ds, dg1, dgh, dg0, d_stats_in, d_start_states
+    return dq, dk, dv, d_scalars, dg0, d_stats_in, d_start_states
 
 
 def _scalars_backward(s, g1, gh, g0, valid, stats_in, tok, chunk, dtok, dchunk, d_stats_out, chunk_load, chunk_store,
                       seg, z):
-    """The scalars' reverse sweep: ds (the core's share included), dg1, dgh, dg0 (B', T_in, H) float32 (dg0
-    None without g0) and d_stats_in (4, S_in, H) (its E~ and sbar rows; None without stats_in)."""
+    """The scalars' reverse sweep: d_scalars (3, B', T_in, H) = [ds (the core's share included), dg1, dgh] and
+    dg0 (B', T_in, H) float32 (None without g0), d_stats_in (4, S_in, H) (its E~ and sbar rows; None without
+    stats_in)."""
     B, L, H, N, dev = z["B"], z["T"], z["H"], z["N"], s.device
     T_in = s.shape[1]
-    ds, dg1, dgh = (torch.empty(B, T_in, H, dtype=torch.float32, device=dev) for _ in range(3))
+    d_scalars = torch.empty(3, B, T_in, H, dtype=torch.float32, device=dev)  # ds, dg1, dgh: one allocation
+    ds, dg1, dgh = d_scalars.unbind(0)
     dg0 = torch.empty(B, T_in, H, dtype=torch.float32, device=dev) if g0 is not None else None
     d_stats_in = torch.zeros_like(stats_in) if stats_in is not None else None
     has_dout = d_stats_out is not None and d_stats_out.shape[1] > 0
@@ -1102,7 +1199,7 @@ def _scalars_backward(s, g1, gh, g0, valid, stats_in, tok, chunk, dtok, dchunk, 
         0 if stats_in is None else stats_in.shape[1], d_stats_out.shape[1] if has_dout else 1, *strides, C=z["C"],
         HAS_G0=g0 is not None, HAS_VALID=valid is not None, HAS_SEG=z["HAS_SEG"], HAS_STATE=stats_in is not None,
         HAS_DOUT=has_dout)
-    return ds, dg1, dgh, dg0, d_stats_in
+    return d_scalars, dg0, d_stats_in
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1227,10 +1324,10 @@ def _zeros_chunk_backward_op(do: _Tensor, d_out_states: _OptTensor, d_stats_out:
 def _(do, d_out_states, d_stats_out, q, k, v, s, g1, gh, g0, valid, stats_in, start_states, *rest):
     B, T_in, H = s.shape
     new = lambda x, dtype=torch.float32: x.new_empty(x.shape, dtype=dtype)  # noqa: E731
-    scalar = lambda: s.new_empty(B, T_in, H, dtype=torch.float32)  # noqa: E731
     absent = q.new_empty(0)
-    return [new(q, q.dtype), new(k, k.dtype), new(v, v.dtype), scalar(), scalar(), scalar(),
-            scalar() if g0 is not None else absent, new(stats_in) if stats_in is not None else absent,
+    return [new(q, q.dtype), new(k, k.dtype), new(v, v.dtype), s.new_empty(3, B, T_in, H, dtype=torch.float32),
+            s.new_empty(B, T_in, H, dtype=torch.float32) if g0 is not None else absent,
+            new(stats_in) if stats_in is not None else absent,
             new(start_states) if start_states is not None else absent]
 
 
@@ -1251,10 +1348,10 @@ def _zeros_chunk_backward_autograd(ctx, do, d_out_states, d_stats_out, _d_tok, _
         ctx.saved_tensors
     if do is None:
         do = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    dq, dk, dv, ds, dg1, dgh, dg0, d_stats_in, d_start = _zeros_chunk_backward_op(
+    dq, dk, dv, d_scalars, dg0, d_stats_in, d_start = _zeros_chunk_backward_op(
         do, d_out_states, d_stats_out, q, k, v, s, g1, gh, g0, valid, stats_in, start_states, tok, chunk,
         chunk_load, chunk_store, ctx.chunk_size, ctx.num_loads, segments)
-    ds, dg1, dgh = (x.to(dtype) for x, dtype in zip((ds, dg1, dgh), ctx.dtypes))
+    ds, dg1, dgh = (x.to(dtype) for x, dtype in zip(d_scalars.unbind(0), ctx.dtypes))
     dg0 = dg0.to(ctx.dtypes[3]) if g0 is not None else None
     return (dq, dk, dv, ds, dg1, dgh, dg0, None, d_stats_in if stats_in is not None else None,
             d_start if start_states is not None else None) + (None,) * 7
@@ -1377,8 +1474,9 @@ def _rope_launch(kernel, x, cos, sin, *tensors):
     B, T, two, H, D = x.shape
     R = B * T * two * H
     cos, sin = (y.to(torch.float32) for y in (cos, sin))
+    x = _interpreted_bf16(x)  # (a copy in the interpreter: its strides, not the view's)
     kernel[(triton.cdiv(R, ROPE_ROWS),)](
-        _interpreted_bf16(x), cos, sin, *tensors, R, T, H, *x.stride()[:4], cos.stride(0), cos.stride(1),
+        x, cos, sin, *tensors, R, T, H, *x.stride()[:4], cos.stride(0), cos.stride(1),
         sin.stride(0), sin.stride(1), D=D, BR=ROPE_ROWS)
 
 
@@ -1386,7 +1484,7 @@ def _rope_launch(kernel, x, cos, sin, *tensors):
 def _rope_normalize_op(x: _Tensor, cos: _Tensor, sin: _Tensor) -> _Tensor:
     y = torch.empty(x.shape, dtype=_interpreted_bf16(x).dtype, device=x.device)
     _rope_launch(_rope_norm_fwd_kernel, x, cos, sin, y)
-    return y
+    return _from_interpreted(y, x.dtype)
 
 
 @_rope_normalize_op.register_fake
@@ -1421,8 +1519,8 @@ _rope_normalize_op.register_autograd(_rope_backward, setup_context=_rope_setup_c
 def rope_normalize_fused(x, cos, sin):
     """RoPE then L2 normalisation of q and k in one kernel (``modeling_zeros.apply_rope`` then
     ``F.normalize``; float32 inside): x (B, T, 2, H, d) with any strides (the q, k part of the fused
-    projection), cos and sin (B, T, 1, d / 2) (any strides). Returns (B, T, 2, H, d) contiguous in x's dtype
-    (float32 for bfloat16 under the interpreter), differentiable in x (cos and sin take no gradient)."""
+    projection), cos and sin (B, T, 1, d / 2) (any strides). Returns (B, T, 2, H, d) contiguous in x's dtype,
+    differentiable in x (cos and sin take no gradient)."""
     if not HAS_TRITON:
         raise RuntimeError("rope_normalize_fused needs Triton")
     if x.dim() != 5 or x.shape[2] != 2 or x.shape[-1] % 2 or x.shape[-1] & (x.shape[-1] - 1) \
@@ -1431,3 +1529,95 @@ def rope_normalize_fused(x, cos, sin):
                          f"bfloat16; got {tuple(x.shape)} {x.dtype}")
     return _rope_normalize_op(x, cos, sin)
 
+
+# ----------------------------------------------------------------------------------------------
+# The deviation logit s (the layer's neighbour of the op on the CUDA path)
+# ----------------------------------------------------------------------------------------------
+
+# Tokens per block of the logit kernels (their running sum is a (block, block) x (block, d) product) and
+# their launch options: no register spills at d = 64 on sm_90 (benchmarks/kernel_stats.py).
+LOGIT_BLOCK = 32
+_LOGIT_LAUNCH = dict(num_warps=8)
+
+
+def _logit_args(u, counts, valid, segment):
+    """The logit kernels' common operands: u (interpreted bfloat16 as float32), counts, the valid / segment
+    pointers (stand-ins when absent), u's strides, and the flags."""
+    u_k = _interpreted_bf16(u)
+    B, T, H, D = u.shape
+    flags = dict(D=D, BT=LOGIT_BLOCK, HAS_VALID=valid is not None, HAS_SEG=segment is not None,
+                 LOWP=u_k.dtype != torch.float32, F32=FLOAT32_DOT)
+    return (u_k, counts, counts if valid is None else valid, counts if segment is None else segment,
+            (u_k.stride(0), u_k.stride(1), u_k.stride(2)), flags, B, T, H, D)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::deviation_logits", mutates_args=())
+def _deviation_logits_op(u: _Tensor, mu: _Tensor, log_tau: _Tensor, counts: _Tensor, valid: _OptTensor,
+                         segment: _OptTensor) -> tuple[_Tensor, _Tensor]:
+    u_k, counts, valid_p, seg_p, strides, flags, B, T, H, D = _logit_args(u, counts, valid, segment)
+    s = torch.empty(B, T, H, dtype=torch.float32, device=u.device)
+    carries = torch.empty(B, H, triton.cdiv(T, LOGIT_BLOCK), D, dtype=torch.float32, device=u.device)
+    _logit_fwd_kernel[(B * H,)](u_k, mu, log_tau, counts, valid_p, seg_p, s, carries, T, H, *strides, D ** -0.5,
+                                **flags, **_LOGIT_LAUNCH)
+    return s, carries
+
+
+@_deviation_logits_op.register_fake
+def _(u, mu, log_tau, counts, valid, segment):
+    B, T, H, D = u.shape
+    return (u.new_empty(B, T, H, dtype=torch.float32),
+            u.new_empty(B, H, -(-T // LOGIT_BLOCK), D, dtype=torch.float32))
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::deviation_logits_bwd", mutates_args=())
+def _deviation_logits_backward_op(ds: _Tensor, u: _Tensor, mu: _Tensor, log_tau: _Tensor, counts: _Tensor,
+                                  valid: _OptTensor, segment: _OptTensor, carries: _Tensor
+                                  ) -> tuple[_Tensor, _Tensor, _Tensor]:
+    u_k, counts, valid_p, seg_p, strides, flags, B, T, H, D = _logit_args(u, counts, valid, segment)
+    du = torch.empty(B, T, H, D, dtype=u_k.dtype, device=u.device)
+    d_mu = torch.empty(B, H, D, dtype=torch.float32, device=u.device)
+    d_log_tau = torch.empty(B, H, dtype=torch.float32, device=u.device)
+    _logit_bwd_kernel[(B * H,)](u_k, mu, log_tau, counts, valid_p, seg_p, carries, ds.contiguous(), du, d_mu,
+                                d_log_tau, T, H, *strides, D ** -0.5, **flags, **_LOGIT_LAUNCH)
+    return _from_interpreted(du, u.dtype), d_mu.sum(0).to(mu.dtype), d_log_tau.sum(0).to(log_tau.dtype)
+
+
+@_deviation_logits_backward_op.register_fake
+def _(ds, u, mu, log_tau, counts, valid, segment, carries):
+    return torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty_like(mu), torch.empty_like(log_tau)
+
+
+def _logit_setup_context(ctx, inputs, output):
+    u, mu, log_tau, counts, valid, segment = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(u, mu, log_tau, counts, valid, segment, output[1])
+
+
+def _logit_backward(ctx, ds, _d_carries):
+    u, mu, log_tau, counts, valid, segment, carries = ctx.saved_tensors
+    if ds is None:
+        return (None,) * 6
+    du, d_mu, d_log_tau = _deviation_logits_backward_op(ds, u, mu, log_tau, counts, valid, segment, carries)
+    return du, d_mu, d_log_tau, None, None, None
+
+
+_deviation_logits_op.register_autograd(_logit_backward, setup_context=_logit_setup_context)
+
+
+def deviation_logits_fused(u, mu, log_tau, counts, valid=None, segment=None):
+    """The deviation logit of docs/method.md in one kernel (forward and backward), from an empty running sum:
+
+        s_t = -(u_t . ubar_t) / sqrt(d),  ubar_t = (tau mu + sum_{i<=t} u_i) / (tau + n_t),  tau = exp(log_tau)
+
+    the sum over the real tokens of the token's document. u (B, T, H, d) with any strides (the fused
+    projection's u part), mu (H, d), log_tau (H,), counts (B, T) int (n_t), valid (B, T) bool or None,
+    segment (B, T) int (each token's document) or None. Returns s (B, T, H) float32; differentiable in u,
+    mu and log_tau (``ZeroSAttention._logits`` is the PyTorch form)."""
+    if not HAS_TRITON:
+        raise RuntimeError("deviation_logits_fused needs Triton")
+    D = u.shape[-1]
+    if u.dim() != 4 or D < _MIN_BLOCK or D & (D - 1) or u.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"deviation_logits_fused: u must be (B, T, H, d), d a power of two >= {_MIN_BLOCK}, "
+                         f"float32 / float16 / bfloat16; got {tuple(u.shape)} {u.dtype}")
+    return _deviation_logits_op(u, mu, log_tau, counts.contiguous(), valid, segment)[0]
