@@ -28,6 +28,7 @@ import torch  # noqa: E402
 TRITON_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SM90 = 90
 HEAD_DIMS = (64, 128)  # the head sizes the table covers by default
+FLOAT_ARGS = ("scale",)  # the kernels' float (not pointer, not constexpr) arguments
 
 
 def kernel_builds(head_dim: int, chunk: int, dtype: str, has_seg: bool = False):
@@ -39,11 +40,23 @@ def kernel_builds(head_dim: int, chunk: int, dtype: str, has_seg: bool = False):
     consts = {"K": z["K"], "V": z["V"], "C": chunk, "DOT_PREC": z["DOT_PREC"], "LOWP": z["LOWP"], "F32": z["F32"],
               "HAS_SEG": has_seg}
     split, whole = dict(BK=z["BK_SPLIT"], BV=z["BV"]), dict(BK=z["BK"], BV=z["BV"])
-    return consts, [(of._states_fwd_kernel, dict(split, STORE_OUT=True), {}),
-                    (of._output_fwd_kernel, whole, {}),
-                    (of._states_bwd_kernel, split, {}),
-                    (of._chunk_bwd_q_kernel, whole, of._CHUNK_BWD_LAUNCH),
-                    (of._chunk_bwd_kv_kernel, whole, of._CHUNK_BWD_LAUNCH)]
+    backward = dict(BK=z["BK"], BV=z["BV_BWD"])
+    # The training path: no incoming state, no valid map, no zero-order gate (a non-first layer); the
+    # launchers' default tiles and launch options (a GPU autotunes the states and output kernels' d_v block).
+    scalars = dict(HAS_G0=False, HAS_VALID=False, HAS_STATE=False)
+    logit = dict(D=head_dim, BT=of.LOGIT_BLOCK)
+    return consts, [(of._scalars_fwd_kernel, dict(scalars, STORE_OUT=False), {}),
+                    (of._states_fwd_kernel, dict(split, STORE_OUT=True, HAS_START=False), of._STATES_LAUNCH),
+                    (of._output_fwd_kernel, whole, of._OUTPUT_LAUNCH),
+                    (of._states_bwd_kernel, dict(split, HAS_START=False, LOAD_DOUT=False), of._STATES_LAUNCH),
+                    (of._chunk_bwd_q_kernel, backward, of._CHUNK_BWD_LAUNCH),
+                    (of._chunk_bwd_kv_kernel, backward, of._CHUNK_BWD_LAUNCH),
+                    (of._scalars_bwd_kernel, dict(scalars, HAS_DOUT=False), {}),
+                    # the layer's neighbours of the op: RoPE + L2 norm of q and k, the deviation logit s
+                    (of._rope_norm_fwd_kernel, dict(D=head_dim, BR=of.ROPE_ROWS), {}),
+                    (of._rope_norm_bwd_kernel, dict(D=head_dim, BR=of.ROPE_ROWS), {}),
+                    (of._logit_fwd_kernel, dict(logit, HAS_VALID=False, HAS_SEG=False), of._LOGIT_LAUNCH),
+                    (of._logit_bwd_kernel, dict(logit, HAS_VALID=False, HAS_SEG=False), of._LOGIT_LAUNCH)]
 
 
 def ptxas_report(ptx: str) -> str:
@@ -78,14 +91,17 @@ def main() -> int:
     p.add_argument("--no-ptxas", action="store_true", help="shared memory only (faster)")
     args = p.parse_args()
     import triton
+
+    from zeros_lm import ops_fused as of
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
     except ImportError:
         return 3
     # q, k, v, the output, its gradient and dq, dk, dv are in the model dtype (the launchers pass them so).
-    pointers = {**{n: args.dtype for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv")},
-                "chunk_load": "i32", "chunk_store": "i32", "load_slot": "i32", "seg": "i32"}
+    pointers = {**{n: args.dtype for n in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "x", "y", "dy", "dx", "u",
+                                           "du")}, "counts": "i64",
+                "chunk_load": "i32", "chunk_store": "i32", "load_slot": "i32", "seg": "i32", "valid": "i1"}
     dims = ", ".join(map(str, args.head_dim))
     print(f"# fused kernels for sm_90: d = {dims}, chunk {args.chunk_size}, {args.dtype}"
           f"{', packed sequences' if args.packed else ''}, Triton {triton.__version__}\n")
@@ -97,8 +113,8 @@ def main() -> int:
         for kernel, blocks, launch in builds:
             names = [param.name for param in kernel.params]
             constexprs = {n: v for n, v in {**consts, **blocks}.items() if n in names}
-            signature = {n: "constexpr" if n in constexprs else "i32" if n in ("T", "H", "N") else
-                         "*" + pointers.get(n, "fp32") for n in names}
+            signature = {n: "constexpr" if n in constexprs else "i32" if n in of.INT_ARGS else
+                         "fp32" if n in FLOAT_ARGS else "*" + pointers.get(n, "fp32") for n in names}
             try:
                 source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
             except TypeError:

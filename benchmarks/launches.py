@@ -82,7 +82,11 @@ OTHER = "other"
 TRITON = "Triton kernel"
 CUSTOM_OP_CALL = "custom-op call (no kernel)"  # the op node of a non-aten custom op; its body is counted
 NO_OP = "returns its input (no kernel)"  # a non-in-place op whose outputs are its inputs (``to`` the same dtype)
-NO_LAUNCH = ("view (no kernel)", CUSTOM_OP_CALL, NO_OP)
+# Work the CPU stand-in does that the CUDA path does not: the interpreter computes bfloat16 wrong, so ops_fused
+# hands it float32 copies of bfloat16 operands (and casts the results back). Recorded, not counted.
+INTERPRETER_ONLY = "interpreter only (not on CUDA)"
+INTERPRETER_FUNCTIONS = ("_interpreted_bf16", "_from_interpreted")
+NO_LAUNCH = ("view (no kernel)", CUSTOM_OP_CALL, NO_OP, INTERPRETER_ONLY)
 PURPOSE_OF_OP = {name: purpose for purpose, names in OP_PURPOSES.items() for name in names}
 
 # Where an op is called: the innermost function of zeros_lm on the call stack (for backward ops of autograd's
@@ -90,9 +94,20 @@ PURPOSE_OF_OP = {name: purpose for purpose, names in OP_PURPOSES.items() for nam
 # (projections, gates, L2 and output norms), no zeros_lm function at all "outside the layer".
 REGION_OF_FUNCTION = {
     "_chunk_scalars": "per-token scalars",
+    "_scalars_forward": "per-token scalars",
+    "_scalars_backward": "per-token scalars",
     "_logits": "logit s",
     "apply_rope": "RoPE",
     "chunk_core_fused": "custom-op wrapper",
+    "zeros_chunk_fused": "custom-op wrapper",
+    "_zeros_chunk_forward": "custom-op wrapper",
+    "_zeros_chunk_backward": "custom-op wrapper",
+    "_zeros_chunk_backward_autograd": "custom-op wrapper",
+    "_chunked_fused": "chunk layout (pack, pad)",
+    "deviation_logits_fused": "logit s",
+    "_logit_backward": "logit s",
+    "rope_normalize_fused": "RoPE",
+    "_rope_backward": "RoPE",
     "_forward_impl": "custom-op wrapper",
     "_backward_impl": "custom-op wrapper",
     "_backward": "custom-op wrapper",
@@ -221,6 +236,8 @@ class LaunchCounter(TorchDispatchMode):
             return
         if functions is None:
             functions = self._live_functions() or self._node_functions()
+        if functions and functions[0][1] in INTERPRETER_FUNCTIONS:
+            purpose = INTERPRETER_ONLY
         self.records[self.phase].append((purpose, _region(functions), name, float64))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -135,3 +135,20 @@ def test_launch_count_script_prints_its_tables(clean_env):
     total = table_rows(out, "**total**")
     assert len(total) == 2 and all(number(c) > 0 for row in total for c in row[1:]), total
     assert table_rows(out, "attention kernel")[0][1:] == ["1", "1"]
+
+
+def test_readout_precision_table_ranks_the_schemes():
+    """benchmarks/readout_precision.py (docs/gpu.md's table): at a logit spread of 0.01 the readout's terms
+    cancel ~200x; float32-grade products keep ~1e-6, plain TF32 and a bfloat16 state fail (>= 1e-2), and the
+    kernels' scheme (the state split into 16-bit high + low parts, q as is, coefficients after the product)
+    stays within 1e-3 of float64 in bfloat16 and far within it in float16."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.readout_precision import readout_errors
+
+    errors = readout_errors(0.01)
+    assert errors["cancellation"] >= 100
+    assert errors["tf32x3 (float32-grade products)"] <= 1e-5
+    assert errors["TF32, coefficients in q"] >= 1e-2 and errors["bf16 state, coefficients after"] >= 1e-1
+    assert 1e-5 <= errors["bf16 high + low state, coefficients after"] <= 1e-3
+    assert errors["fp16 high + low of state / max, coefficients after"] <= 1e-4
+    assert readout_errors(2.0)["bf16 high + low state, coefficients after"] <= 1e-4  # little cancellation: better

@@ -504,23 +504,27 @@ def test_cu_seqlens_needs_one_row_and_one_state_row_per_segment():
 
 
 class SpyCore:
-    """Stands in for ops_fused: the PyTorch chunk core behind the fused contract, recording its calls."""
+    """Stands in for ops_fused's namespace: the fused entry (the real kernels; Triton's interpreter on CPU),
+    recording what ops.py hands it."""
 
     MIN_CHUNK_SIZE = 16
     MAX_HEAD_DIM = 128
 
-    def __init__(self):
-        self.calls, self.segments = [], []
+    def __init__(self, real):
+        self.real, self.calls, self.segments = real, [], []
 
-    def chunk_core_fused(self, *args, plan=None, segments=None):
+    def zeros_chunk_fused(self, *args):
         self.calls.append(args)
-        self.segments.append(segments)
-        return ops._chunk_core_torch(*args, plan=plan, segments=segments)
+        self.segments.append(args[-1].segments)
+        return self.real.zeros_chunk_fused(*args)
 
 
 @pytest.fixture
 def spy_core(monkeypatch):
-    spy = SpyCore()
+    real = ops._load_fused_core()
+    if real is None:
+        pytest.skip("Triton or ops_fused.py is not available")
+    spy = SpyCore(real)
     monkeypatch.setattr(ops, "_load_fused_core", lambda: spy)
     return spy
 
@@ -535,10 +539,12 @@ def test_fused_mode_runs_the_shared_preparation_through_the_fused_contract(spy_c
     out, end = run(inputs, "fused", chunk_size=8, cu_seqlens=offsets(lengths), initial_state=state.to(torch.float32),
                    output_final_state=True)
     assert len(spy_core.calls) == 1
-    q, k, v, s, m, a, b, hc, m0, m1, sb0, sb1, starts, load, store, num_out, C = spy_core.calls[0]
+    q, k, v, s, g1, gh, g0, valid, stats_in, starts, layout = spy_core.calls[0]
+    C, load, num_out = layout.chunk_size, layout.chunk_load, layout.num_out_states
     assert C == 16 and q.shape[1] % C == 0                       # a power of two >= the kernels' minimum
-    assert q.dtype == k.dtype == v.dtype == s.dtype == starts.dtype == torch.float32
+    assert q.dtype == k.dtype == v.dtype == s.dtype == starts.dtype == stats_in.dtype == torch.float32
     assert num_out == len(lengths) and (load >= 0).sum() == len(lengths)
+    assert stats_in.shape == (4, len(lengths), 2) and valid.shape == q.shape[:2]  # per-sequence chunks: a valid map
     assert out.dtype == torch.float32 and end.batch_size == len(lengths)
     assert rel_err(out.double(), ref) <= 1e-5
     assert rel_err(end.kv.double(), ref_state.kv) <= 1e-5
@@ -743,8 +749,8 @@ def test_fused_kernels_with_packed_sequences_sharing_chunks(lengths, monkeypatch
         pytest.skip("Triton or ops_fused.py is not available")
     from zeros_lm import ops_fused
 
-    seen, real = [], ops_fused.chunk_core_fused
-    monkeypatch.setattr(ops_fused, "chunk_core_fused", lambda *a, **kw: seen.append(kw["segments"]) or real(*a, **kw))
+    seen, real = [], ops_fused.zeros_chunk_fused
+    monkeypatch.setattr(ops_fused, "zeros_chunk_fused", lambda *a: seen.append(a[-1].segments) or real(*a))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     T = sum(lengths)
     inputs64 = make_inputs(1, T, 2, 16, first_layer=True, seed=T, requires_grad=True)
@@ -780,7 +786,8 @@ def test_sequence_starts_keep_the_rows_parallel_in_the_core(spy_core, final_stat
     starts[:, 17] = True
     inputs = make_inputs(3, 40, 2, 16, dtype=torch.float32, seed=42)
     out, _ = run(inputs[:6] + [None], "fused", chunk_size=16, sequence_starts=starts, output_final_state=final_state)
-    q, load, store = spy_core.calls[0][0], spy_core.calls[0][13], spy_core.calls[0][14]
+    q, layout = spy_core.calls[0][0], spy_core.calls[0][-1]
+    load, store = layout.chunk_load, layout.chunk_store
     if final_state:
         assert q.shape[0] == 3 and q.shape[1] == 4 * 16                # 17 + 23 tokens: 2 + 2 chunks per row
         assert load.tolist() == [[0, -1, 1, -1], [2, -1, 3, -1], [4, -1, 5, -1]]
@@ -836,3 +843,27 @@ def test_blocked_running_sum_equals_cumsum(T):
     counts = torch.randint(0, 2, (2, T))
     assert torch.equal(ops.cumsum_tokens(counts, blocked=True), counts.cumsum(1))
     assert torch.equal(ops.cumsum_tokens(x.detach(), blocked=False), expected.detach())
+
+
+def test_chunk_layouts_are_built_once_per_batch(monkeypatch):
+    """zeros_attention's chunk_layouts: calls on the same batch (B, T, valid tensor, sequences) build the
+    chunk layout once; another valid tensor or packing gets its own; a model's forward builds one for all its
+    ZeroS layers."""
+    from conftest import tiny_model
+
+    built = []
+    real = ops._ChunkLayout.build
+    monkeypatch.setattr(ops._ChunkLayout, "build", staticmethod(lambda *a, **kw: built.append(a) or real(*a, **kw)))
+    inputs = make_inputs(2, 40, 2, dtype=torch.float32, seed=3)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    layouts = ops.ChunkLayouts()
+    first, _ = run(inputs, "chunked", chunk_size=16, valid=valid, chunk_layouts=layouts)
+    again, _ = run(inputs, "chunked", chunk_size=16, valid=valid, chunk_layouts=layouts)
+    assert len(built) == 1 and torch.equal(first, again)
+    run(inputs, "chunked", chunk_size=16, valid=valid.clone(), chunk_layouts=layouts)
+    run(inputs, "chunked", chunk_size=16, sequence_starts=[[10, 30], [40]], chunk_layouts=layouts)
+    assert len(built) == 3 and len(layouts) == 3
+    built.clear()
+    model = tiny_model("zeros", num_hidden_layers=3)
+    model(torch.randint(0, model.config.vocab_size, (2, 20)), use_cache=False)
+    assert len(built) == 1

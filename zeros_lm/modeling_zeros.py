@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - older transformers
 
 from .cache_zeros import LinearLayerState, SoftmaxLayerState, ZeroSCache, ZeroSLayerState
 from .configuration_zeros import ZeroSConfig
-from .ops import cumsum_tokens, linear_attention_chunked, zeros_attention
+from .ops import ChunkLayouts, _fused_applies, cumsum_tokens, linear_attention_chunked, zeros_attention
 from .ops_softmax import packed_softmax_attention, softmax_attention_mask
 from .packing import (
     PackedDocuments,
@@ -60,7 +60,9 @@ class MixerContext:
     counts: (B, T) long, the real tokens of the row (of its document with packed documents) up to and
         including each column, those already in the cache included: the t of docs/method.md;
     valid: (B, T) bool, which columns are real tokens; None when all are;
-    documents: the packed documents of the rows (no cache then), or None: one sequence per row.
+    documents: the packed documents of the rows (no cache then), or None: one sequence per row;
+    chunk_layouts: where the ZeroS op keeps the chunk layouts of this batch (``zeros_attention``'s
+        ``chunk_layouts``): built by the first layer that needs one, reused by the others.
 
     (The cache travels beside it, as its own argument: gradient checkpointing drops it.)
     """
@@ -70,6 +72,7 @@ class MixerContext:
     counts: torch.Tensor
     valid: torch.Tensor | None = None
     documents: PackedDocuments | None = None
+    chunk_layouts: ChunkLayouts = dataclasses.field(default_factory=ChunkLayouts, compare=False, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,6 +181,27 @@ class ShortConvolution(nn.Module):
         return F.silu(y), new_state
 
 
+class _SplitProjection(torch.autograd.Function):
+    """The fused projection (B, T, 4, H, d) as views of its parts: qk (B, T, 2, H, d), v and u (B, T, H, d).
+
+    The same as slicing, but the gradient comes back as one concatenation of the parts' gradients instead
+    of a zero-filled buffer, a copy and an addition per part (autograd's backward of a slice).
+    """
+
+    @staticmethod
+    def forward(ctx, qkvu):
+        return qkvu[:, :, :2], qkvu[:, :, 2], qkvu[:, :, 3]
+
+    @staticmethod
+    def backward(ctx, d_qk, d_v, d_u):
+        parts = [d_qk, d_v.unsqueeze(2) if d_v is not None else None, d_u.unsqueeze(2) if d_u is not None else None]
+        shape = {0: 2, 1: 1, 2: 1}
+        like = next(p for p in parts if p is not None)
+        parts = [p if p is not None else like.new_zeros(*like.shape[:2], shape[i], *like.shape[3:])
+                 for i, p in enumerate(parts)]
+        return torch.cat(parts, dim=2)
+
+
 class ZeroSAttention(nn.Module):
     """ZeroS zero-sum linear attention (docs/method.md section 2).
 
@@ -216,9 +240,14 @@ class ZeroSAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.o_proj._is_residual_output = True
 
-    def _logits(self, u, valid, counts, usum, documents=None):
+    def _logits(self, u, valid, counts, usum, documents=None, fused=False):
         """Radial logits s (B, T, Hkv) in float32 and the new running sum of u (deviation logit); with
-        packed ``documents`` the running mean restarts at each document."""
+        packed ``documents`` the running mean restarts at each document. fused: the fused kernels' path
+        without a cache (one kernel, ``ops_fused.deviation_logits_fused``; no running sum returned)."""
+        if fused and usum is None and self.config.logit_type == "deviation":
+            from .ops_fused import deviation_logits_fused
+            return deviation_logits_fused(u, self.mu, self.log_tau, counts, valid,
+                                          None if documents is None else documents.segment), None
         uf = u.to(_acc(u.dtype))
         d = self.head_dim
         if self.config.logit_type == "norm":
@@ -245,16 +274,25 @@ class ZeroSAttention(nn.Module):
         qkvu = self.qkvu_proj(x)
         if self.conv is not None:
             qkvu, conv_state = self.conv(qkvu, valid=valid, state=conv_state, documents=documents)
+        mode = "auto" if self.config.attention_backend == "auto" else "chunked"
+        if T == 1 and cache is not None and documents is None:
+            mode = "recurrent"
         if groups == 1:
-            qkvu = qkvu.view(B, T, 4, H, d)
-            # q and k together: RoPE, then L2 normalisation
-            qk = apply_rope(qkvu[:, :, :2], context.cos, context.sin)
-            q, k = F.normalize(qk.to(acc), dim=-1).to(x.dtype).unbind(dim=2)
-            v, u = qkvu[:, :, 2], qkvu[:, :, 3]
-        else:  # q (B, T, H, d); k, v, u (B, T, Hkv, d)
+            qk, v, u = _SplitProjection.apply(qkvu.view(B, T, 4, H, d))
+            # q and k together: RoPE, then L2 normalisation (on the fused kernels' path one kernel, writing
+            # the projections' dtype, which the kernels take)
+            fused = mode == "auto" and _fused_applies(v, v)
+            if fused:
+                from .ops_fused import rope_normalize_fused
+                q, k = rope_normalize_fused(qk, context.cos, context.sin).unbind(dim=2)
+            else:
+                qk = apply_rope(qk, context.cos, context.sin)
+                q, k = F.normalize(qk.to(acc), dim=-1).to(x.dtype).unbind(dim=2)
+        else:  # q (B, T, H, d); k, v, u (B, T, Hkv, d); the fused neighbours take one head count (the op is fused)
+            fused = False
             q, k, v, u = (p.unflatten(-1, (-1, d)) for p in qkvu.split(self.qkvu_sizes, dim=-1))
             q, k = (F.normalize(apply_rope(p, context.cos, context.sin).to(acc), dim=-1).to(x.dtype) for p in (q, k))
-        s, usum = self._logits(u, valid, context.counts, usum, documents)
+        s, usum = self._logits(u, valid, context.counts, usum, documents, fused=fused and cache is None)
         # the op runs per query head: the key side repeated over each group (its state stays per K/V head)
         k, v, s = (repeat_kv_heads(t, groups, dim=2) for t in (k, v, s))
         if core_state is not None:
@@ -262,20 +300,17 @@ class ZeroSAttention(nn.Module):
 
         if self.config.use_gates:
             gl = self.gate_proj(x).view(B, T, H, self.num_gates).to(acc)
-            g1, gh = torch.sigmoid(gl[..., :2]).unbind(dim=-1)
+            g1, gh = torch.sigmoid(gl[..., :2] if self.has_zero_order else gl).unbind(dim=-1)
             g0 = torch.tanh(gl[..., 2]) if self.has_zero_order else None
         else:  # ablation: every gate is the constant 1
             g1 = gh = torch.ones(B, T, H, dtype=acc, device=x.device)
             g0 = g1 if self.has_zero_order else None
 
-        mode = "auto" if self.config.attention_backend == "auto" else "chunked"
-        if T == 1 and cache is not None and documents is None:
-            mode = "recurrent"
         attend = zeros_attention if documents is None else functools.partial(zeros_attention_over_documents, documents)
         with record_function("zeros_lm.op"):  # (a named range for benchmarks/profile_step.py)
             o, core_state = attend(
                 q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
-                initial_state=core_state, output_final_state=cache is not None,
+                initial_state=core_state, output_final_state=cache is not None, chunk_layouts=context.chunk_layouts,
             )
         if cache is not None:
             core_state = core_state._map(lambda t: one_per_group(t, groups))

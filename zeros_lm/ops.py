@@ -60,15 +60,14 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from .ops_contract import ChunkScalars, CoreLayout, call_flat, check_chunk_size, flat_entry, kernel_chunk_size
+from .ops_contract import NO_MAX, ChunkScalars, CoreLayout, call_flat, check_chunk_size, flat_entry, kernel_chunk_size
 
-__all__ = ["zeros_attention", "ZeroSState", "MODES", "linear_attention_chunked", "linear_attention_packed"]
+__all__ = ["zeros_attention", "ZeroSState", "ChunkLayouts", "MODES", "linear_attention_chunked",
+           "linear_attention_packed"]
 
 MODES = ("chunked", "recurrent", "reference", "fused", "auto")
 
-# Running maximum before any real token has been seen. Finite (so exp(m_old - m_new) is never
-# exp(-inf + inf)), and far below any logit, so the first real token replaces it.
-_NO_MAX = -1e30
+_NO_MAX = NO_MAX  # (ops_contract.py: the running maximum before any real token)
 # E~_t = sum_{j<=t} exp(s_j - m_t) >= 1 for a real token (the maximum's own term is exp(0) = 1). Flooring
 # it there changes nothing for real tokens and keeps padding before the first real token finite.
 _E_FLOOR = 1.0
@@ -288,7 +287,8 @@ def _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size
 def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk_size: int = 64,
                     valid: Optional[torch.Tensor] = None, initial_state: Optional[ZeroSState] = None,
                     output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
-                    sequence_starts: Optional[torch.Tensor | list] = None):
+                    sequence_starts: Optional[torch.Tensor | list] = None,
+                    chunk_layouts: Optional["ChunkLayouts"] = None):
     """Causal ZeroS attention.
 
     Args:
@@ -318,6 +318,10 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
             Or, when the caller knows them on the host, per row the lengths of its sequences (B lists
             of positive ints, each summing to T): the same, without reading the tensor back from the
             device at every call (a model passes its layers the lengths it found once).
+        chunk_layouts: a ``ChunkLayouts`` in which the chunked forms keep the chunk layouts they build (the
+            chunk tables, the map of real positions), so that calls on one batch (the layers of one forward
+            pass: same B, T, valid tensor, sequences) build each only once. The model passes one per forward
+            pass (``MixerContext.chunk_layouts``); None builds the layout for this call alone.
 
     Returns:
         o: (B, T, H, d_v) in q's dtype; state: a ``ZeroSState`` (one row per sequence) or None.
@@ -336,7 +340,7 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
     low = _autocast_product_dtype(q)
     with torch.autocast(device_type=q.device.type, enabled=False):
         return _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths,
-                         low)
+                         low, chunk_layouts)
 
 
 def _load_fused_core():
@@ -344,12 +348,12 @@ def _load_fused_core():
     use so that CPU installs need no Triton; None when it or Triton is missing. (A ``from .ops_fused``
     import, so that ``save_pretrained`` copies the kernels next to ops.py for trust_remote_code.)"""
     try:
-        from .ops_fused import HAS_TRITON, MAX_HEAD_DIM, chunk_core_fused
+        from .ops_fused import HAS_TRITON, MAX_HEAD_DIM, zeros_chunk_fused
     except ImportError:
         return None
     if not HAS_TRITON:
         return None
-    return SimpleNamespace(chunk_core_fused=chunk_core_fused, MAX_HEAD_DIM=MAX_HEAD_DIM)
+    return SimpleNamespace(zeros_chunk_fused=zeros_chunk_fused, MAX_HEAD_DIM=MAX_HEAD_DIM)
 
 
 def _fused_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -383,11 +387,11 @@ def _chunked_core(mode: str, dtype: torch.dtype):
     if fused is None:
         raise RuntimeError("zeros_attention: mode='fused' needs Triton (pip install triton; Linux) and ops_fused.py "
                            "next to ops.py; use mode='chunked' (or 'auto', which falls back to it) without them")
-    return fused.chunk_core_fused, fused
+    return fused.zeros_chunk_fused, fused
 
 
 def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths,
-              low=None):
+              low=None, chunk_layouts=None):
     """lengths: None (one sequence per row) or, per row, the lengths of its sequences."""
     B, T, H, d_k = q.shape
     acc = _accumulation_dtype(q.dtype)
@@ -407,9 +411,10 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
         state = _reference_final_state(k, v, s, valid, segments, num_sequences, acc) if output_final_state else None
         return o.to(q.dtype), state
 
-    state = initial_state if initial_state is not None else \
-        ZeroSState.empty(num_sequences, H, d_k, v.shape[-1], dtype=acc, device=q.device)
-    if state.kv.dtype != acc or state.kv.device != q.device:
+    state = initial_state
+    if state is None and mode != "fused":  # (the kernels start empty sequences from zero states themselves)
+        state = ZeroSState.empty(num_sequences, H, d_k, v.shape[-1], dtype=acc, device=q.device)
+    if state is not None and (state.kv.dtype != acc or state.kv.device != q.device):
         state = state.to(device=q.device, dtype=acc)
     if valid is not None:  # padding gets zero queries, keys, values and logits: it adds nothing, whatever it held
         valid = valid.to(device=q.device, dtype=torch.bool)
@@ -427,8 +432,12 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
             q, k, v = (x.to(low) for x in (q, k, v))
         # The fused kernels write o in the inputs' 16-bit dtype (no float32 copy to cast afterwards).
         out_dtype = q.dtype if fused is not None and q.dtype != acc else None
-        o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core,
-                            exact_chunk=fused is not None, shared=shared, out_dtype=out_dtype)
+        if fused is not None:
+            o, state = _chunked_fused(core, q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, shared,
+                                      out_dtype, output_final_state, chunk_layouts)
+        else:
+            o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, shared=shared,
+                                chunk_layouts=chunk_layouts)
     elif lengths is None:
         o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state)
     else:  # one sequence after the other, each from its own state
@@ -767,22 +776,55 @@ def _chunk_scalars(s, g1, gh, g0, state, layout):
     return ChunkScalars(s=s, m=m, a=a, b=b, hc=hc, m0=m0, m1=m1, sb0=sb0, sb1=sb1), final
 
 
-def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, exact_chunk=False, shared=False,
-             out_dtype=None):
-    """The chunked form: shared scalar preparation, then ``core`` (the PyTorch or the fused chunk core).
+class ChunkLayouts:
+    """The chunk layouts of one batch, built once and shared by the calls on it (``zeros_attention``'s
+    ``chunk_layouts``; the model keeps one per forward pass in its ``MixerContext``).
+
+    A layout depends on B, T, the chunk size, the packing, the sequences' lengths and the valid tensor
+    (held by identity: the layers of a forward pass share the model's). An object of its own rather than
+    a dict, so that torch.compile guards on its type only, not on what it holds.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self):
+        self._held = {}
+
+    def get(self, B: int, T: int, valid, lengths, C: int, device, shared: bool) -> "_ChunkLayout":
+        key = (B, T, C, shared, str(device), None if lengths is None else tuple(map(tuple, lengths)),
+               None if valid is None else id(valid))
+        held = self._held.get(key)
+        if held is None or held[0] is not valid:
+            held = self._held[key] = (valid, _ChunkLayout.build(B, T, valid, lengths, C, device, shared=shared))
+        return held[1]
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+def _chunk_layout(B: int, T: int, valid, lengths, C: int, device, shared: bool,
+                  chunk_layouts: Optional[ChunkLayouts]):
+    """``_ChunkLayout.build``, through ``chunk_layouts`` when given (not while torch.compile traces: a compiled
+    graph builds its layout itself)."""
+    if chunk_layouts is None or torch.compiler.is_compiling():
+        return _ChunkLayout.build(B, T, valid, lengths, C, device, shared=shared)
+    return chunk_layouts.get(B, T, valid, lengths, C, device, shared)
+
+
+def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, shared=False, chunk_layouts=None):
+    """The chunked form in PyTorch: the per-token scalars (``_chunk_scalars``), then ``core`` (the PyTorch chunk
+    core, or any core of the contract in ops_contract.py).
 
     Inputs as for ``zeros_attention`` (valid may be None; padding already zeroed); lengths: None or,
     per row, the lengths of its sequences; shared: sequences may share a chunk (``_ChunkLayout``;
-    empty initial state, no final state). The chunk is chunk_size tokens, or the longest
-    sequence (the row, when shared) when that is shorter, unless exact_chunk. out_dtype: o's dtype from
-    the core (``CoreLayout.out_dtype``; None: the accumulation dtype). Returns o (B, T, H, d_v)
-    and the final state (one row per sequence; None when shared).
+    empty initial state, no final state). The chunk is chunk_size tokens, or the longest sequence (the
+    row, when shared) when that is shorter. Returns o (B, T, H, d_v) and the final state (one row per
+    sequence; None when shared).
     """
     B, T, H, _ = q.shape
     acc = state.kv.dtype
     longest = T if lengths is None or shared else max(max(n for row in lengths for n in row), 1)
-    C = chunk_size if exact_chunk else min(chunk_size, longest)
-    layout = _ChunkLayout.build(B, T, valid, lengths, C, q.device, shared=shared)
+    layout = _chunk_layout(B, T, valid, lengths, min(chunk_size, longest), q.device, shared, chunk_layouts)
     N, C = layout.num_chunks, layout.chunk_size
 
     def aligned(x):  # (B, T, H) -> (B', H, N, C) in the accumulation dtype
@@ -792,9 +834,33 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, ex
         scalars, (E, m_end, sbar_end, n_end) = _chunk_scalars(
             aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
     with record_function("zeros_lm.core"):
-        core_layout = layout.core if out_dtype is None else dataclasses.replace(layout.core, out_dtype=out_dtype)
-        o, kv = call_flat(core, layout.pack(q), layout.pack(k), layout.pack(v), scalars, state.kv, core_layout)
+        o, kv = call_flat(core, layout.pack(q), layout.pack(k), layout.pack(v), scalars, state.kv, layout.core)
     return layout.unpack(o), (None if shared else ZeroSState(kv=kv, E=E, m=m_end, sbar=sbar_end, n=n_end))
+
+
+def _chunked_fused(entry, q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, shared, out_dtype,
+                   final_state=True, chunk_layouts=None):
+    """The chunked form in the fused kernels, per-token scalars included (``ops_fused.zeros_chunk_fused``, here
+    ``entry``): the chunk layout of ``_chunked`` (chunk_size is already a kernel tile), the logits and gates
+    read where they are. state: the incoming ``ZeroSState`` or None (empty). Returns o (B, T, H, d_v) and the
+    final state (None when shared or not final_state: then the kernels store none)."""
+    B, T, H, _ = q.shape
+    layout = _chunk_layout(B, T, valid, lengths, chunk_size, q.device, shared, chunk_layouts)
+    per_token = (s, g1, gh, g0)
+    if layout.dest is not None:  # sequences padded to whole chunks: the scalars move with their tokens
+        per_token = tuple(None if x is None else layout.pack(x) for x in per_token)
+    real = layout.valid.flatten(1) if valid is not None or layout.dest is not None else None
+    stats_in = kv_in = None
+    if state is not None:
+        stats_in = torch.stack([state.E, state.m, state.sbar, state.n]).to(torch.float32)
+        kv_in = state.kv
+    final_state = final_state and not shared
+    core = dataclasses.replace(layout.core, out_dtype=out_dtype,
+                               num_out_states=layout.core.num_out_states if final_state else 0)
+    with record_function("zeros_lm.core"):
+        o, kv, stats = entry(layout.pack(q), layout.pack(k), layout.pack(v), *per_token, real, stats_in, kv_in, core)
+    final = ZeroSState(kv=kv, E=stats[0], m=stats[1], sbar=stats[2], n=stats[3]) if final_state else None
+    return layout.unpack(o), final
 
 
 def chunk_core_torch(q, k, v, scalars: ChunkScalars, start_states: torch.Tensor, layout: CoreLayout):

@@ -41,10 +41,13 @@ from typing import Callable, Optional
 import torch
 
 __all__ = ["ChunkScalars", "CoreLayout", "check_chunk_size", "is_kernel_chunk", "kernel_chunk_size",
-           "MIN_KERNEL_CHUNK", "flatten", "unflatten", "flat_entry"]
+           "MIN_KERNEL_CHUNK", "NO_MAX", "flatten", "unflatten", "flat_entry"]
 
 # tl.dot needs every dimension >= 16 on a GPU, tl.arange a power of two: the kernels' smallest chunk.
 MIN_KERNEL_CHUNK = 16
+# Running maximum before any real token has been seen (both cores and the kernels). Finite (so exp(m_old - m_new)
+# is never exp(-inf + inf)), and far below any logit, so the first real token replaces it.
+NO_MAX = -1e30
 
 
 def check_chunk_size(chunk_size, name: str = "chunk_size") -> int:
