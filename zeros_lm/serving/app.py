@@ -374,12 +374,12 @@ def load_model(model_dir, dtype: str = "auto", device: str = "auto"):
     import torch
     import transformers
 
-    from zeros_lm import ZeroSForCausalLM
+    from zeros_lm.pretrained import load_pretrained
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = ZeroSForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    model = load_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()  # weights must fit
     return model, tokenizer
