@@ -147,7 +147,7 @@ def _blocked_cumsum(original):
 # module that holds the function under that name, only while counting on CPU tensors. When the fused core
 # does not run with them, count_launches raises: update this table to the code's new choice points.
 CUDA_PATH_PATCHES = {
-    "_fused_applies": lambda original: lambda q, v: True,                      # mode "auto" takes the fused core
+    "fused_applies": lambda original: lambda q, v: True,                      # mode "auto" takes the fused core
     "_autocast_product_dtype": lambda original: _cpu_autocast_dtype,           # autocast's 16-bit dtype reaches it
     "_tensor_core_products": lambda original: lambda x: x.dtype in (torch.float16, torch.bfloat16),
     "cumsum_tokens": _blocked_cumsum,

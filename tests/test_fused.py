@@ -481,7 +481,7 @@ def test_model_fused_matches_torch_backend(monkeypatch, packed):
     if DEVICE == "cpu":  # (the op's choice, and the layer's for RoPE + L2 norm)
         from zeros_lm import modeling_zeros
         for module in (ops, modeling_zeros):
-            monkeypatch.setattr(module, "_fused_applies", lambda q, v: True)
+            monkeypatch.setattr(module, "fused_applies", lambda q, v: True)
     logits, grads = _logits_and_grads(model, ids, mask, position_ids=position_ids)
     assert len(calls) == model.config.num_hidden_layers
     assert all((segments is not None) == packed for segments in calls)

@@ -311,19 +311,19 @@ def _state_identity(config_fields: dict, model: nn.Module | None, file_format: s
     return ident
 
 
-def check_state_target(path, overwrite: bool = False) -> None:
+def check_state_target(path, overwrite: bool = False, overwrite_option: str = "overwrite=True") -> None:
     """Raise unless a state may be written to ``path``: FileExistsError for an existing file that is not a
-    state file (never replaced) or, without ``overwrite``, an existing state file; IsADirectoryError for a
-    directory."""
+    state file (never replaced) or, without ``overwrite``, an existing state file (the message names
+    ``overwrite_option``, the way the caller's user asks for it); IsADirectoryError for a directory."""
     if os.path.isdir(path):
-        raise IsADirectoryError(f"'{path}' is a directory; give a file name for the state")
+        raise IsADirectoryError(f"'{path}' is a directory; give a file name")
     if os.path.lexists(path):
         if not is_state_file(path):
             raise FileExistsError(f"'{path}' exists and is not a ZeroS state file; it is left alone: "
-                                  "save the state under another name")
+                                  "choose another file name")
         if not overwrite:
-            raise FileExistsError(f"the state file '{path}' exists; replace it with overwrite=True, "
-                                  "or save under another name")
+            raise FileExistsError(f"the state file '{path}' exists; replace it with {overwrite_option}, "
+                                  "or choose another file name")
 
 
 def is_state_file(path) -> bool:

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - older transformers
 
 from .cache_zeros import LinearLayerState, SoftmaxLayerState, ZeroSCache, ZeroSLayerState
 from .configuration_zeros import ZeroSConfig
-from .ops import ChunkLayouts, _fused_applies, cumsum_tokens, linear_attention_chunked, zeros_attention
+from .ops import ChunkLayouts, fused_applies, cumsum_tokens, linear_attention_chunked, zeros_attention
 from .ops_softmax import packed_softmax_attention, softmax_attention_mask
 from .packing import (
     PackedDocuments,
@@ -281,7 +281,7 @@ class ZeroSAttention(nn.Module):
             qk, v, u = _SplitProjection.apply(qkvu.view(B, T, 4, H, d))
             # q and k together: RoPE, then L2 normalisation (on the fused kernels' path one kernel, writing
             # the projections' dtype, which the kernels take)
-            fused = mode == "auto" and _fused_applies(v, v)
+            fused = mode == "auto" and fused_applies(v, v)
             if fused:
                 from .ops_fused import rope_normalize_fused
                 q, k = rope_normalize_fused(qk, context.cos, context.sin).unbind(dim=2)

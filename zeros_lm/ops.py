@@ -334,7 +334,7 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
     _check_inputs(q, k, v, s, g1, gh, g0, valid, initial_state, mode, chunk_size,
                   B if lengths is None else sum(len(row) for row in lengths))
     if mode == "auto":
-        mode = "fused" if _fused_applies(q, v) else "chunked"
+        mode = "fused" if fused_applies(q, v) else "chunked"
     # Under autocast the products below would run in bfloat16/float16: the op accumulates in float32
     # itself, and only the chunk core's q.k and (weights) V products take autocast's 16-bit dtype (CUDA).
     low = _autocast_product_dtype(q)
@@ -356,7 +356,7 @@ def _load_fused_core():
     return SimpleNamespace(zeros_chunk_fused=zeros_chunk_fused, MAX_HEAD_DIM=MAX_HEAD_DIM)
 
 
-def _fused_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
+def fused_applies(q: torch.Tensor, v: torch.Tensor) -> bool:
     """mode="auto": the fused kernels for CUDA tensors of a supported dtype and head size, when Triton is there."""
     if q.device.type != "cuda" or q.dtype not in _FUSED_DTYPES:
         return False

@@ -52,13 +52,15 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one CLIError line (exit 2) instead of usage + message."""
+
+    def error(self, message):
         raise CLIError(message)
 
 
 def parse_args(argv):
-    p = _Parser(description="Stream text from a ZeroS model directory.")
+    p = OneLineParser(description="Stream text from a ZeroS model directory.")
     p.add_argument("model_dir", help="directory written by save_pretrained (weights + tokenizer)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt text")
@@ -134,10 +136,9 @@ def check_save_target(target: str, what: str, overwrite: bool) -> None:
     """A state can be written to ``target``: its directory exists and is writable, it is not a
     directory, and it is no existing file but (with ``overwrite``) a state file. Checked before any
     generation (and by /save), so that nothing is computed for a save that cannot happen."""
-    path = Path(target)
-    if path.is_dir():
-        raise CLIError(f"{what}: '{target}' is a directory; give a file name")
-    parent = path.resolve().parent
+    from zeros_lm.cache_zeros import check_state_target
+
+    parent = Path(target).resolve().parent
     if not parent.exists():
         raise CLIError(f"{what}: the directory of '{target}' does not exist")
     if not parent.is_dir():
@@ -147,15 +148,10 @@ def check_save_target(target: str, what: str, overwrite: bool) -> None:
             pass
     except OSError as e:
         raise CLIError(f"{what}: cannot write into the directory '{parent}' ({e.strerror or one_line(e)})") from None
-    if path.exists() or path.is_symlink():
-        from zeros_lm.cache_zeros import is_state_file
-
-        if not is_state_file(path):
-            raise CLIError(f"{what}: '{target}' exists and is not a ZeroS state file; it is left alone: "
-                           "choose another file name")
-        if not overwrite:
-            raise CLIError(f"{what}: the state file '{target}' exists; replace it with --overwrite-state, "
-                           "or choose another file name")
+    try:  # what may be replaced: the rule of ZeroSCache.save
+        check_state_target(target, overwrite, overwrite_option="--overwrite-state")
+    except (FileExistsError, IsADirectoryError) as e:
+        raise CLIError(f"{what}: {e}") from None
 
 
 def generation_kwargs(args, generation_config) -> dict:

@@ -17,18 +17,13 @@ from pathlib import Path
 
 import uvicorn
 
-from zeros_lm.cli.generate import EXIT_USAGE, CLIError, check_model_dir, one_line
+from zeros_lm.cli.generate import EXIT_USAGE, CLIError, OneLineParser, check_model_dir, one_line
 
 DEFAULTS = {"max_batch": 32, "max_queue": 64, "max_sessions": 1024, "prefill_budget": 512, "max_context": 32768}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        raise CLIError(message)
-
-
 def parse_args(argv):
-    p = _Parser(description="Serve a ZeroS model directory over an OpenAI-compatible HTTP API.")
+    p = OneLineParser(description="Serve a ZeroS model directory over an OpenAI-compatible HTTP API.")
     p.add_argument("model_dir", help="directory written by save_pretrained (weights + tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
