@@ -165,3 +165,24 @@ def test_the_state_table_measures_shared_states_and_kv_caches():
     counter = 8  # the cache's count of the row's tokens (one int64), beside the layers' states
     assert (shared["state_bytes_64"] - counter) * (heads // kv_heads) == rows["pure ZeroS repeated"]["state_bytes_64"] - counter
     assert rows["hybrid 1 in 2"]["bytes_per_token"] == teacher["bytes_per_token"] // 2
+
+
+def test_a_resume_names_a_derived_field_only_where_it_was_set(tmp_path):
+    """Resuming with another hidden_size names hidden_size, not the head_dim it derives; a run trained with
+    an explicit head_dim, resumed without it, is refused naming head_dim."""
+    from zeros_lm.checkpoint import CHECKPOINT_KEY, model_state
+    from zeros_lm.cli.train import check_resume_model
+    from zeros_lm.rundir import RunError
+
+    def checkpoint(**fields) -> str:
+        path = tmp_path / "step=0000001.ckpt"
+        torch.save({CHECKPOINT_KEY: model_state(ZeroSConfig(**fields))}, path)
+        return str(path)
+
+    unset = dict(head_dim=None, num_key_value_heads=None, intermediate_size=None)
+    with pytest.raises(RunError) as error:
+        check_resume_model(checkpoint(hidden_size=64), str(tmp_path), dict(unset, hidden_size=128))
+    assert "hidden_size 128 asked for" in str(error.value) and "head_dim" not in str(error.value)
+    with pytest.raises(RunError, match="--model.head_dim 16 asked for, 32 in the checkpoint"):
+        check_resume_model(checkpoint(hidden_size=64, head_dim=32), str(tmp_path), dict(unset, hidden_size=64))
+    check_resume_model(checkpoint(hidden_size=64), str(tmp_path), dict(unset, hidden_size=64))  # the same model

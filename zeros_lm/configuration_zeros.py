@@ -26,6 +26,23 @@ ATTENTION_BACKENDS = get_args(AttentionBackend)
 # Hybrid stacks: entries of ``layer_types``, in transformers' own vocabulary (which it validates).
 LINEAR_LAYER, FULL_LAYER = "linear_attention", "full_attention"
 LAYER_TYPES = (LINEAR_LAYER, FULL_LAYER)
+# Fields that are None in the signature and derived from other fields when the config is built (then
+# stored resolved): see ZeroSConfig.derived_defaults.
+DERIVED_FIELDS = ("intermediate_size", "num_key_value_heads", "head_dim")
+
+
+def _derived_defaults(hidden_size, num_attention_heads) -> dict:
+    """The values of DERIVED_FIELDS when they are not given (None where the inputs give none)."""
+    def positive_int(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+    hidden_ok = positive_int(hidden_size)
+    return {
+        "intermediate_size": 64 * ((8 * hidden_size // 3 + 63) // 64) if hidden_ok else None,
+        "num_key_value_heads": num_attention_heads,
+        "head_dim": hidden_size // num_attention_heads
+        if hidden_ok and positive_int(num_attention_heads) and hidden_size % num_attention_heads == 0 else None,
+    }
 # The widest short convolution accepted. It mixes a few neighbouring tokens (GLA, DeltaNet and Mamba
 # use 4); long-range mixing is the attention's job. Its cost grows with the width (one product per
 # lag in every forward, conv_size - 1 inputs per layer in the generation state), so a width far
@@ -136,18 +153,18 @@ class ZeroSConfig(PreTrainedConfig):
         pad_token_id: int | None = None,
         **kwargs,
     ):
-        if intermediate_size is None and isinstance(hidden_size, int) and hidden_size > 0:
-            intermediate_size = 64 * ((8 * hidden_size // 3 + 63) // 64)
+        derived = _derived_defaults(hidden_size, num_attention_heads)
+        if intermediate_size is None:
+            intermediate_size = derived["intermediate_size"]
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.intermediate_size = intermediate_size
         if num_key_value_heads is None:
-            num_key_value_heads = num_attention_heads
-        if head_dim is None and isinstance(hidden_size, int) and isinstance(num_attention_heads, int) \
-                and num_attention_heads > 0 and hidden_size % num_attention_heads == 0:
-            head_dim = hidden_size // num_attention_heads  # (else None, which _check refuses)
+            num_key_value_heads = derived["num_key_value_heads"]
+        if head_dim is None:
+            head_dim = derived["head_dim"]  # None where heads do not divide hidden_size: _check refuses it
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.rope_theta = rope_theta
@@ -181,6 +198,10 @@ class ZeroSConfig(PreTrainedConfig):
             pad_token_id=pad_token_id,
             **extra,
         )
+
+    def derived_defaults(self) -> dict:
+        """What each of :data:`DERIVED_FIELDS` would be, were it not given, from this config's other fields."""
+        return _derived_defaults(self.hidden_size, self.num_attention_heads)
 
     @property
     def num_key_value_groups(self) -> int:
@@ -282,4 +303,4 @@ class ZeroSConfig(PreTrainedConfig):
                 raise ValueError(f"ZeroSConfig.{name} must be a positive number, got {value!r}")
 
 
-__all__ = ["ZeroSConfig", "MAX_CONV_SIZE"]
+__all__ = ["DERIVED_FIELDS", "ZeroSConfig", "MAX_CONV_SIZE"]

@@ -144,7 +144,8 @@ def check_resume_model(ckpt_path: Optional[str], checkpoint_dir: str, model_argu
     """A resume must build the model its checkpoint holds: one error naming every model field that
     the arguments (YAML and command line) set otherwise. Read from the checkpoint without its
     tensors, before any data work. The fields the tokenizer sets and those that only say how the
-    model runs (:data:`RESUME_MAY_CHANGE`) are not compared."""
+    model runs (:data:`RESUME_MAY_CHANGE`) are not compared, nor a derived field (head_dim, ...) left to
+    its default on both sides: where it differs, a field it derives from does, and that one is named."""
     path = _resume_path(ckpt_path, checkpoint_dir)
     if path is None or not os.path.lexists(path):
         return
@@ -156,7 +157,10 @@ def check_resume_model(ckpt_path: Optional[str], checkpoint_dir: str, model_argu
         requested = ZeroSConfig.from_pretrained(init_from) if init_from else model_config(model_arguments)
     except (OSError, ValueError):
         return  # reported where the model is built
-    differences = config_differences(stored, requested, ignore=TOKENIZER_FIELDS + RESUME_MAY_CHANGE)
+    derived_in_both = () if init_from else tuple(
+        name for name, value in stored.derived_defaults().items()
+        if model_arguments.get(name) is None and getattr(stored, name, None) == value)
+    differences = config_differences(stored, requested, ignore=TOKENIZER_FIELDS + RESUME_MAY_CHANGE + derived_in_both)
     if differences:
         where = f"in {init_from}" if init_from else "asked for"
         shown = "; ".join(
