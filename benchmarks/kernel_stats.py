@@ -45,13 +45,13 @@ def kernel_builds(head_dim: int, chunk: int, dtype: str, has_seg: bool = False):
     # launchers' default tiles and launch options (a GPU autotunes the states and output kernels' d_v block).
     scalars = dict(HAS_G0=False, HAS_VALID=False, HAS_STATE=False)
     logit = dict(D=head_dim, BT=of.LOGIT_BLOCK)
-    return consts, [(of._scalars_fwd_kernel, dict(scalars, STORE_OUT=False), {}),
+    return consts, [(of._scalars_fwd_kernel, dict(scalars, STORE_OUT=False), of._SCALARS_LAUNCH),
                     (of._states_fwd_kernel, dict(split, STORE_OUT=True, HAS_START=False), of._STATES_LAUNCH),
                     (of._output_fwd_kernel, whole, of._OUTPUT_LAUNCH),
                     (of._states_bwd_kernel, dict(split, HAS_START=False, LOAD_DOUT=False), of._STATES_LAUNCH),
                     (of._chunk_bwd_q_kernel, backward, of._CHUNK_BWD_LAUNCH),
                     (of._chunk_bwd_kv_kernel, backward, of._CHUNK_BWD_LAUNCH),
-                    (of._scalars_bwd_kernel, dict(scalars, HAS_DOUT=False), {}),
+                    (of._scalars_bwd_kernel, dict(scalars, HAS_DOUT=False), of._SCALARS_LAUNCH),
                     # the layer's neighbours of the op: RoPE + L2 norm of q and k, the deviation logit s
                     (of._rope_norm_fwd_kernel, dict(D=head_dim, BR=of.ROPE_ROWS), {}),
                     (of._rope_norm_bwd_kernel, dict(D=head_dim, BR=of.ROPE_ROWS), {}),

@@ -70,6 +70,8 @@ _OUTPUT_LAUNCH = dict(num_warps=8, num_stages=2)
 # The per-chunk backward: 8 warps, no software pipelining of its d_v loop (that would multiply its
 # shared memory).
 _CHUNK_BWD_LAUNCH = dict(num_warps=8, num_stages=1)
+# The scalars kernels: 8 warps (4 spill with packed sequences, valid maps and incoming states).
+_SCALARS_LAUNCH = dict(num_warps=8)
 AUTOTUNE_BLOCK_V = (32, 64)
 AUTOTUNE_WARPS = (4, 8)
 AUTOTUNE_STAGES = 2
@@ -1129,7 +1131,7 @@ def _scalars_forward(s, g1, gh, g0, valid, stats_in, chunk_load, chunk_store, se
         stats_in if stats_in is not None else tok, chunk_load, chunk_store, tok, chunk, stats_out,
         s.shape[1], L, H, N, 0 if stats_in is None else stats_in.shape[1], max(S_out, 1), *strides, C=C,
         HAS_G0=g0 is not None, HAS_VALID=valid is not None, HAS_SEG=has_seg, HAS_STATE=stats_in is not None,
-        STORE_OUT=S_out > 0)
+        STORE_OUT=S_out > 0, **_SCALARS_LAUNCH)
     return tok, chunk, stats_out[:, :S_out]
 
 
@@ -1198,7 +1200,7 @@ def _scalars_backward(s, g1, gh, g0, valid, stats_in, tok, chunk, dtok, dchunk, 
         dg0 if dg0 is not None else ds, d_stats_in if d_stats_in is not None else tok, T_in, L, H, N,
         0 if stats_in is None else stats_in.shape[1], d_stats_out.shape[1] if has_dout else 1, *strides, C=z["C"],
         HAS_G0=g0 is not None, HAS_VALID=valid is not None, HAS_SEG=z["HAS_SEG"], HAS_STATE=stats_in is not None,
-        HAS_DOUT=has_dout)
+        HAS_DOUT=has_dout, **_SCALARS_LAUNCH)
     return d_scalars, dg0, d_stats_in
 
 
