@@ -176,7 +176,7 @@ def _pad_tokens(x: torch.Tensor, pad: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad), value=value) if pad else x
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -394,7 +394,7 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
               low=None, chunk_layouts=None):
     """lengths: None (one sequence per row) or, per row, the lengths of its sequences."""
     B, T, H, d_k = q.shape
-    acc = _accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     flat_lengths = None if lengths is None else [n for row in lengths for n in row]
     num_sequences = B if lengths is None else len(flat_lengths)
     if mode == "reference":
