@@ -62,7 +62,7 @@ def limit_heap_arenas(arenas: int = HEAP_ARENAS) -> None:
     """Let the process's threads share at most ``arenas`` C heaps (glibc; elsewhere, or when the environment
     sets MALLOC_ARENA_MAX, nothing). Call it before the threads start. With one heap per thread (glibc's
     default, up to 8 per core) each heap keeps its own free space between the steps' temporaries: over a
-    three-minute soak (benchmarks/serve.py --soak) the server's memory grew by 45%, with two heaps by 35%."""
+    170-second soak (benchmarks/serve.py --soak) the server's memory grew by 45%, with two heaps by 35%."""
     if _GLIBC is not None and "MALLOC_ARENA_MAX" not in os.environ:
         _GLIBC.mallopt(_M_ARENA_MAX, arenas)
 
