@@ -229,26 +229,26 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     async def models():
         return P.ModelList(data=[P.ModelCard(id=config.model_name, created=server.created)]).model_dump()
 
-    @app.get("/v1/sessions/{session_id}")
-    async def session_info(session_id: str):
+    def on_session(action, session_id: str):
+        """``action(session_id)`` of the session store, its errors as OpenAI-shaped ones; a falsy result
+        (no such session) is a 404."""
         try:
-            info = server.sessions.info(session_id)
-        except BadSessionId as e:
-            raise APIError(400, str(e), param="session_id") from None
-        if info is None:
-            raise APIError(404, f"unknown session {session_id!r}", param="session_id", code="session_not_found")
-        return info
-
-    @app.delete("/v1/sessions/{session_id}")
-    async def session_delete(session_id: str):
-        try:
-            found = server.sessions.delete(session_id)
+            result = action(session_id)
         except BadSessionId as e:
             raise APIError(400, str(e), param="session_id") from None
         except SessionBusy as e:
             raise APIError(409, str(e), param="session_id", code="session_busy") from None
-        if not found:
+        if not result:
             raise APIError(404, f"unknown session {session_id!r}", param="session_id", code="session_not_found")
+        return result
+
+    @app.get("/v1/sessions/{session_id}")
+    async def session_info(session_id: str):
+        return on_session(server.sessions.info, session_id)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def session_delete(session_id: str):
+        on_session(server.sessions.delete, session_id)
         return {"id": session_id, "object": "session", "deleted": True}
 
     @app.post("/v1/completions")
