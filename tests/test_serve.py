@@ -19,6 +19,7 @@ from conftest import tiny_model
 
 from zeros_lm.cli.serve import build_server, parse_args
 from zeros_lm.serving.engine import Engine, Job, SamplingParams
+from zeros_lm.serving.sessions import SessionState
 
 KINDS = {  # name -> (attention_type, config overrides)
     "zeros": ("zeros", {}),
@@ -146,6 +147,68 @@ def test_engine_batched_streams_match_generate(kind, tiny_tokenizer):
     finally:
         engine.stop()
     assert max(len(j[2].choices[0].tokens) for j in jobs) > 1
+
+
+class _SessionsSeen:
+    """A session store that only records what the engine hands back."""
+
+    def __init__(self):
+        self.released = {}
+
+    def release(self, session_id, state):
+        self.released[session_id] = state
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_engine_prefills_the_pieces_of_one_step_in_one_forward(kind, tiny_tokenizer):
+    """Seven jobs admitted together: in the first step four fresh prompts of very different lengths (the longest
+    only partly read) go through one forward; in the second, the long prompt's rest and two sessions' continuations
+    (states that have read tokens) through another, and a fresh prompt through a third. Every stream's logits and
+    greedy tokens are those of model.generate on its whole text, and the sessions come back with their state."""
+    model = _model(kind)
+    sessions = _SessionsSeen()
+    engine = Engine(model, tiny_tokenizer, max_batch=8, prefill_budget=32, sessions=sessions)
+    g = torch.Generator().manual_seed(1)
+    base_forward, decode = model.model.forward, engine._decode
+    forwards, decodes = [], []
+    # (prompt length, tokens its session has already read or None, max_tokens, n)
+    specs = [(2, None, 5, 1), (13, None, 3, 1), (1, None, 4, 2), (30, None, 3, 1), (3, 9, 4, 1), (8, 4, 6, 1),
+             (5, None, 4, 1)]
+    jobs = []
+    try:
+        for i, (length, read, max_tokens, n) in enumerate(specs):
+            ids = torch.randint(2, 320, ((read or 0) + length,), generator=g).tolist()
+            session = session_id = None
+            if read is not None:
+                with torch.no_grad():
+                    cache = model(torch.tensor([ids[:read]]), use_cache=True).cache
+                session, session_id = SessionState(cache, SessionState.tokens(ids[:read]), read), f"s{i}"
+            events = queue.Queue()
+            job = Job(ids[read or 0:], SamplingParams(max_tokens=max_tokens, temperature=0, n=n), events.put,
+                      session_id=session_id, session=session, record_logits=True)
+            engine.submit(job)
+            jobs.append((ids, max_tokens, job, events))
+        model.model.forward = lambda *a, **kw: forwards.append(1) or base_forward(*a, **kw)
+        engine._decode = lambda: decodes.append(1) or decode()
+        engine.start()  # admits them all at once
+        for ids, max_tokens, job, events in jobs:
+            while events.get(timeout=60)[0] != "end":
+                pass
+    finally:
+        engine.stop()
+        model.model.forward = base_forward
+    assert len(forwards) - len(decodes) == 3  # prefill forwards, for seven jobs
+    for ids, max_tokens, job, _ in jobs:
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=1,
+                             output_logits=True, return_dict_in_generate=True)
+        for choice in job.choices:
+            assert choice.tokens == ref.sequences[0, len(ids):].tolist()
+            for got, want in zip(choice.logits, ref.logits, strict=True):
+                torch.testing.assert_close(got, want[0], atol=LOGITS_ATOL, rtol=0)
+        if job.session_id is not None:
+            state = sessions.released[job.session_id]
+            assert state.history.tolist() == ids + job.choices[0].tokens
+            assert state.read == len(ids) + job.choices[0].fed == int(state.cache.num_tokens[0])
 
 
 # -------------------------------------------------------------------------------------------------------

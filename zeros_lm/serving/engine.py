@@ -3,10 +3,13 @@
 Every step of the loop
 
 1. admits queued jobs (requests) while the streams in flight stay within ``max_batch``;
-2. prefills: reads up to ``prefill_budget`` prompt tokens in all, job after job, each job's tokens into its own
-   cache (``model(ids, cache=...)``, batch 1), so that a long prompt is read over several steps and never stalls
-   the streams that are decoding; a job whose prompt is read samples its first token(s), forks its state for
-   ``n > 1`` and its streams join the batch;
+2. prefills: reads up to ``prefill_budget`` prompt tokens in all, job after job in queue order, so that a long
+   prompt is read over several steps and never stalls the streams that are decoding. The pieces read in one
+   step go through one batched forward (two when some continue a cache, a session's state or the earlier
+   pieces of a long prompt, and some start from nothing: :meth:`ZeroSCache.stack` joins only caches that have
+   read a token), padded to the longest with ``attention_mask`` (:meth:`Engine._read_pieces` says which side);
+   a job whose prompt is read samples its first token(s) from its row's logits, forks its state for
+   ``n > 1``, and its streams join the batch with their rows of the forward's cache;
 3. decodes: one forward of every joined stream's last token through the batched cache (one row per stream;
    :meth:`ZeroSCache.stack <zeros_lm.cache_zeros.ZeroSCache.stack>` joins rows, each slot type its own entries,
    softmax layers' KV of ragged lengths left-padded and masked), then samples each row;
@@ -41,6 +44,7 @@ logger = logging.getLogger("zeros_lm.serve")
 REPLACEMENT_CHAR = "\ufffd"  # what decode() shows for the bytes of an unfinished UTF-8 character
 IDLE_WAIT_S = 0.5
 POLL_S = 0.02
+PAD_TOKEN_ID = 0  # what a batched prefill's padding columns hold: any id will do, attention_mask masks them
 
 
 def _glibc():
@@ -119,7 +123,6 @@ class Choice:
         self.sent = 0  # characters of the text already sent
         self.next_token: int | None = None
         self.finish_reason: str | None = None
-        self.cache: ZeroSCache | None = None  # its own, before it joins the batch
         self.logits: list[torch.Tensor] | None = [] if job.record_logits else None
         self.last_time = 0.0
 
@@ -140,7 +143,8 @@ class Job:
         self.session_id = session_id
         self.session = session  # the state it continues (its pending tokens are input_ids' first ones)
         self.cached_tokens = session.read if session is not None else 0
-        self.cache = session.cache if session is not None and session.cache is not None else None
+        # the state its prompt continues (None: it starts from nothing); after each prefill, its own row
+        self.cache = session.cache if session is not None else None
         self.record_logits = record_logits
         self.warpers = params.warpers()
         self.read = 0  # input_ids read so far
@@ -186,7 +190,8 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._prefilling: list[Job] = []
-        self._joining: list[Choice] = []
+        self._joining: list[Choice] = []  # streams whose prompt this step read: they join the batch
+        self._joining_caches: list[ZeroSCache] = []  # their states: these caches' rows, in order, are theirs
         self._rows: list[Choice] = []  # the batch's rows, in order
         self._batch: ZeroSCache | None = None
         self._draining = False
@@ -280,8 +285,6 @@ class Engine:
             if self.in_flight and self.in_flight + job.params.n > self.max_batch:
                 break
             self._waiting.popleft()
-            if job.cache is None:
-                job.cache = ZeroSCache(self.model.config)
             self._prefilling.append(job)
 
     def _step(self) -> None:
@@ -289,45 +292,92 @@ class Engine:
         self._drop_cancelled_prefills()
         self._prefill()
         if self._joining:
-            self._batch = ZeroSCache.stack(([self._batch] if self._batch is not None else [])
-                                           + [c.cache for c in self._joining])
-            for c in self._joining:
-                c.cache = None
+            self._batch = ZeroSCache.stack(([self._batch] if self._batch is not None else []) + self._joining_caches)
             self._rows += self._joining
-            self._joining = []
+            self._joining, self._joining_caches = [], []
         if self._rows:
             self._decode()
         self._leave()
 
     def _prefill(self) -> None:
+        """Read this step's pieces of the prompts: up to ``prefill_budget`` tokens, job after job in queue order,
+        each taking what is left of the budget or of its prompt; the jobs that start from nothing in one
+        forward, those that continue a cache in another."""
         budget = self.prefill_budget
-        for job in list(self._prefilling):
+        pieces: list[tuple[Job, int]] = []  # (job, how many of its tokens to read)
+        for job in self._prefilling:
             if budget <= 0:
                 break
             take = min(budget, len(job.input_ids) - job.read)
-            piece = torch.tensor([job.input_ids[job.read : job.read + take]], dtype=torch.long, device=self.device)
-            out = self.model(piece, cache=job.cache, use_cache=True, logits_to_keep=1)
-            job.read += take
+            pieces.append((job, take))
             budget -= take
+        fresh = [(job, take) for job, take in pieces if job.cache is None or job.cache.num_tokens is None]
+        going_on = [(job, take) for job, take in pieces if job.cache is not None and job.cache.num_tokens is not None]
+        for group, is_fresh in ((fresh, True), (going_on, False)):
+            if group:
+                self._read_pieces(group, fresh=is_fresh)
+
+    def _read_pieces(self, pieces: list[tuple[Job, int]], *, fresh: bool) -> None:
+        """One forward of the jobs' next pieces (row i: ``pieces[i]``), padded to the longest; then each job
+        either keeps its row of the cache for its next piece, or (its prompt read) starts: its streams' first
+        tokens come from its row's logits and they join with its row (``fresh``: no job has read a token).
+
+        Where the padding goes: a row that continues a cache is padded on the RIGHT. Its new real tokens must
+        follow its history directly: a short convolution (``conv_size``) zeroes padding inputs, so padding
+        between the history and the new tokens would put zeros in their windows (and its state is gathered
+        from the last real inputs, wherever they sit); ZeroS and linear attention skip padding anywhere and
+        softmax attention masks it (its padded keys are kept, marked not valid). Rows that start from nothing
+        are padded on the LEFT: there the padding reads as the zero history of an unpadded row (the
+        convolution's windows included), and a softmax layer's padded keys lead the row, where
+        :meth:`ZeroSCache.take_rows` drops them once no row uses them (right padding would stay a hole in the
+        row's keys as long as it lives). Either way each row's logits are those of its last real column.
+        """
+        jobs = [job for job, _ in pieces]
+        B, T = len(pieces), max(take for _, take in pieces)
+        ids = torch.full((B, T), PAD_TOKEN_ID, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        last = []  # each row's last real column
+        for i, (job, take) in enumerate(pieces):
+            start = T - take if fresh else 0
+            ids[i, start : start + take] = torch.tensor(job.input_ids[job.read : job.read + take])
+            mask[i, start : start + take] = 1
+            last.append(start + take - 1)
+        cache = ZeroSCache(self.model.config) if fresh else ZeroSCache.stack([job.cache for job in jobs])
+        hidden = self.model.base_model(ids.to(self.device), attention_mask=mask.to(self.device), cache=cache,
+                                       use_cache=True).last_hidden_state  # (B, T, hidden), after the final norm
+        # ZeroSForCausalLM.forward applies its head to these hidden states and nothing else: here to one column a row
+        rows = torch.arange(B, device=hidden.device)
+        logits = self.model.get_output_embeddings()(hidden[rows, torch.tensor(last, device=hidden.device)])  # (B, V)
+
+        joining_rows: list[int] = []  # the rows of cache the joining streams take, in order (a fork repeats its row)
+        for i, (job, take) in enumerate(pieces):
+            job.read += take
             if self.metrics is not None:
                 self.metrics.prefill_tokens.inc(take)
-            if job.read == len(job.input_ids):
-                self._prefilling.remove(job)
-                self._start(job, out.logits[:, -1])
+            if job.read < len(job.input_ids):
+                job.cache = cache if B == 1 else cache.take_rows([i])
+                continue
+            self._prefilling.remove(job)
+            job.cache = None
+            joining = self._start(job, logits[i : i + 1], lambda i=i: cache.take_rows([i]))
+            self._joining += joining
+            joining_rows += [i] * len(joining)
+        if joining_rows:  # the whole cache, when every row joins once (no copy)
+            self._joining_caches.append(cache if joining_rows == list(range(B)) else cache.take_rows(joining_rows))
 
-    def _start(self, job: Job, logits: torch.Tensor) -> None:
-        """The prompt is read: every choice samples its first token from its own copy of the state."""
-        caches = [job.cache] + [job.cache.copy() for _ in range(job.params.n - 1)]
-        job.cache = None
-        for choice, cache in zip(job.choices, caches):
-            choice.cache = cache
+    def _start(self, job: Job, logits: torch.Tensor, own_state: Callable[[], ZeroSCache]) -> list[Choice]:
+        """The prompt is read: every choice samples its first token from the job's logits (1, V). Returns the
+        choices that go on (each joins with its own copy of the job's state); a session's first choice that
+        ends here keeps a copy made by ``own_state``."""
+        joining = []
+        for choice in job.choices:
             (token,) = self._sample([choice], logits)
             self._emit(choice, token)
             if choice.finish_reason is None:
-                self._joining.append(choice)
+                joining.append(choice)
             else:
-                self._finish(choice, cache)
-                choice.cache = None
+                self._finish(choice, own_state() if job.session_id is not None and choice.index == 0 else None)
+        return joining
 
     def _decode(self) -> None:
         ids = torch.tensor([[c.next_token] for c in self._rows], dtype=torch.long, device=self.device)
@@ -443,7 +493,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         jobs = {id(j): j for j in self._prefilling + [c.job for c in self._joining + self._rows]}
-        self._prefilling, self._joining, self._rows, self._batch = [], [], [], None
+        self._prefilling, self._joining, self._joining_caches, self._rows, self._batch = [], [], [], [], None
         for job in jobs.values():
             if job.session_id is not None:  # its state went with the batch: the state file, if any, remains
                 self.sessions.release(job.session_id, None)
