@@ -18,7 +18,7 @@ import torch
 from conftest import tiny_model
 
 from zeros_lm.cli.serve import build_server, parse_args
-from zeros_lm.serving.engine import Engine, Job, SamplingParams
+from zeros_lm.serving.engine import MAX_PADDED_SHARE, Engine, Job, SamplingParams, padded_batches
 from zeros_lm.serving.sessions import SessionState
 
 KINDS = {  # name -> (attention_type, config overrides)
@@ -209,6 +209,18 @@ def test_engine_prefills_the_pieces_of_one_step_in_one_forward(kind, tiny_tokeni
             state = sessions.released[job.session_id]
             assert state.history.tolist() == ids + job.choices[0].tokens
             assert state.read == len(ids) + job.choices[0].fed == int(state.cache.num_tokens[0])
+
+
+def test_prefill_pieces_split_only_where_one_forward_would_be_mostly_padding():
+    similar = [(f"job{i}", 12 + i % 2) for i in range(32)]
+    assert padded_batches(similar) == [sorted(similar, key=lambda p: -p[1])]  # one forward, longest first
+    mixed = [("short0", 1), ("long", 30), *[(f"short{i}", 1) for i in range(1, 6)], ("mid", 9)]
+    batches = padded_batches(mixed)
+    assert sorted(p for b in batches for p in b) == sorted(mixed)
+    assert 1 < len(batches) < len(mixed)
+    for batch in batches:
+        width = max(take for _, take in batch)
+        assert sum(take for _, take in batch) >= (1 - MAX_PADDED_SHARE) * width * len(batch)
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Every step of the loop
    prompt is read over several steps and never stalls the streams that are decoding. The pieces read in one
    step go through one batched forward (two when some continue a cache, a session's state or the earlier
    pieces of a long prompt, and some start from nothing: :meth:`ZeroSCache.stack` joins only caches that have
-   read a token), padded to the longest with ``attention_mask`` (:meth:`Engine._read_pieces` says which side);
+   read a token; more only where one would be mostly padding: :func:`padded_batches`), padded to the longest
+   with ``attention_mask`` (:meth:`Engine._read_pieces` says which side);
    a job whose prompt is read samples its first token(s) from its row's logits, forks its state for
    ``n > 1``, and its streams join the batch with their rows of the forward's cache;
 3. decodes: one forward of every joined stream's last token through the batched cache (one row per stream;
@@ -45,6 +46,7 @@ REPLACEMENT_CHAR = "\ufffd"  # what decode() shows for the bytes of an unfinishe
 IDLE_WAIT_S = 0.5
 POLL_S = 0.02
 PAD_TOKEN_ID = 0  # what a batched prefill's padding columns hold: any id will do, attention_mask masks them
+MAX_PADDED_SHARE = 0.5  # of a prefill forward's columns, at most this share padding (padding costs as real tokens)
 
 
 def _glibc():
@@ -77,6 +79,22 @@ def return_free_memory() -> None:
     more memory than the idle sessions' states."""
     if _GLIBC is not None:
         _GLIBC.malloc_trim(0)
+
+
+def padded_batches(pieces: list[tuple["Job", int]]) -> list[list[tuple["Job", int]]]:
+    """The prefill pieces (job, tokens) split into as few forwards as keep each one's padding (every row
+    padded to its longest piece) within ``MAX_PADDED_SHARE`` of its columns: usually one; a long prompt's piece
+    and many short ones go apart (one forward would read the short ones at the long one's width). Longest first."""
+    batches: list[list[tuple[Job, int]]] = []
+    width = real = 0
+    for job, take in sorted(pieces, key=lambda p: -p[1]):
+        if batches and (len(batches[-1]) + 1) * width * (1 - MAX_PADDED_SHARE) <= real + take:
+            batches[-1].append((job, take))
+            real += take
+        else:
+            batches.append([(job, take)])
+            width = real = take
+    return batches
 
 
 class Overloaded(Exception):
@@ -302,7 +320,8 @@ class Engine:
     def _prefill(self) -> None:
         """Read this step's pieces of the prompts: up to ``prefill_budget`` tokens, job after job in queue order,
         each taking what is left of the budget or of its prompt; the jobs that start from nothing in one
-        forward, those that continue a cache in another."""
+        forward, those that continue a cache in another (each split further only where one forward would be
+        mostly padding: :func:`padded_batches`)."""
         budget = self.prefill_budget
         pieces: list[tuple[Job, int]] = []  # (job, how many of its tokens to read)
         for job in self._prefilling:
@@ -314,8 +333,8 @@ class Engine:
         fresh = [(job, take) for job, take in pieces if job.cache is None or job.cache.num_tokens is None]
         going_on = [(job, take) for job, take in pieces if job.cache is not None and job.cache.num_tokens is not None]
         for group, is_fresh in ((fresh, True), (going_on, False)):
-            if group:
-                self._read_pieces(group, fresh=is_fresh)
+            for batch in padded_batches(group):
+                self._read_pieces(batch, fresh=is_fresh)
 
     def _read_pieces(self, pieces: list[tuple[Job, int]], *, fresh: bool) -> None:
         """One forward of the jobs' next pieces (row i: ``pieces[i]``), padded to the longest; then each job
