@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from zeros_lm.cache_zeros import SoftmaxLayerState
 from zeros_lm.cli.serve import build_server, parse_args
 from zeros_lm.serving.engine import MAX_PADDED_SHARE, Engine, Job, SamplingParams, padded_batches
 from zeros_lm.serving.sessions import SessionState
@@ -209,6 +210,8 @@ def test_engine_prefills_the_pieces_of_one_step_in_one_forward(kind, tiny_tokeni
             state = sessions.released[job.session_id]
             assert state.history.tolist() == ids + job.choices[0].tokens
             assert state.read == len(ids) + job.choices[0].fed == int(state.cache.num_tokens[0])
+            for slot in state.cache.layer_states:  # the prefill's padding has not stayed in its keys
+                assert not isinstance(slot, SoftmaxLayerState) or bool(slot.valid.all())
 
 
 def test_prefill_pieces_split_only_where_one_forward_would_be_mostly_padding():

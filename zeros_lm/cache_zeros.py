@@ -9,7 +9,7 @@ Each layer of the stack keeps one slot, of the type of its token mixer (``config
 - :class:`SoftmaxLayerState` (``"softmax"``): the keys, the values, and which keys are real.
 
 A slot names its entries, and it alone knows how to select, repeat, copy and move them, how rows of
-different lengths join one batch and leave it (``stack``, ``leading_padding``, ``drop_leading``: the
+different lengths join one batch and leave it (``stack``, ``used_columns``, ``keep_columns``: the
 server's continuous batching, through :meth:`ZeroSCache.stack` and :meth:`ZeroSCache.take_rows`) and which
 tensors it writes to a state file, so the mixers, :meth:`ZeroSCache.save` and :meth:`ZeroSCache.load` cannot
 disagree about what sits where.
@@ -105,12 +105,13 @@ class LayerState:
         """One slot whose rows are the rows of ``slots``, in order (the inputs are left as they are)."""
         return cls(**{f.name: _cat_entries([getattr(s, f.name) for s in slots]) for f in dataclasses.fields(cls)})
 
-    def leading_padding(self) -> int | None:
-        """How many leading token columns no row of the slot uses (None: the slot keeps no columns)."""
+    def used_columns(self) -> torch.Tensor | None:
+        """(S,) bool: the token columns some row of the slot uses (None: the slot keeps no columns)."""
         return None
 
-    def drop_leading(self, columns: int) -> "LayerState":
-        """The slot without its first ``columns`` token columns (which no row uses: :meth:`leading_padding`)."""
+    def keep_columns(self, columns: torch.Tensor) -> "LayerState":
+        """The slot with only the token columns ``columns`` (indices, ascending; the others no row uses:
+        :meth:`used_columns`)."""
         return self
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "LayerState":
@@ -235,16 +236,14 @@ class SoftmaxLayerState(LayerState):
         width = max(s.width for s in slots)
         return super().stack([s.left_padded(width) for s in slots])
 
-    def leading_padding(self) -> int:
-        used = self.valid.any(dim=0)  # (S,)
-        return int(used.long().argmax()) if bool(used.any()) else self.width
+    def used_columns(self) -> torch.Tensor:
+        return self.valid.any(dim=0)
 
-    def drop_leading(self, columns: int) -> "SoftmaxLayerState":
-        if columns == 0:
+    def keep_columns(self, columns: torch.Tensor) -> "SoftmaxLayerState":
+        if len(columns) == self.width:
             return self
-        return SoftmaxLayerState(keys=self.keys[:, :, columns:].contiguous(),
-                                 values=self.values[:, :, columns:].contiguous(),
-                                 valid=self.valid[:, columns:].contiguous())
+        return SoftmaxLayerState(keys=self.keys.index_select(2, columns), values=self.values.index_select(2, columns),
+                                 valid=self.valid.index_select(1, columns))
 
 
 LAYER_STATE_CLASSES: dict[str, type[LayerState]] = {
@@ -537,19 +536,21 @@ class ZeroSCache(Cache):
                                       max(c.seen_tokens for c in caches))
 
     def take_rows(self, rows: list[int] | torch.Tensor) -> "ZeroSCache":
-        """A new cache of the given rows (in that order), without the leading token columns none of them uses
-        (this one is left as it is): streams leave a batch."""
+        """A new cache of the given rows (in that order), without the token columns none of them uses (this one
+        is left as it is): streams leave a batch. The columns go wherever they are: the leading ones of rows
+        shorter than the batch's longest, and the padding a batched prefill left after a row's new tokens."""
         if self.num_tokens is None:
             raise ValueError("ZeroSCache.take_rows: the cache is empty")
         index = torch.as_tensor(rows, dtype=torch.long, device=self.num_tokens.device)
         states = [None if s is None else s.index_select(index) for s in self.layer_states]
         num_tokens = self.num_tokens.index_select(0, index)
-        # a row of n real tokens uses at most its last n columns; softmax slots know exactly which they use
-        unused = [self.seen_tokens - int(num_tokens.max())] if len(index) else [self.seen_tokens]
-        unused += [p for p in (s.leading_padding() for s in states if s is not None) if p is not None]
-        drop = max(0, min(unused))
-        states = [None if s is None else s.drop_leading(drop) for s in states]
-        return self._with_states(states, num_tokens, self.seen_tokens - drop)
+        used = [u for u in (s.used_columns() for s in states if s is not None) if u is not None]
+        if not used:  # no slot keeps columns: a row of n real tokens would use n of them
+            return self._with_states(states, num_tokens, int(num_tokens.max()) if len(index) else 0)
+        # the slots that keep columns (softmax) know which ones each row uses; every such slot has the same
+        keep = torch.stack(used).any(dim=0).nonzero().squeeze(1)  # (S',) ascending
+        states = [None if s is None else s.keep_columns(keep) for s in states]
+        return self._with_states(states, num_tokens, len(keep))
 
     # -- state files ------------------------------------------------------------------------------
     def map(self, fn: TensorFn) -> "ZeroSCache":

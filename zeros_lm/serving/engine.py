@@ -347,9 +347,10 @@ class Engine:
         from the last real inputs, wherever they sit); ZeroS and linear attention skip padding anywhere and
         softmax attention masks it (its padded keys are kept, marked not valid). Rows that start from nothing
         are padded on the LEFT: there the padding reads as the zero history of an unpadded row (the
-        convolution's windows included), and a softmax layer's padded keys lead the row, where
-        :meth:`ZeroSCache.take_rows` drops them once no row uses them (right padding would stay a hole in the
-        row's keys as long as it lives). Either way each row's logits are those of its last real column.
+        convolution's windows included), and a softmax layer's padded keys lead the row, as in the decode
+        batch (:meth:`ZeroSCache.stack`), rather than sit between its prompt and its generated tokens, when
+        the whole cache joins that batch (:meth:`ZeroSCache.take_rows`, which the other rows go through,
+        drops the columns no row uses wherever they are). Each row's logits are those of its last real column.
         """
         jobs = [job for job, _ in pieces]
         B, T = len(pieces), max(take for _, take in pieces)
