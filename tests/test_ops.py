@@ -122,6 +122,25 @@ def test_prefill_chunk_by_chunk_then_decode():
     torch.testing.assert_close(torch.cat(outs, dim=1), whole, rtol=1e-10, atol=1e-10)
 
 
+def test_recurrent_step_without_autograd_equals_the_differentiable_one():
+    """Decoding (no autograd) writes the moved state and the token's term into a new buffer in place; it must
+    give what the differentiable step gives, padding rows included, and leave the input state untouched."""
+    inputs = make_inputs(3, 6, 2, first_layer=True, seed=40)
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    valid[1, 4] = valid[2, 5] = False
+    _, state = run([x[:, :4] for x in inputs], "chunked", chunk_size=4, output_final_state=True)
+    before = state.kv.clone()
+    tail = [x[:, 4:] for x in inputs]
+    with torch.no_grad():
+        out, end = run(tail, "recurrent", valid=valid[:, 4:], initial_state=state, output_final_state=True)
+    assert torch.equal(state.kv, before)
+    grad_tail = [x.detach().requires_grad_(True) for x in tail]
+    want, want_end = run(grad_tail, "recurrent", valid=valid[:, 4:], initial_state=state, output_final_state=True)
+    assert want.requires_grad
+    torch.testing.assert_close(out, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(end.kv, want_end.kv.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_reference_refuses_initial_state():
     inputs = make_inputs(1, 8, 1)
     _, state = run(inputs, "chunked", output_final_state=True)

@@ -47,6 +47,7 @@ IDLE_WAIT_S = 0.5
 POLL_S = 0.02
 PAD_TOKEN_ID = 0  # what a batched prefill's padding columns hold: any id will do, attention_mask masks them
 MAX_PADDED_SHARE = 0.5  # of a prefill forward's columns, at most this share padding (padding costs as real tokens)
+TRIM_INTERVAL_S = 2.0  # while busy, how often the engine gives the heap's free pages back (malloc_trim)
 
 
 def _glibc():
@@ -215,6 +216,7 @@ class Engine:
         self._draining = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._trimmed = time.monotonic()  # when the heap's free pages last went back
 
     # -- the request side (any thread) ------------------------------------------------------------------
     def start(self) -> None:
@@ -290,8 +292,12 @@ class Engine:
                 logger.exception("engine step failed")
                 self._fail_all(f"the model failed: {' '.join(str(e).split())[:300]}")
             self._gauge()
-            if not self.busy:  # the last stream has left: the heap's holes go back while nothing runs
+            now = time.monotonic()
+            # the heap's free pages go back when the last stream has left, and every TRIM_INTERVAL_S while
+            # streams keep coming (a server that is never idle would otherwise keep every hole it ever had)
+            if not self.busy or now - self._trimmed > TRIM_INTERVAL_S:
                 return_free_memory()
+                self._trimmed = now
 
     def _admit(self) -> None:
         while self._waiting:
