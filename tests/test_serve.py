@@ -424,6 +424,12 @@ def test_errors_are_openai_shaped(model_dirs):
         _complete(client, "x", 2, session_id="kept")
         error("/v1/completions", {"model": name, "prompt": "word " * 30, "session_id": "kept"}, 400)
         assert _complete(client, "y", 2, session_id="kept")["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        # every answer is counted by route and status, errors and unknown paths included
+        metrics = client.get("/metrics").text
+        assert _metric(metrics, 'zeros_lm_requests_total{endpoint="/v1/completions",status="400"}') == 9
+        assert _metric(metrics, 'zeros_lm_requests_total{endpoint="/v1/sessions/{session_id}",status="404"}') == 2
+        assert client.get("/nowhere").status_code == 404
+        assert _metric(client.get("/metrics").text, 'zeros_lm_requests_total{endpoint="other",status="404"}') == 1
 
 
 def test_overload_answers_429_then_503_when_draining(model_dirs):

@@ -176,6 +176,28 @@ class Server:
         return job, queue
 
 
+class CountRequests:
+    """ASGI middleware: counts every HTTP request by route and status (``zeros_lm_requests_total``) when its
+    response starts. A plain ASGI wrapper rather than ``@app.middleware("http")``: Starlette's
+    BaseHTTPMiddleware passes every chunk of a streamed response through a task and a memory stream of its
+    own, a cost paid for each token of each stream."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                route = scope.get("route")  # (the router has matched it by now)
+                self.metrics.requests.labels(getattr(route, "path", "other"), str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     server = Server(model, tokenizer, config)
 
@@ -193,12 +215,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="zeros-lm", lifespan=lifespan)
     app.state.server = server
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        server.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=server.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
