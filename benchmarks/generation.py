@@ -39,7 +39,7 @@ def build(attention_type: str, seed: int = 0) -> ZeroSForCausalLM:
     return ZeroSForCausalLM(config).eval()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def measure(models: dict, plan: dict, steps: int, warmup: int, prefill_chunk: int, seed: int = 0):
     """Yield (context, name, median ms/token, mean ms/token, cache bytes, prefill seconds).
 

@@ -290,7 +290,7 @@ class Session:
         """Read ids into the state, prefill_chunk_size tokens at a time (no generation)."""
         torch = self.torch
         step = self.args.prefill_chunk_size
-        with torch.no_grad():
+        with torch.inference_mode():
             for start in range(0, ids.shape[1], step):
                 piece = ids[:, start : start + step]
                 mask = torch.ones(1, self.cache.get_seq_length() + piece.shape[1], dtype=torch.long, device=self.device)
@@ -313,7 +313,7 @@ class Session:
             self.save_state(save_after_prompt, "--save-state")
         past = self.cache.get_seq_length()
         streamer = _timed_streamer_class()(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        with torch.no_grad():
+        with torch.inference_mode():
             out = self.model.generate(
                 ids,
                 attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),

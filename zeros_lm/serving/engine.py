@@ -286,7 +286,7 @@ class Engine:
                     return
                 self._admit()
             try:
-                with torch.no_grad():
+                with torch.inference_mode():
                     self._step()
             except Exception as e:  # noqa: BLE001 - fail the jobs in flight, keep serving
                 logger.exception("engine step failed")
