@@ -136,13 +136,16 @@ class ZeroSAttention(nn.Module):
         if self.config.logit_type == "norm":
             return uf.pow(2).sum(-1) / d, None
         um = uf if valid is None else uf * valid[:, :, None, None]
-        # sum_{j<=t} u_j over this call's tokens (of the document)
-        csum = cumsum_tokens(um) if documents is None else documents.running_sum(um)
+        # sum_{j<=t} u_j over this call's tokens (of the document); one token (decoding) is its own sum
+        if documents is not None:
+            csum = documents.running_sum(um)
+        else:
+            csum = um if um.shape[1] == 1 else cumsum_tokens(um)
         if usum is not None:
             csum = csum + usum[:, None]
-        tau = self.log_tau.to(uf.dtype).exp()  # (H,)
-        ubar = (tau[:, None] * self.mu.to(uf.dtype) + csum) / (tau[:, None] + counts[:, :, None, None].to(uf.dtype))
-        s = -(uf * ubar).sum(-1) / math.sqrt(d)
+        tau = self.log_tau.to(uf.dtype).exp()[:, None]  # (H, 1)
+        ubar = (tau * self.mu.to(uf.dtype) + csum) / (tau + counts[:, :, None, None])
+        s = (uf * ubar).sum(-1) * (-1.0 / math.sqrt(d))
         return s, csum[:, -1]
 
     def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
@@ -178,7 +181,7 @@ class ZeroSAttention(nn.Module):
         s, usum = self._logits(u, valid, context.counts, usum, documents, fused=fused and cache is None)
         # the op runs per query head: the key side repeated over each group (its state stays per K/V head)
         k, v, s = (repeat_kv_heads(t, groups, dim=2) for t in (k, v, s))
-        if core_state is not None:
+        if core_state is not None and groups > 1:
             core_state = core_state._map(lambda t: repeat_kv_heads(t, groups, dim=1))
 
         if self.config.use_gates:
@@ -196,7 +199,8 @@ class ZeroSAttention(nn.Module):
                 initial_state=core_state, output_final_state=cache is not None, chunk_layouts=context.chunk_layouts,
             )
         if cache is not None:
-            core_state = core_state._map(lambda t: one_per_group(t, groups))
+            if groups > 1:
+                core_state = core_state._map(lambda t: one_per_group(t, groups))
             cache.update_layer_state(self.layer_idx, ZeroSLayerState(core=core_state, u_sum=usum, conv=conv_state))
         if self.config.use_output_norm:
             o = F.layer_norm(o.to(acc), (d,), eps=OUTPUT_NORM_EPS)

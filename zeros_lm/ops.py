@@ -1029,7 +1029,7 @@ def _step(state, q, k, v, s, g1, gh, g0, w):
         e = e * w
         writes = torch.stack([e, s - sbar, torch.ones_like(e)], dim=-1) * w[..., None]
     kv = _step_update(state.kv, decay, state.sbar - sbar, writes[..., None] * k[:, :, None], v)
-    E = decay * state.E + e
+    E = torch.addcmul(e, decay, state.E)
     # the readout [gh / E, b, c] q against the F, G, H slots (docs/method.md), as one (1, 3 d_k) x (3 d_k, d_v)
     b, c = _coefficients(g1, gh, g0, n)
     reads = torch.stack([gh / E.clamp(min=_E_FLOOR), b, c], dim=-1)
