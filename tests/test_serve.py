@@ -19,7 +19,8 @@ from conftest import tiny_model
 
 from zeros_lm.cache_zeros import SoftmaxLayerState
 from zeros_lm.cli.serve import build_server, parse_args
-from zeros_lm.serving.engine import MAX_PADDED_SHARE, Engine, Job, SamplingParams, padded_batches
+from zeros_lm.serving.engine import (MAX_PADDED_SHARE, REPLACEMENT_CHAR, Engine, Job, SamplingParams, TextStream,
+                                     padded_batches)
 from zeros_lm.serving.sessions import SessionState
 
 KINDS = {  # name -> (attention_type, config overrides)
@@ -227,6 +228,56 @@ def test_prefill_pieces_split_only_where_one_forward_would_be_mostly_padding():
 
 
 # -------------------------------------------------------------------------------------------------------
+# Text: decoded a window at a time, unfinished characters and stop strings held back
+# -------------------------------------------------------------------------------------------------------
+
+TEXT = "def café(x):\n    return '漢字 ü 🙂' * x  # naïve\n" * 12
+
+
+def _push_all(stream, ids):
+    pieces = [stream.push(ids[: i + 1], final=i == len(ids) - 1) for i in range(len(ids))]
+    return [p for p, _ in pieces], [stopped for _, stopped in pieces]
+
+
+def test_text_stream_equals_the_whole_decode_and_decodes_only_a_window(tiny_tokenizer):
+    ids = tiny_tokenizer(TEXT).input_ids
+    lengths = []
+    decode = tiny_tokenizer.decode
+
+    class Counting:
+        def decode(self, tokens, **kw):
+            lengths.append(len(tokens))
+            return decode(tokens, **kw)
+
+    pieces, stopped = _push_all(TextStream(Counting(), ()), ids)
+    assert "".join(pieces) == tiny_tokenizer.decode(ids, skip_special_tokens=True) == TEXT
+    assert not any(REPLACEMENT_CHAR in p for p in pieces)  # a character split over tokens goes out whole
+    assert any(p == "" for p in pieces[:-1])  # (and this text has such characters)
+    assert not any(stopped)
+    assert len(ids) > 300 and max(lengths) <= 8  # a window of a few tokens, not the sequence so far
+
+
+def test_text_stream_ends_at_a_stop_string_and_holds_back_its_beginning(tiny_tokenizer):
+    text = "alpha beta\nUser: gamma delta"
+    ids = tiny_tokenizer(text).input_ids
+    stream = TextStream(tiny_tokenizer, ("\nUser:", "zzz"))
+    sent, stopped_at = "", None
+    for i in range(len(ids)):
+        piece, stopped = stream.push(ids[: i + 1], final=False)
+        sent += piece
+        assert "\n" not in sent  # "\n" may begin the stop string: it is never sent
+        if stopped:
+            stopped_at = i
+            break
+    assert sent == "alpha beta" and stopped_at is not None
+    assert tiny_tokenizer.decode(ids[: stopped_at + 1]).endswith(("User:", "User: "))
+    # at the end of the sequence what was held back goes out
+    tail = TextStream(tiny_tokenizer, ("\nUser:",))
+    pieces, stopped = _push_all(tail, tiny_tokenizer("alpha\nUs").input_ids)
+    assert "".join(pieces) == "alpha\nUs" and not any(stopped)
+
+
+# -------------------------------------------------------------------------------------------------------
 # Over HTTP: alone, batched, in a session, after a restart
 # -------------------------------------------------------------------------------------------------------
 
@@ -370,6 +421,18 @@ def test_openai_client_streams_completion_and_chat(model_dirs):
         # n > 1 forks one prefilled state: greedy choices are all the same
         forked = oa.completions.create(model=name, prompt="def f(x):", max_tokens=8, temperature=0, n=3)
         assert [c.text for c in sorted(forked.choices, key=lambda c: c.index)] == [pieces and "".join(pieces)] * 3
+
+
+def test_a_stop_string_ends_the_text_whole_and_streamed(model_dirs):
+    with serving(model_dirs["endless"]) as (client, _):
+        full = _complete(client, "def f(x):", 24)["choices"][0]["text"]
+        stop = full[len(full) // 2 : len(full) // 2 + 3]
+        want = full[: full.index(stop)]
+        done = _complete(client, "def f(x):", 24, stop=[stop])["choices"][0]
+        assert (done["text"], done["finish_reason"]) == (want, "stop")
+        text, events = _stream_text(client, {"model": _name(client), "prompt": "def f(x):", "max_tokens": 24,
+                                             "temperature": 0, "stop": [stop]})
+        assert text == want and json.loads(events[-2])["choices"][0]["finish_reason"] == "stop"
 
 
 def test_disconnect_frees_the_slot_and_metrics_count(model_dirs):

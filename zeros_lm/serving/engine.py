@@ -98,6 +98,51 @@ def padded_batches(pieces: list[tuple["Job", int]]) -> list[list[tuple["Job", in
     return batches
 
 
+class TextStream:
+    """The text of one generated sequence, decoded as its tokens come: each token decodes only a window of the
+    last few tokens (the tokens since the last complete text, after those before it as context), not the whole
+    sequence, whose decode grows with its length (0.8 ms a token at 2,000 tokens on a 2-core CPU, for every
+    stream at every step). What an unfinished UTF-8 character's bytes decode to, and what may be the beginning
+    of a stop string, are held back until the text goes on (or the sequence ends)."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.text = ""  # the complete text so far
+        self.sent = 0  # characters of it given out
+        self._context = 0  # tokens[_context:_done] are the window's context: they decode to the end of text
+        self._done = 0  # tokens[:_done] are in text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, tokens: list[int], final: bool) -> tuple[str, bool]:
+        """tokens: the whole sequence, one token longer than at the last call; final: it ends here (whatever
+        is held back goes out). Returns (the text to send now, whether a stop string ended the text)."""
+        context = self._decode(tokens[self._context : self._done])
+        window = self._decode(tokens[self._context :])
+        start = len(self.text)
+        if len(window) > len(context) and (final or not window.endswith(REPLACEMENT_CHAR)):
+            self.text += window[len(context) :]
+            self._context, self._done = self._done, len(tokens)
+        end = len(self.text)
+        # a stop string the text did not hold before overlaps the new text: search only from there
+        longest = max((len(s) for s in self.stop), default=1)
+        hits = [i for i in (self.text.find(s, max(0, start - longest + 1)) for s in self.stop) if i >= 0]
+        stopped = bool(hits)
+        if stopped:
+            end = min(hits)
+        elif not final:
+            for s in self.stop:  # hold back what may begin a stop string
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if self.text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        out = self.text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out, stopped
+
+
 class Overloaded(Exception):
     """The queue is full (HTTP 429)."""
 
@@ -139,7 +184,7 @@ class Choice:
         self.generator = torch.Generator().manual_seed(seed)
         self.tokens: list[int] = []  # generated
         self.fed = 0  # generated tokens read into the state
-        self.sent = 0  # characters of the text already sent
+        self.text: TextStream | None = None  # its text, made by the engine with its first token
         self.next_token: int | None = None
         self.finish_reason: str | None = None
         self.logits: list[torch.Tensor] | None = [] if job.record_logits else None
@@ -478,24 +523,13 @@ class Engine:
             job.first_token_time = now
         choice.last_time = now
         choice.tokens.append(token)
-        reason = "stop" if token in self.eos_ids else None
-        text = self.tokenizer.decode(choice.tokens, skip_special_tokens=True)
-        end = len(text)
-        stops = [i for i in (text.find(s) for s in job.params.stop) if i >= 0]
-        if stops:
-            end, reason = min(stops), "stop"
-        if reason is None and len(choice.tokens) >= job.params.max_tokens:
-            reason = "length"
-        if reason is None:  # hold back an unfinished character and what may begin a stop string
-            end = len(text.rstrip(REPLACEMENT_CHAR))
-            for s in job.params.stop:
-                for k in range(min(len(s) - 1, end), 0, -1):
-                    if text[:end].endswith(s[:k]):
-                        end -= k
-                        break
-        if end > choice.sent:
-            job.sink(("delta", choice.index, text[choice.sent : end]))
-            choice.sent = end
+        if choice.text is None:
+            choice.text = TextStream(self.tokenizer, job.params.stop)
+        eos = token in self.eos_ids
+        piece, stopped = choice.text.push(choice.tokens, final=eos or len(choice.tokens) >= job.params.max_tokens)
+        reason = "stop" if eos or stopped else "length" if len(choice.tokens) >= job.params.max_tokens else None
+        if piece:
+            job.sink(("delta", choice.index, piece))
         if reason is None:
             choice.next_token = token
         else:
