@@ -73,6 +73,26 @@ def test_selected_and_repeated_rows_continue_as_those_rows_alone():
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_taken_rows_are_exactly_those_rows_in_any_order():
+    """take_rows copies runs of consecutive rows on the CPU: any order, repeats, gaps and no rows give what
+    index_select gives, for every entry of every slot."""
+    model = tiny_model("zeros", **HYBRID)
+    with torch.no_grad():
+        cache = model(_ids(6, 5, 0), use_cache=True).cache
+    for rows in ([0, 1, 2, 3, 4, 5], [5, 4, 3], [1, 2, 4, 5], [3, 3, 0, 1, 1], [2], []):
+        index = torch.tensor(rows, dtype=torch.long)
+        taken = cache.take_rows(rows)
+        for got, want in zip(taken.layer_states, cache.layer_states, strict=True):
+            got_tensors, want_tensors = [], []
+            got.map(lambda x: got_tensors.append(x) or x)
+            want.map(lambda x: want_tensors.append(x.index_select(0, index)) or x)
+            for a, b in zip(got_tensors, want_tensors, strict=True):
+                if not rows:  # (no row uses any key column: they are dropped too)
+                    assert a.shape[0] == 0
+                    continue
+                assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
 def test_empty_cache_is_all_none():
     cache = ZeroSCache(tiny_model("zeros", **HYBRID).config)
     assert cache.layer_states == [None] * 3 and cache.nbytes == 0

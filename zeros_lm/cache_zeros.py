@@ -62,6 +62,24 @@ def _cat_entries(entries: list):
     return torch.cat(entries, dim=0)
 
 
+def _select(x: torch.Tensor, dim: int, indices: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, indices)``; on the CPU as one concatenation of the runs of consecutive indices
+    (block copies). torch's CPU index_select gathers element by element: for 30 of 31 rows of a batch of
+    recurrent states (6, 3, 64, 64) it took 19 ms against 0.3 ms for the copy, on a 2-core CPU, and every
+    stream that leaves a served batch pays it (:meth:`ZeroSCache.take_rows`)."""
+    if x.device.type != "cpu":
+        return x.index_select(dim, indices.to(x.device))
+    runs: list[list[int]] = []  # [start, stop) of consecutive indices
+    for i in indices.tolist():
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    if not runs:
+        return x.narrow(dim, 0, 0).clone()
+    return torch.cat([x.narrow(dim, a, b - a) for a, b in runs], dim=dim)
+
+
 def _map_entry(x, fn: TensorFn):
     """fn applied to one slot entry: a tensor, every tensor of a ZeroSState, or None (stays None)."""
     if x is None:
@@ -90,7 +108,7 @@ class LayerState:
 
     def index_select(self, indices: torch.Tensor) -> "LayerState":
         """Rows ``indices`` of the batch, in that order (selection, beam-search reordering)."""
-        return self.map(lambda x: x.index_select(0, indices.to(x.device)))
+        return self.map(lambda x: _select(x, 0, indices))
 
     def repeat_interleave(self, repeats: int) -> "LayerState":
         """Each row repeated ``repeats`` times in place (num_return_sequences, forks of one state)."""
@@ -242,8 +260,8 @@ class SoftmaxLayerState(LayerState):
     def keep_columns(self, columns: torch.Tensor) -> "SoftmaxLayerState":
         if len(columns) == self.width:
             return self
-        return SoftmaxLayerState(keys=self.keys.index_select(2, columns), values=self.values.index_select(2, columns),
-                                 valid=self.valid.index_select(1, columns))
+        return SoftmaxLayerState(keys=_select(self.keys, 2, columns), values=_select(self.values, 2, columns),
+                                 valid=_select(self.valid, 1, columns))
 
 
 LAYER_STATE_CLASSES: dict[str, type[LayerState]] = {
