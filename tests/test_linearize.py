@@ -274,3 +274,59 @@ def test_bad_teachers_are_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(LinearizeError, match="softmax attention in every layer"):
         teacher_spec(tiny_model("zeros"))
+
+
+# -- the evidence script's recall probe ------------------------------------------------------------
+
+
+class _Lookup(torch.nn.Module):
+    """A causal LM that knows the answers: at every position it predicts the token that followed the
+    current token's previous occurrence (an ideal induction head), or token 0 if it has none."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, use_cache=False):
+        from types import SimpleNamespace
+
+        batch, length = input_ids.shape
+        logits = torch.zeros(batch, length, self.vocab)
+        for b in range(batch):
+            seen = {}
+            for t in range(length - 1):
+                token = int(input_ids[b, t])
+                logits[b, t, seen.get(token, 0)] = 1.0
+                seen[token] = int(input_ids[b, t + 1])  # known from position t + 1 on: causal
+        return SimpleNamespace(logits=logits)
+
+
+class _Constant(_Lookup):
+    def forward(self, input_ids, use_cache=False):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., int(self.constant)] = 1.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_the_recall_probe_scores_a_model_that_knows_the_answers_1_and_a_constant_one_chance(tiny_tokenizer):
+    from benchmarks.linearize import recall_probe, recall_sequences, recall_token_ids
+
+    keys, values = recall_token_ids(tiny_tokenizer, size=40)
+    special = set(tiny_tokenizer.all_special_ids)
+    assert len(set(keys.tolist()) | set(values.tolist())) == 80 and not special & set(keys.tolist() + values.tolist())
+    ids, positions, answers = recall_sequences(keys, values, pairs=16, sequences=4, seed=1)
+    assert ids.shape == (4, 64) and positions.shape == (16,) and answers.shape == (4, 16)
+    assert torch.equal(ids[:, positions + 1], answers)  # the value follows its queried key
+    again, _, _ = recall_sequences(keys, values, pairs=16, sequences=4, seed=1)
+    assert torch.equal(ids, again)  # a fixed seed: every model sees the same sequences
+
+    vocab = len(tiny_tokenizer)
+    assert recall_probe(_Lookup(vocab), keys, values, (4, 16), sequences=6, batch=4) == {4: 1.0, 16: 1.0}
+    constant = _Constant(vocab)
+    constant.constant = values[0]
+    scores = recall_probe(constant, keys, values, (16,), sequences=64, batch=16)
+    assert abs(scores[16] - 1 / len(values)) < 0.02  # it is right only where the value happens to be values[0]
+    constant.constant = keys[0]
+    assert recall_probe(constant, keys, values, (16,), sequences=8)[16] == 0.0

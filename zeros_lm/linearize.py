@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -66,6 +67,8 @@ HF_LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = HF_LLAMA_FAMILY + (ZeroSConfig.model_type,)
 RECORD_KEY = "linearized_from"  # the config.json entry that records the teacher, recipe and tokens
 GGUF_SUFFIX = ".gguf"
+# what transformers needs to read one (gguf_file=): the reader, and accelerate, which transformers 5 asks for
+GGUF_PACKAGES = ("gguf", "accelerate")
 
 
 class LinearizeError(ValueError):
@@ -193,10 +196,10 @@ def load_teacher(path) -> tuple[nn.Module, Any]:
         if p.suffix.lower() != GGUF_SUFFIX:
             raise LinearizeError(f"teacher {str(path)!r} is a file but not a {GGUF_SUFFIX} file; give a model directory "
                                  f"or a {GGUF_SUFFIX} file")
-        try:
-            import gguf  # noqa: F401
-        except ImportError:
-            raise LinearizeError("reading a GGUF teacher needs the gguf package: pip install gguf (or the zeros-lm[gguf] extra)") from None
+        missing = [name for name in GGUF_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise LinearizeError(f"reading a GGUF teacher needs the {' and '.join(missing)} package"
+                                 f"{'s' if len(missing) > 1 else ''}: pip install {' '.join(missing)} (or the zeros-lm[gguf] extra)")
         directory, kwargs = str(p.parent), {"gguf_file": p.name}
         from transformers import AutoConfig
 
