@@ -52,6 +52,19 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+def run_command(run, parse_args, argv=None) -> int:
+    """A command's exit status: 0, 2 with one ``error:`` line for a CLIError (bad input), 130 on Ctrl-C."""
+    try:
+        run(parse_args(sys.argv[1:] if argv is None else argv))
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # (end the interrupted line)
+        return 130
+    return 0
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one CLIError line (exit 2) instead of usage + message."""
 
@@ -439,15 +452,7 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse_args(sys.argv[1:] if argv is None else argv))
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    return run_command(run, parse_args, argv)
 
 
 if __name__ == "__main__":

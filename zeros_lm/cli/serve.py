@@ -17,7 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
-from zeros_lm.cli.generate import EXIT_USAGE, CLIError, OneLineParser, check_model_dir, one_line
+from zeros_lm.cli.generate import CLIError, OneLineParser, check_model_dir, one_line, run_command
 
 DEFAULTS = {"max_batch": 32, "max_queue": 64, "max_sessions": 1024, "prefill_budget": 512, "max_context": 32768}
 
@@ -103,14 +103,7 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        run(parse_args(sys.argv[1:] if argv is None else argv))
-    except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command(run, parse_args, argv)
 
 
 if __name__ == "__main__":
