@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ATTENTION_TYPES, tiny_model
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TextIteratorStreamer
 
 from zeros_lm import ZeroSCache, ZeroSForCausalLM
@@ -31,6 +32,49 @@ def _left_pad(prompts, pad_id=1):
         ids[i, width - len(p) :] = p
         mask[i, width - len(p) :] = 1
     return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The cost of a decoded token
+# ---------------------------------------------------------------------------------------------
+
+# Measured 2026-12-05 (torch 2.13, CPU): the aten ops (views included) that one decoded token dispatches in
+# a non-first ZeroS layer, cache read and update included (94 in benchmarks/generation.py's model; 117
+# there before a profiler range stopped being entered with no profiler, casts to the dtype a tensor already
+# had stopped being dispatched and the step lost a few scalar ops). At batch 1 each op costs about as much as reading its operands (a few
+# microseconds), so this count is most of what a ZeroS layer adds to a softmax layer's decode step
+# (docs/serving.md). Lower it as the step gets leaner; never raise it.
+ZEROS_DECODE_OPS_BOUND = 93
+
+
+class _AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_decoded_token_of_a_zeros_layer_stays_within_its_op_bound():
+    model = tiny_model("zeros")
+    layer = model.model.layers[1].attn
+    counter = _AtenOps()
+    forward = layer.forward
+
+    def counted(*args, **kwargs):
+        with counter:
+            return forward(*args, **kwargs)
+
+    cache = ZeroSCache(model.config)
+    with torch.inference_mode():
+        model(_prompts((6,))[0][None], cache=cache, use_cache=True)
+        layer.forward = counted
+        model(torch.tensor([[5]]), cache=cache, use_cache=True)
+    assert counter.names, "the layer's forward was not counted"
+    assert len(counter.names) <= ZEROS_DECODE_OPS_BOUND, " ".join(counter.names)
+    assert "_record_function_enter_new" not in counter.names  # no profiler range without a profiler
 
 
 # ---------------------------------------------------------------------------------------------

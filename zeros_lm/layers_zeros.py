@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_zeros import ZeroSConfig
-from .ops import accumulation_dtype
+from .ops import accumulation_dtype, as_dtype
 
 
 class ZeroSRMSNorm(nn.Module):
@@ -22,9 +22,9 @@ class ZeroSRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(accumulation_dtype(x.dtype))
+        xf = as_dtype(x, accumulation_dtype(x.dtype))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * as_dtype(xf, x.dtype)
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -44,10 +44,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     while cos.dim() < x.dim():
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    xf = x.to(accumulation_dtype(x.dtype))
+    xf = as_dtype(x, accumulation_dtype(x.dtype))
     half = x.shape[-1] // 2
     x1, x2 = xf[..., :half], xf[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    return as_dtype(torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1), x.dtype)
 
 
 def repeat_kv_heads(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
@@ -116,6 +116,15 @@ class ShortConvolution(nn.Module):
         return F.silu(y), new_state
 
 
+def split_projection(qkvu: torch.Tensor):
+    """The fused projection (B, T, 4, H, d) as views of its parts qk (B, T, 2, H, d), v and u (B, T, H, d):
+    through :class:`SplitProjection` when a gradient flows back, plain views otherwise (an autograd
+    Function's call costs about 20 us, paid per layer and token when decoding)."""
+    if torch.is_grad_enabled() and qkvu.requires_grad:
+        return SplitProjection.apply(qkvu)
+    return SplitProjection.forward(None, qkvu)
+
+
 class SplitProjection(torch.autograd.Function):
     """The fused projection (B, T, 4, H, d) as views of its parts: qk (B, T, 2, H, d), v and u (B, T, H, d).
 
@@ -138,4 +147,4 @@ class SplitProjection(torch.autograd.Function):
 
 
 __all__ = ["ShortConvolution", "SplitProjection", "ZeroSMLP", "ZeroSRMSNorm", "apply_rope", "one_per_group",
-           "repeat_kv_heads", "rope_cos_sin"]
+           "repeat_kv_heads", "rope_cos_sin", "split_projection"]

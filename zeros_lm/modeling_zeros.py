@@ -20,7 +20,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -34,7 +33,6 @@ except ImportError:  # pragma: no cover - older transformers
 from .cache_zeros import LinearLayerState, SoftmaxLayerState, ZeroSCache, ZeroSLayerState
 from .configuration_zeros import ZeroSConfig
 from .layers_zeros import (  # noqa: F401  (the building blocks; apply_rope, rope_cos_sin re-exported)
-    SplitProjection,
     ShortConvolution,
     ZeroSMLP,
     ZeroSRMSNorm,
@@ -42,8 +40,9 @@ from .layers_zeros import (  # noqa: F401  (the building blocks; apply_rope, rop
     one_per_group,
     repeat_kv_heads,
     rope_cos_sin,
+    split_projection,
 )
-from .ops import ChunkLayouts, accumulation_dtype, cumsum_tokens, fused_applies, linear_attention_chunked, zeros_attention
+from .ops import ChunkLayouts, accumulation_dtype, as_dtype, cumsum_tokens, fused_applies, linear_attention_chunked, named_range, zeros_attention
 from .ops_softmax import packed_softmax_attention, softmax_attention_mask
 from .packing import (
     PackedDocuments,
@@ -131,7 +130,7 @@ class ZeroSAttention(nn.Module):
             from .ops_fused import deviation_logits_fused
             return deviation_logits_fused(u, self.mu, self.log_tau, counts, valid,
                                           None if documents is None else documents.segment), None
-        uf = u.to(accumulation_dtype(u.dtype))
+        uf = as_dtype(u, accumulation_dtype(u.dtype))
         d = self.head_dim
         if self.config.logit_type == "norm":
             return uf.pow(2).sum(-1) / d, None
@@ -143,9 +142,9 @@ class ZeroSAttention(nn.Module):
             csum = um if um.shape[1] == 1 else cumsum_tokens(um)
         if usum is not None:
             csum = csum + usum[:, None]
-        tau = self.log_tau.to(uf.dtype).exp()[:, None]  # (H, 1)
-        ubar = (tau * self.mu.to(uf.dtype) + csum) / (tau + counts[:, :, None, None])
-        s = (uf * ubar).sum(-1) * (-1.0 / math.sqrt(d))
+        tau = as_dtype(self.log_tau, uf.dtype).exp()[:, None]  # (H, 1)
+        ubar = torch.addcmul(csum, tau, as_dtype(self.mu, uf.dtype)) / (tau + counts[:, :, None, None])
+        s = torch.linalg.vecdot(uf, ubar) * (-1.0 / math.sqrt(d))
         return s, csum[:, -1]
 
     def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
@@ -164,7 +163,7 @@ class ZeroSAttention(nn.Module):
         if T == 1 and cache is not None and documents is None:
             mode = "recurrent"
         if groups == 1:
-            qk, v, u = SplitProjection.apply(qkvu.view(B, T, 4, H, d))
+            qk, v, u = split_projection(qkvu.view(B, T, 4, H, d))
             # q and k together: RoPE, then L2 normalisation (on the fused kernels' path one kernel, writing
             # the projections' dtype, which the kernels take)
             fused = mode == "auto" and fused_applies(v, v)
@@ -173,7 +172,7 @@ class ZeroSAttention(nn.Module):
                 q, k = rope_normalize_fused(qk, context.cos, context.sin).unbind(dim=2)
             else:
                 qk = apply_rope(qk, context.cos, context.sin)
-                q, k = F.normalize(qk.to(acc), dim=-1).to(x.dtype).unbind(dim=2)
+                q, k = as_dtype(F.normalize(as_dtype(qk, acc), dim=-1), x.dtype).unbind(dim=2)
         else:  # q (B, T, H, d); k, v, u (B, T, Hkv, d); the fused neighbours take one head count (the op is fused)
             fused = False
             q, k, v, u = (p.unflatten(-1, (-1, d)) for p in qkvu.split(self.qkvu_sizes, dim=-1))
@@ -185,7 +184,7 @@ class ZeroSAttention(nn.Module):
             core_state = core_state._map(lambda t: repeat_kv_heads(t, groups, dim=1))
 
         if self.config.use_gates:
-            gl = self.gate_proj(x).view(B, T, H, self.num_gates).to(acc)
+            gl = as_dtype(self.gate_proj(x).view(B, T, H, self.num_gates), acc)
             g1, gh = torch.sigmoid(gl[..., :2] if self.has_zero_order else gl).unbind(dim=-1)
             g0 = torch.tanh(gl[..., 2]) if self.has_zero_order else None
         else:  # ablation: every gate is the constant 1
@@ -193,7 +192,7 @@ class ZeroSAttention(nn.Module):
             g0 = g1 if self.has_zero_order else None
 
         attend = zeros_attention if documents is None else functools.partial(zeros_attention_over_documents, documents)
-        with record_function("zeros_lm.op"):  # (a named range for benchmarks/profile_step.py)
+        with named_range("zeros_lm.op"):  # (a named range for benchmarks/profile_step.py)
             o, core_state = attend(
                 q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
                 initial_state=core_state, output_final_state=cache is not None, chunk_layouts=context.chunk_layouts,
@@ -203,8 +202,8 @@ class ZeroSAttention(nn.Module):
                 core_state = core_state._map(lambda t: one_per_group(t, groups))
             cache.update_layer_state(self.layer_idx, ZeroSLayerState(core=core_state, u_sum=usum, conv=conv_state))
         if self.config.use_output_norm:
-            o = F.layer_norm(o.to(acc), (d,), eps=OUTPUT_NORM_EPS)
-        return self.o_proj(o.to(x.dtype).reshape(B, T, H * d))
+            o = F.layer_norm(as_dtype(o, acc), (d,), eps=OUTPUT_NORM_EPS)
+        return self.o_proj(as_dtype(o, x.dtype).reshape(B, T, H * d))
 
 
 class SoftmaxAttention(nn.Module):

@@ -50,6 +50,7 @@ float64 inputs), whatever the input dtype.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from dataclasses import dataclass, fields
@@ -176,15 +177,28 @@ def _pad_tokens(x: torch.Tensor, pad: int, value: float = 0.0) -> torch.Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad), value=value) if pad else x
 
 
+def named_range(name: str):
+    """A named range in the profiler's trace (``benchmarks/profile_step.py`` reads them), or nothing when no
+    profiler runs: entering a ``record_function`` costs about 6 us, paid per layer and token when decoding."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():  # (the check does not trace)
+        return record_function(name)
+    return contextlib.nullcontext()
+
+
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in ``dtype``; x itself, without dispatching a cast (about 1 us), when it already is."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _coefficients(g1, gh, g0, n):
     """b_t = (g1 - gh) / t and c_t = (g0 - gh) / t, all (B, H, T); t is clamped to 1 on padding."""
-    inv_n = 1.0 / n.clamp(min=1.0)
+    inv_n = n.clamp(min=1.0).reciprocal()
     b = (g1 - gh) * inv_n
-    c = ((g0 if g0 is not None else 0.0) - gh) * inv_n
+    c = (g0 - gh) * inv_n if g0 is not None else -gh * inv_n
     return b, c
 
 
@@ -338,7 +352,9 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
     # Under autocast the products below would run in bfloat16/float16: the op accumulates in float32
     # itself, and only the chunk core's q.k and (weights) V products take autocast's 16-bit dtype (CUDA).
     low = _autocast_product_dtype(q)
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    autocast_off = torch.autocast(device_type=q.device.type, enabled=False) \
+        if torch.is_autocast_enabled(q.device.type) else contextlib.nullcontext()
+    with autocast_off:
         return _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths,
                          low, chunk_layouts)
 
@@ -451,7 +467,7 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
         state = ZeroSState.cat([st for _, (_, st) in pieces])
     if valid is not None:
         o = o.masked_fill(~valid[:, :, None, None], 0.0)
-    return o.to(q.dtype), (state if output_final_state else None)
+    return as_dtype(o, q.dtype), (state if output_final_state else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -830,10 +846,10 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, sh
     def aligned(x):  # (B, T, H) -> (B', H, N, C) in the accumulation dtype
         return layout.pack(x.to(acc)).transpose(1, 2).reshape(layout.rows, H, N, C)
 
-    with record_function("zeros_lm.scalars"):  # (named ranges for benchmarks/profile_step.py)
+    with named_range("zeros_lm.scalars"):  # (named ranges for benchmarks/profile_step.py)
         scalars, (E, m_end, sbar_end, n_end) = _chunk_scalars(
             aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
-    with record_function("zeros_lm.core"):
+    with named_range("zeros_lm.core"):
         o, kv = call_flat(core, layout.pack(q), layout.pack(k), layout.pack(v), scalars, state.kv, layout.core)
     return layout.unpack(o), (None if shared else ZeroSState(kv=kv, E=E, m=m_end, sbar=sbar_end, n=n_end))
 
@@ -857,7 +873,7 @@ def _chunked_fused(entry, q, k, v, s, g1, gh, g0, valid, state, chunk_size, leng
     final_state = final_state and not shared
     core = dataclasses.replace(layout.core, out_dtype=out_dtype,
                                num_out_states=layout.core.num_out_states if final_state else 0)
-    with record_function("zeros_lm.core"):
+    with named_range("zeros_lm.core"):
         o, kv, stats = entry(layout.pack(q), layout.pack(k), layout.pack(v), *per_token, real, stats_in, kv_in, core)
     final = ZeroSState(kv=kv, E=stats[0], m=stats[1], sbar=stats[2], n=stats[3]) if final_state else None
     return layout.unpack(o), final
@@ -1010,24 +1026,24 @@ def _step(state, q, k, v, s, g1, gh, g0, w):
     """
     acc = state.kv.dtype
     B, H, _, d_k, d_v = state.kv.shape
-    q, k, v, s, g1, gh = (x.to(acc) for x in (q, k, v, s, g1, gh))
-    g0 = g0.to(acc) if g0 is not None else None
+    q, k, v, s, g1, gh = (as_dtype(x, acc) for x in (q, k, v, s, g1, gh))
+    g0 = as_dtype(g0, acc) if g0 is not None else None
+    s_max = s.detach() if s.requires_grad else s  # (the maximum is a constant of the formula)
     if w is None:
         n = state.n + 1.0
-        m = torch.maximum(state.m, s.detach())
+        m = torch.maximum(state.m, s_max)
         sbar = state.sbar + (s - state.sbar) / n
+        e = torch.exp(s - m)  # <= 1: m includes s
     else:
         n = state.n + w
-        m = torch.where(w > 0, torch.maximum(state.m, s.detach()), state.m)
+        m = torch.where(w > 0, torch.maximum(state.m, s_max), state.m)
         sbar = state.sbar + w * (s - state.sbar) / n.clamp(min=1.0)
+        e = torch.exp((s - m).clamp(max=0.0)) * w  # (a padding column's s may exceed m)
     decay = torch.exp(state.m - m)
-    e = torch.exp((s - m).clamp(max=0.0))
     # what the token writes into the F, G, H slots: [e, s - sbar, 1] k (times w: padding writes nothing)
-    if w is None:
-        writes = torch.stack([e, s - sbar, torch.ones_like(e)], dim=-1)
-    else:
-        e = e * w
-        writes = torch.stack([e, s - sbar, torch.ones_like(e)], dim=-1) * w[..., None]
+    writes = torch.stack([e, s - sbar, torch.ones_like(e)], dim=-1)
+    if w is not None:
+        writes = writes * w[..., None]
     kv = _step_update(state.kv, decay, state.sbar - sbar, writes[..., None] * k[:, :, None], v)
     E = torch.addcmul(e, decay, state.E)
     # the readout [gh / E, b, c] q against the F, G, H slots (docs/method.md), as one (1, 3 d_k) x (3 d_k, d_v)
