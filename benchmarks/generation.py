@@ -50,6 +50,8 @@ def measure(models: dict, plan: dict, steps: int, warmup: int, prefill_chunk: in
     """
     gen = torch.Generator().manual_seed(seed)
     caches = {name: ZeroSCache(model.config) for name, model in models.items()}
+    for cache in caches.values():  # decoding as generate.py and the server do (a ZeroS state updated in place)
+        cache.in_place_updates = True
     for context in sorted({c for contexts in plan.values() for c in contexts}):
         active = [name for name in models if context in plan[name]]
         tokens, prefill_s = {}, {}

@@ -130,3 +130,29 @@ def test_stack_refuses_an_empty_cache():
         full = model(_ids(1, 3, 0), use_cache=True).cache
     with pytest.raises(ValueError, match="no token"):
         ZeroSCache.stack([full, ZeroSCache(model.config)])
+
+
+@pytest.mark.parametrize("overrides", [HYBRID, dict(num_key_value_heads=2)], ids=["hybrid+conv", "grouped K/V"])
+def test_a_cache_updated_in_place_decodes_exactly_as_one_that_is_not(overrides):
+    """``in_place_updates``: each decoded token's ZeroS state is written over the last one's sums (the same
+    tensors throughout), the logits bit for bit those of a cache updated into new tensors; the caches made
+    from it start without the flag (their tensors may be shared)."""
+    model = tiny_model("zeros", **overrides)
+    zeros_layer = model.config.mixer_types.index("zeros")
+    plain, owned = ZeroSCache(model.config), ZeroSCache(model.config)
+    owned.in_place_updates = True
+    ids = _ids(2, 6, 3)
+    with torch.inference_mode():
+        model(ids, cache=plain, use_cache=True)
+        model(ids, cache=owned, use_cache=True)
+        kv = owned.layer_states[zeros_layer].core.kv
+        before = plain.layer_states[zeros_layer].core.kv
+        for token in _ids(2, 5, 4).unbind(dim=1):
+            want = model(token[:, None], cache=plain, use_cache=True).logits
+            got = model(token[:, None], cache=owned, use_cache=True).logits
+            assert torch.equal(got, want)
+        assert torch.equal(owned.layer_states[zeros_layer].core.kv, plain.layer_states[zeros_layer].core.kv)
+    if overrides.get("num_key_value_heads") is None:  # (grouped heads repeat the state into a new tensor first)
+        assert owned.layer_states[zeros_layer].core.kv is kv
+    assert plain.layer_states[zeros_layer].core.kv is not before
+    assert not any(c.in_place_updates for c in (owned.take_rows([1]), owned.copy(), ZeroSCache.stack([owned, plain])))

@@ -141,6 +141,28 @@ def test_recurrent_step_without_autograd_equals_the_differentiable_one():
     torch.testing.assert_close(end.kv, want_end.kv.detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_recurrent_in_place_writes_the_same_state_over_the_initial_one():
+    """in_place=True (a cache that nothing else reads): the same outputs and final state, bit for bit, written
+    over the initial state's sums; with a gradient to compute it is ignored and the initial state kept."""
+    inputs = make_inputs(3, 7, 2, first_layer=True, seed=41)
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[2, 5] = False
+    _, state = run([x[:, :4] for x in inputs], "chunked", chunk_size=4, output_final_state=True)
+    tail = [x[:, 4:] for x in inputs]
+    kw = dict(valid=valid[:, 4:], output_final_state=True)
+    with torch.no_grad():
+        want, want_end = run(tail, "recurrent", initial_state=state, **kw)
+        given = state.clone()
+        out, end = run(tail, "recurrent", initial_state=given, in_place=True, **kw)
+    assert torch.equal(out, want) and torch.equal(end.kv, want_end.kv)
+    assert end.kv.data_ptr() == given.kv.data_ptr() and torch.equal(given.kv, want_end.kv)
+    kept = state.clone()
+    grad_out, grad_end = run([x.detach().requires_grad_(True) for x in tail], "recurrent", initial_state=kept,
+                             in_place=True, **kw)
+    assert torch.equal(kept.kv, state.kv) and grad_end.kv.data_ptr() != kept.kv.data_ptr()
+    torch.testing.assert_close(grad_out.detach(), want, rtol=1e-12, atol=1e-12)
+
+
 def test_reference_refuses_initial_state():
     inputs = make_inputs(1, 8, 1)
     _, state = run(inputs, "chunked", output_final_state=True)

@@ -441,6 +441,12 @@ class ZeroSCache(Cache):
         self.seen_tokens = 0  # columns consumed, padding included (= the KV length for softmax)
         self.config_fields = {name: getattr(config, name, None) for name in STATE_CONFIG_FIELDS}
         self.metadata: dict[str, str] = {}  # what load() read besides the state (see save)
+        # Whether a ZeroS layer decoding a token may write its new recurrent state over the old one's sums (one
+        # pass less over the state per token; ``zeros_attention``'s ``in_place``) instead of into new tensors.
+        # Only for an owner that reads the states through this cache alone, between calls (the server's decode
+        # batch, generate.py): a ZeroSState taken out of it earlier would change with it. A new cache, and every
+        # cache made from this one (take_rows, stack, map, copy), starts without.
+        self.in_place_updates = False
 
     def __repr__(self):
         return (
@@ -532,6 +538,7 @@ class ZeroSCache(Cache):
         out = copy.copy(self)
         out.layer_states, out.num_tokens, out.seen_tokens = layer_states, num_tokens, seen_tokens
         out.metadata = dict(self.metadata)
+        out.in_place_updates = False  # (its tensors may be this one's: map, to)
         return out
 
     @classmethod

@@ -302,7 +302,7 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
                     valid: Optional[torch.Tensor] = None, initial_state: Optional[ZeroSState] = None,
                     output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
                     sequence_starts: Optional[torch.Tensor | list] = None,
-                    chunk_layouts: Optional["ChunkLayouts"] = None):
+                    chunk_layouts: Optional["ChunkLayouts"] = None, in_place: bool = False):
     """Causal ZeroS attention.
 
     Args:
@@ -336,6 +336,11 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
             chunk tables, the map of real positions), so that calls on one batch (the layers of one forward
             pass: same B, T, valid tensor, sequences) build each only once. The model passes one per forward
             pass (``MixerContext.chunk_layouts``); None builds the layout for this call alone.
+        in_place: recurrent mode without autograd may write the final state into ``initial_state``'s
+            (B, H, 3, d_k, d_v) sums instead of a new tensor: one pass less over the state per token (a
+            decoded token's step is bound by those passes at serving batch sizes). Only for a caller that
+            gives ``initial_state`` up (a cache that nothing else reads: ``ZeroSCache.in_place_updates``);
+            the other modes ignore it.
 
     Returns:
         o: (B, T, H, d_v) in q's dtype; state: a ``ZeroSState`` (one row per sequence) or None.
@@ -356,7 +361,7 @@ def zeros_attention(q, k, v, s, g1, gh, g0=None, *, mode: str = "chunked", chunk
         if torch.is_autocast_enabled(q.device.type) else contextlib.nullcontext()
     with autocast_off:
         return _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths,
-                         low, chunk_layouts)
+                         low, chunk_layouts, in_place)
 
 
 def _load_fused_core():
@@ -407,7 +412,7 @@ def _chunked_core(mode: str, dtype: torch.dtype):
 
 
 def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, output_final_state, lengths,
-              low=None, chunk_layouts=None):
+              low=None, chunk_layouts=None, in_place=False):
     """lengths: None (one sequence per row) or, per row, the lengths of its sequences."""
     B, T, H, d_k = q.shape
     acc = accumulation_dtype(q.dtype)
@@ -455,7 +460,8 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
             o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, shared=shared,
                                 chunk_layouts=chunk_layouts)
     elif lengths is None:
-        o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state)
+        # (a state that had to move to the accumulation dtype or device is a copy already)
+        o, state = _recurrent(q, k, v, s, g1, gh, g0, valid, state, in_place=in_place and state is initial_state)
     else:  # one sequence after the other, each from its own state
         pieces, i = [], 0
         for r, row in enumerate(lengths):
@@ -978,23 +984,25 @@ def _tensor_core_products(x: torch.Tensor) -> bool:
 # Recurrent: one token at a time (generation)
 # ----------------------------------------------------------------------------------------------
 
-def _recurrent(q, k, v, s, g1, gh, g0, valid, state):
-    """Token by token through the state; inputs as for ``zeros_attention``. Returns o (B, T, H, d_v)."""
+def _recurrent(q, k, v, s, g1, gh, g0, valid, state, in_place=False):
+    """Token by token through the state; inputs as for ``zeros_attention`` (in_place: ``state``'s sums may be
+    overwritten). Returns o (B, T, H, d_v) and the final state."""
     if q.shape[1] == 0:  # an empty segment of cu_seqlens
         return q.new_zeros(*q.shape[:3], v.shape[-1], dtype=state.kv.dtype), state
     outputs = []
     for t in range(q.shape[1]):
         w = None if valid is None else valid[:, t, None].to(state.kv.dtype)   # (B, 1)
         o_t, state = _step(state, q[:, t], k[:, t], v[:, t], s[:, t], g1[:, t], gh[:, t],
-                           None if g0 is None else g0[:, t], w)
+                           None if g0 is None else g0[:, t], w, in_place=in_place or t > 0)
         outputs.append(o_t)
     return (outputs[0].unsqueeze(1) if len(outputs) == 1 else torch.stack(outputs, dim=1)), state
 
 
-def _step_update(kv, decay, shift, key, v):
+def _step_update(kv, decay, shift, key, v, in_place=False):
     """The state after one token: kv (B, H, 3, d_k, d_v) moved to the new reference point (``_move_reference``:
     decay, shift (B, H)) plus the token's rank-1 terms key[:, :, j] v^T, key = [e k, (s - sbar) k, w k]
-    (B, H, 3, d_k), v (B, H, d_v). The input state is left as it is.
+    (B, H, 3, d_k), v (B, H, d_v). The input state is left as it is, unless ``in_place`` (no autograd):
+    then the new state is written over it.
 
     The step is memory-bound at serving batch sizes: its cost is the passes over the (B, H, 3, d_k, d_v) state.
     Without autograd each third is written once into a new buffer and the rank-1 term added there in place
@@ -1006,8 +1014,9 @@ def _step_update(kv, decay, shift, key, v):
     if torch.is_grad_enabled() and any(x.requires_grad for x in (kv, decay, shift, key, v)):
         moved = _move_reference(kv, decay, shift).view(B * H, 3 * d_k, d_v)
         return torch.baddbmm(moved, key.reshape(B * H, 3 * d_k, 1), v.reshape(B * H, 1, d_v)).view(kv.shape)
-    new = torch.empty_like(kv, memory_format=torch.contiguous_format)
+    new = kv if in_place and kv.is_contiguous() else torch.empty_like(kv, memory_format=torch.contiguous_format)
     (F_, G_, H_), (F_new, G_new, H_new) = kv.unbind(-3), new.unbind(-3)
+    # (in place, G reads H before H is written: the order below matters)
     k_F, k_G, k_H = key.unsqueeze(-1).unbind(2)                         # (B, H, d_k, 1) each
     v_row = v.unsqueeze(-2)                                               # (B, H, 1, d_v)
     torch.mul(F_, decay.view(B, H, 1, 1), out=F_new).addcmul_(k_F, v_row)
@@ -1016,9 +1025,10 @@ def _step_update(kv, decay, shift, key, v):
     return new
 
 
-def _step(state, q, k, v, s, g1, gh, g0, w):
+def _step(state, q, k, v, s, g1, gh, g0, w, in_place=False):
     """One token: q, k (B, H, d_k), v (B, H, d_v), s and gates (B, H); w (B, 1) is 1 for a real
-    token and 0 for padding, or None when every row is real. Returns o (B, H, d_v) and the new state.
+    token and 0 for padding, or None when every row is real. Returns o (B, H, d_v) and the new state
+    (in_place: its sums written over ``state``'s, see ``_step_update``).
 
     Generation runs this once per token and layer, so it is written in few tensor operations (each costs a
     few microseconds of dispatch at batch 1): the three slots' coefficients are stacked (B, H, 3) and
@@ -1044,7 +1054,7 @@ def _step(state, q, k, v, s, g1, gh, g0, w):
     writes = torch.stack([e, s - sbar, torch.ones_like(e)], dim=-1)
     if w is not None:
         writes = writes * w[..., None]
-    kv = _step_update(state.kv, decay, state.sbar - sbar, writes[..., None] * k[:, :, None], v)
+    kv = _step_update(state.kv, decay, state.sbar - sbar, writes[..., None] * k[:, :, None], v, in_place)
     E = torch.addcmul(e, decay, state.E)
     # the readout [gh / E, b, c] q against the F, G, H slots (docs/method.md), as one (1, 3 d_k) x (3 d_k, d_v)
     b, c = _coefficients(g1, gh, g0, n)

@@ -263,7 +263,7 @@ class Session:
             raise CLIError(f"could not load the model from '{path}': {one_line(e)}") from None
         self.model = model.to(self.device).eval()
         self.cache_class = ZeroSCache
-        self.cache = ZeroSCache(self.model.config)
+        self.cache = self._owned(ZeroSCache(self.model.config))
         self.pending = torch.empty(1, 0, dtype=torch.long, device=self.device)  # in the context, not yet in the state
         if args.seed is not None:
             transformers.set_seed(args.seed)
@@ -271,6 +271,13 @@ class Session:
         pad = self.tokenizer.pad_token_id
         self.gen_kwargs["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
         self.totals = {"prompt": 0, "generated": 0, "seconds": 0.0}
+
+    @staticmethod
+    def _owned(cache):
+        """The conversation's cache, whose states nothing but this session reads: decoding may update them in
+        place (``ZeroSCache.in_place_updates``)."""
+        cache.in_place_updates = True
+        return cache
 
     def save_state(self, path: str, what: str = "/save") -> None:
         """Write the state and the pending token(s) to ``path``."""
@@ -294,7 +301,7 @@ class Session:
             pending = json.loads(cache.metadata.get(PENDING_KEY, "[]"))
         except (OSError, ValueError) as e:
             raise CLIError(one_line(e)) from None
-        self.cache = cache
+        self.cache = self._owned(cache)
         self.pending = self.torch.tensor([pending], dtype=self.torch.long, device=self.device).reshape(1, -1)
         print(f"[state] loaded the state of {cache.get_seq_length() + self.pending.shape[1]} tokens from {path}",
               file=sys.stderr)

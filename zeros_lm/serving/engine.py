@@ -365,6 +365,9 @@ class Engine:
             self._rows += self._joining
             self._joining, self._joining_caches = [], []
         if self._rows:
+            # nothing but the engine reads the batch's states (a session leaves with a copy of its rows): the
+            # decode step may write them in place (one pass less over every state a step)
+            self._batch.in_place_updates = True
             self._decode()
         self._leave()
 
