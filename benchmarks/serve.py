@@ -20,6 +20,7 @@ and served by ``zeros-lm serve`` in a subprocess. Then:
     python benchmarks/serve.py --quick               # 1 and 8 clients, zeros only, shorter history
     python benchmarks/serve.py --attention zeros --clients 1 32
     python benchmarks/serve.py --soak 600            # 32 clients with random disconnects for ten minutes
+    python benchmarks/serve.py --dtype bfloat16      # the server's weights in bfloat16 (states stay float32)
 
 Prints tables; asserts nothing about time. Targets (docs/serving.md): >= 8x a single stream's tokens/s at
 32 streams, p95 inter-token latency at 32 streams <= 3x a single stream's, memory per idle session = its
@@ -367,6 +368,8 @@ def main(argv=None):
                    help="run the soak test for SECONDS instead of the measurements")
     p.add_argument("--soak-clients", type=int, default=32)
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server (default: torch's choice)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="the server's weights dtype (its --dtype; default: the server's, float32 on a CPU)")
     p.add_argument("--quick", action="store_true", help="1 and 8 clients, zeros only, a 1,000-token history")
     args = p.parse_args(argv)
     attention = args.attention or (["zeros"] if args.quick or args.soak else ["zeros", "softmax"])
@@ -375,21 +378,23 @@ def main(argv=None):
     import torch
 
     print(f"# zeros-lm serve benchmark: torch {torch.__version__}, {os.cpu_count()} CPUs, config {args.config}, "
-          f"max_tokens {args.max_tokens}, server threads {args.threads or 'default'}, {time.strftime('%Y-%m-%d %H:%M')}, "
+          f"max_tokens {args.max_tokens}, server threads {args.threads or 'default'}, weights {args.dtype or 'default'}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, "
           f"load {load():.1f}")
     with tempfile.TemporaryDirectory() as tmp:
         for attention_type in attention:
             model_dir = build_model_dir(pathlib.Path(tmp), attention_type, args.config)
+            dtype = ["--dtype", args.dtype] if args.dtype else []
             if args.soak:
                 n = args.soak_clients
                 server = ServerProcess(model_dir, "--max-batch", str(n), "--max-queue", str(2 * n),
                                        "--max-sessions", str(n // 2), "--state-dir", str(pathlib.Path(tmp) / "states"),
-                                       threads=args.threads)
+                                       *dtype, threads=args.threads)
             else:
                 longest = max(history, args.context) + 1024
                 server = ServerProcess(model_dir, "--max-batch", str(max(clients)), "--max-queue", str(max(clients)),
                                        "--max-sessions", str(args.sessions + 8), "--max-context", str(longest),
-                                       threads=args.threads)
+                                       *dtype, threads=args.threads)
             try:
                 print(f"\n## {attention_type}\n", flush=True)
                 if not args.soak:
