@@ -235,6 +235,21 @@ def _cli(argv):
     return main(["linearize", *argv])
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 8, 40])
+def test_the_command_evaluates_the_same_blocks_whatever_the_batch_size(batch_size):
+    """Held-out perplexities, transfer errors (which --keep-softmax chooses by) and the init's calibration read a
+    fixed number of validation blocks: the same blocks, in order, at any --data.batch_size."""
+    from zeros_lm.cli.linearize import CALIBRATION_BLOCKS, EVAL_BLOCKS, _blocks
+
+    blocks = torch.arange(50 * 3).view(50, 3)
+    loader = list(blocks.split(batch_size))
+    val = _blocks(loader, EVAL_BLOCKS)
+    assert torch.equal(torch.cat(val), blocks[:EVAL_BLOCKS])
+    assert all(len(b) <= batch_size for b in val)
+    assert torch.equal(torch.cat(val)[:CALIBRATION_BLOCKS], blocks[:CALIBRATION_BLOCKS])
+    assert torch.equal(torch.cat(_blocks(list(blocks[:10].split(batch_size)), EVAL_BLOCKS)), blocks[:10])  # fewer: all
+
+
 def test_the_command_writes_a_directory_that_loads_and_generates(tmp_path, llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

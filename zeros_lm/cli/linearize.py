@@ -30,8 +30,10 @@ from typing import Literal, Optional
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-CALIBRATION_BATCHES = 2  # validation batches for the init's mean queries and output scales
-EVAL_BATCHES = 4  # validation batches for the per-layer transfer errors and the held-out perplexities
+# validation blocks (sequences), whatever --data.batch_size is: for the init's mean queries and output scales, and
+# for the per-layer transfer errors (which --keep-softmax chooses by) and the held-out perplexities
+CALIBRATION_BLOCKS = 16
+EVAL_BLOCKS = 32
 STAGE1_SHARE = 0.5  # of --tokens
 
 
@@ -174,11 +176,13 @@ def _teacher_generation_config(teacher, spec):
     return config
 
 
-def _batches(loader, n: int) -> list:
-    out = []
+def _blocks(loader, n: int) -> list:
+    """The loader's first ``n`` blocks, in its batches (the last one cut to fit; fewer when it has fewer)."""
+    out, rows = [], 0
     for batch in loader:
-        out.append(batch)
-        if len(out) >= n:
+        out.append(batch[: n - rows])
+        rows += len(out[-1])
+        if rows >= n:
             break
     return out
 
@@ -226,9 +230,9 @@ def run(args) -> int:
     dm = TextDataModule(document_resets=False, **data_args)
     if len(dm.tokenizer) > spec.vocab_size:
         raise LinearizeError(f"the teacher's tokenizer has {len(dm.tokenizer)} entries but its model only {spec.vocab_size}")
-    val = _batches(dm.val_dataloader() or dm.train_dataloader(), EVAL_BATCHES)
+    val = _blocks(dm.val_dataloader() or dm.train_dataloader(), EVAL_BLOCKS)
     if not val:
-        val = _batches(dm.train_dataloader(), EVAL_BATCHES)
+        val = _blocks(dm.train_dataloader(), EVAL_BLOCKS)
     per_step = dm.batch_size * dm.seq_len * int(args.trainer.accumulate_grad_batches or 1)
     tokens = args.tokens if args.tokens is not None else default_tokens(sum(p.numel() for p in teacher.parameters()))
     if tokens <= 0:
@@ -251,7 +255,7 @@ def run(args) -> int:
     # Stage 0: map and initialise
     stage0 = run_dir / "stage0"
     if not (stage0 / "config.json").is_file():
-        student = convert(teacher, given, calibration_ids=torch.cat(val[:CALIBRATION_BATCHES])[:, :-1],
+        student = convert(teacher, given, calibration_ids=torch.cat(val)[:CALIBRATION_BLOCKS, :-1],
                           seed=args.seed, conv_size=args.conv_size)
         record(student.config, teacher=str(args.teacher), teacher_model_type=spec.model_type, recipe=recipe,
                given_softmax_layers=given)
