@@ -196,7 +196,7 @@ class ZeroSAttention(nn.Module):
             o, core_state = attend(
                 q, k, v, s, g1, gh, g0, mode=mode, chunk_size=self.config.chunk_size, valid=valid,
                 initial_state=core_state, output_final_state=cache is not None, chunk_layouts=context.chunk_layouts,
-                in_place=cache is not None and cache.in_place_updates,
+                in_place=getattr(cache, "in_place_updates", False),  # (a cache of an older zeros_lm has none)
             )
         if cache is not None:
             if groups > 1:
