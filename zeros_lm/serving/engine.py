@@ -108,6 +108,7 @@ class TextStream:
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tokenizer = tokenizer
         self.stop = stop
+        self._longest_stop = max((len(s) for s in stop), default=1)
         self.text = ""  # the complete text so far
         self.sent = 0  # characters of it given out
         self._context = 0  # tokens[_context:_done] are the window's context: they decode to the end of text
@@ -127,8 +128,7 @@ class TextStream:
             self._context, self._done = self._done, len(tokens)
         end = len(self.text)
         # a stop string the text did not hold before overlaps the new text: search only from there
-        longest = max((len(s) for s in self.stop), default=1)
-        hits = [i for i in (self.text.find(s, max(0, start - longest + 1)) for s in self.stop) if i >= 0]
+        hits = [i for i in (self.text.find(s, max(0, start - self._longest_stop + 1)) for s in self.stop) if i >= 0]
         stopped = bool(hits)
         if stopped:
             end = min(hits)
@@ -528,9 +528,9 @@ class Engine:
         choice.tokens.append(token)
         if choice.text is None:
             choice.text = TextStream(self.tokenizer, job.params.stop)
-        eos = token in self.eos_ids
-        piece, stopped = choice.text.push(choice.tokens, final=eos or len(choice.tokens) >= job.params.max_tokens)
-        reason = "stop" if eos or stopped else "length" if len(choice.tokens) >= job.params.max_tokens else None
+        eos, at_length = token in self.eos_ids, len(choice.tokens) >= job.params.max_tokens
+        piece, stopped = choice.text.push(choice.tokens, final=eos or at_length)
+        reason = "stop" if eos or stopped else "length" if at_length else None
         if piece:
             job.sink(("delta", choice.index, piece))
         if reason is None:
