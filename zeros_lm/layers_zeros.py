@@ -50,6 +50,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return as_dtype(torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1), x.dtype)
 
 
+L2_NORM_EPS = 1e-12  # floor of the norm in l2_normalize (F.normalize's default)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, eps) over the last dimension: F.normalize's formula and bits, without its Python
+    wrapper (a few microseconds per call, paid per layer and token when decoding)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(L2_NORM_EPS)
+
+
 def repeat_kv_heads(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     """x with each K/V head (along ``dim``) repeated next to itself, once per query head it serves (K/V
     head j serves query heads j * groups ... (j + 1) * groups - 1); x itself when groups is 1."""
@@ -146,5 +155,5 @@ class SplitProjection(torch.autograd.Function):
         return torch.cat(parts, dim=2)
 
 
-__all__ = ["ShortConvolution", "SplitProjection", "ZeroSMLP", "ZeroSRMSNorm", "apply_rope", "one_per_group",
+__all__ = ["ShortConvolution", "SplitProjection", "ZeroSMLP", "ZeroSRMSNorm", "apply_rope", "l2_normalize", "one_per_group",
            "repeat_kv_heads", "rope_cos_sin", "split_projection"]

@@ -37,6 +37,7 @@ from .layers_zeros import (  # noqa: F401  (the building blocks; apply_rope, rop
     ZeroSMLP,
     ZeroSRMSNorm,
     apply_rope,
+    l2_normalize,
     one_per_group,
     repeat_kv_heads,
     rope_cos_sin,
@@ -141,10 +142,11 @@ class ZeroSAttention(nn.Module):
         else:
             csum = um if um.shape[1] == 1 else cumsum_tokens(um)
         if usum is not None:
-            csum = csum + usum[:, None]
-        tau = as_dtype(self.log_tau, uf.dtype).exp()[:, None]  # (H, 1)
-        ubar = torch.addcmul(csum, tau, as_dtype(self.mu, uf.dtype)) / (tau + counts[:, :, None, None])
-        s = torch.linalg.vecdot(uf, ubar) * (-1.0 / math.sqrt(d))
+            csum = csum + usum.unsqueeze(1)
+        tau = as_dtype(self.log_tau, uf.dtype).exp()  # (H,)
+        # s = -u . ubar / sqrt(d), ubar = (csum + tau mu) / (tau + t): the division on the (B, T, H) dot products
+        scale = (tau + counts.unsqueeze(-1)) * -math.sqrt(d)
+        s = torch.linalg.vecdot(uf, torch.addcmul(csum, tau.unsqueeze(-1), as_dtype(self.mu, uf.dtype))) / scale
         return s, csum[:, -1]
 
     def forward(self, x: torch.Tensor, context: MixerContext, cache: ZeroSCache | None = None) -> torch.Tensor:
@@ -172,11 +174,11 @@ class ZeroSAttention(nn.Module):
                 q, k = rope_normalize_fused(qk, context.cos, context.sin).unbind(dim=2)
             else:
                 qk = apply_rope(qk, context.cos, context.sin)
-                q, k = as_dtype(F.normalize(as_dtype(qk, acc), dim=-1), x.dtype).unbind(dim=2)
+                q, k = as_dtype(l2_normalize(as_dtype(qk, acc)), x.dtype).unbind(dim=2)
         else:  # q (B, T, H, d); k, v, u (B, T, Hkv, d); the fused neighbours take one head count (the op is fused)
             fused = False
             q, k, v, u = (p.unflatten(-1, (-1, d)) for p in qkvu.split(self.qkvu_sizes, dim=-1))
-            q, k = (F.normalize(apply_rope(p, context.cos, context.sin).to(acc), dim=-1).to(x.dtype) for p in (q, k))
+            q, k = (as_dtype(l2_normalize(as_dtype(apply_rope(p, context.cos, context.sin), acc)), x.dtype) for p in (q, k))
         s, usum = self._logits(u, valid, context.counts, usum, documents, fused=fused and cache is None)
         # the op runs per query head: the key side repeated over each group (its state stays per K/V head)
         k, v, s = (repeat_kv_heads(t, groups, dim=2) for t in (k, v, s))

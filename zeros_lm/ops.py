@@ -194,9 +194,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _coefficients(g1, gh, g0, n):
-    """b_t = (g1 - gh) / t and c_t = (g0 - gh) / t, all (B, H, T); t is clamped to 1 on padding."""
-    inv_n = n.clamp(min=1.0).reciprocal()
+def _coefficients(g1, gh, g0, n=None, *, inv_n=None):
+    """b_t = (g1 - gh) / t and c_t = (g0 - gh) / t, all (B, H, T); t is clamped to 1 on padding. Give the
+    counts n, or their reciprocals inv_n when the caller has them."""
+    if inv_n is None:
+        inv_n = n.clamp(min=1.0).reciprocal()
     b = (g1 - gh) * inv_n
     c = (g0 - gh) * inv_n if g0 is not None else -gh * inv_n
     return b, c
@@ -989,6 +991,11 @@ def _recurrent(q, k, v, s, g1, gh, g0, valid, state, in_place=False):
     overwritten). Returns o (B, T, H, d_v) and the final state."""
     if q.shape[1] == 0:  # an empty segment of cu_seqlens
         return q.new_zeros(*q.shape[:3], v.shape[-1], dtype=state.kv.dtype), state
+    if q.shape[1] == 1:  # a decoded token: (B, 1, ...) -> (B, ...) as views, no loop
+        w = None if valid is None else valid.to(state.kv.dtype)   # (B, 1)
+        o, state = _step(state, *(x.squeeze(1) for x in (q, k, v, s, g1, gh)),
+                         None if g0 is None else g0.squeeze(1), w, in_place=in_place)
+        return o.unsqueeze(1), state
     outputs = []
     for t in range(q.shape[1]):
         w = None if valid is None else valid[:, t, None].to(state.kv.dtype)   # (B, 1)
@@ -1004,19 +1011,25 @@ def _step_update(kv, decay, shift, key, v, in_place=False):
     (B, H, 3, d_k), v (B, H, d_v). The input state is left as it is, unless ``in_place`` (no autograd):
     then the new state is written over it.
 
-    The step is memory-bound at serving batch sizes: its cost is the passes over the (B, H, 3, d_k, d_v) state.
-    Without autograd each third is written once into a new buffer and the rank-1 term added there in place
-    (F' = decay F + e k v^T, G' = G + shift H + (s - sbar) k v^T, H' = H + w k v^T): about 2 passes instead of
-    the 6 of moving into temporaries, stacking them and adding (at B = 32, H = 6, d = 64 on a 2-core CPU,
-    0.4 instead of 1.4 ms a layer). With autograd the same sums are built from differentiable ops.
+    The step is memory-bound at serving batch sizes: its cost is the passes over the (B, H, 3, d_k, d_v) state,
+    and at batch 1 the count of its operations (a few microseconds each). Without autograd each third is
+    written once and the rank-1 term added there (F' = decay F + e k v^T, G' = G + shift H + (s - sbar) k v^T,
+    H' = H + w k v^T): about 2 passes instead of the 6 of moving into temporaries, stacking them and adding (at
+    B = 32, H = 6, d = 64 on a 2-core CPU, 0.4 instead of 1.4 ms a layer). In place, F and G are moved where
+    they are and one broadcast product adds the three slots' terms (3 operations). With autograd the same
+    sums are built from differentiable ops.
     """
     B, H, _, d_k, d_v = kv.shape
     if torch.is_grad_enabled() and any(x.requires_grad for x in (kv, decay, shift, key, v)):
         moved = _move_reference(kv, decay, shift).view(B * H, 3 * d_k, d_v)
         return torch.baddbmm(moved, key.reshape(B * H, 3 * d_k, 1), v.reshape(B * H, 1, d_v)).view(kv.shape)
-    new = kv if in_place and kv.is_contiguous() else torch.empty_like(kv, memory_format=torch.contiguous_format)
+    if in_place and kv.is_contiguous():  # move F and G where they are, then one product adds every slot's term
+        F_, G_, H_ = kv.unbind(-3)
+        F_.mul_(decay.view(B, H, 1, 1))
+        G_.addcmul_(H_, shift.view(B, H, 1, 1))  # (G reads H before the rank-1 terms change it)
+        return kv.addcmul_(key.unsqueeze(-1), v.view(B, H, 1, 1, d_v))
+    new = torch.empty_like(kv, memory_format=torch.contiguous_format)
     (F_, G_, H_), (F_new, G_new, H_new) = kv.unbind(-3), new.unbind(-3)
-    # (in place, G reads H before H is written: the order below matters)
     k_F, k_G, k_H = key.unsqueeze(-1).unbind(2)                         # (B, H, d_k, 1) each
     v_row = v.unsqueeze(-2)                                               # (B, H, 1, d_v)
     torch.mul(F_, decay.view(B, H, 1, 1), out=F_new).addcmul_(k_F, v_row)
@@ -1036,29 +1049,33 @@ def _step(state, q, k, v, s, g1, gh, g0, w, in_place=False):
     """
     acc = state.kv.dtype
     B, H, _, d_k, d_v = state.kv.shape
-    q, k, v, s, g1, gh = (as_dtype(x, acc) for x in (q, k, v, s, g1, gh))
-    g0 = as_dtype(g0, acc) if g0 is not None else None
+    if q.dtype != acc:
+        q, k, v, s, g1, gh = (as_dtype(x, acc) for x in (q, k, v, s, g1, gh))
+        g0 = as_dtype(g0, acc) if g0 is not None else None
     s_max = s.detach() if s.requires_grad else s  # (the maximum is a constant of the formula)
     if w is None:
         n = state.n + 1.0
+        inv_n = n.reciprocal()
         m = torch.maximum(state.m, s_max)
-        sbar = state.sbar + (s - state.sbar) / n
+        sbar = torch.lerp(state.sbar, s, inv_n)  # sbar + (s - sbar) / n
         e = torch.exp(s - m)  # <= 1: m includes s
+        third = torch.ones_like(e)
     else:
         n = state.n + w
+        inv_n = n.clamp(min=1.0).reciprocal()  # (1 where no real token came yet)
         m = torch.where(w > 0, torch.maximum(state.m, s_max), state.m)
-        sbar = state.sbar + w * (s - state.sbar) / n.clamp(min=1.0)
+        sbar = state.sbar + w * (s - state.sbar) * inv_n
         e = torch.exp((s - m).clamp(max=0.0)) * w  # (a padding column's s may exceed m)
+        third = w.expand_as(e)
     decay = torch.exp(state.m - m)
     # what the token writes into the F, G, H slots: [e, s - sbar, 1] k (times w: padding writes nothing)
-    writes = torch.stack([e, s - sbar, torch.ones_like(e)], dim=-1)
-    if w is not None:
-        writes = writes * w[..., None]
+    writes = torch.stack([e, s - sbar if w is None else (s - sbar) * w, third], dim=-1)
     kv = _step_update(state.kv, decay, state.sbar - sbar, writes[..., None] * k[:, :, None], v, in_place)
     E = torch.addcmul(e, decay, state.E)
-    # the readout [gh / E, b, c] q against the F, G, H slots (docs/method.md), as one (1, 3 d_k) x (3 d_k, d_v)
-    b, c = _coefficients(g1, gh, g0, n)
-    reads = torch.stack([gh / E.clamp(min=_E_FLOOR), b, c], dim=-1)
+    # the readout [gh / E, b, c] q against the F, G, H slots (docs/method.md), as one (1, 3 d_k) x (3 d_k, d_v);
+    # E >= 1 once a real token came (_E_FLOOR)
+    b, c = _coefficients(g1, gh, g0, inv_n=inv_n)
+    reads = torch.stack([gh / (E if w is None else E.clamp(min=_E_FLOOR)), b, c], dim=-1)
     query = (reads[..., None] * q[:, :, None]).view(B * H, 1, 3 * d_k)
     o = torch.bmm(query, kv.view(B * H, 3 * d_k, d_v)).view(B, H, d_v)
     return o, ZeroSState(kv=kv, E=E, m=m, sbar=sbar, n=n)
