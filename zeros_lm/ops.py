@@ -96,10 +96,13 @@ class ZeroSState:
 
     @classmethod
     def empty(cls, batch_size: int, num_heads: int, d_k: int, d_v: int, *,
-              dtype: torch.dtype = torch.float32, device=None) -> "ZeroSState":
-        """The state before any token: zero sums, no maximum yet."""
+              dtype: torch.dtype = torch.float32, device=None, read_only: bool = False) -> "ZeroSState":
+        """The state before any token: zero sums, no maximum yet. read_only: the sums as a broadcast view of
+        one zero (no memory written; for a caller that only reads them)."""
         scalars = lambda value: torch.full((batch_size, num_heads), value, dtype=dtype, device=device)  # noqa: E731
-        kv = torch.zeros(batch_size, num_heads, 3, d_k, d_v, dtype=dtype, device=device)
+        shape = (batch_size, num_heads, 3, d_k, d_v)
+        kv = torch.zeros((), dtype=dtype, device=device).expand(shape) if read_only else \
+            torch.zeros(shape, dtype=dtype, device=device)
         return cls(kv=kv, E=scalars(0.0), m=scalars(_NO_MAX), sbar=scalars(0.0), n=scalars(0.0))
 
     def _map(self, fn) -> "ZeroSState":
@@ -436,7 +439,9 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
 
     state = initial_state
     if state is None and mode != "fused":  # (the kernels start empty sequences from zero states themselves)
-        state = ZeroSState.empty(num_sequences, H, d_k, v.shape[-1], dtype=acc, device=q.device)
+        # the chunked form never writes the incoming sums (its core skips zero start states): no memory for them
+        state = ZeroSState.empty(num_sequences, H, d_k, v.shape[-1], dtype=acc, device=q.device,
+                                 read_only=mode == "chunked")
     if state is not None and (state.kv.dtype != acc or state.kv.device != q.device):
         state = state.to(device=q.device, dtype=acc)
     if valid is not None:  # padding gets zero queries, keys, values and logits: it adds nothing, whatever it held
@@ -460,6 +465,7 @@ def _dispatch(q, k, v, s, g1, gh, g0, mode, chunk_size, valid, initial_state, ou
                                       out_dtype, output_final_state, chunk_layouts)
         else:
             o, state = _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, shared=shared,
+                                zero_start=initial_state is None,
                                 chunk_layouts=chunk_layouts)
     elif lengths is None:
         # (a state that had to move to the accumulation dtype or device is a copy already)
@@ -835,7 +841,8 @@ def _chunk_layout(B: int, T: int, valid, lengths, C: int, device, shared: bool,
     return chunk_layouts.get(B, T, valid, lengths, C, device, shared)
 
 
-def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, shared=False, chunk_layouts=None):
+def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, shared=False, chunk_layouts=None,
+             zero_start=False):
     """The chunked form in PyTorch: the per-token scalars (``_chunk_scalars``), then ``core`` (the PyTorch chunk
     core, or any core of the contract in ops_contract.py).
 
@@ -843,7 +850,8 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, sh
     per row, the lengths of its sequences; shared: sequences may share a chunk (``_ChunkLayout``;
     empty initial state, no final state). The chunk is chunk_size tokens, or the longest sequence (the
     row, when shared) when that is shorter. Returns o (B, T, H, d_v) and the final state (one row per
-    sequence; None when shared).
+    sequence; None when shared). zero_start: every sequence starts from the empty state; the PyTorch core is then
+    given no start states to load (None: it skips them), any other core the zeros.
     """
     B, T, H, _ = q.shape
     acc = state.kv.dtype
@@ -858,7 +866,9 @@ def _chunked(q, k, v, s, g1, gh, g0, valid, state, chunk_size, lengths, core, sh
         scalars, (E, m_end, sbar_end, n_end) = _chunk_scalars(
             aligned(s), aligned(g1), aligned(gh), aligned(g0) if g0 is not None else None, state, layout)
     with named_range("zeros_lm.core"):
-        o, kv = call_flat(core, layout.pack(q), layout.pack(k), layout.pack(v), scalars, state.kv, layout.core)
+        start = None if zero_start and core is _chunk_core_torch else \
+            state.kv if state.kv.is_contiguous() else state.kv.contiguous()
+        o, kv = call_flat(core, layout.pack(q), layout.pack(k), layout.pack(v), scalars, start, layout.core)
     return layout.unpack(o), (None if shared else ZeroSState(kv=kv, E=E, m=m_end, sbar=sbar_end, n=n_end))
 
 
@@ -887,19 +897,23 @@ def _chunked_fused(entry, q, k, v, s, g1, gh, g0, valid, state, chunk_size, leng
     return layout.unpack(o), final
 
 
-def chunk_core_torch(q, k, v, scalars: ChunkScalars, start_states: torch.Tensor, layout: CoreLayout):
+def chunk_core_torch(q, k, v, scalars: ChunkScalars, start_states: Optional[torch.Tensor], layout: CoreLayout):
     """The chunk core in PyTorch (the contract and its math: ``ops_contract.py``; the fused core is
-    ``ops_fused.fused_chunk_core``). Outputs in start_states' dtype (the accumulation dtype).
+    ``ops_fused.fused_chunk_core``). Outputs in the scalars' dtype (the accumulation dtype).
 
     Per chunk, a float64-exact loop over the chunks carries the state; inside a chunk the (C, C) weights
     are explicit. ``_chunk_core_torch`` is this core in the flat convention (what ``_chunked`` calls).
+
+    start_states may also be None: every state a chunk loads is zero (sequences that start empty, as in
+    training and a fresh prompt's prefill). Nothing is then loaded, moved or read for them: a short
+    prompt's prefill would otherwise write and read its (B, H, 3, d_k, d_v) zero states several times over.
     """
     B, T, H, d_k = q.shape
     d_v, C = v.shape[-1], layout.chunk_size
     s, m, a, b, hc, m0, m1, sb0, sb1 = scalars.tensors()
     segments = layout.segments
     N = T // C
-    acc = start_states.dtype
+    acc = s.dtype
     prod = q.dtype if _tensor_core_products(q) else acc
     heads_first = lambda x, dtype: x.to(dtype).transpose(1, 2).reshape(B, H, N, C, -1)  # noqa: E731
     q_acc, k_acc, v_acc = (heads_first(x, acc) for x in (q, k, v))                  # (B, H, N, C, d)
@@ -931,21 +945,22 @@ def chunk_core_torch(q, k, v, scalars: ChunkScalars, start_states: torch.Tensor,
     load, store = layout.host_plan()
     steps = zip(decay_exponent.exp().unbind(-1), (sb0 - sb1).unbind(-1), added_kv.unbind(2),
                 carry.unbind(-1) if carry is not None else itertools.repeat(None))
-    kv, kv_starts, stored = None, [], []
+    kv, kv_starts, stored = None, [], []  # kv None: every row's state is zero (start_states None)
     for j, (decay, shift, added, kept) in enumerate(steps):
         rows = [r for r in range(B) if load[r][j] >= 0]
-        if rows:
+        if rows and start_states is None:  # the rows start from zero states
+            kv = None if len(rows) == B or kv is None else kv.index_fill(0, torch.tensor(rows, device=q.device), 0.0)
+        elif rows:
             loaded = start_states.index_select(0, torch.tensor([load[r][j] for r in rows], device=q.device))
             kv = loaded if len(rows) == B else kv.index_copy(0, torch.tensor(rows, device=q.device), loaded)
         kv_starts.append(kv)
-        moved = _move_reference(kv, decay, shift)
-        kv = (moved if kept is None else moved * kept[:, None, None, None, None]) + added
-        stored += [(store[r][j], kv[r]) for r in range(B) if store[r][j] >= 0]
-    kv_starts = torch.stack(kv_starts, dim=2)                                       # (B, H, N, 3, d_k, d_v)
-    out_states = start_states.new_zeros(layout.num_out_states, H, 3, d_k, d_v)
-    if stored:
-        index = torch.tensor([i for i, _ in stored], device=q.device)
-        out_states = out_states.index_copy(0, index, torch.stack([x for _, x in stored]))
+        if kv is None:
+            kv = added
+        else:
+            moved = _move_reference(kv, decay, shift)
+            kv = (moved if kept is None else moved * kept[:, None, None, None, None]) + added
+        stored += [(store[r][j], r, j, kv) for r in range(B) if store[r][j] >= 0]
+    out_states = _stored_states(stored, layout.num_out_states, (H, 3, d_k, d_v), added_kv)
 
     # Inside each chunk: explicit (C, C) weights R[t, i] formed in the accumulation dtype, times q.k,
     # causal (and block-diagonal across sequences). Padding keys have k = 0; exp(min(., 0)) <= 1 keeps
@@ -965,9 +980,26 @@ def chunk_core_torch(q, k, v, scalars: ChunkScalars, start_states: torch.Tensor,
         o = ((weighted / scale).to(prod) @ heads_first(v, prod)).to(acc) * scale
     # Everything before the chunk, through the state at its start (kept in the accumulation dtype:
     # the three terms of the readout cancel).
-    ra, rb, rhc = readout_coefficients
-    o = o + _readout(q_acc, kv_starts, ra * torch.exp(readout_exponent), rb, rhc)
+    if any(x is not None for x in kv_starts):  # (no chunk starts from a state that is not zero: nothing to read)
+        zeros = next(x for x in kv_starts if x is not None).new_zeros(()).expand(B, H, 3, d_k, d_v)
+        kv_starts = torch.stack([zeros if x is None else x for x in kv_starts], dim=2)  # (B, H, N, 3, d_k, d_v)
+        ra, rb, rhc = readout_coefficients
+        o = o + _readout(q_acc, kv_starts, ra * torch.exp(readout_exponent), rb, rhc)
     return o.reshape(B, H, T, d_v).transpose(1, 2), out_states
+
+
+def _stored_states(stored: list, num_out_states: int, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """The core's out_states (num_out_states, *shape) from ``stored``: (out row, batch row, chunk, the (B, *shape)
+    states after that chunk) per store; rows never stored are 0. When every batch row stores after one chunk
+    into the out row of its own index, that chunk's states are the answer as they are (no copy)."""
+    if stored and len(stored) == num_out_states and all(i == r and x is stored[0][3] for i, r, _, x in stored) \
+            and stored[0][3].shape[0] == num_out_states:
+        return stored[0][3].contiguous()
+    out_states = like.new_zeros(num_out_states, *shape)
+    if stored:
+        index = torch.tensor([i for i, _, _, _ in stored], device=like.device)
+        out_states = out_states.index_copy(0, index, torch.stack([x[r] for _, r, _, x in stored]))
+    return out_states
 
 
 _chunk_core_torch = flat_entry(chunk_core_torch)
