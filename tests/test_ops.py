@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from zeros_lm import ops
 from zeros_lm.ops import ZeroSState, zeros_attention
+from zeros_lm.ops_contract import ChunkScalars
 
 FORMS = ("reference", "chunked", "recurrent")
 STATEFUL = ("chunked", "recurrent")
@@ -723,6 +724,45 @@ def torch_core_calls(monkeypatch):
 
     monkeypatch.setattr(ops, "_chunk_core_torch", recording)
     return calls
+
+
+@pytest.mark.parametrize("case", ["rows", "padding", "cu_seqlens", "shared", "starts", "starts_with_states"])
+def test_empty_start_states_are_skipped_not_read(case, torch_core_calls):
+    """With no initial state the PyTorch core is given no start states (None: every load is a zero state,
+    nothing is loaded, moved or read); it answers exactly as when given the zeros themselves (float64):
+    outputs, every stored final state, and the gradients. The sequence_starts cases load zero states into
+    some rows of a chunk and not others (a sequence starting in one row only)."""
+    kw, B, T, final = {}, 2, 37, case not in ("shared", "starts")
+    if case == "padding":
+        kw["valid"] = torch.ones(B, T, dtype=torch.bool)
+        kw["valid"][1, :9] = False
+    if case in ("cu_seqlens", "shared"):
+        B, lengths = 1, [16, 5, 1, 15]
+        kw["cu_seqlens"] = offsets(lengths)
+    if case.startswith("starts"):
+        kw["sequence_starts"] = [[16, 5, 1, 15], [37]]
+    inputs = make_inputs(B, T, 2, first_layer=True, seed=11, requires_grad=True)
+    out, state = run(inputs, "chunked", chunk_size=8, output_final_state=final, **kw)
+    (args, kwargs), = torch_core_calls
+    slot = 3 + len(ChunkScalars.NAMES)
+    assert args[slot] is None
+    H, d = inputs[0].shape[2:]
+    num_out = args[slot + 3]
+    zeros = torch.zeros(max(num_out, 1), H, 3, d, d, dtype=torch.float64)
+    o_none, states_none = ops._chunk_core_torch(*args, **kwargs)
+    o_zeros, states_zeros = ops._chunk_core_torch(*args[:slot], zeros, *args[slot + 1:], **kwargs)
+    torch.testing.assert_close(o_none, o_zeros, rtol=0, atol=0)
+    torch.testing.assert_close(states_none, states_zeros, rtol=0, atol=0)
+    if case in ("rows", "padding", "cu_seqlens"):  # and the final states are those of the other forms
+        expected = run(inputs, "reference", output_final_state=True, **kw)[1] if case == "padding" else \
+            ZeroSState.cat([run(piece, "recurrent", output_final_state=True)[1]
+                            for piece in segments_of(inputs, lengths)]) if case == "cu_seqlens" else \
+            run(inputs, "recurrent", output_final_state=True)[1]
+        torch.testing.assert_close(state.kv, expected.kv, rtol=1e-9, atol=1e-10)
+    grads_none = torch.autograd.grad(weighted_sum(o_none), inputs[:3], allow_unused=True, retain_graph=True)
+    grads_zeros = torch.autograd.grad(weighted_sum(o_zeros), inputs[:3], allow_unused=True)
+    for a, b in zip(grads_none, grads_zeros):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk_size", [4, 8, 64])
