@@ -156,3 +156,52 @@ def test_a_cache_updated_in_place_decodes_exactly_as_one_that_is_not(overrides):
         assert owned.layer_states[zeros_layer].core.kv is kv
     assert plain.layer_states[zeros_layer].core.kv is not before
     assert not any(c.in_place_updates for c in (owned.take_rows([1]), owned.copy(), ZeroSCache.stack([owned, plain])))
+
+
+def _entries(cache: ZeroSCache) -> list[torch.Tensor]:
+    """Every tensor of the cache, in slot and field order, the token counts last."""
+    out = []
+    for s in cache.layer_states:
+        s.map(lambda x: out.append(x) or x)
+    return out + [cache.num_tokens]
+
+
+def _assert_same_rows(got: ZeroSCache, want: ZeroSCache):
+    assert got.seen_tokens == want.seen_tokens
+    for a, b in zip(_entries(got), _entries(want), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_rows_dropped_and_joined_in_place_are_the_rows_taken_and_stacked():
+    """The served batch's leaves and joins: drop_rows is take_rows of the rows it reports, made over the
+    cache's own tensors (the rows that stay where they were keep their memory); stack with capacity is stack,
+    the joining rows written after the batch's in its buffers (a join copies only them). Both only for a
+    cache with in_place_updates; then every row decodes as the copies do."""
+    model = tiny_model("zeros", **HYBRID)
+    zeros_layer = 1
+    with torch.inference_mode():
+        batch = ZeroSCache.stack([model(_ids(1, n, i), use_cache=True).cache for i, n in enumerate((5, 2, 9, 4, 7, 3))])
+        with pytest.raises(ValueError, match="in_place_updates"):
+            batch.drop_rows([1])
+        batch.in_place_updates = True
+        before, memory = batch.copy(), batch.layer_states[zeros_layer].core.kv.data_ptr()
+        dropped, order = batch.drop_rows([1, 4, 5])
+        assert sorted(order) == [0, 2, 3] and dropped.in_place_updates
+        _assert_same_rows(dropped, before.take_rows(order))
+        assert dropped.layer_states[zeros_layer].core.kv.data_ptr() == memory  # (row 0 stayed: nothing moved it)
+
+        kept = dropped.copy()
+        joining = ZeroSCache.stack([model(_ids(1, n, 10 + n), use_cache=True).cache for n in (6, 1)])
+        joined = ZeroSCache.stack([dropped, joining], capacity=8)
+        _assert_same_rows(joined, ZeroSCache.stack([kept, joining]))
+        assert joined.layer_states[zeros_layer].core.kv.data_ptr() == memory  # (3 + 2 rows fit where 6 were)
+        assert not joined.in_place_updates
+
+        plain = ZeroSCache.stack([kept, joining], capacity=8)  # kept has no in_place_updates: left as it is
+        assert plain.layer_states[zeros_layer].core.kv.data_ptr() != kept.layer_states[zeros_layer].core.kv.data_ptr()
+
+        reference = ZeroSCache.stack([kept, joining])
+        joined.in_place_updates = True
+        token = _ids(5, 1, 3)
+        torch.testing.assert_close(model(token, cache=joined, use_cache=True).logits,
+                                   model(token, cache=reference, use_cache=True).logits, rtol=0, atol=0)

@@ -14,8 +14,13 @@ Every step of the loop
 3. decodes: one forward of every joined stream's last token through the batched cache (one row per stream;
    :meth:`ZeroSCache.stack <zeros_lm.cache_zeros.ZeroSCache.stack>` joins rows, each slot type its own entries,
    softmax layers' KV of ragged lengths left-padded and masked), then samples each row;
-4. lets finished, stopped and cancelled streams leave at once (:meth:`ZeroSCache.take_rows`);
-   a session's stream leaves with its state, which goes back to the session store.
+4. lets finished, stopped and cancelled streams leave at once (:meth:`ZeroSCache.drop_rows`: the last rows
+   take the leavers' places, the others stay where they are); a session's stream leaves with a copy of its state
+   (:meth:`ZeroSCache.take_rows`), which goes back to the session store.
+
+The batch's tensors are the engine's alone (``ZeroSCache.in_place_updates``): a decoded token's ZeroS state is
+written over the last one's, joining rows are written after the batch's in buffers of ``max_batch`` rows, and
+leaving rows are filled by others; only the rows that join or move are copied, never the whole batch.
 
 Jobs talk to their request through ``sink(event)`` (called from this thread): ``("delta", index, text)``,
 ``("finish", index, reason)``, ``("end", usage)`` or ``("error", message)``.
@@ -361,12 +366,15 @@ class Engine:
         self._drop_cancelled_prefills()
         self._prefill()
         if self._joining:
-            self._batch = ZeroSCache.stack(([self._batch] if self._batch is not None else []) + self._joining_caches)
+            # the joining rows go after the batch's, in buffers of max_batch rows: the batch's rows are not copied
+            self._batch = ZeroSCache.stack(([self._batch] if self._batch is not None else []) + self._joining_caches,
+                                           capacity=self.max_batch)
             self._rows += self._joining
             self._joining, self._joining_caches = [], []
         if self._rows:
             # nothing but the engine reads the batch's states (a session leaves with a copy of its rows): the
-            # decode step may write them in place (one pass less over every state a step)
+            # decode step may write them in place (one pass less over every state a step), and streams join and
+            # leave over its tensors
             self._batch.in_place_updates = True
             self._decode()
         self._leave()
@@ -475,9 +483,13 @@ class Engine:
                 self._finish(c, self._batch.take_rows([i]))
             else:
                 self._finish(c, None)
-        keep = [i for i in range(len(self._rows)) if i not in set(leaving)]
-        self._batch = self._batch.take_rows(keep) if keep else None
-        self._rows = [self._rows[i] for i in keep]
+        if len(leaving) == len(self._rows):
+            self._batch, self._rows = None, []
+            return
+        # the batch is the engine's alone (in_place_updates): the rows that stay are not copied, the last ones
+        # fill the leavers' places
+        self._batch, order = self._batch.drop_rows(leaving)
+        self._rows = [self._rows[i] for i in order]
 
     def _drop_cancelled_prefills(self) -> None:
         for job in [j for j in self._prefilling if j.cancelled]:
