@@ -1081,9 +1081,8 @@ def _step(state, q, k, v, s, g1, gh, g0, w, in_place=False):
     """
     acc = state.kv.dtype
     B, H, _, d_k, d_v = state.kv.shape
-    if q.dtype != acc:
-        q, k, v, s, g1, gh = (as_dtype(x, acc) for x in (q, k, v, s, g1, gh))
-        g0 = as_dtype(g0, acc) if g0 is not None else None
+    q, k, v, s, g1, gh = (as_dtype(x, acc) for x in (q, k, v, s, g1, gh))
+    g0 = as_dtype(g0, acc) if g0 is not None else None
     s_max = s.detach() if s.requires_grad else s  # (the maximum is a constant of the formula)
     if w is None:
         n = state.n + 1.0
