@@ -603,10 +603,14 @@ class ZeroSCache(Cache):
             raise ValueError("ZeroSCache.take_rows: the cache is empty")
         index = torch.as_tensor(rows, dtype=torch.long, device=self.num_tokens.device)
         states = [None if s is None else s.index_select(index) for s in self.layer_states]
-        num_tokens = self.num_tokens.index_select(0, index)
+        return self._with_rows(states, self.num_tokens.index_select(0, index))
+
+    def _with_rows(self, states: list, num_tokens: torch.Tensor) -> "ZeroSCache":
+        """A cache of the rows in ``states`` (num_tokens: theirs) without the token columns none of them uses
+        (:meth:`take_rows`, :meth:`drop_rows`)."""
         used = [u for u in (s.used_columns() for s in states if s is not None) if u is not None]
         if not used:  # no slot keeps columns: a row of n real tokens would use n of them
-            return self._with_states(states, num_tokens, int(num_tokens.max()) if len(index) else 0)
+            return self._with_states(states, num_tokens, int(num_tokens.max()) if len(num_tokens) else 0)
         # the slots that keep columns (softmax) know which ones each row uses; every such slot has the same
         keep = torch.stack(used).any(dim=0).nonzero().squeeze(1)  # (S',) ascending
         states = [None if s is None else s.keep_columns(keep) for s in states]
@@ -642,15 +646,7 @@ class ZeroSCache(Cache):
                 x[hole].copy_(x[mover])
             return x[:size]
 
-        out = self._with_states([None if s is None else s.map(move) for s in self.layer_states], move(self.num_tokens),
-                                self.seen_tokens)
-        used = [u for u in (s.used_columns() for s in out.layer_states if s is not None) if u is not None]
-        if used:  # as in take_rows: the columns no remaining row uses go
-            keep = torch.stack(used).any(dim=0).nonzero().squeeze(1)
-            out.layer_states = [None if s is None else s.keep_columns(keep) for s in out.layer_states]
-            out.seen_tokens = len(keep)
-        elif size:
-            out.seen_tokens = int(out.num_tokens.max())
+        out = self._with_rows([None if s is None else s.map(move) for s in self.layer_states], move(self.num_tokens))
         out.in_place_updates = True
         return out, order
 
